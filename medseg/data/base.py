@@ -1,0 +1,217 @@
+"""The sample dict every dataset yields, and helpers shared by all datasets.
+
+A **sample** is a plain dict (what MONAI dictionary transforms work on):
+
+========== ============================ ==================================================
+key        type / shape                 meaning
+========== ============================ ==================================================
+image      float32 ``(C, H, W)``        windowed intensities in [0, 1]; C = context slices
+label      int64 ``(1, H, W)``          class mask, 0 = background, 1..K classes
+instance   int32 ``(1, H, W)``          instance map, 0 = background, 1..N one id per object
+weight     float32 ``(1, H, W)``        U-Net border weight map (added by the transforms)
+truth      int32 ``(1, H, W)``          optional: true instance map where the data has one
+                                        (generated DeepLesion ``Masks_png``); evaluation
+                                        scores against it when present, else against label
+meta       dict                         see below (never transformed)
+========== ============================ ==================================================
+
+``meta`` always holds ``id`` (unique str), ``dataset``, ``split``, ``spacing`` ([sy, sx] mm/px of
+the returned arrays), ``slice_interval`` (mm or None) and ``source`` (path of the key image).
+Datasets add their own keys (DeepLesion: ``series``, ``slice``, ``file_name``, ``lesions``,
+``window``). Nothing identifying a patient (DICOM names, IDs) goes into ``meta``.
+
+Datasets are ``torch.utils.data.Dataset`` subclasses registered in :data:`medseg.registry.DATASETS`
+with the signature ``(cfg: DataConfig, split: str)``; ``split`` is ``"train"``, ``"val"``, ``"test"``
+or ``"all"``. ``__getitem__`` returns ``None`` for a sample whose key slice cannot be read (after a
+warning naming the file); :func:`collate` drops those, so one broken file never stops an epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("medseg.data")
+
+SPLITS = ("train", "val", "test", "all")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line/column) and what was expected."""
+
+
+def check_split(split: str) -> str:
+    """Validate a split name."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def apply_window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map HU to [0, 1]: ``clip((hu - low) / (high - low), 0, 1)`` as float32."""
+    if not high > low:
+        raise DataError(f"window [{low}, {high}] is empty: high must exceed low")
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def context_indices(
+    key: float, n: int, offset_mm: float, interval_mm: float | None, first: int, last: int
+) -> list[float]:
+    """Fractional slice indices of the ``n`` context slices around ``key``.
+
+    Slices lie ``offset_mm`` apart physically; with a slice interval of ``interval_mm`` the k-th
+    neighbour sits at ``key ± k·offset/interval`` (fractional when the interval does not divide
+    the offset), clamped to the series' ``[first, last]``. ``n`` is odd-centred: for even ``n``
+    the extra slice goes below. ``n == 1`` gives ``[key]``.
+    """
+    if n < 1:
+        raise DataError(f"data.context_slices must be >= 1, got {n}")
+    step = 0.0 if not interval_mm else offset_mm / interval_mm
+    half = (n - 1) // 2
+    ks = range(-(n - 1 - half), half + 1)
+    return [float(min(max(key + k * step, first), last)) for k in ks]
+
+
+def stack_context(
+    read_slice: Callable[[int], np.ndarray | None],
+    positions: Sequence[float],
+    available: Iterable[int] | None = None,
+) -> np.ndarray:
+    """Build a ``(C, H, W)`` float32 stack by linear interpolation between whole slices.
+
+    Args:
+        read_slice: returns slice ``i`` as a 2-D array (HU), or ``None`` when it cannot be read
+            (the reader warns). Missing neighbours fall back to the nearest readable slice.
+        positions: fractional slice indices (from :func:`context_indices`).
+        available: indices that exist (defaults to every integer between the positions).
+
+    Raises:
+        DataError: when no slice near a position can be read.
+    """
+    cache: dict[int, np.ndarray | None] = {}
+    avail = sorted(set(available)) if available is not None else None
+
+    def get(i: int) -> np.ndarray | None:
+        if i not in cache:
+            cache[i] = read_slice(i)
+        return cache[i]
+
+    def nearest_readable(i: int) -> np.ndarray:
+        cands = avail if avail is not None else list(range(int(min(positions)), int(max(positions)) + 1))
+        for j in sorted(cands, key=lambda c: (abs(c - i), c)):
+            arr = get(j)
+            if arr is not None:
+                return arr
+        raise DataError(f"no readable slice near index {i}")
+
+    out = []
+    for p in positions:
+        lo, hi = math.floor(p), math.ceil(p)
+        a = get(lo)
+        a = nearest_readable(lo) if a is None else a
+        if hi == lo:
+            out.append(a.astype(np.float32))
+            continue
+        b = get(hi)
+        b = nearest_readable(hi) if b is None else b
+        t = np.float32(p - lo)
+        out.append(((1 - t) * a.astype(np.float32) + t * b.astype(np.float32)).astype(np.float32))
+    return np.stack(out, axis=0)
+
+
+def resample_sample(sample: dict[str, Any], target_mm: float | None) -> dict[str, Any]:
+    """Resample ``image`` (linear), ``label`` and ``instance`` (nearest) to ``target_mm`` mm/px.
+
+    Updates ``meta["spacing"]``; keeps the original spacing in ``meta["native_spacing"]`` and the
+    scale factors in ``meta["resample_scale"]`` (new / old pixels). A no-op for ``None``.
+    """
+    if target_mm is None:
+        return sample
+    import cv2
+
+    sy, sx = (float(s) for s in sample["meta"]["spacing"])
+    h, w = sample["image"].shape[-2:]
+    nh, nw = max(1, round(h * sy / target_mm)), max(1, round(w * sx / target_mm))
+    if (nh, nw) == (h, w):
+        return sample
+    out = dict(sample)
+    out["image"] = np.stack(
+        [cv2.resize(c, (nw, nh), interpolation=cv2.INTER_LINEAR) for c in sample["image"]]
+    ).astype(np.float32)
+    for key in ("label", "instance", "truth"):
+        if key in sample and sample[key] is not None:
+            arr = sample[key]
+            out[key] = np.stack(
+                [
+                    cv2.resize(c.astype(np.float32), (nw, nh), interpolation=cv2.INTER_NEAREST)
+                    for c in arr
+                ]
+            ).astype(arr.dtype)
+    meta = dict(sample["meta"])
+    meta["native_spacing"] = [sy, sx]
+    meta["spacing"] = [sy * h / nh, sx * w / nw]
+    meta["resample_scale"] = [nh / h, nw / w]
+    out["meta"] = meta
+    return out
+
+
+def split_cases(case_ids: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """Deterministic case → split assignment for datasets without an official split."""
+    ids = sorted(set(case_ids))
+    rng = np.random.default_rng(seed)
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    n = len(order)
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    if n >= 3:
+        n_test = max(n_test, 1) if test_fraction > 0 else 0
+        n_val = max(n_val, 1) if val_fraction > 0 else 0
+    out = {}
+    for i, cid in enumerate(order):
+        out[cid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return out
+
+
+def fingerprint_files(paths: Iterable[str], extra: str = "") -> str:
+    """A short stable hash of file names and sizes (a dataset fingerprint for tracking)."""
+    import os
+
+    h = hashlib.sha256(extra.encode())
+    for p in sorted(paths):
+        try:
+            size = os.path.getsize(p)
+        except OSError:
+            size = -1
+        h.update(f"{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}:{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def collate(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Stack samples into tensors, dropping ``None`` (unreadable) samples; ``meta`` stays a list.
+
+    Returns ``None`` when every sample in the batch was unreadable.
+    """
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    out: dict[str, Any] = {"meta": [b.get("meta", {}) for b in batch]}
+    for key in batch[0]:
+        if key == "meta":
+            continue
+        vals = [b[key] for b in batch]
+        if any(v is None for v in vals):
+            continue
+        tens = [v if isinstance(v, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(v)) for v in vals]
+        if key in ("label", "instance", "truth"):
+            tens = [t.long() for t in tens]
+        else:
+            tens = [t.float() if t.is_floating_point() else t for t in tens]
+        out[key] = torch.stack(tens, 0)
+    return out
