@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,6 +157,16 @@ class TrainConfig:
     threads: int | None = None
     #: number of validation examples drawn in the overlay grid
     overlay_count: int = 8
+    #: keep decoded (pre-augmentation) samples in memory after the first epoch
+    cache_samples: bool = True
+    #: also checkpoint every N optimizer steps inside an epoch (None = at epoch ends only)
+    checkpoint_every_steps: int | None = None
+    #: log loss and learning rate every N optimizer steps
+    log_every: int = 10
+    #: after training, evaluate the best model on these splits and log into the same run
+    evaluate_splits: list[str] = field(default_factory=list)
+    #: a wall-clock budget in minutes: stop after the epoch in which it runs out (None = none)
+    time_limit_min: float | None = None
 
 
 @dataclass
@@ -214,6 +225,9 @@ class Config:
 # ----------------------------------------------------------------------------- conversion
 
 
+_SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -258,6 +272,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} = {value!r} has the wrong type; expected an integer")
         return value
     if tp is float:
+        # YAML 1.1 reads "1e-4" (no dot) as a string; accept exactly such numeric strings
+        if isinstance(value, str) and _SCI.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r} has the wrong type; expected a number")
         return float(value)

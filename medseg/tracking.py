@@ -1,1 +1,165 @@
-"""(being written)"""
+"""Experiment tracking behind a small interface: MLflow for real runs, a null tracker otherwise.
+
+``mlflow`` is imported only inside :class:`MLflowTracker`. The default store is a SQLite database
+under the output folder (``sqlite:///<output_dir>/mlflow.db``) with artifacts beside it, which
+``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`` opens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("medseg.tracking")
+
+#: MLflow limits a param value to 6000 characters
+_MAX_PARAM = 6000
+
+
+def default_tracking_uri(output_dir: str | Path) -> str:
+    """The local store used when ``tracking.uri`` is not set."""
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None, output_dir: str | Path) -> str:
+    """``uri`` or the local default; a bare path becomes a SQLite store inside it."""
+    if uri is None:
+        return default_tracking_uri(output_dir)
+    if "://" not in uri and not uri.startswith("sqlite:") and not uri.startswith("file:"):
+        return default_tracking_uri(uri)
+    return uri
+
+
+class Tracker:
+    """The tracking interface (also the null tracker: every call does nothing)."""
+
+    run_id: str | None = None
+
+    def start(self, experiment: str, run_name: str, run_id: str | None = None) -> str | None:
+        """Start (or, with ``run_id``, reopen) a run; returns its id."""
+        return None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log flat ``key -> value`` params."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log metrics at ``step`` (non-finite values are skipped)."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy a local file into the run's artifacts."""
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Write ``text`` as an artifact file."""
+
+    def log_model(self, model: Any, name: str) -> None:
+        """Log a PyTorch model in MLflow's model format."""
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set run tags."""
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run finished / failed / killed."""
+
+
+NullTracker = Tracker
+
+
+class MLflowTracker(Tracker):
+    """Log to an MLflow tracking store through ``MlflowClient`` (explicit run ids, no global run).
+
+    Args:
+        uri: tracking URI (``sqlite:///...``, ``http://host:5000``, ...).
+        artifact_root: where new experiments store artifacts (local stores only).
+    """
+
+    def __init__(self, uri: str, artifact_root: str | Path | None = None) -> None:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.artifact_root = Path(artifact_root) if artifact_root else None
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = None
+
+    def start(self, experiment: str, run_name: str, run_id: str | None = None) -> str:
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            return run_id
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if self.artifact_root is not None:
+                location = (self.artifact_root / experiment).resolve().as_uri()
+            exp_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        run = self.client.create_run(exp_id, run_name=run_name)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        items = [
+            Param(k, str(v)[:_MAX_PARAM]) for k, v in params.items() if k not in existing
+        ]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), ts, step)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))
+        ]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def log_model(self, model: Any, name: str) -> None:
+        import mlflow
+        import mlflow.pytorch
+
+        mlflow.set_tracking_uri(self.uri)
+        import torch
+
+        reqs = [f"torch=={torch.__version__.split('+')[0]}", "medseg"]
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(model, name=name, pip_requirements=reqs)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def build_tracker(enabled: bool, uri: str | None, output_dir: str | Path) -> Tracker:
+    """An :class:`MLflowTracker` for ``uri`` (or the local default), or the null tracker."""
+    if not enabled:
+        return Tracker()
+    resolved = resolve_tracking_uri(uri, output_dir)
+    root = None
+    if resolved.startswith("sqlite:///"):
+        root = Path(resolved[len("sqlite:///") :]).parent / "mlartifacts"
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return MLflowTracker(resolved, artifact_root=root)

@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  `make demo`  (install + quick start)  and  `make test`  (install + tests).
+# Each creates .venv. The CPU build of torch is installed first, unless the venv already has a torch
+# (a GPU machine keeps its own CUDA build: install it into .venv before running make).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.medseg-installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	# elasticdeform's prebuilt wheel is compiled against NumPy 1.x: build it from source
+	$(PY) -c "import elasticdeform" 2>/dev/null || $(PIP) install --no-binary elasticdeform elasticdeform
+	$(PIP) install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/medseg train pipelines/quickstart.yaml
+
+test: install
+	$(VENV)/bin/ruff check medseg tests benchmarks
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check medseg tests benchmarks
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) outputs data/demo .pytest_cache

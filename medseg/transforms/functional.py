@@ -1,0 +1,274 @@
+"""The maths of medseg's transforms on plain NumPy arrays (no dicts, no randomness of their own).
+
+Every function here takes its random draws as arguments (a displacement field, a crop centre),
+so the dictionary wrappers in :mod:`medseg.transforms.dictionary` own all randomness through
+their seeded ``self.R`` and these functions can be tested alone against direct computations.
+
+Example:
+    >>> rng = np.random.RandomState(0)
+    >>> image = rng.rand(3, 64, 64).astype(np.float32)
+    >>> label = np.zeros((1, 64, 64), np.int64)
+    >>> label[0, 20:30, 20:30] = 1
+    >>> disp = elastic_displacement(rng, sigma=10.0, points=3)
+    >>> image_d, label_d = elastic_deform([image, label], disp, orders=[3, 0])
+    >>> w = border_weight_map(label_d[0].astype(np.int32), label_d[0], w0=10.0, sigma=5.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import elasticdeform
+import numpy as np
+from scipy import ndimage
+
+#: the border term is dropped where it is below this (absolute, in weight units); it bounds the
+#: error of the windowed distance computation in :func:`two_nearest_distances`
+BORDER_TOLERANCE = 1e-7
+
+
+# ----------------------------------------------------------------------------- elastic deformation
+
+
+def elastic_displacement(rng: np.random.RandomState, sigma: float, points: int) -> np.ndarray:
+    """Random displacements of a coarse ``points × points`` grid, N(0, sigma²) pixels each.
+
+    Args:
+        rng: the caller's seeded generator (a MONAI transform passes ``self.R``).
+        sigma: standard deviation of each displacement component, in pixels (U-Net: 10).
+        points: control points per spatial axis (U-Net: 3).
+
+    Returns:
+        float64 ``(2, points, points)``: the y- then x-displacement of every control point.
+    """
+    if points < 2:
+        raise ValueError(f"elastic grid needs at least 2 points per axis, got points={points}")
+    if sigma < 0:
+        raise ValueError(f"elastic sigma must be >= 0 pixels, got {sigma}")
+    return rng.randn(2, points, points) * float(sigma)
+
+
+def elastic_deform(
+    arrays: Sequence[np.ndarray],
+    displacement: np.ndarray,
+    orders: Sequence[int],
+    mode: str = "mirror",
+) -> list[np.ndarray]:
+    """Deform several arrays with ONE elastic field (U-Net augmentation), via ``elasticdeform``.
+
+    The coarse displacement grid is interpolated to every pixel with a cubic B-spline and each
+    array is resampled at the displaced positions with its own spline order: 3 (bicubic) for
+    images, 0 (nearest neighbour) for label / instance maps so that no new ids appear, 1 for
+    weight maps. The last two axes are the spatial ones; leading (channel) axes are not deformed.
+
+    Args:
+        arrays: arrays of shape ``(..., H, W)``, all with the same ``(H, W)``.
+        displacement: ``(2, P, Q)`` control-point displacements in pixels
+            (from :func:`elastic_displacement`); all zeros gives the identity.
+        orders: spline order per array (0–4).
+        mode: how points outside the image are filled (``scipy.ndimage`` modes); ``"mirror"``
+            matches U-Net's mirrored borders.
+
+    Returns:
+        The deformed arrays, same shapes and dtypes as the inputs.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    if len(orders) != len(arrays):
+        raise ValueError(f"elastic_deform: got {len(arrays)} arrays but {len(orders)} orders")
+    if not arrays:
+        return []
+    disp = np.asarray(displacement, dtype=np.float64)
+    if disp.ndim != 3 or disp.shape[0] != 2:
+        raise ValueError(f"elastic displacement must have shape (2, P, Q), got {disp.shape}")
+    spatial = arrays[0].shape[-2:]
+    for a in arrays:
+        if a.ndim < 2 or a.shape[-2:] != spatial:
+            raise ValueError(
+                f"elastic_deform: every array must be (..., H, W) with the same (H, W) = {spatial}, "
+                f"got {a.shape}"
+            )
+    axes = [(a.ndim - 2, a.ndim - 1) for a in arrays]
+    out = elasticdeform.deform_grid(
+        [np.ascontiguousarray(a) for a in arrays],
+        disp,
+        order=[int(o) for o in orders],
+        mode=mode,
+        axis=axes,
+    )
+    return list(out)
+
+
+# ----------------------------------------------------------------------------- weight map
+
+
+def class_balance_weights(label: np.ndarray) -> np.ndarray:
+    """Class-balancing weights ``w_c(x) = N / (K · N_{c(x)})`` (mean exactly 1).
+
+    ``N`` is the number of pixels, ``K`` the number of classes present in ``label`` and ``N_c``
+    the pixel count of class ``c`` — inverse-frequency ("median-frequency" for two classes)
+    balancing, so every present class carries the same total weight ``N / K``. A slice with
+    one class gets 1 everywhere.
+
+    Args:
+        label: ``(H, W)`` non-negative integer class map.
+
+    Returns:
+        float32 ``(H, W)``.
+    """
+    label = np.asarray(label)
+    if not np.issubdtype(label.dtype, np.integer):
+        raise ValueError(f"label must be an integer class map, got dtype {label.dtype}")
+    flat = label.ravel()
+    if flat.size and flat.min() < 0:
+        raise ValueError("label must hold non-negative class ids")
+    counts = np.bincount(flat).astype(np.float64)
+    present = counts > 0
+    per_class = np.zeros_like(counts)
+    per_class[present] = flat.size / (present.sum() * counts[present])
+    return per_class[label].astype(np.float32)
+
+
+def border_cutoff(w0: float, sigma: float, tol: float = BORDER_TOLERANCE) -> float:
+    """The distance ``r`` beyond which ``w0·exp(−r²/2σ²) < tol``: farther pixels get no border term."""
+    if w0 <= tol:
+        return 0.0
+    return sigma * math.sqrt(2.0 * math.log(w0 / tol))
+
+
+def two_nearest_distances(instance: np.ndarray, max_distance: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Distances ``d1 ≤ d2`` from every pixel to its nearest and second-nearest instance.
+
+    ``d_i(x)`` is the Euclidean distance from ``x`` to the closest pixel of instance ``i``
+    (0 inside it). One ``scipy.ndimage.distance_transform_edt`` per instance, restricted to the
+    instance's bounding box grown by ``max_distance``: every instance pixel lies in that window,
+    so the distances inside it are exact, and a pixel outside it is farther than
+    ``max_distance`` from the instance. Hand-written because no library returns the
+    second-nearest object distance; the windows keep the cost proportional to the lesions' area
+    rather than (instances × image).
+
+    Args:
+        instance: ``(H, W)`` non-negative integer instance map, 0 = background.
+        max_distance: window margin in pixels; ``None`` = the whole image (exact everywhere).
+
+    Returns:
+        float64 ``(H, W)`` arrays ``d1``, ``d2``; ``inf`` where fewer than one / two instances lie
+        within ``max_distance`` (so ``d2 = inf`` everywhere when there is at most one instance).
+        Wherever the true ``d2 ≤ max_distance`` both values are exact.
+    """
+    instance = np.asarray(instance)
+    if instance.ndim != 2:
+        raise ValueError(f"instance map must be (H, W), got shape {instance.shape}")
+    if not np.issubdtype(instance.dtype, np.integer):
+        raise ValueError(f"instance map must be integer ids, got dtype {instance.dtype}")
+    if instance.size and instance.min() < 0:
+        raise ValueError("instance map must hold non-negative ids (0 = background)")
+    d1 = np.full(instance.shape, np.inf)
+    d2 = np.full(instance.shape, np.inf)
+    margin = max(instance.shape) if max_distance is None else int(math.ceil(max_distance))
+    for idx, box in enumerate(ndimage.find_objects(instance)):
+        if box is None:  # an id absent after cropping
+            continue
+        win = tuple(
+            slice(max(s.start - margin, 0), min(s.stop + margin, n))
+            for s, n in zip(box, instance.shape)
+        )
+        d = ndimage.distance_transform_edt(instance[win] != idx + 1)
+        a, b = d1[win], d2[win]  # views: the updates land in d1 / d2
+        np.minimum(b, np.maximum(a, d), out=b)  # uses the old d1, so before d1 is updated
+        np.minimum(a, d, out=a)
+    return d1, d2
+
+
+def border_weight_map(
+    instance: np.ndarray,
+    label: np.ndarray,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    class_balance: bool = True,
+) -> np.ndarray:
+    """U-Net border weight map ``w(x) = w_c(x) + w0·exp(−(d1(x) + d2(x))² / (2σ²))``.
+
+    ``w_c`` is :func:`class_balance_weights` (``N / (K·N_c)``, mean 1) or 1 everywhere when
+    ``class_balance`` is False. ``d1``/``d2`` are the distances to the nearest and second-nearest
+    instance (:func:`two_nearest_distances`). As in the published U-Net weight-map
+    implementations, the border term is added only on background pixels (``label == 0`` and
+    ``instance == 0``), where it marks the thin gaps separating touching objects; with fewer
+    than two instances there is no second border and the term is 0. The term is dropped where
+    it is below :data:`BORDER_TOLERANCE` (that is what lets the distances be computed in windows).
+
+    Args:
+        instance: ``(H, W)`` integer instance map, 0 = background, one id per object.
+        label: ``(H, W)`` integer class map, 0 = background.
+        w0: border weight (U-Net: 10); 0 disables the border term.
+        sigma: border width in pixels (U-Net: ≈5).
+        class_balance: add the class-balancing ``w_c`` (else ``w_c = 1``).
+
+    Returns:
+        float32 ``(H, W)`` weights.
+    """
+    instance = np.asarray(instance)
+    label = np.asarray(label)
+    if instance.ndim != 2 or label.shape != instance.shape:
+        raise ValueError(
+            f"border_weight_map expects instance and label of the same (H, W) shape, "
+            f"got {instance.shape} and {label.shape}"
+        )
+    if sigma <= 0:
+        raise ValueError(f"weight-map sigma must be > 0 pixels, got {sigma}")
+    if w0 < 0:
+        raise ValueError(f"weight-map w0 must be >= 0, got {w0}")
+    w = class_balance_weights(label) if class_balance else np.ones(label.shape, np.float32)
+    cutoff = border_cutoff(w0, sigma)
+    if cutoff == 0.0:
+        return w
+    d1, d2 = two_nearest_distances(instance, max_distance=cutoff)
+    near = np.isfinite(d2) & (label == 0) & (instance == 0)
+    if near.any():
+        s = d1[near] + d2[near]
+        w[near] += (w0 * np.exp(-(s * s) / (2.0 * sigma * sigma))).astype(np.float32)
+    return w
+
+
+# ----------------------------------------------------------------------------- cropping
+
+
+def crop_start(length: int, size: int, centre: float | None) -> int:
+    """Start of a ``size`` window on an axis of ``length`` pixels, centred near ``centre``.
+
+    The window is moved to lie inside the image when it fits (so a lesion near the edge is
+    still covered); an axis shorter than ``size`` gets the image centred in the window (the
+    start is negative; :func:`crop_or_pad` pads). ``centre=None`` centres the window.
+    """
+    if length < size:
+        return -((size - length) // 2)
+    if centre is None:
+        centre = length / 2.0
+    start = int(math.floor(centre)) - size // 2
+    return min(max(start, 0), length - size)
+
+
+def crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int], value: float = 0) -> np.ndarray:
+    """Cut the window ``[start, start + size)`` of the last two axes, padding with ``value`` outside.
+
+    Args:
+        array: ``(..., H, W)``.
+        start: window start per spatial axis (may be negative or run past the end).
+        size: ``(h, w)`` window size.
+        value: constant for pixels outside the image.
+
+    Returns:
+        ``(..., h, w)`` array of the input's dtype.
+    """
+    array = np.asarray(array)
+    if array.ndim < 2:
+        raise ValueError(f"crop_or_pad expects an array (..., H, W), got shape {array.shape}")
+    h, w = (int(s) for s in size)
+    sy, sx = (int(s) for s in start)
+    height, width = array.shape[-2:]
+    out = np.full((*array.shape[:-2], h, w), value, dtype=array.dtype)
+    y0, y1 = max(sy, 0), min(sy + h, height)
+    x0, x1 = max(sx, 0), min(sx + w, width)
+    if y1 > y0 and x1 > x0:
+        out[..., y0 - sy : y1 - sy, x0 - sx : x1 - sx] = array[..., y0:y1, x0:x1]
+    return out
