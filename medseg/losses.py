@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss as _MonaiDiceLoss
 from torch import Tensor, nn
 
 from medseg.registry import LOSSES
@@ -149,7 +148,9 @@ def dice_loss(
 
 def _dice_module(include_background: bool, smooth: float, batch: bool, ignore_index: int | None) -> nn.Module:
     """MONAI DiceLoss configured for the medseg contract."""
-    return _MonaiDiceLoss(
+    from monai.losses import DiceLoss as MonaiDiceLoss  # MONAI takes seconds to import: only when used
+
+    return MonaiDiceLoss(
         include_background=include_background,
         to_onehot_y=True,
         softmax=True,

@@ -116,9 +116,12 @@ def measure_recist(mask: np.ndarray) -> RecistAxes | None:
     # Inside = the bilinearly interpolated mask >= 0.5: along rows and columns this is the pixel
     # squares' extent, but it cuts the squares' corners on oblique lines, which would otherwise
     # lengthen every oblique chord by up to ~0.4 px.
-    inside = ndimage.map_coordinates(
-        m.astype(np.float32), [xy[..., 1].ravel(), xy[..., 0].ravel()], order=1, mode="constant", cval=0.0
-    ).reshape(xy.shape[:2]) >= 0.5
+    inside = (
+        ndimage.map_coordinates(
+            m.astype(np.float32), [xy[..., 1].ravel(), xy[..., 0].ravel()], order=1, mode="constant", cval=0.0
+        ).reshape(xy.shape[:2])
+        >= 0.5
+    )
     if not inside.any():  # a sliver thinner than the sampling: the short axis is one pixel wide
         mid = (p1 + p2) / 2
         short = np.stack([mid - 0.5 * v, mid + 0.5 * v])

@@ -1,1 +1,587 @@
-"""(being written)"""
+"""Image/mask folders: 2-D PNG / TIFF / NIfTI pairs (``folder``) and 3-D NIfTI volumes (``nifti``).
+
+Both datasets read ``data.root/images/*`` and ``data.root/masks/*``, paired by file stem (the name
+without ``.nii.gz``, ``.nii``, ``.png``, ``.tif`` or ``.tiff``)::
+
+    root/
+      images/case01.png   case02.png   ...      (folder)   or   case01.nii.gz ...  (nifti)
+      masks/ case01.png   case02.png   ...
+
+Masks hold 0 = background and 1..K−1 the classes (``K = data.num_classes``); a binary mask stored
+as 0/255 is read as 0/1. ``instance`` is the connected components of each class (8-connected),
+numbered uniquely across classes (:func:`label_instances`). Neither dataset has an official
+split: cases (stems) are assigned by :func:`medseg.data.base.split_cases` with
+``data.val_fraction``, ``data.test_fraction`` and ``data.split_seed``.
+
+Example:
+    >>> from medseg.config import DataConfig
+    >>> ds = FolderDataset(DataConfig(name="folder", root="my_pngs", context_slices=1), "train")
+    >>> s = ds[0]; s["image"].shape, s["label"].shape        # (1, H, W), (1, H, W)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from medseg.data.base import (
+    DataError,
+    apply_window,
+    check_split,
+    context_indices,
+    fingerprint_files,
+    resample_sample,
+    split_cases,
+    stack_context,
+)
+from medseg.registry import DATASETS
+
+if TYPE_CHECKING:
+    from medseg.config import DataConfig
+
+log = logging.getLogger("medseg.data")
+
+#: suffixes stripped to form a case stem (longest first, so ``.nii.gz`` wins over ``.gz``)
+SUFFIXES_2D = (".nii.gz", ".nii", ".png", ".tiff", ".tif")
+SUFFIXES_3D = (".nii.gz", ".nii")
+WINDOWS = ("dicom", "fixed")
+#: 8-connectivity: lesion pixels touching at a corner belong to one object
+_CONNECTIVITY = ndimage.generate_binary_structure(2, 2)
+#: canonical NIfTI volumes kept in memory per dataset (per DataLoader worker)
+_VOLUME_CACHE = 2
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def label_instances(label: np.ndarray) -> np.ndarray:
+    """Connected components (8-connected) of each class of a 2-D class map, numbered 1..N.
+
+    Components of class 1 come first, then class 2, ...; two touching objects of different
+    classes are different instances.
+
+    Args:
+        label: ``(H, W)`` integer class map, 0 = background.
+
+    Returns:
+        int32 ``(H, W)`` instance map, 0 = background.
+    """
+    label = np.asarray(label)
+    out = np.zeros(label.shape, np.int32)
+    n = 0
+    for cls in np.unique(label):
+        if cls == 0:
+            continue
+        comp, k = ndimage.label(label == cls, structure=_CONNECTIVITY)
+        out[comp > 0] = comp[comp > 0] + n
+        n += k
+    return out
+
+
+def mask_to_classes(mask: np.ndarray, num_classes: int, path: str | Path) -> np.ndarray:
+    """Validate a mask's values and return it as a uint8/uint16 class map (0/255 → 0/1).
+
+    Raises:
+        DataError: non-integral, negative or > ``num_classes − 1`` values (the message names the file).
+    """
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8)
+    if not np.issubdtype(mask.dtype, np.integer):
+        if not np.all(np.isfinite(mask)) or not np.array_equal(mask, np.round(mask)):
+            raise DataError(f"{path}: mask values must be whole class numbers, got non-integer values")
+    values = np.unique(mask)
+    if values.size and values.min() < 0:
+        raise DataError(f"{path}: mask holds negative value {values.min()}; expected 0 = background, 1..K classes")
+    if values.size and values.max() == 255 and set(values.tolist()) <= {0, 255}:
+        # binary masks are often saved as 0/255 so that they are visible in an image viewer
+        mask = mask == 255
+        values = np.unique(mask.astype(np.uint8))
+    if values.size and values.max() > num_classes - 1:
+        raise DataError(
+            f"{path}: mask holds class {int(values.max())} but data.num_classes = {num_classes} "
+            f"allows 0..{num_classes - 1} (0 = background; a binary mask may use 0/1 or 0/255)"
+        )
+    return mask.astype(np.uint8 if num_classes <= 256 else np.uint16)
+
+
+def file_stem(name: str, suffixes: tuple[str, ...]) -> str | None:
+    """The case stem of a file name, or None when its suffix is not one of ``suffixes``."""
+    low = name.lower()
+    for suf in suffixes:
+        if low.endswith(suf):
+            return name[: -len(suf)]
+    return None
+
+
+def pair_files(root: str | Path, suffixes: tuple[str, ...]) -> list[tuple[str, Path, Path]]:
+    """``(stem, image, mask)`` for every ``root/images/X`` with a ``root/masks/X`` (any allowed suffix).
+
+    Hidden files (``.DS_Store``...) are ignored; a mask without an image is ignored with a warning.
+
+    Raises:
+        DataError: missing ``images/`` or ``masks/``, no images, a file with another suffix, two
+            files with one stem, or images without masks (all listed).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root = {root} does not exist or is not a folder")
+    found: dict[str, dict[str, Path]] = {}
+    for sub in ("images", "masks"):
+        d = root / sub
+        if not d.is_dir():
+            raise DataError(
+                f"{d} is missing: expected {root}/images/ and {root}/masks/ holding files paired by "
+                f"name ({', '.join(suffixes)})"
+            )
+        files: dict[str, Path] = {}
+        for p in sorted(d.iterdir()):
+            if p.name.startswith(".") or not p.is_file():
+                continue
+            stem = file_stem(p.name, suffixes)
+            if stem is None:
+                raise DataError(f"{p}: unsupported file type; expected one of {', '.join(suffixes)}")
+            if stem in files:
+                raise DataError(f"{files[stem]} and {p} have the same name stem {stem!r}; keep one")
+            files[stem] = p
+        found[sub] = files
+    images, masks = found["images"], found["masks"]
+    if not images:
+        raise DataError(f"{root / 'images'} holds no images ({', '.join(suffixes)})")
+    missing = sorted(set(images) - set(masks))
+    if missing:
+        shown = ", ".join(str(images[s].name) for s in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise DataError(
+            f"{len(missing)} image(s) in {root / 'images'} have no mask in {root / 'masks'} "
+            f"(same name stem expected): {shown}{more}"
+        )
+    orphans = sorted(set(masks) - set(images))
+    if orphans:
+        log.warning("%d mask(s) in %s have no image and are ignored: %s", len(orphans), root / "masks",
+                    ", ".join(masks[s].name for s in orphans[:10]))
+    return [(s, images[s], masks[s]) for s in sorted(images)]
+
+
+def _check_window(cfg: DataConfig) -> None:
+    """Reject an unknown ``data.window``."""
+    if cfg.window not in WINDOWS:
+        raise DataError(f"data.window = {cfg.window!r}; expected one of {', '.join(WINDOWS)}")
+
+
+# ----------------------------------------------------------------------------- 2-D readers
+
+
+def _is_nifti(path: Path) -> bool:
+    """True for ``.nii`` / ``.nii.gz``."""
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _nifti_2d_axes(shape: tuple[int, ...], path: Path) -> list[int]:
+    """The two axes of a 2-D NIfTI (extra axes must be singletons, e.g. ``(H, W, 1)``)."""
+    axes = [0, 1] if len(shape) == 2 else [a for a, s in enumerate(shape) if s != 1]
+    if len(axes) != 2 or (len(shape) > 2 and axes[1] > 2):
+        raise DataError(
+            f"{path}: NIfTI of shape {tuple(shape)} is not a 2-D image; 3-D volumes belong to data.name: nifti"
+        )
+    return axes
+
+
+def _nifti_2d(path: Path) -> tuple[np.ndarray, list[float]]:
+    """A 2-D NIfTI's array (as stored, scaled by the header) and its spacing along both axes."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    axes = _nifti_2d_axes(img.shape, path)
+    arr = np.asanyarray(img.dataobj).reshape([img.shape[a] for a in axes])
+    zooms = [float(z) for z in img.header.get_zooms()]
+    return arr, [zooms[a] if a < len(zooms) else 1.0 for a in axes]
+
+
+def image_shape(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of a 2-D image from its header only (PNG, TIFF, NIfTI)."""
+    try:
+        if _is_nifti(path):
+            import nibabel as nib
+
+            shape = tuple(int(s) for s in nib.load(str(path)).shape)
+            a, b = _nifti_2d_axes(shape, path)
+            return shape[a], shape[b]
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                w, h = im.size
+            return h, w
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            axes, shape = series.axes, series.shape
+        return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: cannot read the image header ({type(e).__name__}: {e}); "
+                        f"expected a 2-D PNG, TIFF or NIfTI file") from None
+
+
+def read_image_2d(path: Path) -> tuple[np.ndarray, bool]:
+    """Read a 2-D image in its stored dtype; colour is converted to grayscale (BT.601 luma).
+
+    Returns:
+        ``(array (H, W), was_colour)``.
+
+    Raises:
+        DataError: unreadable file or not a 2-D image.
+    """
+    import cv2
+
+    arr = _read_raw_2d(path)
+    if arr.ndim == 2:
+        return arr, False
+    c = arr.shape[-1]
+    if c == 2:  # gray + alpha: the alpha is not an intensity
+        return arr[..., 0], False
+    code = cv2.COLOR_RGB2GRAY if c == 3 else cv2.COLOR_RGBA2GRAY
+    if arr.dtype in (np.uint8, np.uint16, np.float32):
+        return cv2.cvtColor(np.ascontiguousarray(arr), code), True
+    w = np.array([0.299, 0.587, 0.114])
+    return (arr[..., :3].astype(np.float64) @ w).astype(np.float32), True
+
+
+def _read_raw_2d(path: Path) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, C)`` (RGB order) array of a PNG / TIFF / NIfTI file."""
+    try:
+        if _is_nifti(path):
+            return _nifti_2d(path)[0]
+        if path.suffix.lower() == ".png":
+            import cv2
+
+            # imdecode (not imread) so that non-ASCII paths work; UNCHANGED keeps 16 bit and
+            # never expands grayscale to three channels
+            buf = np.fromfile(path, dtype=np.uint8)
+            arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+            if arr is None:
+                raise DataError(f"{path}: not a readable PNG image")
+            if arr.ndim == 3:  # OpenCV gives BGR(A)
+                arr = arr[..., [2, 1, 0] + ([3] if arr.shape[-1] == 4 else [])]
+            return arr
+        import tifffile
+
+        arr = tifffile.imread(path)
+        while arr.ndim > 2 and arr.shape[0] == 1:  # leading page / sample axes of length 1
+            arr = arr[0]
+        if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+            arr = np.moveaxis(arr, 0, -1)  # planar RGB
+        if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (2, 3, 4)):
+            return arr
+        raise DataError(f"{path}: TIFF of shape {arr.shape} is not one 2-D (grayscale or RGB) image")
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e}); "
+                        f"expected a 2-D PNG, TIFF or NIfTI file") from None
+
+
+def read_mask_2d(path: Path, num_classes: int) -> np.ndarray:
+    """Read a 2-D mask as a class map (see :func:`mask_to_classes`); a colour mask must be gray.
+
+    Raises:
+        DataError: unreadable, colour with differing channels, or bad values (names the file).
+    """
+    if path.suffix.lower() == ".png":
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                palette = im.mode == "P"
+                # palette PNGs (VOC-style masks) store the class as the palette index; decoding
+                # them to colours would lose it
+                arr = np.array(im) if palette else None
+        except Exception as e:
+            raise DataError(f"{path}: cannot read the mask ({type(e).__name__}: {e}); expected a PNG") from None
+        if arr is not None:
+            return mask_to_classes(arr, num_classes, path)
+    arr = _read_raw_2d(path)
+    if arr.ndim == 3:
+        rgb = arr[..., :3]
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise DataError(f"{path}: colour mask; expected a single-channel label image (0 = background, 1..K)")
+        arr = rgb[..., 0]
+    return mask_to_classes(arr, num_classes, path)
+
+
+def normalise_2d(arr: np.ndarray, window: str, window_range: list[float]) -> np.ndarray:
+    """Intensities → [0, 1]: ``window_range`` when ``window == "fixed"``, else the dtype's range.
+
+    Integer images map their dtype's full range (uint8 0..255, uint16 0..65535, int16
+    −32768..32767) to [0, 1]; float images (no dtype range) use their own min..max.
+    """
+    if window == "fixed":
+        return apply_window(arr, window_range[0], window_range[1])
+    if arr.dtype == bool:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        lo, hi = float(info.min), float(info.max)
+    else:
+        finite = arr[np.isfinite(arr)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if hi <= lo:
+            return np.zeros(arr.shape, np.float32)
+    return apply_window(np.nan_to_num(arr.astype(np.float64)), lo, hi)
+
+
+# ----------------------------------------------------------------------------- folder dataset
+
+
+@DATASETS.register("folder")
+class FolderDataset(Dataset):
+    """2-D image/mask pairs: ``root/images/<stem>.{png,tif,tiff,nii,nii.gz}`` + ``root/masks/<stem>.*``.
+
+    * Images: 8- or 16-bit grayscale PNG / TIFF, or a 2-D NIfTI. A colour PNG/TIFF is converted
+      to grayscale (BT.601 luma) with a logged note; grayscale is never expanded to RGB.
+    * Intensity: with ``data.window: fixed`` the values are windowed with ``data.window_range``
+      (HU-like data); otherwise the image dtype's full range maps to [0, 1] (uint8 ÷ 255, uint16
+      ÷ 65535; float images by their own min..max).
+    * One channel: 2-D images have no neighbouring slices, so ``data.context_slices`` must be 1
+      (and the model's ``in_channels`` is 1); any other value is a :class:`DataError`.
+    * Spacing: PNG / TIFF have no reliable physical spacing, so ``meta["spacing"]`` is
+      ``[1.0, 1.0]`` (pixels; ``data.spacing_mm`` then resamples in pixel units); a NIfTI uses
+      its header zooms.
+    * Sizes are checked when the dataset is built (headers only); mask values when a sample is
+      read. An image that cannot be decoded gives ``None`` (with a warning), as the
+      sample contract says.
+
+    Args:
+        cfg: the data config (``root``, ``num_classes``, ``window``, ``window_range``,
+            ``spacing_mm``, split fractions and seed).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
+
+    Raises:
+        DataError: missing folders, no images, unpaired images, a mask whose size differs from its
+            image, an unreadable header, or ``context_slices != 1``.
+    """
+
+    def __init__(self, cfg: DataConfig, split: str) -> None:
+        self.cfg = cfg
+        self.split = check_split(split)
+        _check_window(cfg)
+        if cfg.context_slices != 1:
+            raise DataError(
+                f"data.context_slices = {cfg.context_slices}, but data.name: folder holds 2-D images "
+                f"without neighbouring slices; set data.context_slices: 1 (the model then has 1 input channel)"
+            )
+        pairs = pair_files(cfg.root, SUFFIXES_2D)
+        assign = split_cases([s for s, _, _ in pairs], cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+        self.items: list[tuple[str, Path, Path]] = []
+        for stem, img, msk in pairs:
+            ishape, mshape = image_shape(img), image_shape(msk)
+            if ishape != mshape:
+                raise DataError(
+                    f"mask {msk} has size {mshape[0]}×{mshape[1]} (H×W) but its image {img} is "
+                    f"{ishape[0]}×{ishape[1]}; a mask must match its image pixel for pixel"
+                )
+            if split == "all" or assign[stem] == split:
+                self.items.append((stem, img, msk))
+        self._all_files = [str(p) for _, i, m in pairs for p in (i, m)]
+        self._noted_colour = False
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def fingerprint(self) -> str:
+        """A short hash of every image and mask name and size (split-independent)."""
+        return fingerprint_files(self._all_files, extra="folder")
+
+    def __getitem__(self, idx: int) -> dict[str, Any] | None:
+        stem, img_path, mask_path = self.items[idx]
+        try:
+            arr, colour = read_image_2d(img_path)
+        except DataError as e:
+            log.warning("skipping sample %s: %s", stem, e)
+            return None
+        if colour:
+            # a note, not an error: screenshots and exported figures are often saved as RGB
+            (log.warning if not self._noted_colour else log.debug)(
+                "%s is a colour image; converted to grayscale (BT.601 luma)", img_path)
+            self._noted_colour = True
+        label = read_mask_2d(mask_path, self.cfg.num_classes)
+        if label.shape != arr.shape:
+            raise DataError(f"mask {mask_path} has size {label.shape} but its image {img_path} is {arr.shape}")
+        spacing = _nifti_2d(img_path)[1] if _is_nifti(img_path) else [1.0, 1.0]
+        sample = {
+            "image": normalise_2d(arr, self.cfg.window, self.cfg.window_range)[None],
+            "label": label[None].astype(np.int64),
+            "instance": label_instances(label)[None],
+            "meta": {
+                "id": stem,
+                "dataset": "folder",
+                "split": self.split,
+                "spacing": spacing,
+                "slice_interval": None,
+                "source": str(img_path),
+                "mask": str(mask_path),
+            },
+        }
+        return resample_sample(sample, self.cfg.spacing_mm)
+
+
+# ----------------------------------------------------------------------------- nifti dataset
+
+
+@dataclass
+class _Case:
+    """One NIfTI case: files, geometry and the foreground slices' labels."""
+
+    stem: str
+    image: Path
+    mask: Path
+    shape: tuple[int, int, int]
+    zooms: tuple[float, float, float]
+    labels: dict[int, np.ndarray]
+
+
+def _load_canonical(path: Path, what: str) -> Any:
+    """``nib.as_closest_canonical(nib.load(path))`` with a clear error."""
+    import nibabel as nib
+
+    try:
+        img = nib.as_closest_canonical(nib.load(str(path)))
+    except Exception as e:
+        raise DataError(f"{path}: cannot read the NIfTI {what} ({type(e).__name__}: {e}); "
+                        f"expected a 3-D .nii or .nii.gz volume") from None
+    if len(img.shape) == 4 and img.shape[3] == 1:
+        img = img.slicer[..., 0]
+    if len(img.shape) != 3:
+        raise DataError(f"{path}: NIfTI {what} of shape {img.shape}; expected a 3-D volume")
+    return img
+
+
+@DATASETS.register("nifti")
+class NiftiDataset(Dataset):
+    """3-D NIfTI volumes sliced into 2-D / 2.5-D samples: ``root/images/<stem>.nii[.gz]`` + ``root/masks/``.
+
+    * Orientation: both volumes are brought to the closest canonical (RAS+) orientation with
+      ``nibabel.as_closest_canonical``; slices are taken along ``data.axis`` of that array
+      (2 = axial). A sample's 2-D slice is ``np.take(volume, k, axis)``: its rows run along the
+      lower remaining axis, its columns along the higher one (no transposition).
+    * Samples: one per slice whose mask holds foreground — like DeepLesion's key slices, and so
+      that training is not flooded by empty slices. Validation and test are therefore scored on
+      lesion-bearing slices only.
+    * 2.5-D: ``data.context_slices`` channels ``data.slice_offset_mm`` apart, placed with
+      :func:`~medseg.data.base.context_indices` from the header spacing along the axis and
+      interpolated with :func:`~medseg.data.base.stack_context`.
+    * Intensity: HU windowed with ``data.window_range``. ``data.window: dicom`` (DeepLesion's
+      per-row DICOM window) has no meaning for NIfTI and is treated as ``fixed``.
+    * Masks are read (and their values checked) when the dataset is built; images when a sample
+      is read, keeping the last two canonical volumes in memory.
+
+    Args:
+        cfg: the data config (``root``, ``axis``, ``context_slices``, ``slice_offset_mm``,
+            ``window_range``, ``num_classes``, ``spacing_mm``, split fractions and seed).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
+
+    Raises:
+        DataError: missing folders, no volumes, unpaired images, unreadable files, a mask whose
+            shape differs from its image, bad mask values, or ``axis`` not in 0..2.
+    """
+
+    def __init__(self, cfg: DataConfig, split: str) -> None:
+        self.cfg = cfg
+        self.split = check_split(split)
+        _check_window(cfg)
+        if cfg.axis not in (0, 1, 2):
+            raise DataError(f"data.axis = {cfg.axis}; expected 0, 1 or 2 (the slicing axis of the RAS volume)")
+        if cfg.context_slices < 1:
+            raise DataError(f"data.context_slices must be >= 1, got {cfg.context_slices}")
+        pairs = pair_files(cfg.root, SUFFIXES_3D)
+        assign = split_cases([s for s, _, _ in pairs], cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+        self.cases: list[_Case] = []
+        self.items: list[tuple[int, int]] = []
+        ax = cfg.axis
+        for stem, img_path, mask_path in pairs:
+            if split != "all" and assign[stem] != split:
+                continue
+            img = _load_canonical(img_path, "image")
+            msk = _load_canonical(mask_path, "mask")
+            if img.shape != msk.shape:
+                raise DataError(
+                    f"mask {mask_path} has shape {tuple(msk.shape)} but its image {img_path} has shape "
+                    f"{tuple(img.shape)} (both in canonical RAS orientation); a mask must match its image"
+                )
+            if not np.allclose(img.affine, msk.affine, atol=1e-3):
+                log.warning("%s and %s have different affines; the mask is used voxel for voxel", img_path, mask_path)
+            labels = mask_to_classes(np.asanyarray(msk.dataobj), cfg.num_classes, mask_path)
+            fg = np.flatnonzero(np.moveaxis(labels, ax, 0).reshape(labels.shape[ax], -1).any(axis=1))
+            if fg.size == 0:
+                log.warning("%s has no foreground; case %s gives no samples", mask_path, stem)
+            case = _Case(stem, img_path, mask_path, tuple(int(s) for s in img.shape),
+                         tuple(float(z) for z in img.header.get_zooms()[:3]),
+                         {int(k): np.take(labels, int(k), axis=ax).copy() for k in fg})
+            self.items += [(len(self.cases), int(k)) for k in fg]
+            self.cases.append(case)
+        self._all_files = [str(p) for _, i, m in pairs for p in (i, m)]
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def fingerprint(self) -> str:
+        """A short hash of every volume and mask name and size (split-independent)."""
+        return fingerprint_files(self._all_files, extra=f"nifti:axis={self.cfg.axis}")
+
+    def _volume(self, ci: int) -> np.ndarray | None:
+        """The canonical float32 image volume of case ``ci`` (cached), or None (warned) if unreadable."""
+        if ci in self._cache:
+            self._cache.move_to_end(ci)
+            return self._cache[ci]
+        case = self.cases[ci]
+        try:
+            vol = _load_canonical(case.image, "image").get_fdata(dtype=np.float32)
+        except Exception as e:  # zlib, EOF, OS errors...: one broken file must not stop an epoch
+            log.warning("cannot read %s: %s", case.image, e)
+            return None
+        self._cache[ci] = vol
+        while len(self._cache) > _VOLUME_CACHE:
+            self._cache.popitem(last=False)
+        return vol
+
+    def __getitem__(self, idx: int) -> dict[str, Any] | None:
+        ci, k = self.items[idx]
+        case, ax, cfg = self.cases[ci], self.cfg.axis, self.cfg
+        vol = self._volume(ci)
+        if vol is None:
+            return None
+        n = vol.shape[ax]
+        interval = case.zooms[ax]
+        pos = context_indices(k, cfg.context_slices, cfg.slice_offset_mm, interval, 0, n - 1)
+        hu = stack_context(lambda i: np.take(vol, i, axis=ax), pos, available=range(n))
+        label = case.labels[k]
+        inplane = [case.zooms[a] for a in range(3) if a != ax]
+        sample = {
+            "image": apply_window(hu, cfg.window_range[0], cfg.window_range[1]),
+            "label": label[None].astype(np.int64),
+            "instance": label_instances(label)[None],
+            "meta": {
+                "id": f"{case.stem}:{k}",
+                "dataset": "nifti",
+                "split": self.split,
+                "spacing": inplane,
+                "slice_interval": interval,
+                "source": str(case.image),
+                "series": case.stem,
+                "slice": k,
+                "axis": ax,
+                "window": list(cfg.window_range),
+            },
+        }
+        return resample_sample(sample, cfg.spacing_mm)

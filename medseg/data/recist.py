@@ -153,7 +153,9 @@ def _axes_error(mask: np.ndarray, long_px: float, short_px: float) -> float:
     ax = measure_recist(mask)
     if ax is None:
         return float("inf")
-    return 0.5 * (abs(ax.long_px - long_px) / max(long_px, 1.0) + abs(ax.short_px - short_px) / max(short_px, 1.0))
+    return 0.5 * (
+        abs(ax.long_px - long_px) / max(long_px, 1.0) + abs(ax.short_px - short_px) / max(short_px, 1.0)
+    )
 
 
 def grabcut_mask(

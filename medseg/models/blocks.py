@@ -59,7 +59,11 @@ def center_crop(x: Tensor, height: int, width: int) -> Tensor:
 
 
 def resize_to(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """Bilinear resize of ``(B, C, h, w)`` to ``size`` (align_corners=False, as DeepLab v3+)."""
+    """Bilinear resize of ``(B, C, h, w)`` to ``size``.
+
+    ``align_corners=False``: the reference TF DeepLab used True, which lines pixels up only for
+    crop sizes of the form OS·k + 1 (513); medseg takes any size.
+    """
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)

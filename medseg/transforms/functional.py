@@ -88,15 +88,31 @@ def elastic_deform(
                 f"elastic_deform: every array must be (..., H, W) with the same (H, W) = {spatial}, "
                 f"got {a.shape}"
             )
-    axes = [(a.ndim - 2, a.ndim - 1) for a in arrays]
-    out = elasticdeform.deform_grid(
-        [np.ascontiguousarray(a) for a in arrays],
-        disp,
-        order=[int(o) for o in orders],
-        mode=mode,
-        axis=axes,
+    # elasticdeform re-interpolates the displacement for every array it is given, so arrays that
+    # share an order are stacked along the channel axis into one (exact: a common dtype holds
+    # them all, and each pixel is resampled independently of the others)
+    groups: dict[int, list[int]] = {}
+    for i, o in enumerate(orders):
+        groups.setdefault(int(o), []).append(i)
+    stacks = [
+        np.ascontiguousarray(
+            np.concatenate([arrays[i].reshape(-1, *spatial) for i in idx]).astype(
+                np.result_type(*(arrays[i].dtype for i in idx)), copy=False
+            )
+        )
+        for idx in groups.values()
+    ]
+    deformed = elasticdeform.deform_grid(
+        stacks, disp, order=list(groups), mode=mode, axis=[(1, 2)] * len(stacks)
     )
-    return list(out)
+    out: list[np.ndarray] = [arrays[0]] * len(arrays)
+    for idx, stack in zip(groups.values(), deformed):
+        start = 0
+        for i in idx:
+            n = int(np.prod(arrays[i].shape[:-2], dtype=np.int64))
+            out[i] = stack[start : start + n].reshape(arrays[i].shape).astype(arrays[i].dtype, copy=False)
+            start += n
+    return out
 
 
 # ----------------------------------------------------------------------------- weight map
@@ -136,7 +152,9 @@ def border_cutoff(w0: float, sigma: float, tol: float = BORDER_TOLERANCE) -> flo
     return sigma * math.sqrt(2.0 * math.log(w0 / tol))
 
 
-def two_nearest_distances(instance: np.ndarray, max_distance: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def two_nearest_distances(
+    instance: np.ndarray, max_distance: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Distances ``d1 ≤ d2`` from every pixel to its nearest and second-nearest instance.
 
     ``d_i(x)`` is the Euclidean distance from ``x`` to the closest pixel of instance ``i``
@@ -170,8 +188,7 @@ def two_nearest_distances(instance: np.ndarray, max_distance: float | None = Non
         if box is None:  # an id absent after cropping
             continue
         win = tuple(
-            slice(max(s.start - margin, 0), min(s.stop + margin, n))
-            for s, n in zip(box, instance.shape)
+            slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, instance.shape)
         )
         d = ndimage.distance_transform_edt(instance[win] != idx + 1)
         a, b = d1[win], d2[win]  # views: the updates land in d1 / d2

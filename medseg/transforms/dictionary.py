@@ -1,0 +1,217 @@
+"""MONAI dictionary transforms over the medseg sample dict (see :mod:`medseg.data.base`).
+
+Thin keyed wrappers around :mod:`medseg.transforms.functional`. Every random transform is a
+MONAI ``Randomizable`` that draws only from its own ``self.R``, so
+``Compose.set_random_state(seed=s)`` makes a sample byte-for-byte reproducible. None of them
+reads or writes ``meta``.
+
+Example:
+    >>> t = ElasticDeformd(["image", "label"], sigma=10.0, points=3, order=[3, 0])
+    >>> out = t.set_random_state(seed=0)(sample)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable, RandomizableTransform, Transform
+from monai.utils import convert_to_numpy, ensure_tuple_rep
+
+from medseg.transforms import functional as F
+
+#: dtype of every array key of the sample contract (medseg.data.base)
+SAMPLE_DTYPES: dict[str, type] = {
+    "image": np.float32,
+    "label": np.int64,
+    "instance": np.int32,
+    "truth": np.int32,
+    "weight": np.float32,
+}
+
+
+def _as_ids(x: Any) -> np.ndarray:
+    """An id map (possibly a float tensor after MONAI resampling) as an int64 NumPy array."""
+    a = convert_to_numpy(x)
+    return a if np.issubdtype(a.dtype, np.integer) else np.rint(a).astype(np.int64)
+
+
+class ElasticDeformd(RandomizableTransform, MapTransform):
+    """U-Net elastic deformation: one random coarse-grid field applied to every key.
+
+    Args:
+        keys: keys of ``(C, H, W)`` arrays to deform with the same field.
+        sigma: displacement standard deviation in pixels (0 = identity).
+        points: control points per axis of the coarse grid.
+        prob: probability of deforming a sample.
+        order: spline order per key (3 = bicubic for images, 0 = nearest for label / instance).
+        mode: border mode (``scipy.ndimage``).
+        allow_missing_keys: skip absent keys (e.g. an optional ``truth``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        sigma: float = 10.0,
+        points: int = 3,
+        prob: float = 1.0,
+        order: int | Sequence[int] = 3,
+        mode: str = "mirror",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.sigma, self.points, self.mode = float(sigma), int(points), mode
+        self.order = ensure_tuple_rep(order, len(self.keys))
+        self._displacement = np.zeros((2, self.points, self.points))
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self._displacement = F.elastic_displacement(self.R, self.sigma, self.points)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        pairs = list(self.key_iterator(d, self.order))
+        out = F.elastic_deform(
+            [convert_to_numpy(d[k]) for k, _ in pairs], self._displacement, [o for _, o in pairs], self.mode
+        )
+        d.update({k: a for (k, _), a in zip(pairs, out)})
+        return d
+
+
+class BorderWeightd(MapTransform):
+    """Add ``weight`` (float32 ``(1, H, W)``): the U-Net border weight map of the instance map.
+
+    Run it after the geometric augmentation so the weights match the deformed mask. With
+    ``w0 = 0`` and ``class_balance = False`` it writes a weight of ones.
+
+    Args:
+        instance_key: ``(1, H, W)`` instance map.
+        label_key: ``(1, H, W)`` class map.
+        weight_key: the key written.
+        w0, sigma, class_balance: see :func:`medseg.transforms.functional.border_weight_map`.
+    """
+
+    def __init__(
+        self,
+        instance_key: str = "instance",
+        label_key: str = "label",
+        weight_key: str = "weight",
+        w0: float = 10.0,
+        sigma: float = 5.0,
+        class_balance: bool = True,
+    ) -> None:
+        super().__init__([instance_key, label_key])
+        self.instance_key, self.label_key, self.weight_key = instance_key, label_key, weight_key
+        self.w0, self.sigma, self.class_balance = float(w0), float(sigma), class_balance
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        label = _as_ids(d[self.label_key])
+        if self.w0 == 0 and not self.class_balance:  # weight map off: uniform weights
+            d[self.weight_key] = np.ones(label.shape, np.float32)
+            return d
+        w = F.border_weight_map(
+            _as_ids(d[self.instance_key])[0], label[0], self.w0, self.sigma, self.class_balance
+        )
+        d[self.weight_key] = w[None]
+        return d
+
+
+class RandCropAroundLesiond(Randomizable, MapTransform):
+    """Random ``size`` crop, centred near a lesion with probability ``lesion_prob``.
+
+    With probability ``lesion_prob`` the centre is a random pixel of a randomly chosen instance
+    plus a uniform jitter of up to ``jitter · size`` pixels per axis (so lesions are not always in
+    the middle, yet stay inside the crop since ``jitter < 0.5``); otherwise (or on a slice without
+    lesions) the window is placed uniformly anywhere in the image. A window is moved to lie inside
+    the image; an image smaller than ``size`` is padded with 0 (image and labels alike).
+    Hand-written because MONAI's ``RandCropByPosNegLabeld`` weights centres by lesion area and has
+    no jitter.
+
+    Args:
+        keys: keys of ``(C, H, W)`` arrays cropped with the same window.
+        size: ``(h, w)`` crop size.
+        lesion_prob: probability of a lesion-centred crop.
+        jitter: maximum centre offset as a fraction of ``size`` (0 ≤ jitter < 0.5).
+        instance_key: instance map the lesions are taken from (falls back to ``label`` > 0).
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        size: Sequence[int],
+        lesion_prob: float = 0.8,
+        jitter: float = 0.25,
+        instance_key: str = "instance",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"crop size must be two positive ints (h, w), got {list(size)}")
+        if not 0.0 <= jitter < 0.5:
+            raise ValueError(f"crop jitter must be in [0, 0.5), got {jitter}")
+        if not 0.0 <= lesion_prob <= 1.0:
+            raise ValueError(f"lesion_prob must be in [0, 1], got {lesion_prob}")
+        self.size = (int(size[0]), int(size[1]))
+        self.lesion_prob, self.jitter, self.instance_key = float(lesion_prob), float(jitter), instance_key
+
+    def randomize(self, data: np.ndarray) -> None:
+        """Draw ``self._start`` from the ``(H, W)`` instance map ``data``."""
+        shape = data.shape
+        centre: list[float] | None = None
+        if self.R.rand() < self.lesion_prob:
+            flat = data.ravel()
+            fg = np.flatnonzero(flat)
+            if fg.size:
+                ids = np.unique(flat[fg])
+                pix = np.flatnonzero(flat == ids[self.R.randint(len(ids))])
+                yx = np.unravel_index(pix[self.R.randint(pix.size)], shape)
+                # integer jitter: avoids float rounding that could differ across platforms
+                centre = [
+                    int(c) + self.R.randint(-int(self.jitter * s), int(self.jitter * s) + 1)
+                    for c, s in zip(yx, self.size)
+                ]
+        if centre is None:  # uniform over every window position (the centre is not drawn from lesions)
+            centre = [self.R.randint(max(n - s, 0) + 1) + s // 2 for n, s in zip(shape, self.size)]
+        self._start = [F.crop_start(n, s, c) for n, s, c in zip(shape, self.size, centre)]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        src = d[self.instance_key] if self.instance_key in d else d["label"]
+        self.randomize(_as_ids(src)[0])
+        for key in self.key_iterator(d):
+            d[key] = F.crop_or_pad(convert_to_numpy(d[key]), self._start, self.size, 0)
+        return d
+
+
+class EnsureSampled(Transform):
+    """Final conversion to the sample contract: contiguous NumPy arrays of the contract's dtypes.
+
+    Turns MONAI ``MetaTensor`` / tensors back into plain arrays, rounds id maps (resampled as
+    floats by MONAI) to integers, and clips ``image`` to [0, 1] (bicubic overshoot and intensity
+    augmentation may leave it). Keys other than the array keys (``meta``) are passed through
+    untouched; an array key must be ``(C, H, W)``.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, dtype in SAMPLE_DTYPES.items():
+            if key not in d or d[key] is None:
+                continue
+            a = convert_to_numpy(d[key])
+            if a.ndim != 3:
+                raise ValueError(f"sample key {key!r} must be (C, H, W), got shape {a.shape}")
+            if key == "image":
+                a = np.clip(a, 0.0, 1.0)
+            elif not np.issubdtype(a.dtype, np.integer) and dtype is not np.float32:
+                a = np.rint(a)
+            d[key] = np.ascontiguousarray(a, dtype=dtype)
+        return d
