@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medseg.config import Config, from_dict, save_config, to_dict
+import medseg.losses  # noqa: F401  (registers the losses)
 from medseg.data import build_dataset, collate
 from medseg.registry import LOSSES
 from medseg.tracking import Tracker
@@ -70,9 +71,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of sample ``index`` in ``epoch`` (stable across runs and resumes)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def sample_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
+    """The seed of sample ``index`` in ``epoch`` (stable across runs and resumes).
+
+    ``stream`` separates independent uses: 0 = augmentation, 1 = the epoch's sample order.
+    """
+    return int(np.random.SeedSequence([stream, seed, epoch, index]).generate_state(1)[0])
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -108,7 +112,7 @@ class EpochSampler(Sampler[int]):
 
     def indices(self) -> list[int]:
         """All indices of the epoch, before skipping ``start``."""
-        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0, stream=1))
         out: list[int] = []
         while len(out) < self.num_samples:
             out.extend(torch.randperm(self.n, generator=g).tolist())
@@ -280,10 +284,19 @@ def predict_logits(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
         elif inf.mode == "sliding":
             from monai.inferers import sliding_window_inference
 
+            from medseg.models.blocks import mirror_pad
+
+            h, w = image.shape[-2:]
+            th, tw = inf.tile_size
+            # mirror the border so every tile sees real context (MONAI's reflect padding refuses
+            # pads larger than the image, so pad here to at least one tile)
+            ph, pw = max(th - h, 0), max(tw - w, 0)
+            padded = mirror_pad(image, ph // 2, ph - ph // 2, pw // 2, pw - pw // 2) if ph or pw else image
             out = sliding_window_inference(
-                image, roi_size=tuple(inf.tile_size), sw_batch_size=inf.batch_size, predictor=model,
+                padded, roi_size=(th, tw), sw_batch_size=inf.batch_size, predictor=model,
                 overlap=inf.overlap, mode=inf.blend, padding_mode="reflect",
             )
+            out = out[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
         else:
             raise TrainingError(f"inference.mode must be whole or sliding, got {inf.mode!r}")
     return out.float()
@@ -637,11 +650,11 @@ class Trainer:
                 if t.time_limit_min and time.monotonic() - started > 60 * t.time_limit_min:
                     reason = "time_limit"
                     break
-        except TrainingError:
-            status = "FAILED"
-            raise
         except KeyboardInterrupt:
             status = "KILLED"
+            raise
+        except BaseException:
+            status = "FAILED"
             raise
         finally:
             if status != "FINISHED":

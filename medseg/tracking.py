@@ -146,7 +146,8 @@ class MLflowTracker(Tracker):
 
         reqs = [f"torch=={torch.__version__.split('+')[0]}", "medseg"]
         with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(model, name=name, pip_requirements=reqs)
+            # "pickle": medseg models take any input size; a traced pt2 graph would fix one
+            mlflow.pytorch.log_model(model, name=name, pip_requirements=reqs, serialization_format="pickle")
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

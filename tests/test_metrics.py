@@ -345,10 +345,11 @@ def test_diameter_error_on_ellipses_of_known_size() -> None:
     assert summary["recist_diameter_error_mm"] == pytest.approx(abs(row["pred_long_mm"] - 32.0))
     assert "lesion_count_lt10" not in summary  # empty strata are left out, not NaN
 
-    # after resampling the annotation stays in native pixels: meta["native_spacing"] converts it
+    # anisotropic pixels: the horizontal long axis scales with sx, the vertical short axis with sy
     lm = LesionMetrics()
-    lm.update(pred, true, (s, s), {"id": "e", "lesions": [lesion], "native_spacing": [0.4, 0.4]})
-    assert lm.rows()[0]["recist_long_mm"] == pytest.approx(16.0)
+    lm.update(pred, true, (0.5, 1.0), {"id": "e", "lesions": [lesion]})
+    assert lm.rows()[0]["recist_long_mm"] == pytest.approx(40.0)
+    assert lm.rows()[0]["recist_short_mm"] == pytest.approx(10.0)
 
 
 def test_size_strata_bounds() -> None:

@@ -75,7 +75,7 @@ HU_OFFSET = 32768
 WINDOWS = ("dicom", "fixed")
 
 _FILE_RE = re.compile(r"^(\d+_\d+_\d+)_(\d+)\.png$")
-_MEMBER_RE = re.compile(r"^(?:.*/)?Images_png/(\d+_\d+_\d+)/(\d+)\.png$")
+_MEMBER_RE = re.compile(r"^Images_png/(\d+_\d+_\d+)/(\d+)\.png$")
 
 
 @dataclass(frozen=True)
@@ -492,8 +492,12 @@ class DeepLesionDataset(Dataset):
             raise DataError(
                 f"data.recist_mask = {cfg.recist_mask!r}; expected one of {', '.join(RECIST_MODES)}"
             )
-        if cfg.window == "fixed":
-            apply_window(np.zeros(1), *cfg.window_range)  # validates the range early
+        if cfg.window == "fixed" and (
+            len(cfg.window_range) != 2 or not cfg.window_range[1] > cfg.window_range[0]
+        ):
+            raise DataError(
+                f"data.window_range = {cfg.window_range}; expected [low, high] HU with high > low"
+            )
         self.csv_path = self.root / "DL_info.csv"
         if not self.csv_path.is_file():
             raise DataError(

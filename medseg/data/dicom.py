@@ -644,6 +644,13 @@ def read_seg_labels(seg_path: str | Path, volume: SeriesGeometry) -> np.ndarray:
     if (int(seg.Rows), int(seg.Columns)) != (h, w):
         raise DataError(f"{seg_path}: SEG frames are {seg.Rows}×{seg.Columns} but {_describe(volume)} "
                         f"has {h}×{w} slices; expected the series' image size")
+    try:
+        refs = {str(uids[2]) for uids in seg.get_source_image_uids()}
+    except Exception:
+        refs = set()
+    if refs and refs.isdisjoint(volume.sop_instance_uids):
+        raise DataError(f"{seg_path}: the SEG references none of the instances of {_describe(volume)}; "
+                        f"expected a SEG derived from this series")
     dtype = _label_dtype(max(seg.segment_numbers, default=1))
     try:
         arr = seg.get_pixels_by_source_instance(

@@ -148,14 +148,28 @@ def _clean(fg: np.ndarray, seed: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(lab == keep)
 
 
-def _axes_error(mask: np.ndarray, long_px: float, short_px: float) -> float:
-    """Mean relative error of the mask's measured axes against the RECIST diameters."""
+def _diameter_coverage(mask: np.ndarray, coords: np.ndarray) -> float:
+    """Fraction of the two RECIST diameters (their inner 80 %) that lies inside ``mask``."""
+    p = _as_coords(coords)
+    t = np.linspace(0.1, 0.9, 33)[:, None]
+    pts = np.concatenate([p[0] + t * (p[1] - p[0]), p[2] + t * (p[3] - p[2])])
+    inside = ndimage.map_coordinates(mask.astype(np.float32), [pts[:, 1], pts[:, 0]], order=1) >= 0.5
+    return float(inside.mean())
+
+
+def _candidate_score(mask: np.ndarray, coords: np.ndarray, long_px: float, short_px: float) -> float:
+    """How far a candidate is from the RECIST: mean relative axis error + uncovered diameter fraction.
+
+    The axis error alone misses under-segmentation that happens to keep the axes' lengths; the
+    annotated diameters lie inside the lesion by definition, so a mask that loses part of them is off.
+    """
     ax = measure_recist(mask)
     if ax is None:
         return float("inf")
-    return 0.5 * (
+    err = 0.5 * (
         abs(ax.long_px - long_px) / max(long_px, 1.0) + abs(ax.short_px - short_px) / max(short_px, 1.0)
     )
+    return err + (1.0 - _diameter_coverage(mask, coords))
 
 
 def grabcut_mask(
@@ -165,7 +179,7 @@ def grabcut_mask(
     shape: tuple[int, int],
     iterations: Sequence[int] = (1, 3, 5),
     erosion_divisors: Sequence[float] = (5.0, 3.0),
-    max_error: float = 0.25,
+    max_error: float = 0.1,
 ) -> np.ndarray:
     """GrabCut pseudo-mask of one lesion from its RECIST marks (Cai et al. 2018).
 
@@ -174,8 +188,10 @@ def grabcut_mask(
     ellipse, probable background = the box dilated by ``short / d``, sure background elsewhere. One
     candidate is kept per divisor ``d`` in ``erosion_divisors`` and per iteration count in
     ``iterations`` (the model is refined in place, so later counts continue earlier ones); each is
-    reduced to its component overlapping the sure foreground with holes filled, and the one whose
-    measured axes (:func:`medseg.measure.measure_recist`) best match the RECIST diameters wins.
+    reduced to its component overlapping the sure foreground with holes filled, and the one that
+    best matches the RECIST wins: lowest mean relative error of its measured axes
+    (:func:`medseg.measure.measure_recist`) against the diameters, plus the fraction of the
+    diameters' inner 80 % it leaves out.
 
     Args:
         image_windowed: ``(H, W)`` slice windowed to [0, 1] (float) or uint8; ``(H, W, 3)`` also works.
@@ -184,8 +200,8 @@ def grabcut_mask(
         shape: ``(H, W)`` of the output (the image's).
         iterations: GrabCut iteration counts whose results are candidates.
         erosion_divisors: ``d`` values for the trimap margins ``short / d`` (Cai et al.: 5).
-        max_error: the ellipse is returned instead when the best candidate's mean relative axis
-            error exceeds this, or when GrabCut fails (e.g. no background around the box).
+        max_error: the ellipse is returned instead when the best candidate's score (above)
+            exceeds this, or when GrabCut fails (e.g. no background around the box).
 
     Returns:
         ``(H, W)`` bool mask.
@@ -206,8 +222,9 @@ def grabcut_mask(
     cx1, cy1 = min(int(np.ceil(max(x1, x2))) + pad + 1, w), min(int(np.ceil(max(y1, y2))) + pad + 1, h)
     crop = np.ascontiguousarray(img[cy0:cy1, cx0:cx1])
     ell_c = ell[cy0:cy1, cx0:cx1]
+    crop_coords = (_as_coords(coords) - [cx0, cy0]).ravel()
 
-    best, best_err = None, float("inf")
+    best, best_score = None, float("inf")
     for d in erosion_divisors:
         k = max(1, int(round(short_px / d)))
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
@@ -227,14 +244,14 @@ def grabcut_mask(
                 cv2.grabCut(crop, trimap, None, bgd, fgd, n_it - done, mode)
                 done = n_it
                 fg = _clean((trimap == cv2.GC_FGD) | (trimap == cv2.GC_PR_FGD), seed)
-                err = _axes_error(fg, long_px, short_px)
-                if err < best_err:
-                    best, best_err = fg, err
+                score = _candidate_score(fg, crop_coords, long_px, short_px)
+                if score < best_score:
+                    best, best_score = fg, score
         except cv2.error as e:  # e.g. no sure/probable background left inside the crop
             log.debug("GrabCut failed (%s); trying the next setting", e)
             continue
-    if best is None or best_err > max_error:
-        log.debug("GrabCut candidates off by %.2f (> %.2f): using the ellipse", best_err, max_error)
+    if best is None or best_score > max_error:
+        log.debug("GrabCut candidates off by %.2f (> %.2f): using the ellipse", best_score, max_error)
         return ell
     out = np.zeros((h, w), dtype=bool)
     out[cy0:cy1, cx0:cx1] = best
@@ -258,9 +275,9 @@ def recist_to_masks(
     """Masks of every lesion on one slice.
 
     Args:
-        lesions: dicts with ``coords`` (8 RECIST floats, 0-based), ``bbox`` (``x1, y1, x2, y2``,
-            0-based; needed for ``"grabcut"``; defaults to the RECIST extent ± 5 px) and optional
-            ``label`` (class id, default 1).
+        lesions: dicts with ``coords`` (8 RECIST floats, 0-based) and optionally ``bbox``
+            (``x1, y1, x2, y2``, 0-based, used by ``"grabcut"``; default: the RECIST extent ± 5 px,
+            as DeepLesion's boxes are) and ``label`` (class id, default 1).
         shape: ``(H, W)``.
         mode: ``"ellipse"`` or ``"grabcut"``.
         image: ``(H, W)`` windowed slice in [0, 1], required for ``"grabcut"``.

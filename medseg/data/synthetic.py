@@ -56,7 +56,8 @@ LESION_TYPES = {"bone": 1, "abdomen": 2, "mediastinum": 3, "liver": 4, "lung": 5
                 "soft_tissue": 7, "pelvis": 8}  # fmt: skip
 
 _INCOMPLETE = ".medseg_demo_incomplete"
-_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+#: fast zlib level with run-length matching: the smallest and quickest of OpenCV's options on noisy CT
+_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 _HU_MIN, _HU_MAX = -1024, 3071
 
 # tissue labels of the anatomy map (used to place lesions in their host and to vary texture)
@@ -288,8 +289,10 @@ class _Series:
     lung_vessels: np.ndarray
     liver_vessels: np.ndarray
     bowel: np.ndarray
-    texture: tuple[np.ndarray, np.ndarray]
+    texture: np.ndarray  #: (2, 24, 24) coarse random fields, upsampled per series when rendered
     groups: list[_Group] = field(default_factory=list)
+    #: per-series arrays built on first use and dropped after the series is written (memory)
+    cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -312,6 +315,47 @@ def _body_axes(p: _Patient, t: float) -> tuple[float, float]:
     if p.gender == "F":
         a *= 0.95 + 0.08 * _smooth(t, 420, 560)
     return float(a * p.scale), float(b * p.scale)
+
+
+def _cached(se: _Series, key: str) -> np.ndarray:
+    """Per-series constant arrays: the table (``base_hu``/``base_tis``), texture fields, FOV mask."""
+    if key not in se.cache:
+        n = se.size
+        if key in ("tex0", "tex1"):
+            small = se.texture[0 if key == "tex0" else 1]
+            se.cache[key] = cv2.resize(small, (n, n), interpolation=cv2.INTER_CUBIC)
+        elif key == "fov":  # outside the reconstruction circle
+            yy, xx = np.ogrid[:n, :n]
+            out = (xx - (n - 1) / 2) ** 2 + (yy - (n - 1) / 2) ** 2 > (n / 2) ** 2
+            se.cache[key] = out.astype(np.uint8)
+        else:
+            se.cache["base_hu"], se.cache["base_tis"] = _table(se)
+    return se.cache[key]
+
+
+def _base_layers(se: _Series) -> tuple[np.ndarray, np.ndarray]:
+    """Air and the scanner table: the part of every slice that does not depend on ``t``."""
+    return _cached(se, "base_hu"), _cached(se, "base_tis")
+
+
+def _table(se: _Series) -> tuple[np.ndarray, np.ndarray]:
+    """A curved carbon-fibre table top on foam, under the patient's back (fixed along the series)."""
+    n, sp = se.size, se.spacing
+    lo, hi = _REGIONS[se.region][0]
+    A, B = _body_axes(se.patient, (lo + hi) / 2)
+    hu = np.full((n, n), -1000.0, np.float32)
+    tis = np.zeros((n, n), np.uint8)
+    xs = np.arange(n, dtype=np.float32)[None, :]
+    rows = np.arange(n, dtype=np.float32)[:, None]
+    half = 1.15 * A / sp
+    ytop = se.by + (1.06 * B + se.table_gap) / sp
+    d = (rows - ytop + (12.0 / sp) * np.clip((xs - se.bx) / half, -1, 1) ** 2) * sp
+    inside = np.abs(xs - se.bx) < half
+    hu[(d >= 0) & (d < 3) & inside] = 60.0
+    hu[(d >= 3) & (d < 16) & inside] = -750.0
+    hu[(d >= 16) & (d < 19) & inside] = 60.0
+    tis[(d >= 0) & (d < 19) & inside] = OTHER
+    return hu, tis
 
 
 def _render_anatomy(se: _Series, t: float) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
@@ -385,9 +429,10 @@ def _render_anatomy(se: _Series, t: float) -> tuple[np.ndarray, np.ndarray, tupl
         pk = _bump(t + (12 if side > 0 else 0), 285, 310, 395, 425)
         if pk > 0.05:
             kx, ky = side * (vb_r + 50.0), y_vb + 2.0
-            k = mm(kx, ky, 27 * pk**0.5, 40 * pk**0.5, -side * 30, oh[:2])
-            _paint(hu, tis, k, 40 + 130 * enh, KIDNEY, soft)
-            _paint(hu, tis, k._replace(cx=k.cx - side * 9 / sp, ax=k.ax * 0.4, ay=k.ay * 0.45, harm=()),
+            k = mm(kx, ky, 24 * pk**0.5, 33 * pk**0.5, -side * 30, oh[:2])
+            _paint(hu, tis, k, 40 + 130 * enh, KIDNEY, soft + (LIVER, SPLEEN))
+            # renal sinus fat at the hilum, on the medial side
+            _paint(hu, tis, k._replace(cx=k.cx - side * 13 / sp, ax=k.ax * 0.3, ay=k.ay * 0.33, harm=()),
                    -40.0, OTHER, (KIDNEY,))
     if t > 270:
         for u, v, r, cz, c, kind in se.bowel:
@@ -396,7 +441,7 @@ def _render_anatomy(se: _Series, t: float) -> tuple[np.ndarray, np.ndarray, tupl
                 s = math.sqrt(s2)
                 sh = mm(u * ca, v * cb, r * s, r * s * 0.8, 40 * u)
                 _paint(hu, tis, sh, 35.0, BOWEL, (VFAT,))
-                inner = {0: 20.0, 1: -950.0, 2: 250.0}[int(kind)]
+                inner = {0: 8.0, 1: -950.0, 2: 250.0}[int(kind)]  # water, gas or oral contrast
                 _paint(hu, tis, sh._replace(ax=sh.ax * 0.75, ay=sh.ay * 0.75), inner, BOWEL, (BOWEL,))
     pb = _bump(t, 535, 575, 640, 700)
     if pb > 0.05:
@@ -409,13 +454,16 @@ def _render_anatomy(se: _Series, t: float) -> tuple[np.ndarray, np.ndarray, tupl
     # --- chest: lungs, mediastinum, heart, airways
     pe, pd = _smooth(t, 0, 70), _smooth(t, 290, 190)
     if pe * pd > 0.03:
-        vl = (0.05 + 0.4 * (1 - pd) - 0.15 * (1 - pe)) * cb
+        vl = (0.02 + 0.35 * (1 - pd) + 0.1 * (1 - pe)) * cb
         for side in (-1, 1):
-            lung = mm(side * 0.5 * ca, vl, (0.47 if side < 0 else 0.44) * ca * pe**0.5 * pd**0.4,
-                      0.85 * cb * pe * pd**0.8, 0, oh[:2])
+            lung = mm(side * 0.47 * ca, vl, (0.52 if side < 0 else 0.5) * ca * pe**0.5 * pd**0.4,
+                      0.93 * cb * pe**0.7 * pd**0.8, side * 4, oh[:2])
             _paint(hu, tis, lung, -860.0, LUNG, (MFAT, VFAT, LIVER, SPLEEN, STOMACH))
-        if t < 250:
-            _paint(hu, tis, mm(0.04 * ca, -0.22 * cb, 0.2 * ca, 0.75 * cb, 0, oh[:1]), p.hu_fat + 10, MFAT, (LUNG,))
+        if t < 250:  # mediastinum: narrow in front, wider behind the heart
+            _paint(hu, tis, mm(0.03 * ca, -0.35 * cb, 0.12 * ca, 0.62 * cb, 0, oh[:1]), p.hu_fat + 10, MFAT,
+                   (LUNG,))
+            _paint(hu, tis, mm(0.03 * ca, 0.15 * cb, 0.2 * ca, 0.45 * cb, 0, oh[:1]), p.hu_fat + 10, MFAT,
+                   (LUNG,))
         for u, v, r, t1, t2 in se.lung_vessels:
             if t1 <= t <= t2:
                 _paint(hu, tis, mm(u * ca, v * cb, r, r), 40.0, VESSEL, (LUNG,))
@@ -463,10 +511,15 @@ def _render_anatomy(se: _Series, t: float) -> tuple[np.ndarray, np.ndarray, tupl
     if pi > 0.05:
         g = _smooth(t, 450, 570)
         for side in (-1, 1):
-            il = mm(side * (0.72 - 0.3 * g) * ca, y_vb - 5 - 25 * g, (50 - 22 * g) * pi, 9 + 8 * g,
-                    side * (65 - 35 * g))
-            _paint(hu, tis, il, 750.0, CORTEX)
-            _paint(hu, tis, il._replace(ax=il.ax * 0.85, ay=il.ay * 0.55), 240.0, BONE, (CORTEX,))
+            # a wing-shaped ilium: an ellipse of bone hollowed on its front by the iliacus muscle
+            il = mm(side * (0.66 - 0.25 * g) * ca, y_vb - 10 - 20 * g, (62 - 25 * g) * pi, 16 + 6 * g,
+                    side * (62 - 30 * g))
+            _paint(hu, tis, il, 750.0, CORTEX, (VFAT, MUSCLE, FAT, BOWEL))
+            _paint(hu, tis, il._replace(ax=il.ax * 0.9, ay=il.ay * 0.7), 240.0, BONE, (CORTEX,))
+            ang = il.ang - side * math.pi / 2
+            front = il._replace(cx=il.cx + math.cos(ang) * il.ay * 1.4, cy=il.cy + math.sin(ang) * il.ay * 1.4,
+                                ax=il.ax * 0.95, ay=il.ay * 1.15)
+            _paint(hu, tis, front, p.hu_muscle, MUSCLE, (CORTEX, BONE, VFAT, BOWEL))
     pf = _smooth(t, 575, 600)
     if pf > 0.05:
         for side in (-1, 1):
@@ -553,7 +606,8 @@ def _render_slice(
     n = se.size
     hu, tis, _ = _render_anatomy(se, t)
     w = 2 * math.pi * t / 90.0
-    tex = se.texture[0] * np.float32(math.cos(w)) + se.texture[1] * np.float32(math.sin(w))
+    tex0, tex1 = _cached(se, "tex0"), _cached(se, "tex1")
+    tex = tex0 * np.float32(math.cos(w)) + tex1 * np.float32(math.sin(w))
     hu += _TEXTURE[tis] * tex
     ids = None
     if group is not None and group.lesions:
@@ -573,9 +627,7 @@ def _render_slice(
     noise = cv2.GaussianBlur(noise, (5, 5), 0.8)
     k1 = cv2.getGaussianKernel(5, 0.8, cv2.CV_64F).ravel()
     hu += noise * np.float32(se.noise / float((k1**2).sum()))
-    yy, xx = np.ogrid[:n, :n]
-    fov = (xx - (n - 1) / 2) ** 2 + (yy - (n - 1) / 2) ** 2 > (n / 2) ** 2
-    hu[fov] = _HU_MIN
+    hu[_cached(se, "fov").view(bool)] = _HU_MIN
     out = np.clip(np.rint(hu), _HU_MIN, _HU_MAX).astype(np.int32) + 32768
     return out.astype(np.uint16), ids
 
@@ -633,7 +685,7 @@ def _make_series(
     fov = float(np.clip(round(2 * a_max * rng.uniform(1.12, 1.32)), 0.6 * 512, 0.98 * 512))
     spacing = round(fov / 512, 2) if rng.random() < 0.15 else fov / 512
     spacing *= 512 / size
-    n_lv, n_bw = int(rng.integers(40, 70)), int(rng.integers(20, 36))
+    n_lv, n_bw = int(rng.integers(50, 80)), int(rng.integers(70, 100))
     lung_vessels = np.column_stack([
         rng.choice([-1, 1], n_lv) * rng.uniform(0.12, 0.85, n_lv),
         rng.uniform(-0.7, 0.75, n_lv),
@@ -648,14 +700,10 @@ def _make_series(
     ])  # fmt: skip
     oral = bool(rng.random() < 0.4)
     bowel = np.column_stack([
-        rng.uniform(-0.75, 0.75, n_bw), rng.uniform(-0.85, 0.25, n_bw), rng.uniform(10, 24, n_bw),
-        rng.uniform(270, 650, n_bw), rng.uniform(15, 45, n_bw),
+        rng.uniform(-0.85, 0.85, n_bw), rng.uniform(-0.9, 0.45, n_bw), rng.uniform(10, 26, n_bw),
+        rng.uniform(270, 660, n_bw), rng.uniform(15, 45, n_bw),
         rng.choice(3, n_bw, p=[0.55, 0.3, 0.15] if oral else [0.65, 0.35, 0.0]),
     ])  # fmt: skip
-    tex = []
-    for _ in range(2):
-        small = rng.standard_normal((24, 24)).astype(np.float32)
-        tex.append(cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC) * np.float32(0.9))
     return _Series(
         patient=p,
         study=study,
@@ -669,14 +717,14 @@ def _make_series(
         t0=0.0,
         bx=size / 2 + float(rng.normal(0, 0.012 * size)),
         by=size / 2 - 0.035 * size + float(rng.normal(0, 0.012 * size)),
-        noise=float(rng.uniform(10, 18)),
+        noise=float(rng.uniform(10, 15)),
         enh=float(rng.uniform(0.6, 1.1)),
         oral=oral,
         table_gap=float(rng.uniform(12, 35)),
         lung_vessels=lung_vessels.astype(np.float32),
         liver_vessels=liver_vessels.astype(np.float32),
         bowel=bowel.astype(np.float32),
-        texture=(tex[0], tex[1]),
+        texture=rng.standard_normal((2, 24, 24)).astype(np.float32),
     )
 
 
@@ -714,8 +762,8 @@ def _lesion_hu(rng: np.random.Generator, kind: str, host: int, p: _Patient, se: 
         if rng.random() < 0.15:  # a hyperdense lesion (e.g. haemangioma, hypervascular metastasis)
             e = p.hu_liver + u(45, 70)
             return e, e + u(-10, 10)
-        e = p.hu_liver - u(30, 50)
-        return e, e - u(0, 25)
+        e = max(p.hu_liver - u(45, 65), 2.0)
+        return e, max(e - u(0, 20), -5.0)
     if kind == "kidney":
         e = u(3, 15) if rng.random() < 0.65 else u(45, 75)
         return e, e
@@ -726,12 +774,12 @@ def _lesion_hu(rng: np.random.Generator, kind: str, host: int, p: _Patient, se: 
         e = u(30, 80)
         return e, e - u(0, 20)
     if host == SPLEEN:
-        e = 45 + 40 * se.enh - u(35, 50)
+        e = 45 + 40 * se.enh - u(45, 60)
         return e, e
     if host == MUSCLE:
-        e = p.hu_muscle - u(35, 50) if rng.random() < 0.7 else p.hu_muscle + u(45, 70)
+        e = p.hu_muscle - u(45, 60) if rng.random() < 0.7 else p.hu_muscle + u(50, 75)
         return e, e
-    e = u(25, 50)  # lymph nodes and soft-tissue masses in fat
+    e = u(35, 60)  # lymph nodes and soft-tissue masses in fat
     return e, e + (u(-30, -5) if rng.random() < 0.3 else u(-5, 5))
 
 
@@ -749,7 +797,7 @@ def _host_mask(kind: str, tis: np.ndarray, se: _Series, t: float) -> np.ndarray:
     m = np.isin(tis, _KINDS[kind][0])
     if kind == "mediastinum":  # the central mediastinum, not fat left at the lateral cavity edge
         xs = np.arange(se.size)[None, :]
-        m &= np.abs(xs - se.bx) < 70 / se.spacing
+        m &= np.abs(xs - se.bx) < 45 / se.spacing
     if kind == "pelvis":
         m &= t > 440
     if kind == "abdomen":
@@ -978,16 +1026,29 @@ def generate_demo_data(
     with tqdm(total=len(plan), desc="demo-data", unit="series", disable=not progress) as bar:
         for se in plan:
             _plan_groups(rng, se)
-            for g in se.groups:
-                _place_group(rng, se, g, int(_choice(rng, (1, 2, 3), (0.6, 0.28, 0.12))))
-                masks = _validate_group(se, g, min_px)
+            for g in list(se.groups):
+                masks: list[np.ndarray] = []
+                for _attempt in range(20):  # a crowded or tiny key slice may reject every lesion
+                    g.lesions = []
+                    _place_group(rng, se, g, int(_choice(rng, (1, 2, 3), (0.6, 0.28, 0.12))))
+                    masks = _validate_group(se, g, min_px)
+                    if g.lesions:
+                        break
+                if not g.lesions:
+                    se.groups.remove(g)
+                    continue
                 _, _, bbox = _render_anatomy(se, se.t(g.key))
                 _rows_for_group(rng, se, g, masks, bbox)
-            _write_series(rng, root, se)
+            if se.groups:
+                _write_series(rng, root, se)
+            se.cache.clear()
             rows.extend(r for g in se.groups for r in g.rows)
             bar.update(1)
             bar.set_postfix(lesions=len(rows))
 
+    missing = {1, 2, 3} - {int(r[-1]) for r in rows}
+    if missing:  # cannot happen: every patient gets at least one lesion in practice
+        raise RuntimeError(f"generated data has no lesion in split(s) {sorted(missing)}; try another seed")
     tmp = root / "DL_info.csv.tmp"
     with tmp.open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
@@ -1014,3 +1075,106 @@ def _write_series(rng: np.random.Generator, root: Path, se: _Series) -> None:
             mdir = root / "Masks_png" / se.name
             mdir.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(mdir / f"{i:03d}.png"), ids, _PNG_PARAMS)
+
+
+def _read_rows(csv_path: Path) -> list[dict[str, str]]:
+    """The rows of a DL_info.csv as dicts (header checked)."""
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: not found; expected a DeepLesion DL_info.csv")
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != HEADER:
+            raise DataError(f"{csv_path}: header {reader.fieldnames} is not the DeepLesion header {list(HEADER)}")
+        return list(reader)
+
+
+def _floats(cell: str) -> list[float]:
+    """Parse a ``"x, y, ..."`` cell."""
+    return [float(v) for v in cell.split(",")]
+
+
+def render_preview(root: str | Path, out_png: str | Path, file_name: str | None = None) -> Path:
+    """Draw one key slice with its true mask outlines and the RECIST axes from ``DL_info.csv``.
+
+    The slice is shown in the first row's DICOM window, whole and zoomed on its lesions; each
+    lesion's true outline (``Masks_png``, where present) is drawn in yellow, the long axis in red
+    and the short axis in cyan, from the CSV's 1-based coordinates.
+
+    Args:
+        root: a DeepLesion-format release (``DL_info.csv`` + ``Images_png``).
+        out_png: where to write the figure (PNG).
+        file_name: the key slice's ``File_name`` (e.g. ``000001_01_01_109.png``); None picks the
+            key slice with the most lesions (ties: the largest lesion).
+
+    Returns:
+        ``Path(out_png)``.
+
+    Raises:
+        DataError: the CSV, the file name or the image is missing or unreadable.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    root = Path(root)
+    csv_path = root / "DL_info.csv"
+    rows = _read_rows(csv_path)
+    if not rows:
+        raise DataError(f"{csv_path}: no lesion rows")
+    by_file: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        by_file.setdefault(r["File_name"], []).append(r)
+    if file_name is None:
+        file_name = max(by_file, key=lambda f: (len(by_file[f]), max(_floats(r["Lesion_diameters_Pixel_"])[0]
+                                                                    for r in by_file[f])))  # fmt: skip
+    if file_name not in by_file:
+        raise DataError(f"{csv_path}: no row with File_name {file_name!r}")
+    sel = by_file[file_name]
+    series, sl = file_name[: -len(".png")].rsplit("_", 1)
+    img_path = root / "Images_png" / series / f"{sl}.png"
+    img = cv2.imread(str(img_path), cv2.IMREAD_UNCHANGED)
+    if img is None or img.dtype != np.uint16:
+        raise DataError(f"{img_path}: missing or not a 16-bit PNG (HU + 32768)")
+    hu = img.astype(np.int32) - 32768  # int32 first: subtracting in uint16 would wrap around
+    mask = cv2.imread(str(root / "Masks_png" / series / f"{sl}.png"), cv2.IMREAD_UNCHANGED)
+    low, high = _floats(sel[0]["DICOM_windows"])
+    sp = _floats(sel[0]["Spacing_mm_px_"])[0]
+    names = {v: k.replace("_", " ") for k, v in LESION_TYPES.items()}
+
+    boxes = np.array([_floats(r["Bounding_boxes"]) for r in sel]) - 1
+    x0, y0 = boxes[:, :2].min(0)
+    x1, y1 = boxes[:, 2:].max(0)
+    half = max(x1 - x0, y1 - y0) / 2 + 25
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+
+    fig = Figure(figsize=(11, 5.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, zoom in zip(axes, (False, True)):
+        ax.imshow(hu, cmap="gray", vmin=low, vmax=high, interpolation="nearest" if zoom else "antialiased")
+        if mask is not None:
+            for k in range(1, int(mask.max()) + 1):
+                if (mask == k).any():
+                    ax.contour(mask == k, levels=[0.5], colors=["yellow"], linewidths=1.0)
+        for k, r in enumerate(sel, 1):
+            c = np.array(_floats(r["Measurement_coordinates"])).reshape(4, 2) - 1
+            ax.plot(c[:2, 0], c[:2, 1], "-", color="red", lw=1.4)
+            ax.plot(c[2:, 0], c[2:, 1], "-", color="cyan", lw=1.4)
+            if zoom:
+                ax.text(c[:, 0].max() + 2, c[:, 1].min(), str(k), color="yellow", fontsize=10, clip_on=True)
+        if zoom:
+            ax.set_xlim(cx - half, cx + half)
+            ax.set_ylim(cy + half, cy - half)
+        ax.set_axis_off()
+    axes[0].set_title(f"{file_name}  window [{low:g}, {high:g}] HU  {sp:.3g} mm/px", fontsize=10)
+    axes[1].set_title("true mask (yellow), RECIST long (red) / short (cyan)", fontsize=10)
+    legend = []
+    for k, r in enumerate(sel, 1):
+        long_mm, short_mm = (d * sp for d in _floats(r["Lesion_diameters_Pixel_"]))
+        kind = names.get(int(r["Coarse_lesion_type"]), "type unlabelled")
+        legend.append(f"{k}: {kind}, {long_mm:.0f} × {short_mm:.0f} mm")
+    axes[1].text(0.02, 0.98, "\n".join(legend), transform=axes[1].transAxes, va="top", color="white",
+                 fontsize=9, bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none"})
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out

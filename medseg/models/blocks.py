@@ -221,7 +221,9 @@ def load_local_weights(
         if wrong:
             parts.append(
                 "shape mismatch "
-                + ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:5])
+                + ", ".join(
+                    f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:5]
+                )
             )
         raise ValueError(f"{path}: weights do not fit {type(module).__name__}: " + "; ".join(parts))
     module.load_state_dict(state)

@@ -14,6 +14,8 @@ The fully-connected CRF of the paper is post-processing (:mod:`medseg.crf`,
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,6 +23,7 @@ from medseg.models.vgg import VGG16Features, init_vgg_weights
 from medseg.registry import MODELS
 
 
+@MODELS.register("deeplabv1")
 class DeepLabLargeFOV(nn.Module):
     """DeepLab-LargeFOV on a VGG-16 trunk.
 
@@ -45,6 +48,9 @@ class DeepLabLargeFOV(nn.Module):
     """
 
     output_stride = 8
+
+    #: reduced-size constructor params for the registry-driven model tests
+    test_params: ClassVar[dict[str, Any]] = {"width": 4, "fc_channels": 16}
 
     def __init__(
         self,
@@ -93,25 +99,3 @@ class DeepLabLargeFOV(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` → logits ``(B, num_classes, H, W)`` (bilinear upsampling of the scores)."""
         return F.interpolate(self.score(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-@MODELS.register("deeplabv1")
-def deeplabv1(
-    in_channels: int,
-    num_classes: int,
-    width: int = 64,
-    fc_channels: int = 1024,
-    fc6_dilation: int = 12,
-    dropout: float = 0.5,
-    batch_norm: bool = False,
-) -> DeepLabLargeFOV:
-    """DeepLab v1 LargeFOV (VGG-16, output stride 8, fc6 3×3 dilation 12); see :class:`DeepLabLargeFOV`."""
-    return DeepLabLargeFOV(
-        in_channels,
-        num_classes,
-        width=width,
-        fc_channels=fc_channels,
-        fc6_dilation=fc6_dilation,
-        dropout=dropout,
-        batch_norm=batch_norm,
-    )

@@ -18,6 +18,8 @@ covers the padded input exactly; the padding is cropped away at the end.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,6 +48,7 @@ def _upsampler(channels: int, factor: int) -> nn.ConvTranspose2d:
     return up
 
 
+@MODELS.register("fcn8s")
 class FCN8s(nn.Module):
     """FCN-8s: VGG-16 scores from pool5 (through fc6/fc7), pool4 and pool3, fused by learned upsampling.
 
@@ -68,6 +71,9 @@ class FCN8s(nn.Module):
     """
 
     output_stride = 32
+
+    #: reduced-size constructor params for the registry-driven model tests
+    test_params: ClassVar[dict[str, Any]] = {"width": 4, "fc_channels": 16}
 
     def __init__(
         self,
@@ -116,25 +122,3 @@ class FCN8s(nn.Module):
         score = self.upscore_pool4(score + self.score_pool4(pool4))
         score = self.upscore8(score + self.score_pool3(pool3))
         return score[..., top : top + h, left : left + w]
-
-
-@MODELS.register("fcn8s")
-def fcn8s(
-    in_channels: int,
-    num_classes: int,
-    width: int = 64,
-    fc_channels: int = 4096,
-    fc6_kernel: int = 7,
-    dropout: float = 0.5,
-    batch_norm: bool = False,
-) -> FCN8s:
-    """FCN-8s on VGG-16 (≈134 M parameters at the paper's size); see :class:`FCN8s`."""
-    return FCN8s(
-        in_channels,
-        num_classes,
-        width=width,
-        fc_channels=fc_channels,
-        fc6_kernel=fc6_kernel,
-        dropout=dropout,
-        batch_norm=batch_norm,
-    )

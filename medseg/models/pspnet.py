@@ -13,6 +13,8 @@ supervision is an auxiliary head on layer3 ("mid": 3×3 conv to ``C_mid / 4``, B
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,6 +59,7 @@ class PyramidPooling(nn.Module):
         return torch.cat([x] + [resize_to(branch(x), x.shape[-2:]) for branch in self.branches], dim=1)
 
 
+@MODELS.register("pspnet")
 class PSPNet(nn.Module):
     """PSPNet: atrous ResNet (output stride 8) → pyramid pooling → 3×3 conv → classifier.
 
@@ -68,6 +71,7 @@ class PSPNet(nn.Module):
         bins: pyramid pooling bin sizes.
         dropout: dropout before the classifiers (0.1).
         aux_weight: weight of the auxiliary layer3 cross-entropy (0.4); 0 builds no auxiliary head.
+        pretrained_backbone: a LOCAL torchvision-style ResNet state dict (never downloaded), or None.
 
     Shapes:
         ``forward``: ``(B, in_channels, H, W)`` → logits ``(B, num_classes, H, W)``;
@@ -79,6 +83,9 @@ class PSPNet(nn.Module):
         torch.Size([2, 2, 97, 131])
     """
 
+    #: reduced-size constructor params for the registry-driven model tests
+    test_params: ClassVar[dict[str, Any]] = {"depth": 18}
+
     def __init__(
         self,
         in_channels: int,
@@ -88,9 +95,12 @@ class PSPNet(nn.Module):
         bins: tuple[int, ...] = (1, 2, 3, 6),
         dropout: float = 0.1,
         aux_weight: float = 0.4,
+        pretrained_backbone: str | None = None,
     ) -> None:
         super().__init__()
         self.backbone = build_resnet(depth, in_channels, output_stride, multi_grid=(1,))
+        if pretrained_backbone:
+            self.backbone.load_pretrained(pretrained_backbone)
         c = self.backbone.out_channels
         self.ppm = PyramidPooling(c, tuple(bins))
         self.head = nn.Sequential(
@@ -137,25 +147,3 @@ class PSPNet(nn.Module):
             label = label[:, 0]
         logits = resize_to(self._aux_logits.float(), label.shape[-2:])
         return self.aux_weight * F.cross_entropy(logits, label)
-
-
-@MODELS.register("pspnet")
-def pspnet(
-    in_channels: int,
-    num_classes: int,
-    depth: int = 50,
-    output_stride: int = 8,
-    bins: tuple[int, ...] = (1, 2, 3, 6),
-    dropout: float = 0.1,
-    aux_weight: float = 0.4,
-) -> PSPNet:
-    """PSPNet on an atrous ResNet with pyramid bins 1/2/3/6 and a 0.4-weighted aux loss; see :class:`PSPNet`."""
-    return PSPNet(
-        in_channels,
-        num_classes,
-        depth=depth,
-        output_stride=output_stride,
-        bins=bins,
-        dropout=dropout,
-        aux_weight=aux_weight,
-    )

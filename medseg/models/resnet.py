@@ -38,7 +38,9 @@ class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, planes: int, stride: int = 1, dilation: int = 1) -> None:
         super().__init__()
         out = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_channels, planes, 3, stride, padding=dilation, dilation=dilation, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, out, 3, padding=dilation, dilation=dilation, bias=False)
@@ -117,7 +119,11 @@ class ResNetBackbone(nn.Module):
     """
 
     def __init__(
-        self, depth: int, in_channels: int = 3, output_stride: int = 16, multi_grid: tuple[int, ...] = (1, 2, 4)
+        self,
+        depth: int,
+        in_channels: int = 3,
+        output_stride: int = 16,
+        multi_grid: tuple[int, ...] = (1, 2, 4),
     ) -> None:
         super().__init__()
         if depth not in RESNET_LAYERS:

@@ -32,7 +32,7 @@ reference code's initial values are a fixed buffer here. The detail loss is bina
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -266,6 +266,7 @@ def detail_loss_fn(logits: Tensor, target: Tensor) -> Tensor:
     return bce + dice.mean()
 
 
+@MODELS.register("stdc")
 class STDCSeg(nn.Module):
     """STDC-Seg: STDC backbone, context path with ARMs, FFM with the 1/8 features, seg head.
 
@@ -291,11 +292,14 @@ class STDCSeg(nn.Module):
         torch.Size([2, 2, 97, 131])
     """
 
+    #: reduced-size constructor params for the registry-driven model tests
+    test_params: ClassVar[dict[str, Any]] = {"base": 8}
+
     def __init__(
         self,
         in_channels: int,
         num_classes: int,
-        variant: str = "stdc1",
+        variant: Literal["stdc1", "stdc2"] = "stdc1",
         base: int = 64,
         detail_loss: bool = True,
         detail_weight: float = 1.0,
@@ -366,25 +370,3 @@ class STDCSeg(nn.Module):
                 target = detail_target(label)
                 loss = loss + self.detail_weight * detail_loss_fn(self._train_outputs["detail"], target)
         return loss
-
-
-@MODELS.register("stdc")
-def stdc(
-    in_channels: int,
-    num_classes: int,
-    variant: Literal["stdc1", "stdc2"] = "stdc1",
-    base: int = 64,
-    detail_loss: bool = True,
-    detail_weight: float = 1.0,
-    aux_weight: float = 1.0,
-) -> STDCSeg:
-    """STDC-Seg with an STDC1 / STDC2 backbone and optional detail guidance; see :class:`STDCSeg`."""
-    return STDCSeg(
-        in_channels,
-        num_classes,
-        variant=variant,
-        base=base,
-        detail_loss=detail_loss,
-        detail_weight=detail_weight,
-        aux_weight=aux_weight,
-    )

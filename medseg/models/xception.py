@@ -74,7 +74,9 @@ class XceptionBlock(nn.Module):
         self.units = nn.ModuleList(units)
         self.skip = skip
         self.shortcut = (
-            nn.Sequential(nn.Conv2d(in_channels, depths[2], 1, stride=stride, bias=False), nn.BatchNorm2d(depths[2]))
+            nn.Sequential(
+                nn.Conv2d(in_channels, depths[2], 1, stride=stride, bias=False), nn.BatchNorm2d(depths[2])
+            )
             if skip == "conv"
             else None
         )

@@ -68,6 +68,7 @@ class ElasticDeformd(RandomizableTransform, MapTransform):
         self._displacement = np.zeros((2, self.points, self.points))
 
     def randomize(self, data: Any = None) -> None:
+        """Draw whether to deform and, if so, the control-point displacements from ``self.R``."""
         super().randomize(None)
         if self._do_transform:
             self._displacement = F.elastic_displacement(self.R, self.sigma, self.points)
@@ -140,7 +141,7 @@ class RandCropAroundLesiond(Randomizable, MapTransform):
         size: ``(h, w)`` crop size.
         lesion_prob: probability of a lesion-centred crop.
         jitter: maximum centre offset as a fraction of ``size`` (0 ≤ jitter < 0.5).
-        instance_key: instance map the lesions are taken from (falls back to ``label`` > 0).
+        instance_key: instance map the lesions are taken from (falls back to the ``label`` map).
         allow_missing_keys: skip absent keys.
     """
 
@@ -166,7 +167,7 @@ class RandCropAroundLesiond(Randomizable, MapTransform):
     def randomize(self, data: np.ndarray) -> None:
         """Draw ``self._start`` from the ``(H, W)`` instance map ``data``."""
         shape = data.shape
-        centre: list[float] | None = None
+        centre: list[int] | None = None
         if self.R.rand() < self.lesion_prob:
             flat = data.ravel()
             fg = np.flatnonzero(flat)

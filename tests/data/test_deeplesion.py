@@ -302,6 +302,8 @@ def test_sample_contents_window_masks_and_meta(tmp_path: Path) -> None:
     assert np.allclose(s["image"], 0.5) and s["meta"]["window"] == [0.0, 200.0]
     with pytest.raises(DataError, match="data.window"):
         DeepLesionDataset(_cfg(root, window="lung"), "train")
+    with pytest.raises(DataError, match="data.window_range"):
+        DeepLesionDataset(_cfg(root, window="fixed", window_range=[100.0, -100.0]), "train")
     with pytest.raises(DataError, match="data.recist_mask"):
         DeepLesionDataset(_cfg(root, recist_mask="box"), "train")
 
@@ -398,6 +400,25 @@ def test_zip_reading_equals_folder_reading(tmp_path: Path) -> None:
     clone = pickle.loads(pickle.dumps(ds))
     assert not clone.images._handles
     assert np.array_equal(clone[0]["image"], first["image"])
+
+
+def test_zip_dataset_in_forked_dataloader_workers(tmp_path: Path) -> None:
+    import multiprocessing
+
+    import torch
+
+    zroot = _zip_dataset(_make(tmp_path), tmp_path / "zipped")
+    ds = DeepLesionDataset(_cfg(zroot), "all")
+    expected = [ds[i]["image"] for i in range(len(ds))]  # the parent holds open handles now
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=1,
+        num_workers=1,
+        collate_fn=collate,
+        multiprocessing_context=multiprocessing.get_context("fork"),
+    )
+    got = [b["image"][0].numpy() for b in loader]
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
 
 
 def test_zip_broken_member_warns_with_its_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

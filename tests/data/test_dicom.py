@@ -123,12 +123,16 @@ def expected_hu(stored: np.ndarray) -> np.ndarray:
 
 def write_seg(path: Path, sources: list[Dataset], labels: np.ndarray) -> Dataset:
     """A BINARY highdicom SEG of ``labels`` ((Z, H, W), values = segment numbers), empty frames omitted."""
-    algo = hd.AlgorithmIdentificationSequence(name="test", family=codes.cid7162.ArtificialIntelligence, version="1")
+    algo = hd.AlgorithmIdentificationSequence(
+        name="test", family=codes.cid7162.ArtificialIntelligence, version="1"
+    )
     descs = [
         hd.seg.SegmentDescription(
-            segment_number=n, segment_label=f"lesion {n}",
+            segment_number=n,
+            segment_label=f"lesion {n}",
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Lesion, algorithm_type="AUTOMATIC",
+            segmented_property_type=codes.SCT.Lesion,
+            algorithm_type="AUTOMATIC",
             algorithm_identification=algo,
         )
         for n in range(1, int(labels.max()) + 1)
@@ -136,11 +140,19 @@ def write_seg(path: Path, sources: list[Dataset], labels: np.ndarray) -> Dataset
     # sources go in shuffled order: the reader must place frames by reference, not by order
     order = np.random.default_rng(7).permutation(len(sources))
     seg = hd.seg.Segmentation(
-        source_images=[sources[i] for i in order], pixel_array=labels[order].astype(np.uint8),
-        segmentation_type="BINARY", segment_descriptions=descs,
-        series_instance_uid=generate_uid(), series_number=99, sop_instance_uid=generate_uid(),
-        instance_number=1, manufacturer="medseg-tests", manufacturer_model_name="tests",
-        software_versions="0", device_serial_number="1", omit_empty_frames=True,
+        source_images=[sources[i] for i in order],
+        pixel_array=labels[order].astype(np.uint8),
+        segmentation_type="BINARY",
+        segment_descriptions=descs,
+        series_instance_uid=generate_uid(),
+        series_number=99,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="medseg-tests",
+        manufacturer_model_name="tests",
+        software_versions="0",
+        device_serial_number="1",
+        omit_empty_frames=True,
     )
     seg.save_as(path)
     return seg
@@ -294,12 +306,19 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> dict:
     write_sr(root / "pat1" / "report.dcm")
     write_secondary_capture(root / "pat1" / "screenshot.dcm")
     (root / "pat1" / "notes.txt").write_text("scanned on the second floor\n")
-    raw = (root / "pat1" / "study" / "ct_a" / sorted(p.name for p in (root / "pat1/study/ct_a").iterdir())[0])
+    raw = root / "pat1" / "study" / "ct_a" / sorted(p.name for p in (root / "pat1/study/ct_a").iterdir())[0]
     trunc = root / "pat1" / "broken.dcm"
     data = raw.read_bytes()
     trunc.write_bytes(data[: len(data) - 700])
-    return {"root": root, "stored_a": stored_a, "stored_b": stored_b, "src_a": src_a, "src_b": src_b,
-            "seg_a": seg_a, "rt_b": rt_b}
+    return {
+        "root": root,
+        "stored_a": stored_a,
+        "stored_b": stored_b,
+        "src_a": src_a,
+        "src_b": src_b,
+        "seg_a": seg_a,
+        "rt_b": rt_b,
+    }
 
 
 # ----------------------------------------------------------------------------- find_series
@@ -322,12 +341,26 @@ def test_find_series_groups_images_and_reports_skipped_files(hospital: dict) -> 
     assert "truncated" in reasons["broken.dcm"]
 
 
+def test_dicomdir_is_skipped(tmp_path: Path) -> None:
+    from pydicom.fileset import FileSet
+
+    src = write_ct_series(tmp_path / "in", np.zeros((2, H, W), np.int16), [0.0, 1.0], seed=12)
+    fs = FileSet()
+    for ds in src:
+        fs.add(ds)
+    fs.write(tmp_path / "media")
+    series, skipped = find_series(tmp_path / "media")
+    assert len(series) == 1 and len(series[0].instances) == 2
+    assert [(p.path.name, p.reason.split(" ")[0]) for p in skipped] == [("DICOMDIR", "DICOMDIR")]
+
+
 def test_file_without_preamble_is_read(tmp_path: Path) -> None:
     stored = np.arange(3 * H * W, dtype=np.int16).reshape(3, H, W)
     src = write_ct_series(tmp_path / "s", stored, [0.0, 1.0, 2.0], seed=3)
     # rewrite slice 1 as a bare dataset: no preamble, no file meta, implicit VR
-    target = next(p for p in (tmp_path / "s").iterdir()
-                  if pydicom.dcmread(p).SOPInstanceUID == src[1].SOPInstanceUID)
+    target = next(
+        p for p in (tmp_path / "s").iterdir() if pydicom.dcmread(p).SOPInstanceUID == src[1].SOPInstanceUID
+    )
     ds = pydicom.dcmread(target)
     del ds.file_meta
     ds.preamble = None
@@ -360,11 +393,15 @@ def test_read_series_orders_by_position_and_rescales(hospital: dict, which: str)
     assert vol.slice_thickness == 2.5 and vol.warnings == []
     # the LPS affine maps voxel (col, row, slice) to the centre of that pixel
     i, j, k = 5, 7, 2
-    want = vol.positions[k] + i * PIXEL_SPACING[1] * vol.direction[0] + j * PIXEL_SPACING[0] * vol.direction[1]
+    want = (
+        vol.positions[k] + i * PIXEL_SPACING[1] * vol.direction[0] + j * PIXEL_SPACING[0] * vol.direction[1]
+    )
     np.testing.assert_allclose(vol.affine_lps() @ [i, j, k, 1], [*want, 1])
 
 
-def test_gap_and_uneven_spacing_are_warned_and_recorded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_gap_and_uneven_spacing_are_warned_and_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     stored = np.zeros((5, H, W), np.int16)
     write_ct_series(tmp_path / "gap", stored, [0.0, 2.0, 4.0, 10.0, 12.0], seed=4)
     series, _ = find_series(tmp_path)
@@ -379,25 +416,28 @@ def test_gap_and_uneven_spacing_are_warned_and_recorded(tmp_path: Path, caplog: 
 def test_inconsistent_orientation_is_an_error_naming_the_series(tmp_path: Path) -> None:
     stored = np.zeros((3, H, W), np.int16)
     src = write_ct_series(tmp_path / "s", stored, [0.0, 1.0, 2.0], seed=5)
-    p = next(p for p in (tmp_path / "s").iterdir() if pydicom.dcmread(p).SOPInstanceUID == src[2].SOPInstanceUID)
+    p = next(
+        p for p in (tmp_path / "s").iterdir() if pydicom.dcmread(p).SOPInstanceUID == src[2].SOPInstanceUID
+    )
     ds = pydicom.dcmread(p)
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]  # coronal
     ds.save_as(p)
     series, _ = find_series(tmp_path)
-    with pytest.raises(DataError, match=rf"series {src[0].SeriesInstanceUID}.*ImageOrientationPatient differs"):
+    with pytest.raises(
+        DataError, match=rf"series {src[0].SeriesInstanceUID}.*ImageOrientationPatient differs"
+    ):
         series_geometry(series[0])
 
 
 def test_inconsistent_image_size_is_an_error(tmp_path: Path) -> None:
     write_ct_series(tmp_path / "s", np.zeros((2, H, W), np.int16), [0.0, 1.0], seed=6)
-    src = write_ct_series(tmp_path / "t", np.zeros((1, 16, 16), np.int16), [2.0], seed=7)
+    write_ct_series(tmp_path / "t", np.zeros((1, 16, 16), np.int16), [2.0], seed=7)
     # move the 16×16 slice into the first series
     p = next((tmp_path / "t").iterdir())
     ds = pydicom.dcmread(p)
     ds.SeriesInstanceUID = pydicom.dcmread(next((tmp_path / "s").iterdir())).SeriesInstanceUID
     ds.save_as(tmp_path / "s" / "other.dcm")
     p.unlink()
-    assert src
     series, _ = find_series(tmp_path)
     with pytest.raises(DataError, match="image size differs.*16×16"):
         series_geometry(series[0])
@@ -428,10 +468,17 @@ def _volume(hospital: dict, which: str):
 def test_seg_labels_match_the_written_array_exactly(hospital: dict) -> None:
     info, vol = _volume(hospital, "a")
     seg = pydicom.dcmread(info.labels[0].path)
-    assert seg.NumberOfFrames == 5  # 4 slices of segment 1 (incl. two blobs on one), 1 of segment 2
+    assert int(seg.NumberOfFrames) == 4  # of 6 × 2: slices 1-3 of segment 1, slice 4 of segment 2
     labels = read_seg_labels(info.labels[0].path, vol)
     order = np.argsort(Z_A)
     np.testing.assert_array_equal(labels, hospital["seg_a"][order])
+
+
+def test_seg_of_another_series_is_an_error(hospital: dict) -> None:
+    info_a, _ = _volume(hospital, "a")
+    _, vol_b = _volume(hospital, "b")
+    with pytest.raises(DataError, match=r"seg_a\.dcm: the SEG references none of the instances"):
+        read_seg_labels(info_a.labels[0].path, vol_b)
 
 
 def test_seg_without_source_references_is_placed_by_position(hospital: dict, tmp_path: Path) -> None:
@@ -495,13 +542,22 @@ def test_nifti_mask_in_series_geometry(hospital: dict, tmp_path: Path) -> None:
 
 
 def _cfg(root: Path, **kw) -> DataConfig:
-    base = dict(name="dicom", root=str(root), context_slices=3, slice_offset_mm=2.5,
-                window="fixed", window_range=[-1000.0, 1000.0], num_classes=3)
+    base = dict(
+        name="dicom",
+        root=str(root),
+        context_slices=3,
+        slice_offset_mm=2.5,
+        window="fixed",
+        window_range=[-1000.0, 1000.0],
+        num_classes=3,
+    )
     base.update(kw)
     return DataConfig(**base)
 
 
-def test_dicom_dataset_samples_match_series_and_labels(hospital: dict, caplog: pytest.LogCaptureFixture) -> None:
+def test_dicom_dataset_samples_match_series_and_labels(
+    hospital: dict, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING, logger="medseg.data"):
         ds = build_dataset(_cfg(hospital["root"]), "all")
     assert "broken.dcm" in caplog.text and "truncated" in caplog.text
@@ -514,7 +570,7 @@ def test_dicom_dataset_samples_match_series_and_labels(hospital: dict, caplog: p
     a = {s["meta"]["slice"]: s for s in samples if s["meta"]["series"] == key_a}
     b = {s["meta"]["slice"]: s for s in samples if s["meta"]["series"] == key_b}
     assert sorted(a) == [1, 2, 3, 4]  # foreground slices only
-    assert sorted(b) == [int(np.flatnonzero(np.argsort(Z_B) == k)[0]) for k in (3, 2, 1)][::-1] or sorted(b) == [1, 2, 3]
+    assert sorted(b) == [1, 2, 3]  # written slices 3, 2, 1 (z descending) are sorted slices 1, 2, 3
     for k, s in a.items():
         assert s["image"].shape == (3, H, W) and s["image"].dtype == np.float32
         # slice_offset_mm equals the 2.5 mm interval: neighbours are whole slices, clamped at the ends
@@ -540,7 +596,9 @@ def test_dicom_dataset_interpolates_fractional_offsets(hospital: dict) -> None:
     ds = build_dataset(_cfg(hospital["root"], slice_offset_mm=1.25, num_classes=3), "all")
     hu = expected_hu(hospital["stored_a"])[np.argsort(Z_A)]
     key_a = series_key(hospital["src_a"][0].SeriesInstanceUID)
-    s = next(ds[i] for i in range(len(ds)) if ds[i]["meta"]["series"] == key_a and ds[i]["meta"]["slice"] == 2)
+    s = next(
+        ds[i] for i in range(len(ds)) if ds[i]["meta"]["series"] == key_a and ds[i]["meta"]["slice"] == 2
+    )
     want = np.stack([0.5 * hu[1] + 0.5 * hu[2], hu[2], 0.5 * hu[2] + 0.5 * hu[3]])
     np.testing.assert_allclose(s["image"], apply_window(want, -1000, 1000), atol=1e-5)
 
@@ -554,8 +612,9 @@ def test_dicom_dataset_splits_by_series_and_rejects_bad_classes(hospital: dict) 
         build_dataset(_cfg(hospital["root"], num_classes=2), "all")
 
 
-def test_dicom_dataset_skips_unlabelled_series_and_uses_nifti_masks(tmp_path: Path,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_dicom_dataset_skips_unlabelled_series_and_uses_nifti_masks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     stored = np.full((4, H, W), 100, np.int16)
     write_ct_series(tmp_path / "case1", stored, [0.0, 2.0, 4.0, 6.0], seed=9)
     write_ct_series(tmp_path / "case2", stored, [0.0, 2.0, 4.0, 6.0], seed=10)
@@ -564,19 +623,22 @@ def test_dicom_dataset_skips_unlabelled_series_and_uses_nifti_masks(tmp_path: Pa
     mask = np.zeros(geom.shape, np.uint8)
     mask[1, 3:6, 3:6] = 255  # 0/255 is read as 0/1
     (tmp_path / "masks").mkdir()
-    nib.save(nib.Nifti1Image(np.transpose(mask, (2, 1, 0)).copy(), geom.affine_ras()),
-             tmp_path / "masks" / "case1.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.transpose(mask, (2, 1, 0)).copy(), geom.affine_ras()),
+        tmp_path / "masks" / "case1.nii.gz",
+    )
     with caplog.at_level(logging.WARNING, logger="medseg.data"):
         ds = build_dataset(_cfg(tmp_path, num_classes=2), "all")
     assert "1 series without labels" in caplog.text and "case2" in caplog.text
     assert len(ds) == 1 and ds[0]["meta"]["label_source"] == "NIFTI"
     np.testing.assert_array_equal(ds[0]["label"][0], mask[1] // 255)
-    assert "masks" not in caplog.text  # the NIfTI folder is not scanned as DICOM
+    assert "case1.nii.gz" not in caplog.text  # masks/ is not scanned as DICOM
 
 
 def test_dicom_dataset_without_labels_is_an_error(tmp_path: Path) -> None:
     write_ct_series(tmp_path / "case1", np.zeros((2, H, W), np.int16), [0.0, 1.0], seed=11)
     with pytest.raises(DataError, match="none of the 1 series has labels"):
         build_dataset(_cfg(tmp_path), "all")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no DICOM image series"):
-        build_dataset(_cfg(tmp_path / "case1" / "nothing_here"), "all")
+        build_dataset(_cfg(tmp_path / "empty"), "all")

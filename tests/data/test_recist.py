@@ -203,3 +203,17 @@ def test_recist_to_masks_grabcut_uses_the_image() -> None:
     # without a box the RECIST extent ± 5 px is used, the same box as here
     _, inst2 = recist_to_masks([{"coords": coords}], truth.shape, "grabcut", img)
     assert np.array_equal(inst2, inst)
+
+
+def test_candidate_score_penalises_masks_off_the_diameters() -> None:
+    from medseg.data.recist import _candidate_score
+
+    coords = np.array([10.0, 30.0, 50.0, 30.0, 30.0, 20.0, 30.0, 40.0])
+    ell = ellipse_mask(coords, (64, 64))
+    shifted = np.roll(ell, 8, axis=1)  # same size and axes, moved off the annotated diameters
+    base = _candidate_score(ell, coords, 40.0, 20.0)
+    assert base < 0.05
+    # the diameters are sampled at 33 points each over their inner 80 % (long axis: x = 14, 15, …, 46);
+    # the shifted mask starts at x = 18, losing 4 of the 66 samples; the axes are unchanged
+    assert _candidate_score(shifted, coords, 40.0, 20.0) - base == pytest.approx(4 / 66, abs=1e-6)
+    assert _candidate_score(np.zeros((64, 64), bool), coords, 40.0, 20.0) == float("inf")

@@ -68,9 +68,18 @@ def test_resnet_feature_sizes(depth: int, output_stride: int) -> None:
     assert feats["low"].shape == (1, net.low_channels, math.ceil(67 / 4), math.ceil(45 / 4))
     s3 = min(16, output_stride)
     assert feats["mid"].shape == (1, net.mid_channels, math.ceil(67 / s3), math.ceil(45 / s3))
-    assert feats["out"].shape == (1, net.out_channels, math.ceil(67 / output_stride), math.ceil(45 / output_stride))
+    assert feats["out"].shape == (
+        1,
+        net.out_channels,
+        math.ceil(67 / output_stride),
+        math.ceil(45 / output_stride),
+    )
     expansion = 4 if depth == 50 else 1
-    assert (net.low_channels, net.mid_channels, net.out_channels) == (64 * expansion, 256 * expansion, 512 * expansion)
+    assert (net.low_channels, net.mid_channels, net.out_channels) == (
+        64 * expansion,
+        256 * expansion,
+        512 * expansion,
+    )
 
 
 @pytest.mark.parametrize("output_stride", [8, 16, 32])
@@ -103,7 +112,9 @@ def _rates(stage: nn.Sequential) -> list[int]:
         (8, [2] * 6, [4, 8, 16], (2, 1, 1)),  # block3 at 2, block4 at 4 × multi-grid
     ],
 )
-def test_resnet_dilation_rates(output_stride: int, layer3: list[int], layer4: list[int], strides: tuple) -> None:
+def test_resnet_dilation_rates(
+    output_stride: int, layer3: list[int], layer4: list[int], strides: tuple
+) -> None:
     net = on_meta(build_resnet, 50, output_stride=output_stride, multi_grid=(1, 2, 4))
     assert _rates(net.layer1) == [1] * 3 and _rates(net.layer2) == [1] * 4
     assert _rates(net.layer3) == layer3
@@ -124,7 +135,8 @@ def test_xception_dilation_rates() -> None:
     def depthwise_rates(net: XceptionBackbone) -> list[list[int]]:
         modules = [net.entry1, net.entry2, net.entry3, *net.middle, net.exit1, net.exit2]
         return [
-            [m.dilation[0] for m in mod.modules() if isinstance(m, nn.Conv2d) and m.groups > 1] for mod in modules
+            [m.dilation[0] for m in mod.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+            for mod in modules
         ]
 
     os16 = depthwise_rates(on_meta(XceptionBackbone, output_stride=16, middle_repeats=2))
@@ -255,14 +267,26 @@ def test_pretrained_backbone_loads_local_torchvision_style_weights(tmp_path: Pat
     state["module.fc.weight"] = torch.zeros(1000, 512)  # the ImageNet classifier is ignored
     torch.save({"state_dict": state}, tmp_path / "r18.pth")
 
-    net = DeepLabV3Plus(3, 2, backbone="resnet18", aspp_channels=8, pretrained_backbone=str(tmp_path / "r18.pth"))
+    net = DeepLabV3Plus(
+        3, 2, backbone="resnet18", aspp_channels=8, pretrained_backbone=str(tmp_path / "r18.pth")
+    )
     for k, v in source.state_dict().items():
         assert torch.equal(net.backbone.state_dict()[k], v), k
 
-    gray = DeepLabV3(1, 2, backbone="resnet18", aspp_channels=8, pretrained_backbone=str(tmp_path / "r18.pth"))
+    gray = DeepLabV3(
+        1, 2, backbone="resnet18", aspp_channels=8, pretrained_backbone=str(tmp_path / "r18.pth")
+    )
     rgb = source.conv1.weight
     torch.testing.assert_close(gray.backbone.conv1.weight, rgb.sum(dim=1, keepdim=True))
     torch.testing.assert_close(gray.backbone.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+
+    # a medseg training checkpoint of another DeepLab: its "backbone." weights are taken
+    torch.save({"model": gray.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    plus = DeepLabV3Plus(
+        1, 4, backbone="resnet18", aspp_channels=8, pretrained_backbone=str(tmp_path / "ckpt.pt")
+    )
+    for k, v in gray.backbone.state_dict().items():
+        assert torch.equal(plus.backbone.state_dict()[k], v), k
 
 
 def test_pretrained_backbone_errors_name_the_file(tmp_path: Path) -> None:

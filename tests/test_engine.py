@@ -1,0 +1,157 @@
+"""Trainer: schedules, sampler, atomic checkpoints, exact resume after kill -9, non-finite loss."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medseg.config import load_config
+from medseg.engine import (
+    EpochSampler,
+    Trainer,
+    TrainingError,
+    atomic_torch_save,
+    lr_factor,
+    run_training,
+    sample_seed,
+)
+from medseg.registry import LOSSES
+from medseg.tracking import build_tracker
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "pipelines" / "quickstart.yaml"
+
+
+def test_lr_factor_poly_and_cosine() -> None:
+    assert lr_factor("poly", 0, 100) == 1.0
+    assert lr_factor("poly", 50, 100, 0.9) == pytest.approx(0.5**0.9)
+    assert lr_factor("poly", 100, 100) == 0.0
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+    assert lr_factor("cosine", 25, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor("constant", 70, 100) == 1.0
+    with pytest.raises(TrainingError, match="train.schedule"):
+        lr_factor("step", 1, 10)
+
+
+def test_epoch_sampler_is_deterministic_and_resumable() -> None:
+    a = EpochSampler(10, 25, seed=1, epoch=3)
+    assert list(a) == list(EpochSampler(10, 25, seed=1, epoch=3))
+    assert list(a) != list(EpochSampler(10, 25, seed=1, epoch=4))
+    idx = list(a)
+    assert len(idx) == 25 and sorted(idx[:10]) == list(range(10))  # whole permutations first
+    assert list(EpochSampler(10, 25, seed=1, epoch=3, start=8)) == idx[8:]
+    assert sample_seed(0, 1, 2) != sample_seed(0, 1, 3) != sample_seed(0, 2, 2)
+
+
+def test_atomic_save_replaces_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "ck" / "last.pt"
+    atomic_torch_save({"a": torch.arange(3)}, path)
+    atomic_torch_save({"a": torch.arange(5)}, path)
+    assert torch.equal(torch.load(path)["a"], torch.arange(5))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp files left
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+RESUME_OVERRIDES = {
+    "train.epochs": 3, "train.max_steps": None, "train.steps_per_epoch": 4, "train.batch_size": 3,
+    "train.checkpoint_every_steps": 1, "transforms.crop_size": [96, 96], "model.params.base_channels": 16,
+    "model.params.dropout": 0.5, "train.val_every": 2, "train.log_every": 1,
+}
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_weights(demo_root: Path, tmp_path: Path) -> None:
+    # reference: one uninterrupted run
+    ref_ov = tiny_overrides(demo_root, tmp_path / "ref", **RESUME_OVERRIDES, **{"tracking.enabled": False})
+    ref, _ = run_training(load_config(QUICK, ref_ov))
+    assert ref.steps_done == 12
+
+    # the same run in a subprocess, killed with SIGKILL after its 3rd checkpointed step
+    out = tmp_path / "killed"
+    ov = tiny_overrides(demo_root, out, **RESUME_OVERRIDES)
+    cmd = [sys.executable, "-m", "medseg.cli", "train", str(QUICK)] + [a for o in ov for a in ("--set", o)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    killed_at = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            for last in out.glob("quickstart/*/checkpoints/last.pt"):
+                step = torch.load(last, map_location="cpu", weights_only=False)["step"]
+                if 3 <= step < 12:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_at = step
+            if killed_at is not None:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.wait(timeout=60)
+    assert killed_at is not None, "the run finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
+    (run_dir,) = list(out.glob("quickstart/*"))
+    first_run_id = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["run_id"]
+
+    # resume: continues exactly, in the same MLflow run
+    resumed, _ = run_training(load_config(QUICK, ov), resume=run_dir, overrides=[])
+    assert resumed.run_dir == run_dir and resumed.steps_done == 12
+    assert resumed.run_id == first_run_id
+    a, b = _weights(ref.last_checkpoint), _weights(resumed.last_checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume (killed at step {killed_at})"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    run = client.get_run(first_run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(first_run_id, "train/loss")]
+    assert max(steps) == 12 and min(steps) == 1
+    assert run.data.tags["medseg.resumed_at_step"] == str(killed_at)
+
+    # extending the schedule on resume continues the same run
+    longer, _ = run_training(load_config(QUICK, ov), resume=run_dir, overrides=["train.epochs=4"])
+    assert longer.steps_done == 16 and longer.epochs_done == 4 and longer.run_id == first_run_id
+
+
+class _NanAfter(torch.nn.Module):
+    """A loss that turns NaN at its 3rd training call (to test the non-finite-loss stop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += int(logits.requires_grad)  # count training steps, not validation
+        loss = torch.nn.functional.cross_entropy(logits, label[:, 0])
+        return loss * float("nan") if self.calls >= 3 else loss
+
+
+if "test_nan_after_2" not in LOSSES:
+    LOSSES.register("test_nan_after_2")(_NanAfter)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(demo_root: Path, tmp_path: Path) -> None:
+    ov = tiny_overrides(demo_root, tmp_path, **{"loss.name": "test_nan_after_2", "loss.params": {},
+                                                 "train.max_steps": 5, "train.epochs": 5,
+                                                 "train.steps_per_epoch": 1})
+    cfg = load_config(QUICK, ov)
+    tracker = build_tracker(True, None, cfg.output_dir)
+    trainer = Trainer(cfg, tracker)
+    with pytest.raises(TrainingError, match=r"non-finite loss.*step 3.*last good checkpoint"):
+        trainer.fit()
+    last = torch.load(trainer.ckpt_dir / "last.pt", weights_only=False)
+    assert last["step"] == 2  # the state before the bad step
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert tracker.client.get_run(trainer.run_id).info.status == "FAILED"
