@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medseg.config import Config, from_dict, save_config, to_dict
 import medseg.losses  # noqa: F401  (registers the losses)
+from medseg.config import Config, from_dict, save_config, to_dict
 from medseg.data import build_dataset, collate
 from medseg.registry import LOSSES
 from medseg.tracking import Tracker
@@ -627,7 +627,7 @@ class Trainer:
                     rate = seen / max(time.monotonic() - tick, 1e-9)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                     bar.update(1)
-                    if self.step % t.log_every == 0 or self.step == 1:
+                    if self.step % t.log_every == 0 or self.step == 1 or self.batch_in_epoch == n_batches:
                         self.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/images_per_s": rate},
                                                  self.step)
                     if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:

@@ -138,11 +138,10 @@ class _NanAfter(torch.nn.Module):
         return loss * float("nan") if self.calls >= 3 else loss
 
 
-if "test_nan_after_2" not in LOSSES:
-    LOSSES.register("test_nan_after_2")(_NanAfter)
-
-
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(demo_root: Path, tmp_path: Path) -> None:
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(LOSSES._entries, "test_nan_after_2", _NanAfter)  # registered for this test only
     ov = tiny_overrides(demo_root, tmp_path, **{"loss.name": "test_nan_after_2", "loss.params": {},
                                                  "train.max_steps": 5, "train.epochs": 5,
                                                  "train.steps_per_epoch": 1})

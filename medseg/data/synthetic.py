@@ -1,7 +1,7 @@
 """Generated DeepLesion-format data: CT-like 16-bit PNG series, ``DL_info.csv`` and true masks.
 
-The release written by :func:`generate_demo_data` has exactly the on-disk format of NIH DeepLesion
-(see ``docs`` / the design note): ``Images_png/{patient:06d}_{study:02d}_{series:02d}/{slice:03d}.png``
+The release written by :func:`generate_demo_data` has exactly the on-disk format of NIH DeepLesion:
+``Images_png/{patient:06d}_{study:02d}_{series:02d}/{slice:03d}.png``
 holding HU + 32768 as uint16, and ``DL_info.csv`` with one row per lesion in the real file's text
 formatting (same header, quoted ``"x, y"`` cells, 6 significant digits). RECIST marks are *measured*
 with :func:`medseg.measure.measure_recist` on each lesion's true mask on its key slice, the slice
@@ -61,10 +61,10 @@ _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMW
 _HU_MIN, _HU_MAX = -1024, 3071
 
 # tissue labels of the anatomy map (used to place lesions in their host and to vary texture)
-AIR, FAT, MUSCLE, VFAT, MFAT, LUNG, LIVER, SPLEEN, KIDNEY, VESSEL, HEART, BONE, CORTEX, BOWEL, \
-    STOMACH, BLADDER, PANCREAS, OTHER, LESION = range(19)  # fmt: skip
+_AIR, _FAT, _MUSCLE, _VFAT, _MFAT, _LUNG, _LIVER, _SPLEEN, _KIDNEY, _VESSEL, _HEART, _BONE, _CORTEX, _BOWEL, \
+    _STOMACH, _BLADDER, _PANCREAS, _OTHER = range(18)  # fmt: skip
 #: texture amplitude (HU) per tissue label: organs are not perfectly flat on CT
-_TEXTURE = np.array([0, 6, 5, 8, 8, 25, 5, 4, 6, 4, 6, 30, 40, 8, 5, 2, 8, 3, 6], np.float32)
+_TEXTURE = np.array([0, 6, 5, 8, 8, 25, 5, 4, 6, 4, 6, 30, 40, 8, 5, 2, 8, 3], np.float32)
 
 # windows radiologists used, with how often (fractional ones exist in the real file)
 _SOFT_WINDOWS = ((-175, 275), (-160, 240), (-135, 215), (-177.5, 307.5), (-125, 225))
@@ -86,14 +86,14 @@ _REGIONS = {
 }  # fmt: skip
 #: per lesion kind: host tissues, long-axis range (mm), least fraction of the radius inside the host
 _KINDS = {
-    "lung": ((LUNG,), (8.0, 30.0), (0.0, 1.0)),
-    "mediastinum": ((MFAT,), (10.0, 40.0), (0.4, 0.8)),
-    "liver": ((LIVER,), (10.0, 60.0), (0.1, 1.0)),
-    "kidney": ((KIDNEY,), (10.0, 45.0), (0.0, 0.7)),
-    "abdomen": ((VFAT, SPLEEN, PANCREAS), (12.0, 55.0), (0.4, 0.9)),
-    "soft_tissue": ((FAT, MUSCLE), (15.0, 60.0), (0.4, 0.9)),
-    "bone": ((BONE,), (10.0, 30.0), (0.5, 0.8)),
-    "pelvis": ((VFAT,), (15.0, 50.0), (0.4, 0.9)),
+    "lung": ((_LUNG,), (8.0, 30.0), (0.0, 1.0)),
+    "mediastinum": ((_MFAT,), (10.0, 40.0), (0.4, 0.8)),
+    "liver": ((_LIVER,), (10.0, 60.0), (0.1, 1.0)),
+    "kidney": ((_KIDNEY,), (10.0, 45.0), (0.0, 0.7)),
+    "abdomen": ((_VFAT, _SPLEEN, _PANCREAS), (12.0, 55.0), (0.4, 0.9)),
+    "soft_tissue": ((_FAT, _MUSCLE), (15.0, 60.0), (0.4, 0.9)),
+    "bone": ((_BONE,), (10.0, 30.0), (0.5, 0.8)),
+    "pelvis": ((_VFAT,), (15.0, 50.0), (0.4, 0.9)),
 }
 
 
@@ -284,7 +284,6 @@ class _Series:
     by: float
     noise: float
     enh: float
-    oral: bool
     table_gap: float
     lung_vessels: np.ndarray
     liver_vessels: np.ndarray
@@ -354,7 +353,7 @@ def _table(se: _Series) -> tuple[np.ndarray, np.ndarray]:
     hu[(d >= 0) & (d < 3) & inside] = 60.0
     hu[(d >= 3) & (d < 16) & inside] = -750.0
     hu[(d >= 16) & (d < 19) & inside] = 60.0
-    tis[(d >= 0) & (d < 19) & inside] = OTHER
+    tis[(d >= 0) & (d < 19) & inside] = _OTHER
     return hu, tis
 
 
@@ -382,10 +381,10 @@ def _render_anatomy(se: _Series, t: float) -> tuple[np.ndarray, np.ndarray, tupl
     bh = tuple((k, a, ph + 0.004 * t) for k, a, ph in p.body_harm)
     mh = tuple((k, a, ph + 0.003 * t) for k, a, ph in p.organ_harm)
     chest = t < 245
-    pts = _paint(hu, tis, mm(0, 0, A, B, 0, bh), p.hu_fat, FAT)
-    _paint(hu, tis, mm(0, 0, A - fat, B - fat, 0, bh), p.hu_muscle, MUSCLE)
+    pts = _paint(hu, tis, mm(0, 0, A, B, 0, bh), p.hu_fat, _FAT)
+    _paint(hu, tis, mm(0, 0, A - fat, B - fat, 0, bh), p.hu_muscle, _MUSCLE)
     _paint(hu, tis, mm(0, -0.3 * wall, ca, cb + 0.3 * wall, 0, mh[:1] + bh[1:]), p.hu_fat + 10,
-           MFAT if chest else VFAT)
+           _MFAT if chest else _VFAT)
     assert pts is not None
     bbox = (
         max(int(pts[:, 0].min()), 0), max(int(pts[:, 1].min()), 0),
@@ -395,62 +394,62 @@ def _render_anatomy(se: _Series, t: float) -> tuple[np.ndarray, np.ndarray, tupl
     vb_r = float(np.interp(t, (0, 250, 450), (15.0, 18.0, 22.0)))
     y_vb = B - fat - 60.0 - vb_r * 0.3
     oh = p.organ_harm
-    soft = (MFAT, VFAT, MUSCLE)
+    soft = (_MFAT, _VFAT, _MUSCLE)
     # --- abdominal organs
     pl = _bump(t, 195, 240, 320, 405)
     if pl > 0.05:
         lx, ly = -0.42 * ca, (-0.08 + 0.25 * (1 - pl)) * cb
-        _paint(hu, tis, mm(lx, ly, 0.58 * ca * pl**0.5, 0.8 * cb * pl**0.7, 15, oh), p.hu_liver, LIVER, soft)
-        pll = _bump(t, 205, 230, 290, 320)
+        _paint(hu, tis, mm(lx, ly, 0.58 * ca * pl**0.5, 0.8 * cb * pl**0.7, 15, oh), p.hu_liver, _LIVER, soft)
+        pll = _bump(t, 232, 252, 290, 320)  # the left lobe starts below the heart
         if pll > 0.05:
             _paint(hu, tis, mm(0.1 * ca, -0.5 * cb, 0.4 * ca * pll, 0.3 * cb * pll, -10, oh[:2]),
-                   p.hu_liver, LIVER, soft)
+                   p.hu_liver, _LIVER, soft)
         for u, v, r, t1, t2 in se.liver_vessels:
             if t1 <= t <= t2:
-                _paint(hu, tis, mm(u * ca, v * cb, r, r), blood - 20, VESSEL, (LIVER,))
+                _paint(hu, tis, mm(u * ca, v * cb, r, r), blood - 20, _VESSEL, (_LIVER,))
         if p.gallbladder and 285 < t < 335:
             g = _bump(t, 285, 295, 325, 335)
-            _paint(hu, tis, mm(-0.22 * ca, -0.42 * cb, 14 * g, 18 * g, 30), 8.0, OTHER, (LIVER, VFAT))
+            _paint(hu, tis, mm(-0.22 * ca, -0.42 * cb, 14 * g, 18 * g, 30), 8.0, _OTHER, (_LIVER, _VFAT))
     ps = _bump(t, 225, 250, 310, 335)
     if ps > 0.05:
-        _paint(hu, tis, mm(0.6 * ca, 0.3 * cb, 0.2 * ca * ps, 0.4 * cb * ps, -35, oh), 45 + 40 * enh, SPLEEN, soft)
+        _paint(hu, tis, mm(0.6 * ca, 0.3 * cb, 0.2 * ca * ps, 0.4 * cb * ps, -35, oh), 45 + 40 * enh, _SPLEEN, soft)
     pst = _bump(t, 215, 240, 300, 325)
     if pst > 0.05:
         st = mm(0.3 * ca, -0.35 * cb, 0.3 * ca * pst, 0.28 * cb * pst, 20, oh[:2])
-        _paint(hu, tis, st, 45.0, STOMACH, soft)
-        _paint(hu, tis, st._replace(ax=st.ax * 0.85, ay=st.ay * 0.85), 15.0, STOMACH, (STOMACH,))
+        _paint(hu, tis, st, 45.0, _STOMACH, soft)
+        _paint(hu, tis, st._replace(ax=st.ax * 0.85, ay=st.ay * 0.85), 15.0, _STOMACH, (_STOMACH,))
         _paint(hu, tis, st._replace(cy=st.cy - st.ay * 0.55, ax=st.ax * 0.7, ay=st.ay * 0.4), -950.0,
-               STOMACH, (STOMACH,))
+               _STOMACH, (_STOMACH,))
     ppa = _bump(t, 285, 300, 320, 340)
     if ppa > 0.05:
         _paint(hu, tis, mm(0.05 * ca, -0.02 * cb, 0.42 * ca * ppa, 0.09 * cb, -12, oh[:1]), 45 + 30 * enh,
-               PANCREAS, (VFAT,))
+               _PANCREAS, (_VFAT,))
     for side in (-1, 1):
         pk = _bump(t + (12 if side > 0 else 0), 285, 310, 395, 425)
         if pk > 0.05:
             kx, ky = side * (vb_r + 50.0), y_vb + 2.0
             k = mm(kx, ky, 24 * pk**0.5, 33 * pk**0.5, -side * 30, oh[:2])
-            _paint(hu, tis, k, 40 + 130 * enh, KIDNEY, soft + (LIVER, SPLEEN))
+            _paint(hu, tis, k, 40 + 130 * enh, _KIDNEY, soft + (_LIVER, _SPLEEN))
             # renal sinus fat at the hilum, on the medial side
             _paint(hu, tis, k._replace(cx=k.cx - side * 13 / sp, ax=k.ax * 0.3, ay=k.ay * 0.33, harm=()),
-                   -40.0, OTHER, (KIDNEY,))
+                   -40.0, _OTHER, (_KIDNEY,))
     if t > 270:
         for u, v, r, cz, c, kind in se.bowel:
             s2 = 1 - ((t - cz) / c) ** 2
             if s2 > 0:
                 s = math.sqrt(s2)
                 sh = mm(u * ca, v * cb, r * s, r * s * 0.8, 40 * u)
-                _paint(hu, tis, sh, 35.0, BOWEL, (VFAT,))
+                _paint(hu, tis, sh, 35.0, _BOWEL, (_VFAT,))
                 inner = {0: 8.0, 1: -950.0, 2: 250.0}[int(kind)]  # water, gas or oral contrast
-                _paint(hu, tis, sh._replace(ax=sh.ax * 0.75, ay=sh.ay * 0.75), inner, BOWEL, (BOWEL,))
+                _paint(hu, tis, sh._replace(ax=sh.ax * 0.75, ay=sh.ay * 0.75), inner, _BOWEL, (_BOWEL,))
     pb = _bump(t, 535, 575, 640, 700)
     if pb > 0.05:
         bl = mm(0, -0.4 * cb, 0.32 * ca * pb, 0.4 * cb * pb, 0, oh[:1])
-        _paint(hu, tis, bl, 35.0, BLADDER, (VFAT, BOWEL))
-        _paint(hu, tis, bl._replace(ax=bl.ax * 0.9, ay=bl.ay * 0.9), 8.0, BLADDER, (BLADDER,))
+        _paint(hu, tis, bl, 35.0, _BLADDER, (_VFAT, _BOWEL))
+        _paint(hu, tis, bl._replace(ax=bl.ax * 0.9, ay=bl.ay * 0.9), 8.0, _BLADDER, (_BLADDER,))
     if t > 520:
-        _paint(hu, tis, mm(0, y_vb - 28, 16, 14), 30.0, BOWEL, (VFAT,))
-        _paint(hu, tis, mm(0, y_vb - 28, 8, 6), -950.0, BOWEL, (BOWEL,))
+        _paint(hu, tis, mm(0, y_vb - 28, 16, 14), 30.0, _BOWEL, (_VFAT,))
+        _paint(hu, tis, mm(0, y_vb - 28, 8, 6), -950.0, _BOWEL, (_BOWEL,))
     # --- chest: lungs, mediastinum, heart, airways
     pe, pd = _smooth(t, 0, 70), _smooth(t, 290, 190)
     if pe * pd > 0.03:
@@ -458,20 +457,20 @@ def _render_anatomy(se: _Series, t: float) -> tuple[np.ndarray, np.ndarray, tupl
         for side in (-1, 1):
             lung = mm(side * 0.47 * ca, vl, (0.52 if side < 0 else 0.5) * ca * pe**0.5 * pd**0.4,
                       0.93 * cb * pe**0.7 * pd**0.8, side * 4, oh[:2])
-            _paint(hu, tis, lung, -860.0, LUNG, (MFAT, VFAT, LIVER, SPLEEN, STOMACH))
+            _paint(hu, tis, lung, -860.0, _LUNG, (_MFAT, _VFAT, _LIVER, _SPLEEN, _STOMACH))
         if t < 250:  # mediastinum: narrow in front, wider behind the heart
-            _paint(hu, tis, mm(0.03 * ca, -0.35 * cb, 0.12 * ca, 0.62 * cb, 0, oh[:1]), p.hu_fat + 10, MFAT,
-                   (LUNG,))
-            _paint(hu, tis, mm(0.03 * ca, 0.15 * cb, 0.2 * ca, 0.45 * cb, 0, oh[:1]), p.hu_fat + 10, MFAT,
-                   (LUNG,))
+            _paint(hu, tis, mm(0.03 * ca, -0.35 * cb, 0.12 * ca, 0.62 * cb, 0, oh[:1]), p.hu_fat + 10, _MFAT,
+                   (_LUNG,))
+            _paint(hu, tis, mm(0.03 * ca, 0.15 * cb, 0.2 * ca, 0.45 * cb, 0, oh[:1]), p.hu_fat + 10, _MFAT,
+                   (_LUNG,))
         for u, v, r, t1, t2 in se.lung_vessels:
             if t1 <= t <= t2:
-                _paint(hu, tis, mm(u * ca, v * cb, r, r), 40.0, VESSEL, (LUNG,))
+                _paint(hu, tis, mm(u * ca, v * cb, r, r), 40.0, _VESSEL, (_LUNG,))
     ph = _bump(t, 85, 125, 195, 240)
     if ph > 0.05:
         h = mm(0.18 * ca, -0.12 * cb, 0.4 * ca * ph, 0.52 * cb * ph, -25, oh[:1])
-        _paint(hu, tis, h, 70 + 40 * enh, HEART, (MFAT, LUNG, LIVER))
-        _paint(hu, tis, h._replace(ax=h.ax * 0.78, ay=h.ay * 0.78), blood, HEART, (HEART,))
+        _paint(hu, tis, h, 70 + 40 * enh, _HEART, (_MFAT, _LUNG, _LIVER))
+        _paint(hu, tis, h._replace(ax=h.ax * 0.78, ay=h.ay * 0.78), blood, _HEART, (_HEART,))
     vessels: list[tuple[float, float, float, float]] = []  # x, y, r (mm), HU
     if 60 < t < 150:
         vessels.append((-8.0, -0.3 * cb, 15.0, blood))  # ascending aorta
@@ -493,20 +492,20 @@ def _render_anatomy(se: _Series, t: float) -> tuple[np.ndarray, np.ndarray, tupl
     if t < 280:
         vessels.append((-4.0, y_vb - vb_r - 8, 7.0, 40.0))  # oesophagus
     for x, y, r, v in vessels:
-        _paint(hu, tis, mm(x, y, r, r), v, VESSEL, (MFAT, VFAT, LUNG, HEART, LIVER))
+        _paint(hu, tis, mm(x, y, r, r), v, _VESSEL, (_MFAT, _VFAT, _LUNG, _HEART, _LIVER))
     if t < 125:
-        _paint(hu, tis, mm(0, y_vb - vb_r - 24, 10, 9), 40.0, OTHER, (MFAT, LUNG, VESSEL))
-        _paint(hu, tis, mm(0, y_vb - vb_r - 24, 8, 7), -1000.0, OTHER, (OTHER,))
+        _paint(hu, tis, mm(0, y_vb - vb_r - 24, 10, 9), 40.0, _OTHER, (_MFAT, _LUNG, _VESSEL))
+        _paint(hu, tis, mm(0, y_vb - vb_r - 24, 8, 7), -1000.0, _OTHER, (_OTHER,))
     elif t < 155:
         dx = 5 + 0.8 * (t - 125)
         for side in (-1, 1):
-            _paint(hu, tis, mm(side * dx, y_vb - vb_r - 22, 6, 6), -1000.0, OTHER, (MFAT, LUNG, VESSEL))
+            _paint(hu, tis, mm(side * dx, y_vb - vb_r - 22, 6, 6), -1000.0, _OTHER, (_MFAT, _LUNG, _VESSEL))
     # --- pelvis: gluteal muscles, iliac wings, femoral heads
     pg = _smooth(t, 440, 520)
     if pg > 0.05:
         for side in (-1, 1):
             _paint(hu, tis, mm(side * 0.5 * A, 0.55 * B, 0.4 * A * pg, 0.38 * B * pg, side * 20, oh[:1]),
-                   p.hu_muscle, MUSCLE, (FAT, MUSCLE, VFAT))
+                   p.hu_muscle, _MUSCLE, (_FAT, _MUSCLE, _VFAT))
     pi = _bump(t, 430, 455, 560, 590)
     if pi > 0.05:
         g = _smooth(t, 450, 570)
@@ -514,44 +513,44 @@ def _render_anatomy(se: _Series, t: float) -> tuple[np.ndarray, np.ndarray, tupl
             # a wing-shaped ilium: an ellipse of bone hollowed on its front by the iliacus muscle
             il = mm(side * (0.66 - 0.25 * g) * ca, y_vb - 10 - 20 * g, (62 - 25 * g) * pi, 16 + 6 * g,
                     side * (62 - 30 * g))
-            _paint(hu, tis, il, 750.0, CORTEX, (VFAT, MUSCLE, FAT, BOWEL))
-            _paint(hu, tis, il._replace(ax=il.ax * 0.9, ay=il.ay * 0.7), 240.0, BONE, (CORTEX,))
+            _paint(hu, tis, il, 750.0, _CORTEX, (_VFAT, _MUSCLE, _FAT, _BOWEL))
+            _paint(hu, tis, il._replace(ax=il.ax * 0.9, ay=il.ay * 0.7), 240.0, _BONE, (_CORTEX,))
             ang = il.ang - side * math.pi / 2
             front = il._replace(cx=il.cx + math.cos(ang) * il.ay * 1.4, cy=il.cy + math.sin(ang) * il.ay * 1.4,
                                 ax=il.ax * 0.95, ay=il.ay * 1.15)
-            _paint(hu, tis, front, p.hu_muscle, MUSCLE, (CORTEX, BONE, VFAT, BOWEL))
+            _paint(hu, tis, front, p.hu_muscle, _MUSCLE, (_CORTEX, _BONE, _VFAT, _BOWEL))
     pf = _smooth(t, 575, 600)
     if pf > 0.05:
         for side in (-1, 1):
             fh = mm(side * 0.6 * ca, 0.05 * cb, 25 * pf, 25 * pf)
-            _paint(hu, tis, fh, 700.0, CORTEX)
-            _paint(hu, tis, fh._replace(ax=fh.ax * 0.85, ay=fh.ay * 0.85), 260.0, BONE, (CORTEX,))
+            _paint(hu, tis, fh, 700.0, _CORTEX)
+            _paint(hu, tis, fh._replace(ax=fh.ax * 0.85, ay=fh.ay * 0.85), 260.0, _BONE, (_CORTEX,))
     # --- psoas, paraspinal muscles and the spine
     pp = _smooth(t, 320, 470) * _smooth(t, 640, 560)
     if pp > 0.05:
         off = vb_r + 10 + 18 * pp + 15 * _smooth(t, 480, 600)
         for side in (-1, 1):
-            _paint(hu, tis, mm(side * off, y_vb - 4, 10 + 14 * pp, 12 + 8 * pp, side * 20), p.hu_muscle, MUSCLE,
-                   (VFAT, MFAT, LUNG, BOWEL))
+            _paint(hu, tis, mm(side * off, y_vb - 4, 10 + 14 * pp, 12 + 8 * pp, side * 20), p.hu_muscle, _MUSCLE,
+                   (_VFAT, _MFAT, _LUNG, _BOWEL))
     sacrum = _smooth(t, 470, 500)
     for side in (-1, 1):
-        _paint(hu, tis, mm(side * 27, y_vb + vb_r + 20, 25, 24 - 6 * sacrum), p.hu_muscle, MUSCLE)
+        _paint(hu, tis, mm(side * 27, y_vb + vb_r + 20, 25, 24 - 6 * sacrum), p.hu_muscle, _MUSCLE)
     disc = math.cos(2 * math.pi * t / 32.0 + p.disc_phase) > 0.8 and sacrum < 0.5
     vbx = vb_r * (1 + 1.4 * sacrum * _smooth(t, 620, 520))
     vb = mm(0, y_vb + 12 * sacrum, vbx, vb_r * 0.85 * (1 - 0.2 * sacrum))
     if disc:
-        _paint(hu, tis, vb, 85.0, OTHER)
+        _paint(hu, tis, vb, 85.0, _OTHER)
     else:
-        _paint(hu, tis, vb, 800.0, CORTEX)
-        _paint(hu, tis, vb._replace(ax=vb.ax - 2 / sp, ay=vb.ay - 2 / sp), 240.0, BONE, (CORTEX,))
+        _paint(hu, tis, vb, 800.0, _CORTEX)
+        _paint(hu, tis, vb._replace(ax=vb.ax - 2 / sp, ay=vb.ay - 2 / sp), 240.0, _BONE, (_CORTEX,))
     if t < 560:
         cy = y_vb + vb_r + 10
-        _paint(hu, tis, mm(0, cy, 15, 13), 650.0, CORTEX)
-        _paint(hu, tis, mm(0, cy, 8, 8), 15.0, OTHER, (CORTEX,))
-        _paint(hu, tis, mm(0, cy + 20, 5, 13), 650.0, CORTEX)
+        _paint(hu, tis, mm(0, cy, 15, 13), 650.0, _CORTEX)
+        _paint(hu, tis, mm(0, cy, 8, 8), 15.0, _OTHER, (_CORTEX,))
+        _paint(hu, tis, mm(0, cy + 20, 5, 13), 650.0, _CORTEX)
         if not disc:
             for side in (-1, 1):
-                _paint(hu, tis, mm(side * (vb_r + 12), cy - 3, 14, 5, side * 15), 600.0, CORTEX)
+                _paint(hu, tis, mm(side * (vb_r + 12), cy - 3, 14, 5, side * 15), 600.0, _CORTEX)
     # --- ribs, sternum and scapulae
     pr = _bump(t, 10, 30, 300, 345)
     if pr > 0.05:
@@ -565,16 +564,16 @@ def _render_anatomy(se: _Series, t: float) -> tuple[np.ndarray, np.ndarray, tupl
                 continue
             rx, ry = ra * math.cos(theta), rb * math.sin(theta)
             rib = mm(rx, ry, 7.0, 4.5, math.degrees(theta) + 90)
-            _paint(hu, tis, rib, 700.0, CORTEX)
-            _paint(hu, tis, rib._replace(ax=rib.ax * 0.55, ay=rib.ay * 0.45), 250.0, BONE, (CORTEX,))
+            _paint(hu, tis, rib, 700.0, _CORTEX)
+            _paint(hu, tis, rib._replace(ax=rib.ax * 0.55, ay=rib.ay * 0.45), 250.0, _BONE, (_CORTEX,))
     if 40 < t < 215:
         st = mm(0, -(cb + 0.4 * wall), 14, 6)
-        _paint(hu, tis, st, 650.0, CORTEX)
-        _paint(hu, tis, st._replace(ax=st.ax * 0.8, ay=st.ay * 0.5), 250.0, BONE, (CORTEX,))
+        _paint(hu, tis, st, 650.0, _CORTEX)
+        _paint(hu, tis, st._replace(ax=st.ax * 0.8, ay=st.ay * 0.5), 250.0, _BONE, (_CORTEX,))
     psc = _bump(t, 10, 30, 120, 160)
     if psc > 0.05:
         for side in (-1, 1):
-            _paint(hu, tis, mm(side * 0.68 * A, 0.5 * B, 42 * psc, 5, -side * 35), 600.0, CORTEX, (MUSCLE, FAT))
+            _paint(hu, tis, mm(side * 0.68 * A, 0.5 * B, 42 * psc, 5, -side * 35), 600.0, _CORTEX, (_MUSCLE, _FAT))
     return hu, tis, bbox
 
 
@@ -719,7 +718,6 @@ def _make_series(
         by=size / 2 - 0.035 * size + float(rng.normal(0, 0.012 * size)),
         noise=float(rng.uniform(10, 15)),
         enh=float(rng.uniform(0.6, 1.1)),
-        oral=oral,
         table_gap=float(rng.uniform(12, 35)),
         lung_vessels=lung_vessels.astype(np.float32),
         liver_vessels=liver_vessels.astype(np.float32),
@@ -773,10 +771,10 @@ def _lesion_hu(rng: np.random.Generator, kind: str, host: int, p: _Patient, se: 
             return e, e + u(0, 100)
         e = u(30, 80)
         return e, e - u(0, 20)
-    if host == SPLEEN:
+    if host == _SPLEEN:
         e = 45 + 40 * se.enh - u(45, 60)
         return e, e
-    if host == MUSCLE:
+    if host == _MUSCLE:
         e = p.hu_muscle - u(45, 60) if rng.random() < 0.7 else p.hu_muscle + u(50, 75)
         return e, e
     e = u(35, 60)  # lymph nodes and soft-tissue masses in fat
@@ -914,8 +912,9 @@ def _fmt(values: list[float] | tuple[float, ...] | np.ndarray) -> str:
     return ", ".join(out)
 
 
-def _rows_for_group(rng: np.random.Generator, se: _Series, g: _Group, masks: list[np.ndarray],
-                    bbox: tuple[int, int, int, int]) -> None:  # fmt: skip
+def _rows_for_group(
+    rng: np.random.Generator, se: _Series, g: _Group, masks: list[np.ndarray], bbox: tuple[int, int, int, int]
+) -> None:
     """Measure RECIST on each true key-slice mask and fill ``g.rows`` (one CSV row per lesion)."""
     p = se.patient
     x0, y0, x1, y1 = bbox
@@ -923,17 +922,9 @@ def _rows_for_group(rng: np.random.Generator, se: _Series, g: _Group, masks: lis
         axes = measure_recist(mask)
         if axes is None:  # cannot happen after _validate_group; kept as a guard
             raise DataError(f"{se.name}/{g.key:03d}.png: a generated lesion has an empty key-slice mask")
-        long_, short = np.asarray(axes.long, float) + 1.0, np.asarray(axes.short, float) + 1.0
-        noisy = rng.random() < 0.03
-        if noisy:  # a "possibly noisy" annotation: marks placed carelessly
-            long_ = long_ + rng.normal(0, 2.0, long_.shape)
-            short = short + rng.normal(0, 2.0, short.shape)
-        pts = np.concatenate([long_, short])
+        pts = np.concatenate([np.asarray(axes.long, float), np.asarray(axes.short, float)]) + 1.0  # 1-based
         box = [pts[:, 0].min() - 5, pts[:, 1].min() - 5, pts[:, 0].max() + 5, pts[:, 1].max() + 5]
-        if noisy:
-            diam = [float(np.linalg.norm(long_[1] - long_[0])), float(np.linalg.norm(short[1] - short[0]))]
-        else:
-            diam = [axes.long_px, axes.short_px]
+        diam = [axes.long_px, axes.short_px]
         ys, xs = np.nonzero(mask)
         cx, cy = xs.mean(), ys.mean()
         loc = [
@@ -946,10 +937,30 @@ def _rows_for_group(rng: np.random.Generator, se: _Series, g: _Group, masks: lis
             code = -1
         g.rows.append([
             f"{se.name}_{g.key:03d}.png", str(p.index), str(se.study), str(se.series_id), str(g.key),
-            _fmt(pts.ravel()), _fmt(box), _fmt(diam), _fmt(loc), str(code), str(int(noisy)),
+            _fmt(pts.ravel()), _fmt(box), _fmt(diam), _fmt(loc), str(code), "0",
             _fmt([g.first, g.last]), se.spacing_text, _fmt([se.size, se.size]), _fmt(les.window),
             p.gender, "" if se.age is None else str(se.age), str(p.split),
         ])  # fmt: skip
+
+
+def _mark_noisy(rng: np.random.Generator, rows: list[list[str]], share: float = 0.03) -> None:
+    """Flag a few rows ``Possibly_noisy`` (at least one) and make their marks careless.
+
+    The endpoints move by ~2 px; box and diameters are recomputed from them, as in the real file.
+    """
+    col = {name: i for i, name in enumerate(HEADER)}
+    k = max(1, round(share * len(rows)))
+    for i in rng.choice(len(rows), size=min(k, len(rows)), replace=False):
+        r = rows[int(i)]
+        pts = np.array([float(v) for v in r[col["Measurement_coordinates"]].split(",")]).reshape(4, 2)
+        pts = np.maximum(pts + rng.normal(0, 2.0, pts.shape), 1.0)
+        diam = [float(np.linalg.norm(pts[1] - pts[0])), float(np.linalg.norm(pts[3] - pts[2]))]
+        if diam[1] > diam[0]:  # the long axis stays the first pair
+            pts, diam = pts[[2, 3, 0, 1]], diam[::-1]
+        r[col["Measurement_coordinates"]] = _fmt(pts.ravel())
+        r[col["Bounding_boxes"]] = _fmt([*(pts.min(0) - 5), *(pts.max(0) + 5)])
+        r[col["Lesion_diameters_Pixel_"]] = _fmt(diam)
+        r[col["Possibly_noisy"]] = "1"
 
 
 # ----------------------------------------------------------------------------- public API
@@ -1046,6 +1057,7 @@ def generate_demo_data(
             bar.update(1)
             bar.set_postfix(lesions=len(rows))
 
+    _mark_noisy(rng, rows)
     missing = {1, 2, 3} - {int(r[-1]) for r in rows}
     if missing:  # cannot happen: every patient gets at least one lesion in practice
         raise RuntimeError(f"generated data has no lesion in split(s) {sorted(missing)}; try another seed")

@@ -13,15 +13,16 @@ from typing import Any
 
 from torch import nn
 
-from medseg.registry import MODELS
-
 # importing the modules registers their models (one line per model file)
-from medseg.models import unet  # noqa: E402,F401
-from medseg.models import deeplab  # noqa: E402,F401
-from medseg.models import deeplabv1  # noqa: E402,F401
-from medseg.models import pspnet  # noqa: E402,F401
-from medseg.models import fcn  # noqa: E402,F401
-from medseg.models import stdc  # noqa: E402,F401
+from medseg.models import (
+    deeplab,  # noqa: E402,F401
+    deeplabv1,  # noqa: E402,F401
+    fcn,  # noqa: E402,F401
+    pspnet,  # noqa: E402,F401
+    stdc,  # noqa: E402,F401
+    unet,  # noqa: E402,F401
+)
+from medseg.registry import MODELS
 
 
 def build_model(name: str, in_channels: int, num_classes: int, params: dict[str, Any] | None = None) -> nn.Module:
