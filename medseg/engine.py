@@ -64,6 +64,25 @@ def use_amp(setting: str, device: torch.device) -> bool:
     return setting == "on" and device.type == "cuda"
 
 
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): (rank, world, local rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch."""
     random.seed(seed)
@@ -105,10 +124,15 @@ class EpochSampler(Sampler[int]):
         num_samples: indices per epoch (may exceed ``n``: further permutations follow).
         seed: ``train.seed``.
         start: skip this many indices (resuming inside an epoch).
+        rank, world: under DDP each process takes every ``world``-th index from ``rank`` on
+            (``num_samples`` and ``start`` then count all processes' samples).
     """
 
-    def __init__(self, n: int, num_samples: int, seed: int, epoch: int = 0, start: int = 0) -> None:
+    def __init__(
+        self, n: int, num_samples: int, seed: int, epoch: int = 0, start: int = 0, rank: int = 0, world: int = 1
+    ) -> None:
         self.n, self.num_samples, self.seed, self.epoch, self.start = n, num_samples, seed, epoch, start
+        self.rank, self.world = rank, world
 
     def indices(self) -> list[int]:
         """All indices of the epoch, before skipping ``start``."""
@@ -119,10 +143,10 @@ class EpochSampler(Sampler[int]):
         return out[: self.num_samples]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start :])
+        return iter(self.indices()[self.start :][self.rank :: self.world])
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return len(range(self.rank, self.num_samples - self.start, self.world))
 
 
 class CachedDataset(Dataset):
@@ -363,7 +387,13 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         seed_everything(t.seed)
+        self.rank, self.world, local = init_distributed()
         self.device = resolve_device(t.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        if self.rank != 0:  # only rank 0 logs to MLflow and writes checkpoints
+            self.tracker = Tracker()
         self.amp = use_amp(t.amp, self.device)
 
         self.train_base = build_dataset(cfg.data, "train")
@@ -382,15 +412,23 @@ class Trainer:
         self.train_set = TransformedDataset(self.train_base, build_transforms(cfg.transforms, train=True), t.seed)
         self.val_set = TransformedDataset(self.val_base, build_transforms(cfg.transforms, train=False), t.seed)
 
-        self.model = build_model(cfg.model.name, self.in_channels, self.num_classes, cfg.model.params)
+        self.net = build_model(cfg.model.name, self.in_channels, self.num_classes, cfg.model.params)
         if cfg.model.pretrained:
             self._load_pretrained(cfg.model.pretrained)
-        self.model.to(self.device)
+        self.net.to(self.device)
+        self.model: nn.Module = self.net
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.net, device_ids=ids)
         self.loss_fn = LOSSES.build(cfg.loss.name, cfg.loss.params)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
 
-        self.steps_per_epoch = t.steps_per_epoch or max(1, math.ceil(len(self.train_set) / t.batch_size))
+        self.steps_per_epoch = t.steps_per_epoch or max(
+            1, math.ceil(len(self.train_set) / (t.batch_size * self.world))
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(t.schedule, step, self.total_steps, t.poly_power)
         )
@@ -406,6 +444,12 @@ class Trainer:
         if run_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             run_dir = Path(cfg.output_dir) / cfg.name / f"{cfg.model.name}-{stamp}"
+            if self.world > 1:  # every rank uses rank 0's folder
+                import torch.distributed as dist
+
+                shared = [str(run_dir)]
+                dist.broadcast_object_list(shared, src=0)
+                run_dir = Path(shared[0])
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
@@ -425,14 +469,14 @@ class Trainer:
             raise TrainingError(f"model.pretrained = {path}: file not found (weights are never downloaded)")
         state = torch.load(p, map_location="cpu", weights_only=False)
         state = state.get("model", state) if isinstance(state, dict) else state
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing, unexpected = self.net.load_state_dict(state, strict=False)
         log.info("loaded %s (%d missing, %d unexpected keys)", p, len(missing), len(unexpected))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: model, optimizer, scheduler, scaler, RNG, counters."""
         return {
             "version": CHECKPOINT_VERSION,
-            "model": self.model.state_dict(),
+            "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -450,9 +494,11 @@ class Trainer:
         }
 
     def save_checkpoint(self, name: str = "last.pt") -> Path:
-        """Write a checkpoint atomically (temp file + rename) under ``<run_dir>/checkpoints``."""
+        """Write a checkpoint atomically (temp file + rename) under ``<run_dir>/checkpoints`` (rank 0)."""
         path = self.ckpt_dir / name
-        atomic_torch_save(self.state_dict(), path)
+        if self.rank == 0:
+            atomic_torch_save(self.state_dict(), path)
+        _barrier(self.world)
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -460,7 +506,7 @@ class Trainer:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if ckpt.get("version") != CHECKPOINT_VERSION:
             raise TrainingError(f"{path}: checkpoint version {ckpt.get('version')} is not supported")
-        self.model.load_state_dict(ckpt["model"])
+        self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -489,7 +535,7 @@ class Trainer:
             return
         self.tracker.set_tags({"medseg.run_dir": str(self.run_dir.resolve()), "medseg.model": cfg.model.name})
         params = flatten(to_dict(cfg))
-        params["model.num_parameters"] = sum(p.numel() for p in self.model.parameters())
+        params["model.num_parameters"] = sum(p.numel() for p in self.net.parameters())
         params["data.in_channels"] = self.in_channels
         params["data.train_samples"] = len(self.train_set)
         params["data.val_samples"] = len(self.val_set)
@@ -524,10 +570,15 @@ class Trainer:
         with torch.autocast(self.device.type, enabled=self.amp):
             logits = self.model(image)
         loss = self.loss_fn(logits.float(), label, weight)
-        extra = getattr(self.model, "extra_loss", None)
+        extra = getattr(self.net, "extra_loss", None)
         if callable(extra):
             loss = loss + extra(label)
-        value = float(loss.detach())
+        check = loss.detach().clone()
+        if self.world > 1:  # every rank must stop together, or the others hang in all-reduce
+            import torch.distributed as dist
+
+            dist.all_reduce(check)
+        value = float(check) / self.world
         if not math.isfinite(value):
             return value
         self.scaler.scale(loss).backward()
@@ -552,7 +603,7 @@ class Trainer:
         for batch in self._loader(self.val_set, None, 1):
             if batch is None:
                 continue
-            logits = predict_logits(self.model, batch["image"], self.cfg, self.device)
+            logits = predict_logits(self.net, batch["image"], self.cfg, self.device)
             label = batch["label"].to(self.device)
             w = batch.get("weight")
             losses.append(float(self.loss_fn(logits, label, w.to(self.device) if w is not None else None)))
@@ -583,7 +634,8 @@ class Trainer:
         if resume is not None:
             self.load_checkpoint(resume)
             log.info("resuming from %s at epoch %d, step %d", resume, self.epoch, self.step)
-        save_config(cfg, self.run_dir / "config.yaml")
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
         self._start_tracking()
         # a checkpoint before the first step: a run killed early resumes from here
         if resume is None:
@@ -599,8 +651,9 @@ class Trainer:
                 n_batches = self.steps_per_epoch
                 if t.max_steps:
                     n_batches = min(n_batches, t.max_steps - self.step + self.batch_in_epoch)
-                sampler = EpochSampler(len(self.train_set), n_batches * t.batch_size, t.seed, epoch,
-                                       start=self.batch_in_epoch * t.batch_size)
+                per_batch = t.batch_size * self.world
+                sampler = EpochSampler(len(self.train_set), n_batches * per_batch, t.seed, epoch,
+                                       start=self.batch_in_epoch * per_batch, rank=self.rank, world=self.world)
                 bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
                            unit="step", dynamic_ncols=True, leave=False)
                 epoch_losses: list[float] = []
@@ -671,7 +724,7 @@ class Trainer:
         metrics, examples = self.validate()
         record.update({f"val_{k}": v for k, v in metrics.items()})
         self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
-        if examples:
+        if examples and self.rank == 0:
             path = self.run_dir / "overlays" / f"val_epoch{self.epoch:04d}.png"
             save_overlay_grid(examples, path, title=f"{self.cfg.name} epoch {self.epoch}")
             self.tracker.log_artifact(path, "overlays")
@@ -691,14 +744,15 @@ class Trainer:
         best = self.ckpt_dir / "best.pt"
         ckpt = best if best.is_file() else self.ckpt_dir / "last.pt"
         self.tracker.log_artifact(ckpt, "checkpoints")
-        atomic_write_text(self.run_dir / "history.json", json.dumps(self.history, indent=2))
-        self.tracker.log_artifact(self.run_dir / "history.json")
+        if self.rank == 0:
+            atomic_write_text(self.run_dir / "history.json", json.dumps(self.history, indent=2))
+            self.tracker.log_artifact(self.run_dir / "history.json")
         if self.best_metric is not None:
             self.tracker.log_metrics({f"best/{self.cfg.train.monitor}": self.best_metric}, self.step)
         state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
-        self.model.load_state_dict(state)
-        self.tracker.log_model(self.model.cpu().eval(), "model")
-        self.model.to(self.device)
+        self.net.load_state_dict(state)
+        self.tracker.log_model(self.net.cpu().eval(), "model")
+        self.net.to(self.device)
 
 
 def _eval_target(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -885,12 +939,15 @@ def run_training(
         for ov in overrides or []:
             data = apply_override(data, ov)
         cfg = from_dict(data)
-    prepare_data(cfg.data)
-    tracker = build_tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.output_dir)
+    rank, world, _ = init_distributed()  # under torchrun only rank 0 prepares data and logs
+    if rank == 0:
+        prepare_data(cfg.data)
+    _barrier(world)
+    tracker = build_tracker(cfg.tracking.enabled and rank == 0, cfg.tracking.uri, cfg.output_dir)
     trainer = Trainer(cfg, tracker, run_dir=run_dir, pipeline_path=pipeline_path)
     result = trainer.fit(resume=ckpt)
     evaluations: dict[str, Any] = {}
-    for split in cfg.train.evaluate_splits:
+    for split in cfg.train.evaluate_splits if rank == 0 else []:
         ref = result.best_checkpoint or result.last_checkpoint
         if result.run_id:
             tracker.start("", "", run_id=result.run_id)

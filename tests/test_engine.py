@@ -154,3 +154,31 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     assert last["step"] == 2  # the state before the bad step
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert tracker.client.get_run(trainer.run_id).info.status == "FAILED"
+
+
+def test_sampler_shards_across_ranks() -> None:
+    whole = list(EpochSampler(10, 12, seed=0, epoch=1))
+    parts = [list(EpochSampler(10, 12, seed=0, epoch=1, rank=r, world=2)) for r in range(2)]
+    assert parts[0] == whole[0::2] and parts[1] == whole[1::2]
+    assert len(EpochSampler(10, 12, seed=0, rank=1, world=2, start=4)) == 4
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(demo_root: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2`` (gloo on the CPU): one run folder, one MLflow run, rank 0 logs."""
+    from mlflow.tracking import MlflowClient
+
+    ov = tiny_overrides(demo_root, tmp_path, **{"train.max_steps": 3, "train.epochs": 1})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "medseg.cli", "train", str(QUICK)] + [a for o in ov for a in ("--set", o)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list(tmp_path.glob("quickstart/*/checkpoints/last.pt"))
+    assert len(runs) == 1
+    ck = torch.load(runs[0], weights_only=False)
+    assert ck["step"] == 3
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("quickstart")
+    found = client.search_runs([exp.experiment_id])
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
