@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 import numpy as np
-from common import max_abs_diff, report, time_pair
+from common import max_abs_diff, report, set_threads, time_pair
 from scipy import ndimage
 
 from medseg.transforms.functional import border_weight_map
@@ -75,6 +75,7 @@ def reference_weight_map(instance: np.ndarray, label: np.ndarray, w0: float, sig
 
 def main(quick: bool = False) -> list[dict[str, Any]]:
     """Time both weight maps on one image per instance count; returns the report rows."""
+    set_threads()
     size, counts, n = (128, (5, 20), 2) if quick else (512, (5, 20, 100), 5)
     rows = []
     for count in counts:

@@ -19,8 +19,20 @@ from typing import Any
 #: units where a larger number is better; every other unit (s, ms, MiB, ...) is lower-is-better
 HIGHER_IS_BETTER_UNITS = ("samples/s", "slices/s", "MB/s")
 
+#: torch intra-op threads for every benchmark. One, because the NumPy / SciPy references are
+#: single-threaded and because on a shared 2-core machine torch's thread pool loses more to
+#: contention than it gains (a 2M-element ``torch.bincount`` measured 8× slower on 2 threads there)
+THREADS = 1
+
 #: the columns of a result row, in table order
 COLUMNS = ("benchmark", "ours", "reference", "unit", "ratio", "verdict", "check")
+
+
+def set_threads(n: int = THREADS) -> None:
+    """Pin torch to ``n`` intra-op threads (NumPy / SciPy references run on one thread anyway)."""
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def median(values: Sequence[float]) -> float:
