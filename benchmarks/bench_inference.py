@@ -82,7 +82,7 @@ def _reset_peak() -> bool:
 
 
 def run_child(mode: str, size: int, out_path: Path) -> dict[str, Any]:
-    """In a fresh process: one ``predict_logits`` on a ``size²`` image; memory, time and the class map."""
+    """In a fresh process: one ``predict_logits`` on a ``size²`` image; memory, time, logits to ``out_path``."""
     set_threads()
     model, cfg, device = make_model(), make_config(mode), torch.device("cpu")
     image = make_image(size)
@@ -95,7 +95,7 @@ def run_child(mode: str, size: int, out_path: Path) -> dict[str, Any]:
     logits = predict_logits(model, image, cfg, device)
     seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    np.save(out_path, logits.argmax(1)[0].numpy().astype(np.uint8))
+    np.save(out_path, logits[0].numpy())
     return {
         "mode": mode,
         "seconds": seconds,
@@ -106,26 +106,46 @@ def run_child(mode: str, size: int, out_path: Path) -> dict[str, Any]:
     }
 
 
-def _spawn(mode: str, size: int, out_path: Path) -> dict[str, Any]:
-    """Run :func:`run_child` in a fresh interpreter and parse its JSON line."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--size", str(size), "--out", str(out_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _spawn(size: int, out_dir: Path, parallel: bool) -> dict[str, dict[str, Any]]:
+    """Run :func:`run_child` for each variant in a fresh interpreter; their parsed JSON lines.
+
+    ``parallel`` starts both at once: each process still has its own peak, but their timings then
+    compete for the CPU, so only the quick smoke run uses it (it is bound by the imports).
+    """
+    script = str(Path(__file__).resolve())
+    cmds = {
+        m: [sys.executable, script, "--child", m, "--size", str(size), "--out", str(out_dir / f"{m}.npy")]
+        for m in VARIANTS
+    }
+    results = {}
+    procs: dict[str, subprocess.Popen[str]] = {}
+    for m, cmd in cmds.items():
+        procs[m] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not parallel:
+            procs[m].wait()
+    for m, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmds[m])} failed ({proc.returncode}):\n{stderr[-3000:]}")
+        results[m] = json.loads(stdout.strip().splitlines()[-1])
+    return results
 
 
 def main(quick: bool = False) -> list[dict[str, Any]]:
     """Both variants in fresh processes, then the per-slice timings here; returns the report rows."""
     set_threads()
-    size, slice_size, n = (512, 256, 2) if quick else (2048, 512, 5)
+    size, slice_size, n = (384, 192, 2) if quick else (2048, 512, 5)
     with tempfile.TemporaryDirectory(prefix="medseg-bench-inf-") as tmp:
-        res = {m: _spawn(m, size, Path(tmp) / f"{m}.npy") for m in VARIANTS}
-        maps = {m: np.load(Path(tmp) / f"{m}.npy") for m in VARIANTS}
+        res = _spawn(size, Path(tmp), parallel=quick)
+        logits = {m: np.load(Path(tmp) / f"{m}.npy") for m in VARIANTS}
     w, s = res["whole"], res["sliding"]
     ok = w["shape"] == s["shape"] and w["finite"] and s["finite"]
-    agree = float((maps["whole"] == maps["sliding"]).mean())
-    check = f"same shape {tuple(s['shape'])}, finite: {ok}; argmax agreement {agree:.1%}"
+    # tiles see zero-padded borders instead of their neighbours, so the logits differ a little
+    diff = float(np.abs(logits["sliding"] - logits["whole"]).mean())
+    check = (
+        f"same shape {tuple(s['shape'])}, finite: {ok}; mean abs Δlogit {diff:.2g} "
+        f"(whole's logit std {float(logits['whole'].std()):.2g})"
+    )
     how = "VmHWM" if w["exact_peak"] and s["exact_peak"] else "ru_maxrss"
     rows = [
         report(
@@ -150,7 +170,7 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
         report(
             f"{slice_size}² slice: predict_logits sliding ({TILE}² tiles) vs model only",
             t_sliding * 1e3, t_model * 1e3, "ms",
-            check=f"argmax agreement {(out.argmax(1) == ref.argmax(1)).float().mean().item():.1%}",
+            check=f"mean abs Δlogit {(out - ref).abs().mean().item():.2g} (logit std {ref.std().item():.2g})",
             ok=bool(torch.isfinite(out).all()),
         )
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,10 @@ def _monai_hd95(pred: torch.Tensor, true: torch.Tensor) -> float:
     """MONAI's symmetric HD95 of two ``(1, 1, H, W)`` masks in mm."""
     from monai.metrics import compute_hausdorff_distance
 
-    d = compute_hausdorff_distance(pred, true, include_background=True, percentile=95, spacing=list(SPACING))
+    with warnings.catch_warnings():
+        # MONAI 1.6 passes its own deprecated get_mask_edges(always_return_as_numpy=...) internally
+        warnings.simplefilter("ignore", FutureWarning)
+        d = compute_hausdorff_distance(pred, true, include_background=True, percentile=95, spacing=list(SPACING))
     return float(d.reshape(-1)[0])
 
 

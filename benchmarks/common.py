@@ -81,7 +81,7 @@ def _verdict(ratio: float, unit: str) -> str:
         return "n/a"
     higher = unit in HIGHER_IS_BETTER_UNITS
     better = ratio > 1 if higher else ratio < 1
-    factor = ratio if higher else 1.0 / ratio
+    factor = max(ratio, 1.0 / ratio)
     if unit in ("MiB", "MB", "GiB"):
         return f"{factor:.2f}× {'less' if better else 'more'} memory"
     return f"{factor:.2f}× {'faster' if better else 'slower'}"

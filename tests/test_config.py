@@ -111,3 +111,15 @@ def test_every_shipped_pipeline_loads(pipeline: Path) -> None:
     cfg = load_config(pipeline)
     assert cfg.model.name
     assert cfg.name == pipeline.stem
+
+
+def test_readme_documents_every_config_key() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = []
+    for key in flatten(to_dict(Config())):
+        if key.startswith("inference.crf."):
+            key = "inference.crf.*"
+        last = key.rsplit(".", 1)[-1]
+        if f"`{key}`" not in readme and f".{last}`" not in readme and f"`{key}," not in readme:
+            missing.append(key)
+    assert not missing, f"README config reference lacks: {missing}"

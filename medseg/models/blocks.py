@@ -227,3 +227,18 @@ def load_local_weights(
             )
         raise ValueError(f"{path}: weights do not fit {type(module).__name__}: " + "; ".join(parts))
     module.load_state_dict(state)
+
+
+class PooledBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm for globally pooled ``(B, C, 1, 1)`` features that also trains with a batch of one.
+
+    Batch statistics need more than one value per channel (PyTorch raises otherwise, e.g. on the
+    last batch of an epoch holding a single slice); such a batch is normalised with the running
+    statistics, which it leaves unchanged, exactly as in eval mode.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, h, w)`` → same shape."""
+        if self.training and x.numel() // x.shape[1] <= 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)

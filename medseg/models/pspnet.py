@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medseg.models.blocks import ConvBNReLU, resize_to
+from medseg.models.blocks import ConvBNReLU, PooledBatchNorm2d, resize_to
 from medseg.models.resnet import build_resnet
-from medseg.models.stdc import PooledBatchNorm2d
 from medseg.registry import MODELS
 
 

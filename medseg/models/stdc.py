@@ -38,26 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medseg.models.blocks import ConvBNReLU, resize_to
+from medseg.models.blocks import ConvBNReLU, PooledBatchNorm2d, resize_to
 from medseg.registry import MODELS
 
 #: STDC modules in stages 3, 4, 5.
 STDC_LAYERS: dict[str, tuple[int, int, int]] = {"stdc1": (2, 2, 2), "stdc2": (4, 5, 3)}
-
-
-class PooledBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm for globally pooled ``(B, C, 1, 1)`` features that also trains with a batch of one.
-
-    Batch statistics need more than one value per channel (PyTorch raises otherwise, e.g. on the
-    last batch of an epoch holding a single slice); such a batch is normalised with the running
-    statistics, which it leaves unchanged, exactly as in eval mode.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, h, w)`` → same shape."""
-        if self.training and x.numel() // x.shape[1] <= 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        return super().forward(x)
 
 
 class STDCModule(nn.Module):

@@ -1,0 +1,143 @@
+"""Smoke tests of benchmarks/: every benchmark runs at its ``--quick`` size and reports finite ratios
+with passing agreement checks; the helpers compute ratios, verdicts and tables correctly; the
+benchmark's own weight-map reference matches brute force. No timing is asserted anywhere."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` the way the scripts import each other (folder on sys.path)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module(name)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_report_ratio_and_verdict() -> None:
+    common = _bench("common")
+    r = common.report("t", 2.0, 8.0, "ms", check="same")
+    assert r["ratio"] == 0.25 and r["verdict"] == "4.00× faster" and r["ok"] and r["check"] == "same"
+    r = common.report("s", 30.0, 60.0, "samples/s")  # higher is better: half the throughput
+    assert r["ratio"] == 0.5 and r["verdict"] == "2.00× slower"
+    r = common.report("m", 300.0, 100.0, "MiB", check="x", ok=False)
+    assert r["ratio"] == 3.0 and r["verdict"] == "3.00× more memory"
+    assert not r["ok"] and r["check"] == "FAILED: x"
+    r = common.report("z", 1.0, 0.0, "ms")
+    assert math.isnan(r["ratio"]) and r["verdict"] == "n/a"
+
+
+def test_time_pair_interleaves_calls() -> None:
+    common = _bench("common")
+    calls: list[str] = []
+    t_ours, t_ref = common.time_pair(lambda: calls.append("o"), lambda: calls.append("r"), n=3, warmup=1)
+    assert calls == ["o", "r"] * 4
+    assert t_ours >= 0 and t_ref >= 0
+    assert common.median([3.0, 1.0, 2.0]) == 2.0
+    assert len(common.repeat(lambda: None, 4, warmup=2)) == 4
+
+
+def test_markdown_table_escapes_pipes() -> None:
+    common = _bench("common")
+    rows = [common.report("a|b", 1.0, 2.0, "ms", check="max |d| = 0")]
+    table = common.markdown_table(rows).splitlines()
+    assert len(table) == 3 and table[0].count("|") == table[1].count("|") == len(common.COLUMNS) + 1
+    assert table[2].startswith("| a\\|b | 1 | 2 | ms | 0.5 | 2.00× faster | max \\|d\\| = 0 |")
+
+
+def test_write_atomic_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    run_all = _bench("run_all")
+    out = tmp_path / "sub" / "results.md"
+    run_all.write_atomic(out, "first\n")
+    run_all.write_atomic(out, "second\n")
+    assert out.read_text() == "second\n"
+    assert [p.name for p in out.parent.iterdir()] == ["results.md"]
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def test_weight_map_reference_matches_brute_force() -> None:
+    """The benchmark's full-EDT reference against distances from every pixel to every instance pixel."""
+    bench = _bench("bench_weight_map")
+    inst = np.zeros((12, 14), np.int32)
+    inst[2:4, 2:5] = 1
+    inst[2:5, 7:9] = 2  # a 2-px gap to instance 1
+    inst[9:11, 3:12] = 3
+    label = (inst > 0).astype(np.int64)
+    w0, sigma = 10.0, 2.0
+    yy, xx = np.mgrid[: inst.shape[0], : inst.shape[1]]
+    dist = []
+    for i in (1, 2, 3):
+        py, px = np.nonzero(inst == i)
+        dist.append(np.sqrt((yy[..., None] - py) ** 2 + (xx[..., None] - px) ** 2).min(-1))
+    d = np.sort(np.stack(dist), axis=0)
+    n_fg = label.sum()
+    wc = np.where(label == 1, label.size / (2 * n_fg), label.size / (2 * (label.size - n_fg)))
+    expected = wc + np.where(inst == 0, w0 * np.exp(-((d[0] + d[1]) ** 2) / (2 * sigma**2)), 0.0)
+    np.testing.assert_allclose(bench.reference_weight_map(inst, label, w0, sigma), expected, rtol=1e-12)
+
+
+def test_make_instances_gives_the_requested_count() -> None:
+    inst = _bench("bench_weight_map").make_instances(128, 12, seed=4)
+    assert inst.shape == (128, 128) and inst.dtype == np.int32
+    assert set(np.unique(inst)) <= set(range(13)) and len(np.unique(inst)) >= 10
+
+
+def test_same_samples_sees_a_changed_pixel() -> None:
+    bench = _bench("bench_data")
+    a = [{"image": np.zeros((3, 4, 4), np.float32), "label": np.zeros((1, 4, 4)), "truth": None}]
+    b = [{k: (v.copy() if v is not None else None) for k, v in a[0].items()}]
+    assert bench.same_samples(a, b)
+    b[0]["image"][1, 2, 3] = 1e-6
+    assert not bench.same_samples(a, b)
+    assert not bench.same_samples(a, [{**a[0], "truth": np.zeros((1, 4, 4))}])
+
+
+def test_confusion_references_agree_on_hand_counts() -> None:
+    bench = _bench("bench_metrics")
+    target = np.array([0, 0, 1, 1, 1, 255, 2])
+    pred = np.array([0, 1, 1, 1, 0, 1, 2])
+    expected = np.array([[1, 1, 0], [1, 2, 0], [0, 0, 1]])  # the 255 (ignore) pixel is skipped
+    np.testing.assert_array_equal(bench._numpy_confusion(pred, target, 3), expected)
+    np.testing.assert_array_equal(bench._sklearn_like_confusion()[1](pred, target, 3), expected)
+
+
+# ----------------------------------------------------------------------------- the benchmarks
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["bench_weight_map", "bench_metrics", "bench_data", pytest.param("bench_inference", marks=pytest.mark.slow)],
+)
+def test_quick_benchmark_reports_finite_ratios(name: str) -> None:
+    rows = _bench(name).main(quick=True)
+    assert rows
+    for r in rows:
+        assert r["ok"], r
+        for key in ("ours", "reference", "ratio"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["ratio"] == pytest.approx(r["ours"] / r["reference"])
+
+
+def test_run_all_cli_writes_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_all = _bench("run_all")
+    monkeypatch.setattr(run_all, "BENCHMARKS", {"weight_map": _bench("bench_weight_map").main})
+    out = tmp_path / "results.md"
+    assert run_all.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# medseg benchmark results") and "run_all.py --quick" in text
+    rows = [line for line in text.splitlines() if line.startswith("| weight map 128²")]
+    assert len(rows) == 2 and all("× faster" in r or "× slower" in r for r in rows)
