@@ -1,0 +1,201 @@
+"""benchmarks/compare_models.py and benchmarks/crf_effect.py end to end on a tiny generated dataset.
+
+Two zoo models train 2 steps each into a temporary MLflow store; the table is then read back from
+MLflow and its numbers checked against values computed here independently (parameter counts of
+freshly built models, the throughput from the logged per-epoch rates, a NumPy Dice of CRF output).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+MODELS = ["unet", "deeplabv3"]
+
+
+def _bench(name: str) -> ModuleType:
+    """Import a benchmark script as a module (benchmarks/ is a folder of scripts, not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+def _extra() -> list[str]:
+    """Overrides that shrink every zoo run to 2 one-step epochs on the 128² test data."""
+    return ["data.spacing_mm=null", "data.generate_if_missing=false", "train.max_steps=2",
+            "train.batch_size=2", "transforms.crop_size=[64, 64]", "train.threads=1", 'train.device="cpu"']
+
+
+@pytest.fixture(scope="module")
+def zoo(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Both models trained once for the module: the store URI, output folder and runs."""
+    cm = _bench("compare_models")
+    out = tmp_path_factory.mktemp("zoo")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    done, failed = cm.run_zoo(MODELS, budget_min=5.0, data_root=demo_root, output_dir=out, tracking_uri=uri,
+                              steps_per_epoch=1, extra=_extra(), warmup=1, repeats=2)
+    assert failed == {}
+    return {"uri": uri, "out": out, "runs": {r.model: r for r in done}, "root": demo_root}
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+@pytest.mark.slow
+def test_table_rows_match_mlflow_and_independent_numbers(zoo: dict[str, Any]) -> None:
+    from medseg.config import load_config
+    from medseg.models import build_model
+
+    cm = _bench("compare_models")
+    client = _client(zoo["uri"])
+    rows = cm.table_rows(cm.latest_zoo_runs(zoo["uri"]))
+    assert [r["model"] for r in rows] == MODELS
+    for row in rows:
+        run = client.get_run(row["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["zoo"] == "1"
+        assert run.info.run_id == zoo["runs"][row["model"]].run_id
+        m = run.data.metrics
+        assert row["dice"] == m["test/dice"] and 0.0 <= row["dice"] <= 1.0
+        assert row["lesion_dice"] == m["test/lesion_dice"] and 0.0 <= row["lesion_dice"] <= 1.0
+        assert row["hd95_mm"] == m.get("test/hd95")
+        for key in ("dice", "lesion_dice", "params_m", "train_images_per_s", "infer_ms_512"):
+            assert math.isfinite(row[key]) and row[key] >= 0, key
+        assert row["infer_ms_512"] > 0 and row["budget_min"] == 5.0 and row["steps"] == 2
+
+        # parameter count: the same model built here from its pipeline and the zoo's overrides
+        model = cm.ZOO_BY_KEY[row["model"]]
+        cfg = load_config(ROOT / model.pipeline, cm.zoo_overrides(model, 5.0, zoo["root"], extra=_extra()))
+        net = build_model(cfg.model.name, 3, 2, cfg.model.params)
+        assert row["params_m"] * 1e6 == sum(p.numel() for p in net.parameters())
+
+        # throughput: two one-step epochs of 2 images each → 4 images over the two epochs' seconds
+        rates = {h.step: h.value for h in client.get_metric_history(row["run_id"], "train/images_per_s")}
+        assert sorted(rates) == [1, 2]
+        assert row["train_images_per_s"] == pytest.approx(4 / (2 / rates[1] + 2 / rates[2]), rel=1e-9)
+
+    # the CPU reduction is recorded in the run
+    v3 = client.get_run(rows[1]["run_id"]).data.params
+    assert v3["model.params.backbone"] == "resnet18" and "resnet18" in v3["zoo/reduction"]
+    assert client.get_run(rows[0]["run_id"]).data.params["model.params.base_channels"] == "16"
+
+
+@pytest.mark.slow
+def test_table_only_writes_markdown_read_from_mlflow(zoo: dict[str, Any], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    cm = _bench("compare_models")
+    out = tmp_path / "docs" / "zoo.md"
+    assert cm.main(["--table-only", "--tracking-uri", zoo["uri"], "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text in capsys.readouterr().out
+    body = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert len(body) == len(MODELS)
+    client = _client(zoo["uri"])
+    for line, key in zip(body, MODELS):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        metrics = client.get_run(zoo["runs"][key].run_id).data.metrics
+        assert cells[0] == cm.ZOO_BY_KEY[key].label
+        assert cells[1] == f"{metrics['test/dice']:.3f}"
+        assert cells[4] == f"{metrics['zoo/params'] / 1e6:.2f}"
+        assert cells[6] == f"{metrics['zoo/infer_ms_512']:.0f}"
+        assert cells[7:] == ["5", "2"]
+    assert "deeplabv3: backbone resnet18 instead of resnet101" in text
+
+
+def test_latest_finished_tagged_run_per_model(tmp_path: Path) -> None:
+    """Runs made directly in a store: the newest finished zoo=1 run of each model wins."""
+    cm = _bench("compare_models")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = _client(uri)
+    exp = client.create_experiment(cm.EXPERIMENT)
+    now = int(time.time() * 1000)
+
+    def make(model: str, dice: float, start: int, tagged: bool = True, finish: bool = True) -> str:
+        run = client.create_run(exp, start_time=now + start)
+        rid = run.info.run_id
+        client.log_param(rid, "zoo/model", model)
+        client.log_metric(rid, "test/dice", dice)
+        if tagged:
+            client.set_tag(rid, "zoo", "1")
+        if finish:
+            client.set_terminated(rid, "FINISHED")
+        return rid
+
+    make("unet", 0.1, 0)
+    newest = make("unet", 0.2, 1000)
+    make("unet", 0.3, 2000, finish=False)  # still running: not complete
+    make("unet", 0.4, 3000, tagged=False)  # not a zoo run
+    stdc = make("stdc", 0.5, 500)
+    rows = cm.table_rows(cm.latest_zoo_runs(uri))
+    assert [(r["model"], r["run_id"], r["dice"]) for r in rows] == [("unet", newest, 0.2), ("stdc", stdc, 0.5)]
+    text = cm.markdown_table(rows)
+    assert "| unet | 0.200 | – |" in text and "| stdc | 0.500 | – |" in text
+
+
+def test_unknown_model_is_one_clear_error(capsys: pytest.CaptureFixture) -> None:
+    cm = _bench("compare_models")
+    assert cm.main(["--models", "unet,segformer", "--budget-min", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "segformer" in err and "deeplabv3plus" in err
+
+
+@pytest.mark.slow
+def test_crf_effect_with_and_without_crf(zoo: dict[str, Any], tmp_path: Path) -> None:
+    from medseg.config import CRFConfig, from_dict
+    from medseg.crf import crf_labels
+    from medseg.data import build_dataset
+    from medseg.engine import load_model, predict_logits
+    from medseg.transforms import build_transforms
+
+    ce = _bench("crf_effect")
+    run = zoo["runs"]["unet"]
+    res = ce.run_crf_effect(str(run.run_dir), "test", output_dir=tmp_path, tracking_uri=zoo["uri"], sweep=True,
+                            srgb_values=(3.0, 20.0), weight_values=(4.0,), sweep_split="val", timing_slices=2)
+    client = _client(zoo["uri"])
+    # without the CRF this is exactly the evaluation the zoo run logged after training
+    assert res["rows"]["no_crf"]["dice"] == pytest.approx(client.get_run(run.run_id).data.metrics["test/dice"])
+
+    # with it: the lesion-class pixel Dice recomputed here with NumPy from crf_labels
+    model, info = load_model(run.run_dir)
+    cfg = from_dict(info["config"])
+    data = build_dataset(cfg.data, "test")
+    tf = build_transforms(cfg.transforms, train=False)
+    tp = fp = fn = 0
+    fg_pred = 0
+    for i in range(len(data)):
+        s = tf(dict(data[i]))
+        probs = torch.softmax(predict_logits(model, s["image"][None], cfg, torch.device("cpu")), 1)[0].numpy()
+        pred = crf_labels(probs, s["image"][s["image"].shape[0] // 2].numpy(), CRFConfig(enabled=True)) == 1
+        truth = np.asarray(s["truth"][0]) > 0
+        tp += int((pred & truth).sum())
+        fp += int((pred & ~truth).sum())
+        fn += int((~pred & truth).sum())
+        fg_pred += int(pred.sum())
+    expected = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    assert res["rows"]["crf"]["dice"] == pytest.approx(expected, abs=1e-9)
+    assert fg_pred > 0, "the 2-step model predicts no lesion pixel: the CRF check above would be vacuous"
+
+    mrun = client.get_run(res["run_id"])
+    assert mrun.data.tags["crf_effect"] == "1" and mrun.info.status == "FINISHED"
+    m = mrun.data.metrics
+    assert m["crf/dice"] == pytest.approx(expected) and m["no_crf/dice"] == res["rows"]["no_crf"]["dice"]
+    assert m["delta/dice"] == pytest.approx(m["crf/dice"] - m["no_crf/dice"])
+    assert m["no_crf/ms_per_slice"] > 0 and m["crf/ms_per_slice"] > 0
+    assert {"sweep/srgb3_w4/dice", "sweep/srgb20_w4/dice"} <= set(m)
+    assert mrun.data.params["crf.bilateral_srgb"] == "3.0" and mrun.data.params["sweep.split"] == "val"
+    md = Path(client.download_artifacts(res["run_id"], "crf_effect.md", str(tmp_path))).read_text()
+    assert md == res["markdown"]
+    assert "| no CRF | " in md and "Δ default CRF − no CRF" in md and "| 20 | 4 |" in md
