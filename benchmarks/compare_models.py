@@ -321,6 +321,12 @@ def latest_zoo_runs(tracking_uri: str, experiment: str = EXPERIMENT) -> list[Any
     """
     from mlflow.tracking import MlflowClient
 
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        # opening a missing SQLite store would create an empty one
+        raise LookupError(f"no MLflow store at {tracking_uri[len('sqlite:///'):]}; run without --table-only first "
+                          f"or pass --output-dir / --tracking-uri of an earlier comparison")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

@@ -47,6 +47,8 @@ COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
     ("ms / slice", "ms_per_slice", "{:.0f}", False),
 )
 HIGHER_IS_BETTER = {k: hib for _, k, _, hib in COLUMNS}
+#: the metrics a sweep point can be chosen by
+SWEEP_METRICS = tuple(k for k in HIGHER_IS_BETTER if k != "ms_per_slice")
 DEFAULT_SRGB = (3.0, 10.0, 20.0)
 #: DeepLab v1 cross-validated the appearance weight in 3 … 5 (and σ_rgb in 3 … 6 on photographs)
 DEFAULT_WEIGHTS = (3.0, 4.0, 5.0)
@@ -207,8 +209,8 @@ def run_crf_effect(
     from medseg.data.prepare import prepare_data
     from medseg.tracking import build_tracker
 
-    if sweep_metric not in HIGHER_IS_BETTER:
-        raise ValueError(f"--sweep-metric must be one of {', '.join(HIGHER_IS_BETTER)}, got {sweep_metric!r}")
+    if sweep_metric not in SWEEP_METRICS:
+        raise ValueError(f"--sweep-metric must be one of {', '.join(SWEEP_METRICS)}, got {sweep_metric!r}")
     data = base_config(model_ref, config, data_root, overrides)
     cfg_off = with_crf(data, False)
     cfg_on = with_crf(data, True)
@@ -227,15 +229,17 @@ def run_crf_effect(
     if sweep:
         if sweep_split == split:
             log.warning("the sweep picks its best point on the reported split %r: the CRF row is optimistic", split)
-        best_value: float | None = None
         for s in srgb_values:
             for w in weight_values:
                 ev = _evaluate(with_crf(data, True, bilateral_srgb=s, bilateral_weight=w), model_ref, sweep_split,
                                out / "sweep" / _tag(s, w))
                 points.append({"srgb": s, "weight": w, "metrics": ev["metrics"]})
-                value = ev["metrics"].get(sweep_metric)
-                if best is None or _better(value, best_value, sweep_metric):
-                    best, best_value = (s, w), value
+        # the default holds its place unless a point is strictly better (a tie is no reason to move)
+        values = {(p["srgb"], p["weight"]): p["metrics"].get(sweep_metric) for p in points}
+        best = default if default in values else next(iter(values))
+        for point, value in values.items():
+            if _better(value, values[best], sweep_metric):
+                best = point
         if best is not None and best != default:
             cfg_best = with_crf(data, True, bilateral_srgb=best[0], bilateral_weight=best[1])
             evals["crf_best"] = _evaluate(cfg_best, model_ref, split, out / "crf_best")
@@ -304,7 +308,7 @@ def markdown(
     if best is not None:
         names["crf_best"] = f"CRF, best on {sweep_split} (σ_rgb {best[0]:g}, w {best[1]:g})"
     head = "| | " + " | ".join(h for h, _, _, _ in COLUMNS) + " |"
-    lines = [f"CRF effect on the {split} split ({n} slices) of `{model_ref}`", "", head,
+    lines = [f"CRF effect on the {split} split ({n} slice{'' if n == 1 else 's'}) of `{model_ref}`", "", head,
              "|---|" + "---:|" * len(COLUMNS)]
     for variant, m in rows.items():
         lines.append(f"| {names[variant]} | " + " | ".join(_cell(m.get(k), f) for _, k, f, _ in COLUMNS) + " |")
@@ -363,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep appearance weights (default 3,4,5)")
     p.add_argument("--sweep-split", default="val", choices=["train", "val", "test"],
                    help="split the best sweep point is chosen on (default val)")
-    p.add_argument("--sweep-metric", default="dice", choices=list(HIGHER_IS_BETTER))
+    p.add_argument("--sweep-metric", default="dice", choices=list(SWEEP_METRICS))
     p.add_argument("--timing-slices", type=int, default=20, help="slices the time per slice is the median over")
     p.add_argument("--output-dir", default="outputs/compare", help="per-lesion CSVs and the default MLflow store")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///<output-dir>/mlflow.db)")

@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -49,12 +49,12 @@ class DataConfig:
     #: physical distance between neighbouring context slices, in mm (DeepLesion / DICOM / NIfTI)
     slice_offset_mm: float = 2.0
     #: "dicom" uses each row's DICOM window (DeepLesion); "fixed" uses window_range
-    window: str = "dicom"
+    window: Literal["dicom", "fixed"] = "dicom"
     window_range: list[float] = field(default_factory=lambda: [-1024.0, 3071.0])
     #: resample in-plane to this mm/px (None keeps the native spacing)
     spacing_mm: float | None = None
     #: DeepLesion: how RECIST marks become masks ("ellipse" | "grabcut")
-    recist_mask: str = "ellipse"
+    recist_mask: Literal["ellipse", "grabcut"] = "ellipse"
     include_noisy: bool = False
     #: DeepLesion coarse lesion types to keep (empty = all)
     lesion_types: list[int] = field(default_factory=list)
@@ -134,18 +134,18 @@ class TrainConfig:
     #: optimizer steps per epoch (None = one pass over the training set)
     steps_per_epoch: int | None = None
     batch_size: int = 8
-    optimizer: str = "adam"
+    optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-3
     momentum: float = 0.99
     weight_decay: float = 0.0
     #: "poly" (power 0.9), "cosine" or "constant"
-    schedule: str = "poly"
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
     poly_power: float = 0.9
     grad_clip: float | None = 1.0
     #: "auto" = CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
     device: str = "auto"
     #: mixed precision: "auto" = on for CUDA
-    amp: str = "auto"
+    amp: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
     val_every: int = 1
     #: validation metric that picks the best checkpoint (higher is better)
@@ -187,11 +187,11 @@ class InferenceConfig:
     """How a trained model predicts a slice."""
 
     #: "whole" runs the model on the whole slice; "sliding" tiles it
-    mode: str = "whole"
+    mode: Literal["whole", "sliding"] = "whole"
     tile_size: list[int] = field(default_factory=lambda: [256, 256])
     overlap: float = 0.25
     #: "gaussian" blending or "constant"
-    blend: str = "gaussian"
+    blend: Literal["gaussian", "constant"] = "gaussian"
     batch_size: int = 4
     crf: CRFConfig = field(default_factory=CRFConfig)
 
@@ -248,6 +248,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{key} = {value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not one of: {', '.join(map(str, choices))}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")

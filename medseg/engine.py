@@ -444,6 +444,10 @@ class Trainer:
         if run_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             run_dir = Path(cfg.output_dir) / cfg.name / f"{cfg.model.name}-{stamp}"
+            n = 1
+            while run_dir.exists():  # two runs started in the same second get their own folders
+                n += 1
+                run_dir = Path(cfg.output_dir) / cfg.name / f"{cfg.model.name}-{stamp}-{n}"
             if self.world > 1:  # every rank uses rank 0's folder
                 import torch.distributed as dist
 
@@ -691,8 +695,10 @@ class Trainer:
                 record: dict[str, float] = {"epoch": self.epoch, "train_loss": float(np.mean(epoch_losses))
                                             if epoch_losses else float("nan")}
                 self.tracker.log_metrics({"train/epoch_loss": record["train_loss"]}, self.step)
+                time_up = bool(t.time_limit_min and time.monotonic() - started > 60 * t.time_limit_min)
+                last = self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps) or time_up
                 stop = False
-                if self.epoch % t.val_every == 0 or self.epoch >= t.epochs or (t.max_steps and self.step >= t.max_steps):
+                if self.epoch % t.val_every == 0 or last:  # the final weights are always validated
                     stop = self._after_validation(record)
                 self.history.append(record)
                 self.save_checkpoint()
@@ -700,7 +706,7 @@ class Trainer:
                 if stop:
                     reason = "early_stopping"
                     break
-                if t.time_limit_min and time.monotonic() - started > 60 * t.time_limit_min:
+                if time_up:
                     reason = "time_limit"
                     break
         except KeyboardInterrupt:
@@ -951,8 +957,13 @@ def run_training(
         ref = result.best_checkpoint or result.last_checkpoint
         if result.run_id:
             tracker.start("", "", run_id=result.run_id)
-        evaluations[split] = evaluate(cfg, ref, split, save_predictions=result.run_dir / f"predictions_{split}",
-                                      tracker=tracker)
+        try:
+            evaluations[split] = evaluate(cfg, ref, split, save_predictions=result.run_dir / f"predictions_{split}",
+                                          tracker=tracker)
+        except BaseException:
+            if result.run_id:
+                tracker.end("FAILED")
+            raise
         (result.run_dir / f"metrics_{split}.json").write_text(json.dumps(evaluations[split], indent=2, default=str))
         if result.run_id:
             tracker.log_artifact(result.run_dir / f"metrics_{split}.json", "evaluation")

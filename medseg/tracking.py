@@ -145,6 +145,8 @@ class MLflowTracker(Tracker):
         import torch
 
         reqs = [f"torch=={torch.__version__.split('+')[0]}", "medseg"]
+        # MLflow warns about pickle on every call; the choice is deliberate (see below)
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         with mlflow.start_run(run_id=self.run_id):
             # "pickle": medseg models take any input size; a traced pt2 graph would fix one
             mlflow.pytorch.log_model(model, name=name, pip_requirements=reqs, serialization_format="pickle")

@@ -145,57 +145,101 @@ def test_latest_finished_tagged_run_per_model(tmp_path: Path) -> None:
     assert "| unet | 0.200 | – |" in text and "| stdc | 0.500 | – |" in text
 
 
-def test_unknown_model_is_one_clear_error(capsys: pytest.CaptureFixture) -> None:
+def test_bad_input_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cm = _bench("compare_models")
     assert cm.main(["--models", "unet,segformer", "--budget-min", "1"]) == 2
     err = capsys.readouterr().err
     assert "segformer" in err and "deeplabv3plus" in err
+    # --table-only on a store that does not exist: an error naming it, and no empty store created
+    assert cm.main(["--table-only", "--output-dir", str(tmp_path / "none"), "--out", str(tmp_path / "t.md")]) == 2
+    assert str(tmp_path / "none" / "mlflow.db") in capsys.readouterr().err
+    assert not (tmp_path / "none").exists() and not (tmp_path / "t.md").exists()
 
 
-@pytest.mark.slow
-def test_crf_effect_with_and_without_crf(zoo: dict[str, Any], tmp_path: Path) -> None:
+def _biased_checkpoint(run_dir: Path, dest: Path) -> Path:
+    """The run's U-Net with its head's lesion bias raised so ≈ 20 % of test pixels are lesion.
+
+    A 2-step model predicts no lesion at all, which would make every Dice below 0 = 0.
+    """
+    from medseg.config import from_dict
+    from medseg.data import build_dataset
+    from medseg.engine import load_model, predict_logits
+    from medseg.transforms import build_transforms
+
+    model, info = load_model(run_dir)
+    cfg = from_dict(info["config"])
+    data, tf = build_dataset(cfg.data, "test"), build_transforms(cfg.transforms, train=False)
+    margins = []
+    for i in range(len(data)):
+        image = torch.from_numpy(np.asarray(tf(dict(data[i]))["image"], dtype=np.float32))[None]
+        logits = predict_logits(model, image, cfg, torch.device("cpu"))[0]
+        margins.append((logits[0] - logits[1]).flatten().numpy())
+    ckpt = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    ckpt["model"]["head.bias"][1] += float(np.quantile(np.concatenate(margins), 0.8))
+    torch.save(ckpt, dest)
+    return dest
+
+
+def _dice_by_hand(ref: Path, crf: bool) -> tuple[float, int]:
+    """Lesion-class pixel Dice over the test split with NumPy (argmax or crf_labels), and lesion pixels predicted."""
     from medseg.config import CRFConfig, from_dict
     from medseg.crf import crf_labels
     from medseg.data import build_dataset
     from medseg.engine import load_model, predict_logits
     from medseg.transforms import build_transforms
 
-    ce = _bench("crf_effect")
-    run = zoo["runs"]["unet"]
-    res = ce.run_crf_effect(str(run.run_dir), "test", output_dir=tmp_path, tracking_uri=zoo["uri"], sweep=True,
-                            srgb_values=(3.0, 20.0), weight_values=(4.0,), sweep_split="val", timing_slices=2)
-    client = _client(zoo["uri"])
-    # without the CRF this is exactly the evaluation the zoo run logged after training
-    assert res["rows"]["no_crf"]["dice"] == pytest.approx(client.get_run(run.run_id).data.metrics["test/dice"])
-
-    # with it: the lesion-class pixel Dice recomputed here with NumPy from crf_labels
-    model, info = load_model(run.run_dir)
+    model, info = load_model(ref)
     cfg = from_dict(info["config"])
-    data = build_dataset(cfg.data, "test")
-    tf = build_transforms(cfg.transforms, train=False)
+    data, tf = build_dataset(cfg.data, "test"), build_transforms(cfg.transforms, train=False)
     tp = fp = fn = 0
-    fg_pred = 0
     for i in range(len(data)):
         s = tf(dict(data[i]))
-        probs = torch.softmax(predict_logits(model, s["image"][None], cfg, torch.device("cpu")), 1)[0].numpy()
-        pred = crf_labels(probs, s["image"][s["image"].shape[0] // 2].numpy(), CRFConfig(enabled=True)) == 1
+        image = np.asarray(s["image"], dtype=np.float32)
+        probs = torch.softmax(predict_logits(model, torch.from_numpy(image)[None], cfg, torch.device("cpu")), 1)[0]
+        if crf:
+            pred = crf_labels(probs.numpy(), image[image.shape[0] // 2], CRFConfig(enabled=True)) == 1
+        else:
+            pred = probs.numpy().argmax(0) == 1
         truth = np.asarray(s["truth"][0]) > 0
         tp += int((pred & truth).sum())
         fp += int((pred & ~truth).sum())
         fn += int((~pred & truth).sum())
-        fg_pred += int(pred.sum())
-    expected = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-    assert res["rows"]["crf"]["dice"] == pytest.approx(expected, abs=1e-9)
-    assert fg_pred > 0, "the 2-step model predicts no lesion pixel: the CRF check above would be vacuous"
+    return (2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0), tp + fp
+
+
+@pytest.mark.slow
+def test_crf_effect_with_and_without_crf(zoo: dict[str, Any], tmp_path: Path) -> None:
+    ce = _bench("crf_effect")
+    run = zoo["runs"]["unet"]
+    client = _client(zoo["uri"])
+    # without the CRF, the zoo run's own model scores exactly what its run logged after training
+    plain = ce.run_crf_effect(str(run.run_dir), "test", output_dir=tmp_path, timing_slices=1, track=False)
+    assert plain["rows"]["no_crf"]["dice"] == pytest.approx(client.get_run(run.run_id).data.metrics["test/dice"])
+    assert plain["run_id"] is None
+
+    ckpt = _biased_checkpoint(run.run_dir, tmp_path / "biased.pt")
+    res = ce.run_crf_effect(str(ckpt), "test", output_dir=tmp_path, tracking_uri=zoo["uri"], sweep=True,
+                            srgb_values=(3.0, 20.0), weight_values=(4.0,), sweep_split="val", timing_slices=2)
+    for variant, crf in (("no_crf", False), ("crf", True)):
+        dice, predicted = _dice_by_hand(ckpt, crf)
+        assert predicted > 0, f"{variant}: no lesion pixel predicted, the Dice check would be vacuous"
+        assert res["rows"][variant]["dice"] == pytest.approx(dice, abs=1e-9), variant
+    assert res["rows"]["crf"]["dice"] != res["rows"]["no_crf"]["dice"]
 
     mrun = client.get_run(res["run_id"])
     assert mrun.data.tags["crf_effect"] == "1" and mrun.info.status == "FINISHED"
     m = mrun.data.metrics
-    assert m["crf/dice"] == pytest.approx(expected) and m["no_crf/dice"] == res["rows"]["no_crf"]["dice"]
+    assert m["crf/dice"] == res["rows"]["crf"]["dice"] and m["no_crf/dice"] == res["rows"]["no_crf"]["dice"]
     assert m["delta/dice"] == pytest.approx(m["crf/dice"] - m["no_crf/dice"])
     assert m["no_crf/ms_per_slice"] > 0 and m["crf/ms_per_slice"] > 0
     assert {"sweep/srgb3_w4/dice", "sweep/srgb20_w4/dice"} <= set(m)
     assert mrun.data.params["crf.bilateral_srgb"] == "3.0" and mrun.data.params["sweep.split"] == "val"
+    best = res["best"]
+    assert best in {(3.0, 4.0), (20.0, 4.0)}
+    sweep = {(p["srgb"], p["weight"]): p["metrics"]["dice"] for p in res["sweep"]}
+    assert sweep[best] == max(sweep.values())
     md = Path(client.download_artifacts(res["run_id"], "crf_effect.md", str(tmp_path))).read_text()
     assert md == res["markdown"]
-    assert "| no CRF | " in md and "Δ default CRF − no CRF" in md and "| 20 | 4 |" in md
+    assert "Δ default CRF − no CRF" in md and "| 3 (default)" in md
+    assert sum(line.startswith("| 20") for line in md.splitlines()) == 1
+    assert f"| no CRF | {res['rows']['no_crf']['dice']:.3f} |" in md

@@ -123,3 +123,10 @@ def test_readme_documents_every_config_key() -> None:
         if f"`{key}`" not in readme and f".{last}`" not in readme and f"`{key}," not in readme:
             missing.append(key)
     assert not missing, f"README config reference lacks: {missing}"
+
+
+@pytest.mark.parametrize("override", ["inference.mode=tiles", "train.schedule=step", "data.window=lung"])
+def test_choice_keys_list_valid_values(tmp_path: Path, override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}.*is not one of"):
+        load_config(write(tmp_path / "p.yaml", {}), [override])

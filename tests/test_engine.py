@@ -182,3 +182,12 @@ def test_two_process_ddp_on_cpu(demo_root: Path, tmp_path: Path) -> None:
     exp = client.get_experiment_by_name("quickstart")
     found = client.search_runs([exp.experiment_id])
     assert len(found) == 1 and found[0].info.status == "FINISHED"
+
+
+def test_time_limit_still_validates_final_weights(demo_root: Path, tmp_path: Path) -> None:
+    ov = tiny_overrides(demo_root, tmp_path, **{"train.max_steps": None, "train.epochs": 50, "train.steps_per_epoch": 1,
+                                                 "train.val_every": 100, "train.time_limit_min": 1e-6,
+                                                 "tracking.enabled": False})
+    result, _ = run_training(load_config(QUICK, ov))
+    assert result.stopped_reason == "time_limit" and result.epochs_done == 1
+    assert result.best_checkpoint is not None and "val_dice" in result.history[-1]
