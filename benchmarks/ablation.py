@@ -1,0 +1,115 @@
+"""Ablation of the U-Net paper's two training ideas on the quick start, read back from MLflow.
+
+Four runs of ``pipelines/quickstart.yaml`` with the same data, schedule and budget:
+
+* ``full``         — border weight map (w0 = 10, σ = 5 px) + 3×3 elastic deformation (σ = 10 px)
+* ``no_border``    — ``transforms.weight_map.w0=0`` (the class-balancing term w_c stays)
+* ``no_elastic``   — ``transforms.elastic.enabled=false``
+* ``neither``      — both off
+
+Each run is tagged ``ablation=<variant>`` in the ``ablation`` experiment; the table is built only
+from MLflow (the newest finished run per variant), so ``--table-only`` rebuilds it any time.
+
+Usage::
+
+    python benchmarks/ablation.py [--variants full,no_border] [--threads 2] [--out docs/ablation.md]
+    python benchmarks/ablation.py --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = "ablation"
+VARIANTS: dict[str, list[str]] = {
+    "full": [],
+    "no_border": ["transforms.weight_map.w0=0"],
+    "no_elastic": ["transforms.elastic.enabled=false"],
+    "neither": ["transforms.weight_map.w0=0", "transforms.elastic.enabled=false"],
+}
+COLUMNS = [("test/dice", "test Dice"), ("test/lesion_dice", "lesion Dice"), ("test/hd95", "HD95 (mm)"),
+           ("test/lesion_sensitivity", "sensitivity"), ("test/fp_per_image", "FP / image"),
+           ("best/dice", "best val Dice")]
+
+
+def tracking_uri(output_dir: Path) -> str:
+    """The MLflow store the ablation runs log into."""
+    from medseg.tracking import default_tracking_uri
+
+    return default_tracking_uri(output_dir)
+
+
+def run_variant(name: str, output_dir: Path, extra: list[str]) -> str:
+    """Train and evaluate one variant; returns its MLflow run id."""
+    from mlflow.tracking import MlflowClient
+
+    from medseg.config import load_config
+    from medseg.engine import run_training
+
+    overrides = [f"output_dir={output_dir}", f"tracking.experiment={EXPERIMENT}", *VARIANTS[name], *extra]
+    result, _ = run_training(load_config(ROOT / "pipelines" / "quickstart.yaml", overrides),
+                             pipeline_path=ROOT / "pipelines" / "quickstart.yaml")
+    client = MlflowClient(tracking_uri=tracking_uri(output_dir))
+    client.set_tag(result.run_id, "ablation", name)
+    client.log_text(result.run_id, "\n".join(overrides), "ablation/overrides.txt")
+    return result.run_id
+
+
+def table(output_dir: Path) -> str:
+    """Markdown table of the newest finished run per variant, read from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(output_dir))
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        raise SystemExit(f"no '{EXPERIMENT}' experiment in {tracking_uri(output_dir)}: run the ablation first")
+    rows = []
+    for name in VARIANTS:
+        runs = client.search_runs([exp.experiment_id], f"tags.ablation = '{name}' and attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            rows.append((name, runs[0]))
+    head = "| variant | " + " | ".join(c for _, c in COLUMNS) + " | steps | run |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    for name, run in rows:
+        m: dict[str, Any] = run.data.metrics
+        cells = [f"{m[k]:.3f}" if k in m else "–" for k, _ in COLUMNS]
+        steps = max((h.step for h in client.get_metric_history(run.info.run_id, "train/loss")), default=0)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {steps} | `{run.info.run_id[:8]}` |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--output-dir", default=str(ROOT / "outputs" / "ablation"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (train.threads)")
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    out_dir = Path(args.output_dir)
+    if not args.table_only:
+        extra = list(args.overrides) + ([f"train.threads={args.threads}"] if args.threads else [])
+        for name in args.variants.split(","):
+            if name not in VARIANTS:
+                raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)}")
+            print(f"== {name}", flush=True)
+            run_variant(name, out_dir, extra)
+    text = table(out_dir)
+    print(text)
+    if args.out:
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
