@@ -7,8 +7,9 @@ Four runs of ``pipelines/quickstart.yaml`` with the same data, schedule and budg
 * ``no_elastic``   — ``transforms.elastic.enabled=false``
 * ``neither``      — both off
 
-Each run is tagged ``ablation=<variant>`` in the ``ablation`` experiment; the table is built only
-from MLflow (the newest finished run per variant), so ``--table-only`` rebuilds it any time.
+Each run is tagged ``ablation=<variant>`` (in the ``ablation`` experiment; a quick-start run may be
+tagged ``ablation=full`` by hand with ``--tag-run RUN_ID``); the table is built only from MLflow (the
+newest finished run per variant, any experiment of the store), so ``--table-only`` rebuilds it.
 
 Usage::
 
@@ -65,12 +66,11 @@ def table(output_dir: Path) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri(output_dir))
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        raise SystemExit(f"no '{EXPERIMENT}' experiment in {tracking_uri(output_dir)}: run the ablation first")
+    # every experiment of the store: the quick start's own run may be tagged ablation=full
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
     rows = []
     for name in VARIANTS:
-        runs = client.search_runs([exp.experiment_id], f"tags.ablation = '{name}' and attributes.status = 'FINISHED'",
+        runs = client.search_runs(exp_ids, f"tags.ablation = '{name}' and attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         if runs:
             rows.append((name, runs[0]))
@@ -91,10 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default=str(ROOT / "outputs" / "ablation"))
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (train.threads)")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--tag-run", metavar="RUN_ID", help="tag an existing quick-start run as the 'full' variant")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     out_dir = Path(args.output_dir)
+    if args.tag_run:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=tracking_uri(out_dir)).set_tag(args.tag_run, "ablation", "full")
     if not args.table_only:
         extra = list(args.overrides) + ([f"train.threads={args.threads}"] if args.threads else [])
         for name in args.variants.split(","):

@@ -144,7 +144,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     #: "auto" = CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
     device: str = "auto"
-    #: mixed precision: "auto" = on for CUDA
+    #: mixed precision: "auto" = float16 on CUDA only; "on" = also bfloat16 autocast on the CPU
     amp: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
     val_every: int = 1

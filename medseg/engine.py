@@ -56,12 +56,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def use_amp(setting: str, device: torch.device) -> bool:
-    """Mixed precision: ``auto`` = on for CUDA only; ``on``/``off`` force it."""
+    """Mixed precision: ``auto`` = on for CUDA only; ``on`` = also on the CPU (bfloat16); ``off``."""
     if setting == "auto":
         return device.type == "cuda"
     if setting not in ("on", "off"):
         raise TrainingError(f"train.amp must be auto, on or off, got {setting!r}")
-    return setting == "on" and device.type == "cuda"
+    return setting == "on"
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """float16 (with loss scaling) on CUDA; bfloat16 on the CPU, where it needs no scaling."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -302,7 +307,7 @@ def predict_logits(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
     image = image.to(device)
     inf = cfg.inference
     amp = use_amp(cfg.train.amp, device)
-    with torch.autocast(device.type, enabled=amp):
+    with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
         if inf.mode == "whole":
             out = model(image)
         elif inf.mode == "sliding":
@@ -424,7 +429,8 @@ class Trainer:
             self.model = DistributedDataParallel(self.net, device_ids=ids)
         self.loss_fn = LOSSES.build(cfg.loss.name, cfg.loss.params)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        # loss scaling is for float16 on CUDA only (bfloat16 has float32's range)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
 
         self.steps_per_epoch = t.steps_per_epoch or max(
             1, math.ceil(len(self.train_set) / (t.batch_size * self.world))
@@ -571,7 +577,7 @@ class Trainer:
         weight = batch.get("weight")
         weight = weight.to(self.device, non_blocking=True) if weight is not None else None
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=amp_dtype(self.device), enabled=self.amp):
             logits = self.model(image)
         loss = self.loss_fn(logits.float(), label, weight)
         extra = getattr(self.net, "extra_loss", None)

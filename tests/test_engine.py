@@ -191,3 +191,23 @@ def test_time_limit_still_validates_final_weights(demo_root: Path, tmp_path: Pat
     result, _ = run_training(load_config(QUICK, ov))
     assert result.stopped_reason == "time_limit" and result.epochs_done == 1
     assert result.best_checkpoint is not None and "val_dice" in result.history[-1]
+
+
+def test_amp_setting() -> None:
+    from medseg.engine import amp_dtype, use_amp
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_amp("auto", cuda) and not use_amp("auto", cpu)
+    assert use_amp("on", cpu) and not use_amp("off", cuda)
+    assert amp_dtype(cpu) == torch.bfloat16 and amp_dtype(cuda) == torch.float16
+
+
+def test_bfloat16_autocast_trains_on_cpu(demo_root: Path, tmp_path: Path) -> None:
+    ov = tiny_overrides(demo_root, tmp_path, **{"train.amp": "on", "tracking.enabled": False})
+    trainer = Trainer(load_config(QUICK, ov))
+    assert trainer.amp and not trainer.scaler.is_enabled()
+    result = trainer.fit()
+    assert result.steps_done == 2
+    weights = _weights(result.last_checkpoint)
+    assert all(v.dtype != torch.bfloat16 for v in weights.values())  # master weights stay float32
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
