@@ -250,6 +250,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key} = {value!r} has the wrong type; expected {_type_name(tp)}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value not in choices:
             raise ConfigError(f"{key} = {value!r} is not one of: {', '.join(map(str, choices))}")
         return value

@@ -130,3 +130,9 @@ def test_choice_keys_list_valid_values(tmp_path: Path, override: str) -> None:
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"{key}.*is not one of"):
         load_config(write(tmp_path / "p.yaml", {}), [override])
+
+
+def test_bare_on_off_reads_as_choice(tmp_path: Path) -> None:
+    p = write(tmp_path / "p.yaml", {})
+    assert load_config(p, ["train.amp=on"]).train.amp == "on"
+    assert load_config(p, ["train.amp=off"]).train.amp == "off"
