@@ -795,7 +795,7 @@ def save_overlay_grid(examples: list[dict[str, Any]], path: Path, title: str = "
             ax.set_title(f"{name} {ex['title'] if name == 'image' else ''}", fontsize=8)
             ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (3 * n)))  # leave room for the title
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=80)
