@@ -242,3 +242,22 @@ class PooledBatchNorm2d(nn.BatchNorm2d):
         if self.training and x.numel() // x.shape[1] <= 1:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         return super().forward(x)
+
+
+def init_he(module: nn.Module) -> None:
+    """The initialisation every medseg model uses for its freshly built layers.
+
+    He-normal (fan-out, ReLU) convolutions with zero biases, unit-γ / zero-β normalisation layers,
+    and N(0, 0.001²) linear weights (STDC's classifier) — torchvision's and the reference
+    implementations' scheme. Applied to a sub-module, it leaves the rest of the model untouched.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.001)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from medseg.models.blocks import ConvBNReLU, conv3x3_unit, resize_to
+from medseg.models.blocks import ConvBNReLU, conv3x3_unit, init_he, resize_to
 from medseg.models.resnet import RESNET_LAYERS, ResNetBackbone
 from medseg.models.xception import XceptionBackbone
 from medseg.registry import MODELS
@@ -56,18 +56,6 @@ def build_backbone(
     if pretrained is not None:
         net.load_pretrained(pretrained)
     return net
-
-
-def _init_head(module: nn.Module) -> None:
-    """He-normal convs and unit BN in a freshly built head (the backbone keeps its own init)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class ImagePooling(nn.Module):
@@ -187,8 +175,8 @@ class DeepLabV3(nn.Module):
             dropout,
         )
         self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
-        _init_head(self.aspp)
-        _init_head(self.classifier)
+        init_he(self.aspp)
+        init_he(self.classifier)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_channels, H, W)`` → logits ``(B, num_classes, H, W)``."""
@@ -266,7 +254,7 @@ class DeepLabV3Plus(nn.Module):
         )
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
         for head in (self.aspp, self.low_proj, self.decoder, self.classifier):
-            _init_head(head)
+            init_he(head)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_channels, H, W)`` → logits ``(B, num_classes, H, W)``."""

@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medseg.models.vgg import VGG16Features, init_vgg_weights
+from medseg.models.blocks import init_he
+from medseg.models.vgg import VGG16Features
 from medseg.registry import MODELS
 
 
@@ -87,7 +88,7 @@ class DeepLabLargeFOV(nn.Module):
             nn.Dropout(dropout),
         )
         self.classifier = nn.Conv2d(fc_channels, num_classes, 1)
-        init_vgg_weights(self.head)
+        init_he(self.head)
         # the paper initialises the new classifier with N(0, 0.01²)
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medseg.models.vgg import VGG16Features, init_vgg_weights
+from medseg.models.blocks import init_he
+from medseg.models.vgg import VGG16Features
 from medseg.registry import MODELS
 
 
@@ -97,7 +98,7 @@ class FCN8s(nn.Module):
         layers += [nn.BatchNorm2d(fc_channels)] if batch_norm else []
         layers += [nn.ReLU(inplace=True), nn.Dropout(dropout)]
         self.fc = nn.Sequential(*layers)
-        init_vgg_weights(self.fc)
+        init_he(self.fc)
         self.score_fr = nn.Conv2d(fc_channels, num_classes, 1)
         self.score_pool4 = nn.Conv2d(c4, num_classes, 1)
         self.score_pool3 = nn.Conv2d(c3, num_classes, 1)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medseg.models.blocks import ConvBNReLU, PooledBatchNorm2d, resize_to
+from medseg.models.blocks import ConvBNReLU, PooledBatchNorm2d, init_he, resize_to
 from medseg.models.resnet import build_resnet
 from medseg.registry import MODELS
 
@@ -112,11 +112,9 @@ class PSPNet(nn.Module):
             self.aux_head = nn.Sequential(
                 ConvBNReLU(cm, cm // 4, 3), nn.Dropout2d(dropout), nn.Conv2d(cm // 4, num_classes, 1)
             )
-        for m in [*self.ppm.modules(), *self.head.modules(), *(self.aux_head.modules() if self.aux_head else [])]:
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        for part in (self.ppm, self.head, self.aux_head):
+            if part is not None:
+                init_he(part)
         self._aux_logits: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from medseg.models.blocks import load_local_weights
+from medseg.models.blocks import init_he, load_local_weights
 
 #: blocks per stage and block type of the standard depths
 RESNET_LAYERS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -160,16 +160,7 @@ class ResNetBackbone(nn.Module):
         self.low_channels = 64 * block.expansion
         self.mid_channels = 256 * block.expansion
         self.out_channels = 512 * block.expansion
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """He-normal convs and unit-γ, zero-β BN (torchvision's initialisation)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_he(self)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Stage features.

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medseg.models.blocks import ConvBNReLU, PooledBatchNorm2d, resize_to
+from medseg.models.blocks import ConvBNReLU, PooledBatchNorm2d, init_he, resize_to
 from medseg.registry import MODELS
 
 #: STDC modules in stages 3, 4, 5.
@@ -138,7 +138,7 @@ class STDCNet(nn.Module):
                     "linear": nn.Linear(c_last, classifier_classes, bias=False),
                 }
             )
-        _init_stdc(self)
+        init_he(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(B, C, H, W)`` → features at strides 2, 4, 8, 16, 32."""
@@ -198,20 +198,6 @@ class SegHead(nn.Sequential):
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int) -> None:
         super().__init__(ConvBNReLU(in_channels, mid_channels, 3), nn.Conv2d(mid_channels, out_channels, 1, bias=False))
-
-
-def _init_stdc(module: nn.Module) -> None:
-    """He-normal (fan-out) convs, unit BN, N(0, 0.001²) linears — the reference initialisation."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.001)
 
 
 LAPLACIAN = ((-1.0, -1.0, -1.0), (-1.0, 8.0, -1.0), (-1.0, -1.0, -1.0))
@@ -308,7 +294,7 @@ class STDCSeg(nn.Module):
         self.detail_weight = detail_weight
         self.aux_heads = nn.ModuleList([SegHead(ctx, base, num_classes) for _ in range(2)]) if aux_weight else None
         self.detail_head = SegHead(c8, base, 1) if detail_loss else None
-        _init_stdc(self)
+        init_he(self)
         self._train_outputs: dict[str, Tensor] = {}
 
     def forward(self, x: Tensor) -> Tensor:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from medseg.models.blocks import init_he
+
 #: (convolutions, channel multiplier of ``width``) for VGG-16's five blocks.
 VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((2, 1), (2, 2), (3, 4), (3, 8), (3, 8))
 
@@ -71,7 +73,7 @@ class VGG16Features(nn.Module):
             self.channels.append(c_out)
             self.strides.append(stride)
         self.blocks = nn.ModuleList(blocks)
-        init_vgg_weights(self)
+        init_he(self)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """``(B, C, H, W)`` → ``[pool1, pool2, pool3, pool4, pool5]``."""
@@ -80,15 +82,3 @@ class VGG16Features(nn.Module):
             x = block(x)
             feats.append(x)
         return feats
-
-
-def init_vgg_weights(module: nn.Module) -> None:
-    """He-normal convs (fan-out, ReLU) and zero biases, as torchvision initialises VGG."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)

@@ -22,7 +22,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from medseg.models.blocks import ConvBNReLU, SeparableConv, load_local_weights
+from medseg.models.blocks import ConvBNReLU, SeparableConv, init_he, load_local_weights
 
 
 def atrous_plan(strides: list[int], output_stride: int, stem_stride: int = 2) -> list[tuple[int, int]]:
@@ -133,9 +133,7 @@ class XceptionBackbone(nn.Module):
         self.exit1 = XceptionBlock(728, (728, 1024, 1024), *plan[-2])
         self.exit2 = XceptionBlock(1024, (1536, 1536, 2048), *plan[-1], skip="none", relu_inside=True)
         self.low_channels, self.mid_channels, self.out_channels = 256, 728, 2048
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_he(self)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Features.
