@@ -120,6 +120,17 @@ def _aspp_rates(rates: tuple[int, ...] | None, output_stride: int) -> tuple[int,
     return tuple(r * 16 // output_stride for r in (6, 12, 18))
 
 
+def _encoder(
+    backbone: str, in_channels: int, output_stride: int, multi_grid: tuple[int, ...], pretrained: str | None,
+    aspp_channels: int, aspp_rates: tuple[int, ...] | None, separable: bool, image_pool_bn: bool, dropout: float,
+) -> tuple[nn.Module, ASPP]:
+    """The DeepLab v3 / v3+ encoder: an atrous backbone and the ASPP on its output."""
+    net = build_backbone(backbone, in_channels, output_stride, multi_grid, pretrained)
+    aspp = ASPP(net.out_channels, aspp_channels, _aspp_rates(aspp_rates, output_stride), separable, image_pool_bn,
+                dropout)
+    return net, aspp
+
+
 @MODELS.register("deeplabv3")
 class DeepLabV3(nn.Module):
     """DeepLab v3: atrous backbone → ASPP → 1×1 classifier → bilinear upsampling.
@@ -165,15 +176,8 @@ class DeepLabV3(nn.Module):
         pretrained_backbone: str | None = None,
     ) -> None:
         super().__init__()
-        self.backbone = build_backbone(backbone, in_channels, output_stride, multi_grid, pretrained_backbone)
-        self.aspp = ASPP(
-            self.backbone.out_channels,
-            aspp_channels,
-            _aspp_rates(aspp_rates, output_stride),
-            separable,
-            image_pool_bn,
-            dropout,
-        )
+        self.backbone, self.aspp = _encoder(backbone, in_channels, output_stride, multi_grid, pretrained_backbone,
+                                            aspp_channels, aspp_rates, separable, image_pool_bn, dropout)
         self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
         init_he(self.aspp)
         init_he(self.classifier)
@@ -238,15 +242,8 @@ class DeepLabV3Plus(nn.Module):
         pretrained_backbone: str | None = None,
     ) -> None:
         super().__init__()
-        self.backbone = build_backbone(backbone, in_channels, output_stride, multi_grid, pretrained_backbone)
-        self.aspp = ASPP(
-            self.backbone.out_channels,
-            aspp_channels,
-            _aspp_rates(aspp_rates, output_stride),
-            separable,
-            image_pool_bn,
-            dropout,
-        )
+        self.backbone, self.aspp = _encoder(backbone, in_channels, output_stride, multi_grid, pretrained_backbone,
+                                            aspp_channels, aspp_rates, separable, image_pool_bn, dropout)
         self.low_proj = ConvBNReLU(self.backbone.low_channels, low_level_channels, 1)
         self.decoder = nn.Sequential(
             conv3x3_unit(aspp_channels + low_level_channels, decoder_channels, separable=separable),
