@@ -1,6 +1,6 @@
 """Sliding-window vs whole-image inference: peak memory and time, plus the model-only time per slice.
 
-``medseg.engine.predict_logits`` with ``inference.mode = "sliding"`` (256² tiles, overlap 0.25,
+``medseg.inference.predict_logits`` with ``inference.mode = "sliding"`` (256² tiles, overlap 0.25,
 Gaussian blending, MONAI's ``sliding_window_inference``) against ``mode = "whole"`` (one forward
 pass) on a 2048² three-channel image, with the quick-start U-Net
 (``build_model("unet", 3, 2, {"base_channels": 16, "depth": 4})``, random weights from a fixed seed).
@@ -31,7 +31,7 @@ import torch
 from common import THREADS, median, repeat, report, set_threads
 
 from medseg.config import Config
-from medseg.engine import predict_logits
+from medseg.inference import predict_logits
 from medseg.models import build_model
 
 MODEL = ("unet", 3, 2, {"base_channels": 16, "depth": 4})

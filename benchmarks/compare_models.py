@@ -217,7 +217,8 @@ def inference_ms(model: Any, cfg: Any, in_channels: int = 3, size: int = INFER_S
     """
     import torch
 
-    from medseg.engine import predict_logits, resolve_device
+    from medseg.inference import predict_logits
+    from medseg.runtime import resolve_device
 
     device = resolve_device(cfg.train.device)
     model = model.to(device).eval()
@@ -254,13 +255,14 @@ def run_model(
         The MLflow run id, the run folder and the ``zoo/*`` metrics logged.
 
     Raises:
-        medseg.engine.TrainingError / ConfigError / DataError: as ``medseg train`` would.
+        medseg.runtime.TrainingError / ConfigError / DataError: as ``medseg train`` would.
     """
     import torch
     from mlflow.tracking import MlflowClient
 
+    from medseg.checkpoint import load_model
     from medseg.config import load_config
-    from medseg.engine import load_model, run_training
+    from medseg.engine import run_training
     from medseg.tracking import build_tracker, resolve_tracking_uri
 
     pipeline = ROOT / model.pipeline
@@ -437,7 +439,7 @@ def build_table(
     rebuild: str = "python benchmarks/compare_models.py --table-only",
 ) -> str:
     """Read the latest zoo runs from MLflow, format the table and (atomically) write it to ``out``."""
-    from medseg.engine import atomic_write_text
+    from medseg.checkpoint import atomic_write_text
 
     rows = table_rows(latest_zoo_runs(tracking_uri, experiment))
     if not rows:

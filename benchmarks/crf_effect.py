@@ -1,6 +1,6 @@
 """What the fully-connected CRF does to a trained model: the same evaluation with and without it.
 
-The model is scored by :func:`medseg.engine.evaluate` twice on one split, once with
+The model is scored by :func:`medseg.evaluation.evaluate` twice on one split, once with
 ``inference.crf.enabled: false`` and once with the DeepLab v2 CRF (the defaults of
 :class:`medseg.config.CRFConfig`: 10 iterations, smoothness w = 3, σ_xy = 1, appearance w = 4,
 σ_xy = 67, σ_rgb = 3). The appearance kernel's σ_rgb was chosen on 8-bit photographs; a windowed CT
@@ -67,8 +67,8 @@ def base_config(
     Raises:
         ValueError: an MLflow model URI without ``config`` (such a model carries no medseg config).
     """
+    from medseg.checkpoint import load_model
     from medseg.config import apply_override, load_config, to_dict
-    from medseg.engine import load_model
 
     if config is not None:
         data = to_dict(load_config(config))
@@ -104,8 +104,11 @@ def slice_times(model_ref: str, cfg_off: Any, cfg_on: Any, split: str, max_slice
     """
     import torch
 
+    from medseg.checkpoint import load_model
     from medseg.data import build_dataset, collate
-    from medseg.engine import TransformedDataset, load_model, postprocess, predict_logits, resolve_device
+    from medseg.data.loading import TransformedDataset
+    from medseg.inference import postprocess, predict_logits
+    from medseg.runtime import resolve_device
     from medseg.transforms import build_transforms
 
     device = resolve_device(cfg_off.train.device)
@@ -143,8 +146,8 @@ def slice_times(model_ref: str, cfg_off: Any, cfg_on: Any, split: str, max_slice
 
 
 def _evaluate(cfg: Any, model_ref: str, split: str, out_dir: Path) -> dict[str, Any]:
-    """:func:`medseg.engine.evaluate` with its per-lesion CSV written under ``out_dir``."""
-    from medseg.engine import evaluate
+    """:func:`medseg.evaluation.evaluate` with its per-lesion CSV written under ``out_dir``."""
+    from medseg.evaluation import evaluate
 
     cfg = dataclasses.replace(cfg, output_dir=str(out_dir))
     return evaluate(cfg, model_ref, split)
@@ -378,9 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison, write and print the table."""
+    from medseg.checkpoint import atomic_write_text
     from medseg.config import ConfigError
     from medseg.data.base import DataError
-    from medseg.engine import TrainingError, atomic_write_text
+    from medseg.runtime import TrainingError
     from medseg.tracking import resolve_tracking_uri
 
     args = build_parser().parse_args(argv)

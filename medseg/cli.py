@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="checkpoint file, medseg train output folder or MLflow model URI (runs:/ID/model)")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    p.add_argument("--save-predictions", metavar="DIR", help="write predicted masks as DIR/<series>/<slice>.png")
+    p.add_argument("--save-predictions", metavar="DIR", help="write predicted masks as DIR/<series>/<slice>.png, on each source slice's pixel grid")
     _add_set(p)
 
     p = sub.add_parser("demo-data", help="write a generated DeepLesion-format dataset")
@@ -78,18 +78,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``medseg evaluate``."""
     from medseg.config import load_config
     from medseg.data.prepare import prepare_data
-    from medseg.engine import evaluate
+    from medseg.evaluation import evaluate
     from medseg.tracking import build_tracker
 
     cfg = load_config(args.config, args.overrides)
     prepare_data(cfg.data)
     tracker = build_tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.output_dir)
     run_id = None
-    if cfg.tracking.enabled:
-        run_id = tracker.start(cfg.tracking.experiment or cfg.name, f"evaluate-{args.split}")
-        tracker.log_params({"model": str(args.model), "split": args.split})
-    result = evaluate(cfg, args.model, args.split, args.save_predictions, tracker=tracker)
-    tracker.end("FINISHED")
+    status = "FAILED"
+    try:
+        if cfg.tracking.enabled:
+            run_id = tracker.start(cfg.tracking.experiment or cfg.name, f"evaluate-{args.split}")
+            tracker.log_params({"model": str(args.model), "split": args.split})
+        result = evaluate(cfg, args.model, args.split, args.save_predictions, tracker=tracker)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)  # the MLflow run never stays RUNNING
     print(json.dumps(result["metrics"], indent=2, sort_keys=True))
     print(f"per-lesion table: {result['lesions_csv']}")
     if result["predictions"]:
@@ -116,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from medseg.config import ConfigError
     from medseg.data.base import DataError
-    from medseg.engine import TrainingError
     from medseg.registry import RegistryError
+    from medseg.runtime import TrainingError
 
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "demo-data": cmd_demo_data}
     try:

@@ -148,8 +148,10 @@ class TrainConfig:
     amp: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
     val_every: int = 1
-    #: validation metric that picks the best checkpoint (higher is better)
+    #: validation metric that picks the best checkpoint (any key validation reports, e.g. dice, hd95, loss)
     monitor: str = "dice"
+    #: "max" = a higher ``monitor`` is better (Dice, IoU); "min" = lower is better (HD95, loss)
+    monitor_mode: Literal["max", "min"] = "max"
     #: stop when ``monitor`` has not improved for this many validations (None = never)
     early_stop_patience: int | None = None
     num_workers: int = 0
@@ -157,8 +159,10 @@ class TrainConfig:
     threads: int | None = None
     #: number of validation examples drawn in the overlay grid
     overlay_count: int = 8
-    #: keep decoded (pre-augmentation) samples in memory after the first epoch
+    #: keep decoded (pre-augmentation) samples in memory (read once, before training, shared by workers)
     cache_samples: bool = True
+    #: memory bound of that cache in GB; samples past it are read from disk every epoch
+    cache_max_gb: float = 4.0
     #: also checkpoint every N optimizer steps inside an epoch (None = at epoch ends only)
     checkpoint_every_steps: int | None = None
     #: log loss and learning rate every N optimizer steps
@@ -197,6 +201,33 @@ class InferenceConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """The lesion-evaluation protocol (see :func:`medseg.metrics.match_lesions`), stated per run.
+
+    A predicted connected component matches a true lesion under ``match_rule``: ``overlap`` = they
+    share at least ``min_overlap_px`` pixels; ``iou`` = their IoU is at least ``iou_threshold``.
+    """
+
+    #: per-lesion evaluation (matching, lesion Dice, RECIST errors); off = pixel metrics only
+    lesion_metrics: bool = True
+    match_rule: Literal["overlap", "iou"] = "overlap"
+    iou_threshold: float = 0.5
+    min_overlap_px: int = 1
+    #: predicted components: 2 = 8-connected, 1 = 4-connected
+    connectivity: int = 2
+    #: surface Dice tolerance in mm
+    nsd_tolerance_mm: float = 2.0
+
+
+@dataclass
+class EvaluationConfig:
+    """How validation and ``medseg evaluate`` run (not what they measure: that is ``metrics``)."""
+
+    #: slices per forward pass (slices of different sizes go in separate batches, never padded)
+    batch_size: int = 4
+
+
+@dataclass
 class TrackingConfig:
     """MLflow tracking. ``uri`` None = a local store at ``<output_dir>/mlruns``."""
 
@@ -216,6 +247,8 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "outputs"
     #: the pipeline's name (defaults to the YAML file's stem)

@@ -44,6 +44,7 @@ __all__ = [
     "hd95",
     "label_components",
     "match_lesions",
+    "metric_names",
     "pixel_metrics",
     "size_stratum",
     "surface_dice",
@@ -647,6 +648,24 @@ class LesionMetrics:
 
 # ----------------------------------------------------------------------------- the suite
 
+#: the lesion keys that are also reported per size stratum and per lesion type (``<key>_<group>``)
+_GROUPED_LESION_KEYS = ("lesion_count", "lesion_dice", "lesion_sensitivity", "diameter_error_mm", "sape_long")
+_LESION_KEYS = ("lesion_count", "fp_per_image", "lesion_merges", "lesion_dice", "lesion_sensitivity",
+                "diameter_error_mm", "sape_long", "lesion_hd95", "short_axis_error_mm", "sape_short",
+                "recist_diameter_error_mm")
+
+
+def metric_names(num_classes: int, lesion_metrics: bool = True) -> list[str]:
+    """Every key :meth:`MetricSuite.compute` can report (some only when defined, e.g. ``hd95``)."""
+    names = ["pa", "mpa", "miou", "fwiou", "dice", *(f"dice_class_{i}" for i in range(num_classes)),
+             "hd95", "surface_dice", "hd95_one_empty"]
+    if lesion_metrics:
+        names += list(_LESION_KEYS)
+        groups = list(SIZE_STRATA) + sorted(set(COARSE_LESION_TYPES.values()))
+        names += [f"{k}_{g}" for g in groups for k in _GROUPED_LESION_KEYS]
+    return names
+
+
 
 class MetricSuite:
     """Everything the Trainer and ``evaluate`` report, fed one batch at a time.
@@ -662,6 +681,10 @@ class MetricSuite:
         match_rule: lesion matching rule (``"overlap"`` or ``"iou"``, see :func:`match_lesions`).
         iou_threshold: IoU needed under ``"iou"``.
         nsd_tolerance_mm: surface Dice tolerance in mm.
+        min_overlap_px: shared pixels needed under ``"overlap"``.
+        connectivity: 2 = 8-connected predicted components, 1 = 4-connected.
+
+    :meth:`from_config` builds one from the ``metrics`` config section, the protocol a run states.
 
     Example:
         >>> suite = MetricSuite(2)
@@ -678,14 +701,25 @@ class MetricSuite:
         match_rule: MatchRule = "overlap",
         iou_threshold: float = 0.5,
         nsd_tolerance_mm: float = 2.0,
+        min_overlap_px: int = 1,
+        connectivity: int = 2,
     ) -> None:
         self.num_classes = num_classes
         self.nsd_tolerance_mm = nsd_tolerance_mm
         self.confusion = ConfusionMatrix(num_classes)
-        self.lesions = LesionMetrics(match_rule, iou_threshold) if lesion_metrics else None
+        self.lesions = (LesionMetrics(match_rule, iou_threshold, min_overlap_px, connectivity)
+                        if lesion_metrics else None)
         self._hd: list[float] = []
         self._nsd: list[float] = []
         self._one_empty = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any, num_classes: int) -> MetricSuite:
+        """The suite for a :class:`medseg.config.MetricsConfig` (``cfg.metrics``)."""
+        if cfg.connectivity not in (1, 2):
+            raise ValueError(f"metrics.connectivity must be 1 or 2, got {cfg.connectivity}")
+        return cls(num_classes, cfg.lesion_metrics, cfg.match_rule, cfg.iou_threshold, cfg.nsd_tolerance_mm,
+                   cfg.min_overlap_px, cfg.connectivity)
 
     def reset(self) -> None:
         """Forget everything accumulated."""

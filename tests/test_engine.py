@@ -13,17 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from medseg.checkpoint import atomic_torch_save
 from medseg.config import load_config
-from medseg.engine import (
-    EpochSampler,
-    Trainer,
-    TrainingError,
-    atomic_torch_save,
-    lr_factor,
-    run_training,
-    sample_seed,
-)
+from medseg.data.loading import EpochSampler
+from medseg.engine import Trainer, run_training
+from medseg.optim import lr_factor
 from medseg.registry import LOSSES
+from medseg.runtime import TrainingError, sample_seed
 from medseg.tracking import build_tracker
 from tests.conftest import tiny_overrides
 
@@ -45,10 +41,14 @@ def test_lr_factor_poly_and_cosine() -> None:
 def test_epoch_sampler_is_deterministic_and_resumable() -> None:
     a = EpochSampler(10, 25, seed=1, epoch=3)
     assert list(a) == list(EpochSampler(10, 25, seed=1, epoch=3))
-    assert list(a) != list(EpochSampler(10, 25, seed=1, epoch=4))
-    idx = list(a)
+    assert [i for _, i in a] != [i for _, i in EpochSampler(10, 25, seed=1, epoch=4)]
+    assert {e for e, _ in a} == {3}  # each index carries its epoch (persistent workers seed with it)
+    idx = [i for _, i in a]
     assert len(idx) == 25 and sorted(idx[:10]) == list(range(10))  # whole permutations first
-    assert list(EpochSampler(10, 25, seed=1, epoch=3, start=8)) == idx[8:]
+    assert [i for _, i in EpochSampler(10, 25, seed=1, epoch=3, start=8)] == idx[8:]
+    b = EpochSampler(10, 25, seed=1, epoch=0)
+    b.set_epoch(3, 25, start=8)  # one sampler moved on equals a fresh one
+    assert list(b) == list(EpochSampler(10, 25, seed=1, epoch=3, start=8))
     assert sample_seed(0, 1, 2) != sample_seed(0, 1, 3) != sample_seed(0, 2, 2)
 
 
@@ -194,7 +194,7 @@ def test_time_limit_still_validates_final_weights(demo_root: Path, tmp_path: Pat
 
 
 def test_amp_setting() -> None:
-    from medseg.engine import amp_dtype, use_amp
+    from medseg.runtime import amp_dtype, use_amp
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert use_amp("auto", cuda) and not use_amp("auto", cpu)

@@ -32,14 +32,20 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 log = logging.getLogger("medseg.data")
 
 SPLITS = ("train", "val", "test", "all")
+
+
+#: 8-connectivity: lesion pixels touching at a corner belong to one object
+_CONNECTIVITY = ndimage.generate_binary_structure(2, 2)
 
 
 class DataError(ValueError):
@@ -129,8 +135,9 @@ def stack_context(
 def resample_sample(sample: dict[str, Any], target_mm: float | None) -> dict[str, Any]:
     """Resample ``image`` (linear), ``label`` and ``instance`` (nearest) to ``target_mm`` mm/px.
 
-    Updates ``meta["spacing"]``; keeps the original spacing in ``meta["native_spacing"]`` and the
-    scale factors in ``meta["resample_scale"]`` (new / old pixels). A no-op for ``None``.
+    Updates ``meta["spacing"]``; keeps the original spacing in ``meta["native_spacing"]``, the
+    original ``(H, W)`` in ``meta["source_shape"]`` and the scale factors in ``meta["resample_scale"]``
+    (new / old pixels). A no-op for ``None``. :func:`to_source_grid` is its inverse for masks.
     """
     if target_mm is None:
         return sample
@@ -156,10 +163,85 @@ def resample_sample(sample: dict[str, Any], target_mm: float | None) -> dict[str
             ).astype(arr.dtype)
     meta = dict(sample["meta"])
     meta["native_spacing"] = [sy, sx]
+    meta["source_shape"] = [int(h), int(w)]
     meta["spacing"] = [sy * h / nh, sx * w / nw]
     meta["resample_scale"] = [nh / h, nw / w]
     out["meta"] = meta
     return out
+
+
+def to_source_grid(mask: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """A class or instance map on the sample's grid, back on its source slice's grid (nearest neighbour).
+
+    The inverse of :func:`resample_sample`: every writer of a predicted mask calls this, so a saved
+    mask has its source slice's shape and overlays it. Without resampling it returns ``mask``.
+
+    Args:
+        mask: ``(H, W)`` (or ``(..., H, W)``) integer map on the (resampled) sample grid.
+        meta: the sample's meta (``source_shape`` set by :func:`resample_sample`).
+    """
+    shape = meta.get("source_shape")
+    mask = np.asarray(mask)
+    if not shape or tuple(mask.shape[-2:]) == tuple(shape):
+        return mask
+    import cv2
+
+    h, w = (int(v) for v in shape)
+    flat = mask.reshape(-1, *mask.shape[-2:])
+    # cv2 resizes float32 exactly for the integer ids a mask holds (< 2**24)
+    out = np.stack([cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST) for m in flat])
+    return out.reshape(*mask.shape[:-2], h, w).astype(mask.dtype)
+
+
+def label_instances(label: np.ndarray) -> np.ndarray:
+    """Connected components (8-connected) of each class of a 2-D class map, numbered 1..N.
+
+    Components of class 1 come first, then class 2, ...; two touching objects of different
+    classes are different instances.
+
+    Args:
+        label: ``(H, W)`` integer class map, 0 = background.
+
+    Returns:
+        int32 ``(H, W)`` instance map, 0 = background.
+    """
+    label = np.asarray(label)
+    out = np.zeros(label.shape, np.int32)
+    n = 0
+    for cls in np.unique(label):
+        if cls == 0:
+            continue
+        comp, k = ndimage.label(label == cls, structure=_CONNECTIVITY)
+        out[comp > 0] = comp[comp > 0] + n
+        n += k
+    return out
+
+
+def mask_to_classes(mask: np.ndarray, num_classes: int, path: str | Path) -> np.ndarray:
+    """Validate a mask's values and return it as a uint8/uint16 class map (0/255 → 0/1).
+
+    Raises:
+        DataError: non-integral, negative or > ``num_classes − 1`` values (the message names the file).
+    """
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8)
+    if not np.issubdtype(mask.dtype, np.integer):
+        if not np.all(np.isfinite(mask)) or not np.array_equal(mask, np.round(mask)):
+            raise DataError(f"{path}: mask values must be whole class numbers, got non-integer values")
+    values = np.unique(mask)
+    if values.size and values.min() < 0:
+        raise DataError(f"{path}: mask holds negative value {values.min()}; expected 0 = background, 1..K classes")
+    if values.size and values.max() == 255 and set(values.tolist()) <= {0, 255}:
+        # binary masks are often saved as 0/255 so that they are visible in an image viewer
+        mask = mask == 255
+        values = np.unique(mask.astype(np.uint8))
+    if values.size and values.max() > num_classes - 1:
+        raise DataError(
+            f"{path}: mask holds class {int(values.max())} but data.num_classes = {num_classes} "
+            f"allows 0..{num_classes - 1} (0 = background; a binary mask may use 0/1 or 0/255)"
+        )
+    return mask.astype(np.uint8 if num_classes <= 256 else np.uint16)
 
 
 def split_cases(case_ids: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:

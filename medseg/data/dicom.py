@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydicom.misc import is_dicom
 from torch.utils.data import Dataset
 
 from medseg.data.base import (
@@ -45,11 +46,12 @@ from medseg.data.base import (
     check_split,
     context_indices,
     fingerprint_files,
+    label_instances,
+    mask_to_classes,
     resample_sample,
     split_cases,
     stack_context,
 )
-from medseg.data.folder import label_instances, mask_to_classes
 from medseg.registry import DATASETS
 
 if TYPE_CHECKING:
@@ -216,16 +218,6 @@ def _sop_name(uid: str) -> str:
     return name if name != uid else f"SOP class {uid}"
 
 
-def _has_dicm_magic(path: Path) -> bool:
-    """True when the file has a DICOM preamble ('DICM' at byte 128)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     """A multi-valued DS as n floats, or None when absent / malformed."""
     try:
@@ -257,7 +249,7 @@ def _classify(ds: pydicom.Dataset, path: Path) -> tuple[str, str]:
     if sop == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds or path.name.upper() == "DICOMDIR":
         return "skip", "DICOMDIR (media directory, not an image)"
     if not sop:
-        if _has_dicm_magic(path):
+        if is_dicom(path):
             return "skip", "DICOM file whose header cannot be read (truncated or corrupt): no SOP Class UID"
         return "skip", "not a DICOM file"
     if sop in SEG_SOP_CLASSES:

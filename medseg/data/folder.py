@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import ndimage
 from torch.utils.data import Dataset
 
 from medseg.data.base import (
@@ -37,6 +36,8 @@ from medseg.data.base import (
     check_split,
     context_indices,
     fingerprint_files,
+    label_instances,
+    mask_to_classes,
     resample_sample,
     split_cases,
     stack_context,
@@ -52,64 +53,11 @@ log = logging.getLogger("medseg.data")
 SUFFIXES_2D = (".nii.gz", ".nii", ".png", ".tiff", ".tif")
 SUFFIXES_3D = (".nii.gz", ".nii")
 WINDOWS = ("dicom", "fixed")
-#: 8-connectivity: lesion pixels touching at a corner belong to one object
-_CONNECTIVITY = ndimage.generate_binary_structure(2, 2)
 #: canonical NIfTI volumes kept in memory per dataset (per DataLoader worker)
 _VOLUME_CACHE = 2
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-def label_instances(label: np.ndarray) -> np.ndarray:
-    """Connected components (8-connected) of each class of a 2-D class map, numbered 1..N.
-
-    Components of class 1 come first, then class 2, ...; two touching objects of different
-    classes are different instances.
-
-    Args:
-        label: ``(H, W)`` integer class map, 0 = background.
-
-    Returns:
-        int32 ``(H, W)`` instance map, 0 = background.
-    """
-    label = np.asarray(label)
-    out = np.zeros(label.shape, np.int32)
-    n = 0
-    for cls in np.unique(label):
-        if cls == 0:
-            continue
-        comp, k = ndimage.label(label == cls, structure=_CONNECTIVITY)
-        out[comp > 0] = comp[comp > 0] + n
-        n += k
-    return out
-
-
-def mask_to_classes(mask: np.ndarray, num_classes: int, path: str | Path) -> np.ndarray:
-    """Validate a mask's values and return it as a uint8/uint16 class map (0/255 → 0/1).
-
-    Raises:
-        DataError: non-integral, negative or > ``num_classes − 1`` values (the message names the file).
-    """
-    mask = np.asarray(mask)
-    if mask.dtype == bool:
-        mask = mask.astype(np.uint8)
-    if not np.issubdtype(mask.dtype, np.integer):
-        if not np.all(np.isfinite(mask)) or not np.array_equal(mask, np.round(mask)):
-            raise DataError(f"{path}: mask values must be whole class numbers, got non-integer values")
-    values = np.unique(mask)
-    if values.size and values.min() < 0:
-        raise DataError(f"{path}: mask holds negative value {values.min()}; expected 0 = background, 1..K classes")
-    if values.size and values.max() == 255 and set(values.tolist()) <= {0, 255}:
-        # binary masks are often saved as 0/255 so that they are visible in an image viewer
-        mask = mask == 255
-        values = np.unique(mask.astype(np.uint8))
-    if values.size and values.max() > num_classes - 1:
-        raise DataError(
-            f"{path}: mask holds class {int(values.max())} but data.num_classes = {num_classes} "
-            f"allows 0..{num_classes - 1} (0 = background; a binary mask may use 0/1 or 0/255)"
-        )
-    return mask.astype(np.uint8 if num_classes <= 256 else np.uint16)
 
 
 def file_stem(name: str, suffixes: tuple[str, ...]) -> str | None:

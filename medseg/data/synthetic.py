@@ -45,7 +45,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medseg.data.base import DataError
-from medseg.data.deeplesion import COLUMNS, HU_OFFSET, LesionRecord, png_to_hu, read_dl_info
+from medseg.data.deeplesion import COLUMNS, HU_OFFSET
 from medseg.measure import measure_recist
 
 log = logging.getLogger("medseg.data")
@@ -1088,88 +1088,3 @@ def _write_series(rng: np.random.Generator, root: Path, se: _Series) -> None:
             mdir.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(mdir / f"{i:03d}.png"), ids, _PNG_PARAMS)
 
-
-def render_preview(root: str | Path, out_png: str | Path, file_name: str | None = None) -> Path:
-    """Draw one key slice with its true mask outlines and the RECIST axes from ``DL_info.csv``.
-
-    The slice is shown in the first row's DICOM window, whole and zoomed on its lesions; each
-    lesion's true outline (``Masks_png``, where present) is drawn in yellow, the long axis in red
-    and the short axis in cyan, from the CSV's coordinates (read by
-    :func:`medseg.data.deeplesion.read_dl_info`).
-
-    Args:
-        root: a DeepLesion-format release (``DL_info.csv`` + ``Images_png``).
-        out_png: where to write the figure (PNG).
-        file_name: the key slice's ``File_name`` (e.g. ``000001_01_01_109.png``); None picks the
-            key slice with the most lesions (ties: the largest lesion).
-
-    Returns:
-        ``Path(out_png)``.
-
-    Raises:
-        DataError: the CSV, the file name or the image is missing or unreadable.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    root = Path(root)
-    csv_path = root / "DL_info.csv"
-    by_file: dict[str, list[LesionRecord]] = {}
-    for r in read_dl_info(csv_path):
-        by_file.setdefault(r.file_name, []).append(r)
-    if not by_file:
-        raise DataError(f"{csv_path}: no lesion rows")
-    if file_name is None:
-        file_name = max(by_file, key=lambda f: (len(by_file[f]), max(r.diameters_px[0] for r in by_file[f])))
-    if file_name not in by_file:
-        raise DataError(f"{csv_path}: no row with File_name {file_name!r}")
-    sel = by_file[file_name]
-    series, sl = sel[0].series, f"{sel[0].key_slice:03d}"
-    img_path = root / "Images_png" / series / f"{sl}.png"
-    img = cv2.imread(str(img_path), cv2.IMREAD_UNCHANGED)
-    if img is None or img.dtype != np.uint16:
-        raise DataError(f"{img_path}: missing or not a 16-bit PNG (HU + {HU_OFFSET})")
-    hu = png_to_hu(img)
-    mask = cv2.imread(str(root / "Masks_png" / series / f"{sl}.png"), cv2.IMREAD_UNCHANGED)
-    low, high = sel[0].window
-    sp = sel[0].spacing[0]
-    names = {v: k.replace("_", " ") for k, v in LESION_TYPES.items()}
-
-    boxes = np.array([r.bbox for r in sel])
-    x0, y0 = boxes[:, :2].min(0)
-    x1, y1 = boxes[:, 2:].max(0)
-    half = max(x1 - x0, y1 - y0) / 2 + 25
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-
-    fig = Figure(figsize=(11, 5.8), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
-    for ax, zoom in zip(axes, (False, True)):
-        ax.imshow(hu, cmap="gray", vmin=low, vmax=high, interpolation="nearest" if zoom else "antialiased")
-        if mask is not None:
-            for k in range(1, int(mask.max()) + 1):
-                if (mask == k).any():
-                    ax.contour(mask == k, levels=[0.5], colors=["yellow"], linewidths=1.0)
-        for k, r in enumerate(sel, 1):
-            c = np.array(r.coords).reshape(4, 2)  # 0-based already
-            ax.plot(c[:2, 0], c[:2, 1], "-", color="red", lw=1.4)
-            ax.plot(c[2:, 0], c[2:, 1], "-", color="cyan", lw=1.4)
-            if zoom:
-                ax.text(c[:, 0].max() + 2, c[:, 1].min(), str(k), color="yellow", fontsize=10, clip_on=True)
-        if zoom:
-            ax.set_xlim(cx - half, cx + half)
-            ax.set_ylim(cy + half, cy - half)
-        ax.set_axis_off()
-    axes[0].set_title(f"{file_name}  window [{low:g}, {high:g}] HU  {sp:.3g} mm/px", fontsize=10)
-    axes[1].set_title("true mask (yellow), RECIST long (red) / short (cyan)", fontsize=10)
-    legend = []
-    for k, r in enumerate(sel, 1):
-        long_mm, short_mm = (d * sp for d in r.diameters_px)
-        kind = names.get(r.lesion_type, "type unlabelled")
-        legend.append(f"{k}: {kind}, {long_mm:.0f} × {short_mm:.0f} mm")
-    axes[1].text(0.02, 0.98, "\n".join(legend), transform=axes[1].transAxes, va="top", color="white",
-                 fontsize=9, bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none"})
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out

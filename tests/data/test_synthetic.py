@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from medseg.data.base import DataError
-from medseg.data.synthetic import generate_demo_data, render_preview
+from medseg.data.synthetic import generate_demo_data
 from medseg.measure import measure_recist
+from medseg.visualize import render_preview
 
 # The real header, written out here independently of the module's constant.
 REAL_HEADER = (

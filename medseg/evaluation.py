@@ -1,0 +1,224 @@
+"""Evaluation: one loop — predict → post-process → score — for validation and ``medseg evaluate``.
+
+:func:`evaluate_loader` runs a model over a loader of whole slices in batches
+(``evaluation.batch_size``; slices of different sizes go in separate batches, never padded, so a
+batched evaluation equals a one-at-a-time one) and scores it with the :class:`~medseg.metrics.MetricSuite`
+the ``metrics`` config section states. Under DDP each rank scores its own shard (no sample repeated)
+and the confusion matrix, boundary distances, lesion rows and losses are combined across ranks.
+
+:func:`evaluate` is what ``medseg evaluate`` runs: a trained model on a split, the per-lesion CSV,
+optionally every predicted mask written on its source slice's grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medseg.checkpoint import atomic_write_bytes, load_model, write_rows_csv
+from medseg.config import Config, ConfigError
+from medseg.data import build_dataset
+from medseg.data.base import to_source_grid
+from medseg.data.loading import ShardSampler, TransformedDataset, make_loader
+from medseg.inference import postprocess, predict_logits
+from medseg.metrics import MetricSuite, metric_names
+from medseg.runtime import TrainingError, dist_ready, resolve_device
+from medseg.tracking import Tracker
+
+log = logging.getLogger("medseg.evaluation")
+
+__all__ = ["EvalResult", "check_monitor", "eval_loader", "eval_target", "evaluate", "evaluate_loader",
+           "validation_metric_names"]
+
+#: a callback that sees each batch and its predicted class maps (e.g. to write them)
+OnPrediction = Callable[[dict[str, Any], torch.Tensor], None]
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate_loader` returns."""
+
+    metrics: dict[str, float]
+    rows: list[dict[str, Any]]
+    n: int
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def validation_metric_names(cfg: Config) -> list[str]:
+    """Every key validation can report: the metric suite's keys and ``loss``."""
+    return [*metric_names(cfg.data.num_classes, cfg.metrics.lesion_metrics), "loss"]
+
+
+def check_monitor(cfg: Config) -> None:
+    """Raise :class:`ConfigError` when ``train.monitor`` is not a key validation can report."""
+    names = validation_metric_names(cfg)
+    if cfg.train.monitor not in names:
+        raise ConfigError(f"train.monitor = {cfg.train.monitor!r} is not a validation metric; choose one of "
+                          f"{', '.join(names)} (and set train.monitor_mode: min for losses and distances)")
+
+
+def eval_target(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class map and instance map to score against: the true masks when present, else the label."""
+    if "truth" in batch:
+        inst = batch["truth"][:, 0]
+        return (inst > 0).long(), inst
+    inst = batch["instance"][:, 0] if "instance" in batch else None
+    return batch["label"][:, 0], inst
+
+
+def eval_loader(dataset: TransformedDataset, cfg: Config, rank: int = 0, world: int = 1,
+                pin_memory: bool = False) -> DataLoader:
+    """The loader :func:`evaluate_loader` expects: this rank's shard, batches grouped by image shape."""
+    return make_loader(dataset, cfg.train, ShardSampler(len(dataset), rank, world), cfg.evaluation.batch_size,
+                       pin_memory=pin_memory, by_shape=True)
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not dist_ready():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def evaluate_loader(
+    model: nn.Module,
+    loader: DataLoader,
+    cfg: Config,
+    device: torch.device,
+    loss_fn: nn.Module | None = None,
+    overlay_count: int = 0,
+    on_prediction: OnPrediction | None = None,
+    progress: str | None = None,
+) -> EvalResult:
+    """Predict, post-process and score every sample of ``loader`` (built by :func:`eval_loader`).
+
+    Args:
+        model: the network (put in eval mode here; its previous mode is restored).
+        loader: yields lists of same-shape batches (``collate_by_shape``).
+        cfg: ``inference`` (how to predict), ``metrics`` (the protocol), ``data.num_classes``.
+        device: where the model runs.
+        loss_fn: also report ``loss``, the mean over samples of the per-sample loss.
+        overlay_count: keep this many ``{image, truth, pred, title}`` examples (for overlay grids).
+        on_prediction: called with each batch and its class maps ``(B, H, W)`` (CPU).
+        progress: a progress-bar label (None = no bar).
+
+    Returns:
+        The metrics (combined across DDP ranks), the per-lesion rows, the sample count, examples.
+    """
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    suite = MetricSuite.from_config(cfg.metrics, cfg.data.num_classes)
+    losses: list[float] = []
+    examples: list[dict[str, Any]] = []
+    n = 0
+    bar = tqdm(total=len(loader.sampler), desc=progress, unit="slice", dynamic_ncols=True,  # type: ignore[arg-type]
+               disable=progress is None)
+    for groups in loader:
+        for batch in groups:
+            image = batch["image"]
+            spacing = [m["spacing"] for m in batch["meta"]]
+            logits = predict_logits(model, image, cfg, device)
+            pred = postprocess(logits, image, cfg, spacing).cpu()
+            if loss_fn is not None:
+                label = batch["label"].to(device)
+                w = batch.get("weight")
+                w = w.to(device) if w is not None else None
+                # one sample at a time: a batch Dice term is not the mean of per-sample ones
+                losses += [float(loss_fn(logits[b : b + 1], label[b : b + 1], w[b : b + 1] if w is not None else None))
+                           for b in range(len(image))]
+            target, inst = eval_target(batch)
+            suite.update(pred, target, inst, spacing, batch["meta"])
+            for b in range(min(len(image), overlay_count - len(examples))):
+                examples.append({"image": image[b].numpy(), "truth": target[b].numpy(), "pred": pred[b].numpy(),
+                                 "title": batch["meta"][b].get("id", "")})
+            if on_prediction is not None:
+                on_prediction(batch, pred)
+            n += len(image)
+            bar.update(len(image))
+        bar.update(0)
+    bar.close()
+    model.train(was_training)
+    suite.reduce_across_ranks()
+    parts = _gather((n, losses))
+    n = sum(p[0] for p in parts)
+    if n == 0:
+        return EvalResult({}, [], 0, examples)
+    metrics = suite.compute()
+    if loss_fn is not None:
+        all_losses = [v for p in parts for v in p[1]]
+        metrics["loss"] = float(np.mean(all_losses)) if all_losses else float("nan")
+    return EvalResult(metrics, suite.lesion_rows(), n, examples)
+
+
+def _prediction_writer(out_dir: Path) -> OnPrediction:
+    """Write each predicted class map as a PNG on its source slice's grid (atomically).
+
+    ``DIR/<series>/<slice>.png`` for DeepLesion, ``DIR/<id>.png`` otherwise.
+    """
+    import cv2
+
+    def write(batch: dict[str, Any], pred: torch.Tensor) -> None:
+        for b, meta in enumerate(batch["meta"]):
+            if "series" in meta and "slice" in meta:
+                dest = out_dir / str(meta["series"]) / f"{int(meta['slice']):03d}.png"
+            else:
+                dest = out_dir / f"{meta['id']}.png"
+            mask = to_source_grid(pred[b].numpy(), meta)
+            ok, png = cv2.imencode(".png", mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16))
+            if not ok:
+                raise TrainingError(f"{dest}: could not encode the predicted mask as PNG")
+            atomic_write_bytes(dest, png.tobytes())
+
+    return write
+
+
+def evaluate(
+    cfg: Config,
+    model_ref: str | Path,
+    split: str = "test",
+    save_predictions: str | Path | None = None,
+    tracker: Tracker | None = None,
+) -> dict[str, Any]:
+    """Score a trained model on a split; optionally write each predicted key-slice mask as PNG.
+
+    Predictions go to ``DIR/<series>/<slice>.png`` for DeepLesion (``DIR/<id>.png`` otherwise),
+    0 = background, 1 = lesion (class ids for K > 2), on the source slice's pixel grid (a model
+    trained at ``data.spacing_mm`` predicts on the resampled grid; the mask is mapped back).
+    Per-lesion rows go to ``<DIR or output_dir>/lesions_<split>.csv``.
+
+    Returns:
+        ``{"metrics": {...}, "lesions_csv": path, "predictions": dir or None, "n": samples, "model": source}``.
+    """
+    from medseg.transforms import build_transforms
+
+    device = resolve_device(cfg.train.device)
+    model, info = load_model(model_ref, device)
+    dataset = TransformedDataset(build_dataset(cfg.data, split), build_transforms(cfg.transforms, train=False),
+                                 cfg.train.seed)
+    out_dir = Path(save_predictions) if save_predictions else None
+    loader = eval_loader(dataset, cfg, pin_memory=device.type == "cuda")
+    result = evaluate_loader(model, loader, cfg, device, on_prediction=_prediction_writer(out_dir) if out_dir else None,
+                             progress=f"evaluate {split}")
+    if result.n == 0:
+        raise TrainingError(f"no readable samples in split {split!r}")
+    report_dir = out_dir or Path(cfg.output_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    lesions_csv = report_dir / f"lesions_{split}.csv"
+    write_rows_csv(result.rows, lesions_csv)
+    if tracker is not None:
+        tracker.log_metrics({f"{split}/{k}": v for k, v in result.metrics.items()}, 0)
+        tracker.log_artifact(lesions_csv, "evaluation")
+    return {"metrics": result.metrics, "lesions_csv": str(lesions_csv),
+            "predictions": str(out_dir) if out_dir else None, "n": result.n, "model": info.get("source")}

@@ -1,0 +1,169 @@
+"""Where code runs: device, mixed precision, distributed set-up, seeding, RNG state, environment info.
+
+The bottom tier of medseg: it imports nothing from the package but :mod:`medseg.config`'s errors.
+
+Example:
+    >>> device = resolve_device("auto")            # CUDA when present, else the CPU
+    >>> with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp("auto", device)):
+    ...     logits = model(image.to(device))
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TrainingError", "amp_dtype", "barrier", "broadcast_buffers", "dist_ready", "environment_info",
+    "init_distributed", "resolve_device", "rng_state", "sample_seed", "seed_everything", "set_rng_state",
+    "use_amp",
+]
+
+
+class TrainingError(RuntimeError):
+    """Training or inference cannot go on (non-finite loss, unusable checkpoint, no device, ...)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={name!r} but CUDA is not available; use train.device=auto")
+    return dev
+
+
+def use_amp(setting: str, device: torch.device) -> bool:
+    """Mixed precision: ``auto`` = on for CUDA only; ``on`` = also on the CPU (bfloat16); ``off``."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if setting not in ("on", "off"):
+        raise TrainingError(f"train.amp must be auto, on or off, got {setting!r}")
+    return setting == "on"
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """float16 (with loss scaling) on CUDA; bfloat16 on the CPU, where it needs no scaling."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): (rank, world, local rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def dist_ready() -> bool:
+    """True inside an initialised process group of more than one process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank (a no-op for one process)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank; a no-op outside DDP.
+
+    DDP broadcasts buffers at each forward of the *wrapped* model; validation runs the bare model,
+    so without this each rank would validate with the statistics of its last training batch.
+    """
+    if not dist_ready():
+        return
+    import torch.distributed as dist
+
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src)
+
+
+# ----------------------------------------------------------------------------- randomness
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def sample_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
+    """The seed of sample ``index`` in ``epoch`` (stable across runs and resumes).
+
+    ``stream`` separates independent uses: 0 = augmentation, 1 = the epoch's sample order.
+    """
+    return int(np.random.SeedSequence([stream, seed, epoch, index]).generate_state(1)[0])
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's, torch's (and CUDA's) RNG states, for a checkpoint."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def environment_info() -> dict[str, Any]:
+    """Package versions and the git commit (for the run's environment artifact)."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    pkgs = {}
+    for name in ("medseg", "torch", "monai", "numpy", "scipy", "mlflow", "pydicom", "highdicom",
+                 "nibabel", "SimpleITK", "elasticdeform", "opencv-python-headless"):
+        try:
+            pkgs[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pkgs[name] = None
+    commit = None
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": pkgs,
+        "git_commit": commit,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+    }
