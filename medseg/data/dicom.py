@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydicom.misc import is_dicom
 from torch.utils.data import Dataset
 
 from medseg.data.base import (
@@ -249,6 +248,8 @@ def _classify(ds: pydicom.Dataset, path: Path) -> tuple[str, str]:
     if sop == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds or path.name.upper() == "DICOMDIR":
         return "skip", "DICOMDIR (media directory, not an image)"
     if not sop:
+        from pydicom.misc import is_dicom
+
         if is_dicom(path):
             return "skip", "DICOM file whose header cannot be read (truncated or corrupt): no SOP Class UID"
         return "skip", "not a DICOM file"
