@@ -493,6 +493,7 @@ def run_training(
         for ov in overrides or []:
             data = apply_override(data, ov)
         cfg = from_dict(data)
+    check_monitor(cfg)  # before the data is prepared (generating the demo data takes minutes)
     rank, world, _ = init_distributed()  # under torchrun only rank 0 prepares data and logs
     if rank == 0:
         prepare_data(cfg.data)
