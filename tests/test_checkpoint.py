@@ -78,3 +78,17 @@ def test_write_rows_csv(tmp_path: Path) -> None:
         assert list(csv.DictReader(f)) == [{"image_id": "a", "dice": "0.5"}, {"image_id": "b", "dice": "1.0"}]
     write_rows_csv([], tmp_path / "empty.csv")
     assert (tmp_path / "empty.csv").read_text() == ""
+
+
+def test_load_pretrained_takes_a_state_dict_or_a_checkpoint(tmp_path: Path) -> None:
+    from medseg.checkpoint import load_pretrained
+
+    ckpt = _save(tmp_path / "run.pt", epoch=1)
+    torch.save(ckpt["model"], tmp_path / "bare.pt")
+    for name in ("run.pt", "bare.pt"):
+        cfg = load_config(ROOT / "pipelines" / "quickstart.yaml", ["model.params.base_channels=8"])
+        net = build_model(cfg.model.name, 3, 2, cfg.model.params)
+        load_pretrained(net, tmp_path / name)
+        assert all(torch.equal(v, ckpt["model"][k]) for k, v in net.state_dict().items())
+    with pytest.raises(TrainingError, match="model.pretrained = .*missing.pt: file not found"):
+        load_pretrained(net, tmp_path / "missing.pt")
