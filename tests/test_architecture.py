@@ -111,3 +111,13 @@ def test_modules_stay_small(path: Path) -> None:
         pytest.skip("out of the size limit's scope")
     n = len(path.read_text().splitlines())
     assert n <= MAX_LINES, f"medseg/{rel} has {n} lines (limit {MAX_LINES}): split it by concern"
+
+
+def test_readme_lists_the_same_tiers() -> None:
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if re.match(r"\| \d+ \|", line)]
+    listed = [[name.rstrip("/") for name in re.findall(r"`([^`]+)`", row[2])] for row in rows]
+    assert listed == TIERS
