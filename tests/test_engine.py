@@ -165,10 +165,12 @@ def test_sampler_shards_across_ranks() -> None:
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(demo_root: Path, tmp_path: Path) -> None:
-    """``torchrun --nproc_per_node 2`` (gloo on the CPU): one run folder, one MLflow run, rank 0 logs."""
+    """``torchrun --nproc_per_node 2`` (gloo on the CPU): one run folder, one MLflow run, rank 0 logs
+    and evaluates the test split alone once the other rank has returned."""
     from mlflow.tracking import MlflowClient
 
-    ov = tiny_overrides(demo_root, tmp_path, **{"train.max_steps": 3, "train.epochs": 1})
+    ov = tiny_overrides(demo_root, tmp_path, **{"train.max_steps": 3, "train.epochs": 1,
+                                                 "train.evaluate_splits": ["test"]})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "medseg.cli", "train", str(QUICK)] + [a for o in ov for a in ("--set", o)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -182,6 +184,7 @@ def test_two_process_ddp_on_cpu(demo_root: Path, tmp_path: Path) -> None:
     exp = client.get_experiment_by_name("quickstart")
     found = client.search_runs([exp.experiment_id])
     assert len(found) == 1 and found[0].info.status == "FINISHED"
+    assert "test/dice" in found[0].data.metrics and (runs[0].parents[1] / "metrics_test.json").is_file()
 
 
 def test_time_limit_still_validates_final_weights(demo_root: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import medseg.losses  # noqa: F401  (registers the losses)
 from medseg.config import load_config
 from medseg.data import build_dataset
 from medseg.data.loading import TransformedDataset
-from medseg.evaluation import eval_loader, evaluate, evaluate_loader
+from medseg.evaluation import eval_loader, evaluate, evaluate_loader, validation_metric_names
 from medseg.models import build_model
 from medseg.registry import LOSSES
 from medseg.transforms import build_transforms
@@ -68,6 +68,7 @@ def test_batched_evaluation_equals_one_at_a_time(demo_root: Path, tmp_path: Path
     assert len({tuple(s["image"].shape) for s in ds}) > 3  # type: ignore[attr-defined]
     assert batched.n == single.n == len(ds) == sum(map(sum, layouts[0]))
     assert "loss" in batched.metrics and batched.rows
+    assert set(batched.metrics) <= set(validation_metric_names(cfg))  # what train.monitor may name
     assert_same_evaluation(batched, single)
 
 
