@@ -171,7 +171,7 @@ def test_two_process_ddp_on_cpu(demo_root: Path, tmp_path: Path) -> None:
 
     ov = tiny_overrides(demo_root, tmp_path, **{"train.max_steps": 3, "train.epochs": 1,
                                                  "train.evaluate_splits": ["test"]})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "medseg.cli", "train", str(QUICK)] + [a for o in ov for a in ("--set", o)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
