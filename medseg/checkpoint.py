@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import time
 from pathlib import Path
@@ -31,8 +32,10 @@ from medseg.runtime import TrainingError
 
 __all__ = [
     "CHECKPOINT_VERSION", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "config_from_run",
-    "find_resume_point", "load_model", "new_run_dir", "write_rows_csv",
+    "find_resume_point", "load_model", "load_pretrained", "new_run_dir", "write_rows_csv",
 ]
+
+log = logging.getLogger("medseg.checkpoint")
 
 CHECKPOINT_VERSION = 1
 
@@ -206,3 +209,17 @@ def load_model(ref: str | Path, device: torch.device | str = "cpu") -> tuple[nn.
     model = build_model(cfg.model.name, ckpt["in_channels"], ckpt["num_classes"], cfg.model.params)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), {"config": ckpt["config"], "source": str(path), "epoch": ckpt.get("epoch")}
+
+
+def load_pretrained(net: nn.Module, path: str | Path) -> None:
+    """Load ``model.pretrained`` weights into ``net`` (non-strict: a new head may differ; never downloads).
+
+    ``path`` holds a state dict, or a dict with one under ``"model"`` (a medseg checkpoint).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise TrainingError(f"model.pretrained = {path}: file not found (weights are never downloaded)")
+    state = torch.load(p, map_location="cpu", weights_only=False)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    log.info("loaded %s (%d missing, %d unexpected keys)", p, len(missing), len(unexpected))

@@ -214,7 +214,7 @@ class MetricsConfig:
     iou_threshold: float = 0.5
     min_overlap_px: int = 1
     #: predicted components: 2 = 8-connected, 1 = 4-connected
-    connectivity: int = 2
+    connectivity: Literal[1, 2] = 2
     #: surface Dice tolerance in mm
     nsd_tolerance_mm: float = 2.0
 

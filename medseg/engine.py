@@ -2,10 +2,9 @@
 
 One :class:`Trainer`, configured by the :class:`~medseg.config.Config` tree — never subclassed.
 :meth:`Trainer.fit` reads top to bottom: an epoch loop that trains, validates, checkpoints and
-decides whether to stop. The pieces live where their names say: device and RNG in
-:mod:`medseg.runtime`, loaders in :mod:`medseg.data.loading`, checkpoints and run folders in
-:mod:`medseg.checkpoint`, the validation loop in :mod:`medseg.evaluation`, pictures in
-:mod:`medseg.visualize`, optimizer and schedule in :mod:`medseg.optim`.
+decides whether to stop. Device and RNG live in :mod:`medseg.runtime`, loaders in
+:mod:`medseg.data.loading`, checkpoints in :mod:`medseg.checkpoint`, the validation loop in
+:mod:`medseg.evaluation`, figures in :mod:`medseg.visualize`, the LR schedule in :mod:`medseg.optim`.
 
 Reproducibility: every random choice in an epoch is a function of ``(train.seed, epoch, index)``
 (see :mod:`medseg.data.loading`), and torch's RNG (dropout) is saved in each checkpoint. So a run
@@ -34,12 +33,13 @@ from medseg.checkpoint import (
     atomic_write_text,
     config_from_run,
     find_resume_point,
+    load_pretrained,
     new_run_dir,
     read_checkpoint,
 )
 from medseg.config import Config, from_dict, save_config, to_dict
 from medseg.data import build_dataset
-from medseg.data.loading import EpochSampler, TransformedDataset, cache_dataset, make_loader
+from medseg.data.loading import EpochSampler, TransformedDataset, cache_dataset, first_readable, make_loader
 from medseg.evaluation import check_monitor, eval_loader, evaluate, evaluate_loader
 from medseg.optim import build_optimizer, lr_factor
 from medseg.registry import LOSSES
@@ -48,6 +48,7 @@ from medseg.runtime import (
     amp_dtype,
     barrier,
     broadcast_buffers,
+    broadcast_object,
     environment_info,
     init_distributed,
     resolve_device,
@@ -56,7 +57,7 @@ from medseg.runtime import (
     set_rng_state,
     use_amp,
 )
-from medseg.tracking import Tracker
+from medseg.tracking import Tracker, run_params
 from medseg.visualize import save_overlay_grid
 
 log = logging.getLogger("medseg.engine")
@@ -77,15 +78,6 @@ class TrainResult:
     steps_done: int
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_reason: str = "completed"
-
-
-def _first_readable(dataset: Any) -> dict[str, Any]:
-    """The first sample that can be read (an unreadable one is ``None``)."""
-    for i in range(len(dataset)):
-        sample = dataset[i]
-        if sample is not None:
-            return sample
-    raise TrainingError("no training sample could be read; see the warnings above")
 
 
 class Trainer:
@@ -133,7 +125,7 @@ class Trainer:
         train_base, val_base = self.train_data, build_dataset(cfg.data, "val")
         if len(train_base) == 0:
             raise TrainingError("the training split is empty; check data.root and the data filters")
-        probe = _first_readable(train_base)
+        probe = first_readable(train_base)
         if t.cache_samples:
             train_base = cache_dataset(train_base, t.cache_max_gb, probe, t.num_workers, self.rank == 0)
             val_base = cache_dataset(val_base, t.cache_max_gb, probe, t.num_workers, self.rank == 0)
@@ -149,7 +141,7 @@ class Trainer:
 
         self.net = build_model(cfg.model.name, self.in_channels, self.num_classes, cfg.model.params)
         if cfg.model.pretrained:
-            self._load_pretrained(cfg.model.pretrained)
+            load_pretrained(self.net, cfg.model.pretrained)
         self.net.to(self.device)
         self.model: nn.Module = self.net
         if self.world > 1:
@@ -175,15 +167,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.run_id: str | None = None
 
-        if run_dir is None:
-            run_dir = new_run_dir(cfg)
-            if self.world > 1:  # every rank uses rank 0's folder
-                import torch.distributed as dist
-
-                shared = [str(run_dir)]
-                dist.broadcast_object_list(shared, src=0)
-                run_dir = Path(shared[0])
-        self.run_dir = Path(run_dir)
+        # every rank uses rank 0's folder
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(broadcast_object(str(new_run_dir(cfg))))
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # -- schedule ---------------------------------------------------------------------------
@@ -199,15 +184,6 @@ class Trainer:
         return self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
 
     # -- checkpoints ------------------------------------------------------------------------
-
-    def _load_pretrained(self, path: str) -> None:
-        p = Path(path)
-        if not p.is_file():
-            raise TrainingError(f"model.pretrained = {path}: file not found (weights are never downloaded)")
-        state = torch.load(p, map_location="cpu", weights_only=False)
-        state = state.get("model", state) if isinstance(state, dict) else state
-        missing, unexpected = self.net.load_state_dict(state, strict=False)
-        log.info("loaded %s (%d missing, %d unexpected keys)", p, len(missing), len(unexpected))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: model, optimizer, scheduler, scaler, RNG, counters."""
@@ -259,8 +235,6 @@ class Trainer:
     # -- tracking ---------------------------------------------------------------------------
 
     def _start_tracking(self) -> None:
-        from medseg.config import flatten
-
         cfg = self.cfg
         resumed = self.run_id is not None
         self.run_id = self.tracker.start(cfg.tracking.experiment or cfg.name, self.run_dir.name, run_id=self.run_id)
@@ -268,20 +242,16 @@ class Trainer:
             self.tracker.set_tags({"medseg.resumed_at_step": str(self.step)})
             return
         self.tracker.set_tags({"medseg.run_dir": str(self.run_dir.resolve()), "medseg.model": cfg.model.name})
-        params = flatten(to_dict(cfg))
-        params["model.num_parameters"] = sum(p.numel() for p in self.net.parameters())
-        params["data.in_channels"] = self.in_channels
-        params["data.train_samples"] = len(self.train_set)
-        params["data.val_samples"] = len(self.val_set)
-        self.tracker.log_params(params)
+        self.tracker.log_params(run_params(cfg, {
+            "model.num_parameters": sum(p.numel() for p in self.net.parameters()),
+            "data.in_channels": self.in_channels, "data.train_samples": len(self.train_set),
+            "data.val_samples": len(self.val_set)}))
         self.tracker.log_artifact(self.run_dir / "config.yaml", "config")
         if self.pipeline_path and self.pipeline_path.is_file():
             self.tracker.log_artifact(self.pipeline_path, "config")
-        env = environment_info()
         fp = getattr(self.train_data, "fingerprint", None)
-        env["dataset_fingerprint"] = fp() if callable(fp) else None
-        env["device"] = str(self.device)
-        env["amp"] = self.amp
+        env = {**environment_info(), "dataset_fingerprint": fp() if callable(fp) else None,
+               "device": str(self.device), "amp": self.amp}
         self.tracker.log_text(json.dumps(env, indent=2, default=str), "environment.json")
 
     # -- steps ------------------------------------------------------------------------------
@@ -493,6 +463,7 @@ def run_training(
         for ov in overrides or []:
             data = apply_override(data, ov)
         cfg = from_dict(data)
+    check_monitor(cfg)  # before the data is prepared (generating the demo data takes minutes)
     rank, world, _ = init_distributed()  # under torchrun only rank 0 prepares data and logs
     if rank == 0:
         prepare_data(cfg.data)

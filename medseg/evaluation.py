@@ -4,7 +4,8 @@
 (``evaluation.batch_size``; slices of different sizes go in separate batches, never padded, so a
 batched evaluation equals a one-at-a-time one) and scores it with the :class:`~medseg.metrics.MetricSuite`
 the ``metrics`` config section states. Under DDP each rank scores its own shard (no sample repeated)
-and the confusion matrix, boundary distances, lesion rows and losses are combined across ranks.
+and the confusion matrix, boundary distances, lesion rows and losses are combined across ranks; a
+loader over the whole split (``evaluate`` on rank 0 after DDP training) is scored by that rank alone.
 
 :func:`evaluate` is what ``medseg evaluate`` runs: a trained model on a split, the per-lesion CSV,
 optionally every predicted mask written on its source slice's grid.
@@ -104,7 +105,8 @@ def evaluate_loader(
 
     Args:
         model: the network (put in eval mode here; its previous mode is restored).
-        loader: yields lists of same-shape batches (``collate_by_shape``).
+        loader: yields lists of same-shape batches (``collate_by_shape``); a sampler with
+            ``world > 1`` (this rank's shard) makes the ranks combine their results.
         cfg: ``inference`` (how to predict), ``metrics`` (the protocol), ``data.num_classes``.
         device: where the model runs.
         loss_fn: also report ``loss``, the mean over samples of the per-sample loss.
@@ -150,8 +152,10 @@ def evaluate_loader(
         bar.update(0)
     bar.close()
     model.train(was_training)
-    suite.reduce_across_ranks()
-    parts = _gather((n, losses))
+    parts = [(n, losses)]
+    if getattr(loader.sampler, "world", 1) > 1:  # one rank's shard: combine (not when rank 0 evaluates alone)
+        suite.reduce_across_ranks()
+        parts = _gather((n, losses))
     n = sum(p[0] for p in parts)
     if n == 0:
         return EvalResult({}, [], 0, examples)

@@ -1,6 +1,6 @@
 """Where code runs: device, mixed precision, distributed set-up, seeding, RNG state, environment info.
 
-The bottom tier of medseg: it imports nothing from the package but :mod:`medseg.config`'s errors.
+The bottom tier of medseg: it imports nothing from the package.
 
 Example:
     >>> device = resolve_device("auto")            # CUDA when present, else the CPU
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 __all__ = [
-    "TrainingError", "amp_dtype", "barrier", "broadcast_buffers", "dist_ready", "environment_info",
-    "init_distributed", "resolve_device", "rng_state", "sample_seed", "seed_everything", "set_rng_state",
-    "use_amp",
+    "TrainingError", "amp_dtype", "barrier", "broadcast_buffers", "broadcast_object", "dist_ready",
+    "environment_info", "init_distributed", "resolve_device", "rng_state", "sample_seed", "seed_everything",
+    "set_rng_state", "use_amp",
 ]
 
 
@@ -81,6 +81,17 @@ def barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself outside DDP."""
+    if not dist_ready():
+        return obj
+    import torch.distributed as dist
+
+    shared = [obj]
+    dist.broadcast_object_list(shared, src=src)
+    return shared[0]
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from medseg.config import Config, flatten, to_dict
+
 log = logging.getLogger("medseg.tracking")
 
 #: MLflow limits a param value to 6000 characters
@@ -154,6 +156,11 @@ class MLflowTracker(Tracker):
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def run_params(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
+    """The params a training run logs: its resolved config flattened (``train.lr``, ...), then ``extra``."""
+    return {**flatten(to_dict(cfg)), **extra}
 
 
 def build_tracker(enabled: bool, uri: str | None, output_dir: str | Path) -> Tracker:

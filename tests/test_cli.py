@@ -111,3 +111,56 @@ def test_every_pipeline_trains_two_steps(pipeline: Path, demo_root: Path, tmp_pa
     result, _ = run_training(cfg)
     assert result.steps_done == 2
     assert result.last_checkpoint.is_file()
+
+
+def test_unknown_monitor_fails_before_preparing_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "demo"  # generate_if_missing: a valid config would generate the demo data here
+    code = main(["train", str(ROOT / "pipelines" / "quickstart.yaml"), "--set", "train.monitor=dcie",
+                 "--set", f"data.root={root}", "--set", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train.monitor = 'dcie'" in err and "dice" in err and "hd95" in err and "monitor_mode" in err
+    assert not root.exists() and not (tmp_path / "out" / "quickstart").exists()
+
+
+@pytest.mark.parametrize("error,code", [("TrainingError", 2), ("RuntimeError", None)])
+def test_failure_in_evaluate_leaves_its_mlflow_run_failed(
+    error: str, code: int | None, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    import medseg.evaluation
+    from medseg.runtime import TrainingError
+
+    exc = {"TrainingError": TrainingError, "RuntimeError": RuntimeError}[error]
+
+    def broken(ref: object, device: object) -> None:
+        raise exc("checkpoint unreadable")
+
+    monkeypatch.setattr(medseg.evaluation, "load_model", broken)
+    out = tmp_path / "out"
+    args = ["evaluate", str(ROOT / "pipelines" / "quickstart.yaml"), "--model", str(tmp_path / "x.pt"),
+            *_sets(tiny_overrides(demo_root, out))]
+    if code is None:
+        with pytest.raises(exc, match="checkpoint unreadable"):
+            main(args)
+    else:
+        assert main(args) == code
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.run_name == "evaluate-test" and run.data.params["split"] == "test"
+    assert run.info.status == "FAILED"
+
+
+def test_python_dash_m_medseg() -> None:
+    import subprocess
+    import sys
+
+    # run from the repository root, so that this checkout's medseg is the one imported
+    proc = subprocess.run([sys.executable, "-m", "medseg", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: medseg") and all(c in proc.stdout for c in ("train", "evaluate", "demo-data"))
+    proc = subprocess.run([sys.executable, "-m", "medseg", "evaluate"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "required" in proc.stderr

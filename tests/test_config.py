@@ -125,7 +125,8 @@ def test_readme_documents_every_config_key() -> None:
     assert not missing, f"README config reference lacks: {missing}"
 
 
-@pytest.mark.parametrize("override", ["inference.mode=tiles", "train.schedule=step", "data.window=lung"])
+@pytest.mark.parametrize("override", ["inference.mode=tiles", "train.schedule=step", "data.window=lung",
+                                      "metrics.connectivity=3", "train.monitor_mode=lowest"])
 def test_choice_keys_list_valid_values(tmp_path: Path, override: str) -> None:
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"{key}.*is not one of"):

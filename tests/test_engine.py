@@ -165,11 +165,13 @@ def test_sampler_shards_across_ranks() -> None:
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(demo_root: Path, tmp_path: Path) -> None:
-    """``torchrun --nproc_per_node 2`` (gloo on the CPU): one run folder, one MLflow run, rank 0 logs."""
+    """``torchrun --nproc_per_node 2`` (gloo on the CPU): one run folder, one MLflow run, rank 0 logs
+    and evaluates the test split alone once the other rank has returned."""
     from mlflow.tracking import MlflowClient
 
-    ov = tiny_overrides(demo_root, tmp_path, **{"train.max_steps": 3, "train.epochs": 1})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    ov = tiny_overrides(demo_root, tmp_path, **{"train.max_steps": 3, "train.epochs": 1,
+                                                 "train.evaluate_splits": ["test"]})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "medseg.cli", "train", str(QUICK)] + [a for o in ov for a in ("--set", o)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -182,6 +184,7 @@ def test_two_process_ddp_on_cpu(demo_root: Path, tmp_path: Path) -> None:
     exp = client.get_experiment_by_name("quickstart")
     found = client.search_runs([exp.experiment_id])
     assert len(found) == 1 and found[0].info.status == "FINISHED"
+    assert "test/dice" in found[0].data.metrics and (runs[0].parents[1] / "metrics_test.json").is_file()
 
 
 def test_time_limit_still_validates_final_weights(demo_root: Path, tmp_path: Path) -> None:
@@ -211,3 +214,207 @@ def test_bfloat16_autocast_trains_on_cpu(demo_root: Path, tmp_path: Path) -> Non
     weights = _weights(result.last_checkpoint)
     assert all(v.dtype != torch.bfloat16 for v in weights.values())  # master weights stay float32
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+# ----------------------------------------------------------------------------- best checkpoint
+
+
+def _quiet_trainer(demo_root: Path, out: Path, **extra: object) -> Trainer:
+    ov = tiny_overrides(demo_root, out, **{"tracking.enabled": False, "train.overlay_count": 0, "train.amp": "off",
+                                           **extra})
+    return Trainer(load_config(QUICK, ov))
+
+
+@pytest.mark.parametrize("mode,values,improved,best", [
+    ("min", [0.5, 0.7, 0.3, None, 0.4, float("nan")], [0, 2], 0.3),
+    ("max", [0.5, 0.7, 0.3, None, 0.6, float("nan")], [0, 1], 0.7),
+])
+def test_monitor_mode_keeps_the_best_checkpoint(
+    mode: str, values: list[float | None], improved: list[int], best: float,
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    trainer = _quiet_trainer(demo_root, tmp_path, **{"train.monitor": "loss", "train.monitor_mode": mode,
+                                                     "train.early_stop_patience": 4})
+    reports = iter(values)  # None: this validation reports no "loss" at all
+    monkeypatch.setattr(trainer, "validate", lambda: ({"dice": 0.5} | ({} if (v := next(reports)) is None
+                                                                       else {"loss": v}), []))
+    saves: list[tuple[str, int]] = []
+    save = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda name="last.pt": saves.append((name, trainer.epoch))
+                        or save(name))
+    stops = []
+    for epoch in range(len(values)):
+        trainer.epoch = epoch
+        record: dict[str, float] = {}
+        stops.append(trainer._after_validation(record))
+        assert record["val_dice"] == 0.5
+    assert [e for name, e in saves if name == "best.pt"] == improved  # rewritten only on improvement
+    assert trainer.best_metric == best
+    ck = torch.load(trainer.ckpt_dir / "best.pt", weights_only=False)
+    assert ck["epoch"] == improved[-1] and ck["best_metric"] == best
+    assert trainer.stale == len(values) - 1 - improved[-1]
+    assert stops == [i - improved[-1] >= 4 for i in range(len(values))]  # missing or NaN = no improvement
+    assert "reported no loss (counted as no improvement)" in caplog.text
+
+
+def test_monitor_loss_min_in_a_real_run(demo_root: Path, tmp_path: Path) -> None:
+    trainer = _quiet_trainer(demo_root, tmp_path, **{
+        "train.monitor": "loss", "train.monitor_mode": "min", "train.epochs": 3, "train.max_steps": None,
+        "train.steps_per_epoch": 1, "model.params.base_channels": 8})
+    result = trainer.fit()
+    losses = [r["val_loss"] for r in result.history]
+    assert len(losses) == 3 and result.best_metric == min(losses)
+    best = torch.load(result.best_checkpoint, weights_only=False)
+    assert best["epoch"] == 1 + losses.index(min(losses))
+
+
+def test_unknown_monitor_is_a_config_error(demo_root: Path, tmp_path: Path) -> None:
+    from medseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.monitor = 'dcie'.*\bdice\b.*\bhd95\b.*\bloss\b"):
+        _quiet_trainer(demo_root, tmp_path, **{"train.monitor": "dcie"})
+    with pytest.raises(ConfigError, match=r"train.monitor = 'lesion_dice'.*\bmiou\b"):
+        _quiet_trainer(demo_root, tmp_path, **{"train.monitor": "lesion_dice", "metrics.lesion_metrics": False})
+    _quiet_trainer(demo_root, tmp_path, **{"train.monitor": "lesion_sensitivity"})  # a lesion metric is fine
+
+
+# ----------------------------------------------------------------------------- MLflow runs always end
+
+
+@pytest.mark.parametrize("error,status", [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_failure_in_finish_ends_the_mlflow_run(
+    error: type[BaseException], status: str, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(QUICK, tiny_overrides(demo_root, tmp_path, **{"train.max_steps": 1, "train.amp": "off",
+                                                                     "model.params.base_channels": 8}))
+    tracker = build_tracker(True, None, cfg.output_dir)
+
+    def broken(model: object, name: str) -> None:
+        raise error("model logging broke")
+
+    monkeypatch.setattr(tracker, "log_model", broken)
+    trainer = Trainer(cfg, tracker)
+    with pytest.raises(error, match="model logging broke"):
+        trainer.fit()
+    run = tracker.client.get_run(trainer.run_id)
+    assert run.info.status == status
+    assert "best.pt" in {a.path.split("/")[-1] for a in tracker.client.list_artifacts(trainer.run_id, "checkpoints")}
+
+
+def test_failure_in_evaluate_after_training_ends_the_mlflow_run(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    import medseg.engine
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TrainingError("evaluation broke")
+
+    monkeypatch.setattr(medseg.engine, "evaluate", broken)
+    cfg = load_config(QUICK, tiny_overrides(demo_root, tmp_path, **{
+        "train.max_steps": 1, "train.evaluate_splits": ["test"], "model.params.base_channels": 8,
+        "train.amp": "off"}))
+    with pytest.raises(TrainingError, match="evaluation broke"):
+        run_training(cfg)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+# ----------------------------------------------------------------------------- DDP validation
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _validate_both_splits(trainer: Trainer) -> dict[str, tuple[dict[str, float], list[dict]]]:
+    """``Trainer.validate`` on its val split and on the whole data set (17 slices: uneven shards)."""
+    import medseg.engine
+    from medseg.data import build_dataset
+    from medseg.data.loading import TransformedDataset
+    from medseg.evaluation import eval_loader
+    from medseg.transforms import build_transforms
+
+    captured = []
+    evaluate_loader = medseg.engine.evaluate_loader
+
+    def capture(*args: object, **kwargs: object) -> object:
+        captured.append(evaluate_loader(*args, **kwargs))  # type: ignore[arg-type]
+        return captured[-1]
+
+    medseg.engine.evaluate_loader = capture  # type: ignore[assignment]
+    try:
+        out = {}
+        for split in ("val", "all"):
+            if split == "all":
+                cfg = trainer.cfg
+                ds = TransformedDataset(build_dataset(cfg.data, "all"), build_transforms(cfg.transforms, train=False),
+                                        cfg.train.seed)
+                trainer.val_loader = eval_loader(ds, cfg, trainer.rank, trainer.world)
+            metrics, _ = trainer.validate()
+            out[split] = (metrics, captured[-1].rows, len(trainer.val_loader.sampler))
+    finally:
+        medseg.engine.evaluate_loader = evaluate_loader  # type: ignore[assignment]
+    return out
+
+
+def _ddp_rank(rank: int, world: int, port: int, overrides: list[str], weights: str, out_dir: str) -> None:
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    trainer = Trainer(load_config(QUICK, overrides))
+    assert trainer.world == world and trainer.rank == rank
+    trainer.net.load_state_dict(torch.load(weights, weights_only=False))
+    if rank == 1:  # as if this rank's last training batch had moved its BatchNorm statistics
+        for name, buf in trainer.net.named_buffers():
+            if name.endswith("running_mean"):
+                buf.add_(0.5)
+    result = _validate_both_splits(trainer)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_validation_equals_one_process(demo_root: Path, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from tests.test_evaluation import assert_same_evaluation
+
+    ov = tiny_overrides(demo_root, tmp_path, **{
+        "tracking.enabled": False, "train.overlay_count": 1, "train.cache_samples": False,
+        "model.params.base_channels": 8, "data.spacing_mm": 3.0, "evaluation.batch_size": 3, "train.amp": "off"})
+    single = Trainer(load_config(QUICK, ov))
+    net = single.net.eval()
+    torch.manual_seed(1)
+    for name, buf in net.named_buffers():  # BatchNorm statistics that matter, the same in every process
+        if name.endswith("running_mean"):
+            buf.copy_(torch.randn_like(buf) * 0.5)
+        elif name.endswith("running_var"):
+            buf.copy_(torch.rand_like(buf) * 2 + 0.2)
+    with torch.no_grad():  # an untrained net predicts one class everywhere: make it predict ~10 % lesion
+        logits = net(torch.as_tensor(single.val_set[0]["image"])[None])
+        net.head.bias[1] -= torch.quantile((logits[:, 1] - logits[:, 0]).flatten(), 0.9)
+    weights = tmp_path / "weights.pt"
+    torch.save(single.net.state_dict(), weights)
+    expected = _validate_both_splits(single)
+
+    # forked (not spawned): the ranks inherit this process' imports, which take most of a spawn
+    mp.start_processes(_ddp_rank, args=(2, _free_port(), ov, str(weights), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for split, n in (("val", 2), ("all", 17)):
+        assert expected[split][2] == n and [r[split][2] for r in ranks] == [(n + 1) // 2, n // 2]  # no padding
+        metrics, rows = expected[split][:2]
+        assert any(r["detected"] for r in rows) and metrics["fp_per_image"] > 0 and 0 < metrics["dice"] < 1
+        for r in ranks:  # every rank reports the combined metrics
+            assert_same_evaluation(r[split][:2], expected[split][:2])
+            for key in ("lesion_count", "fp_per_image", "lesion_merges", "hd95_one_empty"):
+                assert r[split][0][key] == expected[split][0][key], key

@@ -174,7 +174,10 @@ def to_source_grid(mask: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     """A class or instance map on the sample's grid, back on its source slice's grid (nearest neighbour).
 
     The inverse of :func:`resample_sample`: every writer of a predicted mask calls this, so a saved
-    mask has its source slice's shape and overlays it. Without resampling it returns ``mask``.
+    mask has its source slice's shape and overlays it. Each source pixel takes the value of the
+    sample pixel under its centre (pixel centres aligned, as the linearly resampled image is;
+    OpenCV's ``INTER_NEAREST`` would shift the mask by up to a pixel). Without resampling it
+    returns ``mask``.
 
     Args:
         mask: ``(H, W)`` (or ``(..., H, W)``) integer map on the (resampled) sample grid.
@@ -184,13 +187,12 @@ def to_source_grid(mask: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     mask = np.asarray(mask)
     if not shape or tuple(mask.shape[-2:]) == tuple(shape):
         return mask
-    import cv2
-
     h, w = (int(v) for v in shape)
-    flat = mask.reshape(-1, *mask.shape[-2:])
-    # cv2 resizes float32 exactly for the integer ids a mask holds (< 2**24)
-    out = np.stack([cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST) for m in flat])
-    return out.reshape(*mask.shape[:-2], h, w).astype(mask.dtype)
+    mh, mw = mask.shape[-2:]
+    # source pixel y has its centre at (y + 0.5) · mh / h sample pixels
+    ys = np.minimum(((np.arange(h) + 0.5) * mh / h).astype(np.int64), mh - 1)
+    xs = np.minimum(((np.arange(w) + 0.5) * mw / w).astype(np.int64), mw - 1)
+    return mask[..., ys[:, None], xs]
 
 
 def label_instances(label: np.ndarray) -> np.ndarray:

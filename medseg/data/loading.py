@@ -29,13 +29,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medseg.config import TrainConfig
 from medseg.data.base import collate
-from medseg.runtime import sample_seed
+from medseg.runtime import TrainingError, sample_seed
 
 log = logging.getLogger("medseg.data")
 
 __all__ = [
-    "EpochSampler", "ShardSampler", "TransformedDataset", "cache_dataset", "collate_by_shape", "make_loader",
-    "sample_nbytes",
+    "EpochSampler", "ShardSampler", "TransformedDataset", "cache_dataset", "collate_by_shape", "first_readable",
+    "make_loader", "sample_nbytes",
 ]
 
 Key = tuple[int, int]
@@ -120,6 +120,15 @@ class TransformedDataset(Dataset):
         if hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=sample_seed(self.seed, epoch, i))
         return self.transform(dict(sample))
+
+
+def first_readable(dataset: Dataset) -> dict[str, Any]:
+    """The first sample that can be read (an unreadable one is ``None``): a probe of the data's shape."""
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        sample = dataset[i]
+        if sample is not None:
+            return sample
+    raise TrainingError("no training sample could be read; see the warnings above")
 
 
 def sample_nbytes(sample: dict[str, Any] | None) -> int:

@@ -1,0 +1,83 @@
+"""Inference: whole-slice and sliding-window logits, post-processing (the CRF sees every channel and
+the spacing), the Predictor over a saved checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import medseg.crf
+from medseg.checkpoint import CHECKPOINT_VERSION, atomic_torch_save
+from medseg.config import load_config, to_dict
+from medseg.inference import Predictor, postprocess, predict_logits
+from medseg.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "pipelines" / "quickstart.yaml"
+CPU = torch.device("cpu")
+
+
+def _cfg(*overrides: str):  # type: ignore[no-untyped-def]
+    return load_config(QUICK, ["train.amp=off", "train.device=cpu", "data.generate_if_missing=false", *overrides])
+
+
+def test_sliding_window_equals_whole_slice_for_a_pointwise_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 2, 1).eval()  # each pixel's logits depend on that pixel only: tiling cannot change them
+    image = torch.rand(2, 3, 70, 90)
+    whole = predict_logits(model, image, _cfg(), CPU)
+    for tile in ([32, 48], [128, 128]):  # tiles smaller and larger (mirror-padded) than the image
+        sliding = predict_logits(model, image, _cfg("inference.mode=sliding", f"inference.tile_size={tile}",
+                                                    "inference.overlap=0.5"), CPU)
+        assert sliding.shape == whole.shape == (2, 2, 70, 90) and sliding.dtype == torch.float32
+        torch.testing.assert_close(sliding, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_crf_receives_every_context_channel_and_each_images_spacing(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def record(probs: np.ndarray, image: np.ndarray, cfg: object, spacing: object = None) -> np.ndarray:
+        seen.append((probs.shape, image.copy(), spacing))
+        return probs.argmax(0)
+
+    monkeypatch.setattr(medseg.crf, "crf_labels", record)
+    logits = torch.randn(2, 2, 16, 20)
+    image = torch.rand(2, 3, 16, 20)
+    assert torch.equal(postprocess(logits, image, _cfg()), logits.argmax(1))  # CRF off: argmax
+    assert not seen
+    out = postprocess(logits, image, _cfg("inference.crf.enabled=true"), [[0.7, 0.7], [1.2, 0.9]])
+    assert torch.equal(out, logits.argmax(1)) and out.dtype == torch.int64
+    assert [s[0] for s in seen] == [(2, 16, 20)] * 2
+    assert all(np.array_equal(s[1], image[b].numpy()) for b, s in enumerate(seen))  # all 3 channels
+    assert [s[2] for s in seen] == [[0.7, 0.7], [1.2, 0.9]]
+
+
+def test_crf_postprocess_runs_the_real_crf() -> None:
+    logits = torch.zeros(1, 2, 24, 24)
+    logits[0, 0] = 2.0
+    logits[0, :, 6:18, 6:18] = torch.tensor([0.0, 2.0])[:, None, None]
+    image = torch.zeros(1, 3, 24, 24)
+    image[0, :, 6:18, 6:18] = 1.0
+    out = postprocess(logits, image, _cfg("inference.crf.enabled=true"), [[0.8, 0.8]])
+    assert out.shape == (1, 24, 24) and out[0, 12, 12] == 1 and out[0, 0, 0] == 0
+
+
+def test_predictor_from_a_checkpoint_uses_the_models_own_config(tmp_path: Path) -> None:
+    cfg = _cfg("model.params.base_channels=8")
+    torch.manual_seed(0)
+    net = build_model(cfg.model.name, 3, 2, cfg.model.params)
+    path = tmp_path / "checkpoints" / "best.pt"
+    atomic_torch_save({"version": CHECKPOINT_VERSION, "model": net.state_dict(), "config": to_dict(cfg),
+                       "in_channels": 3, "num_classes": 2, "epoch": 4}, path)
+    predictor = Predictor.from_ref(tmp_path, overrides=["inference.mode=sliding", "inference.tile_size=[32, 32]"],
+                                   device="cpu")
+    assert predictor.cfg.inference.mode == "sliding" and predictor.cfg.model.params["base_channels"] == 8
+    image = torch.rand(2, 3, 40, 48)
+    labels = predictor(image)
+    assert labels.shape == (2, 40, 48) and labels.dtype == torch.int64
+    expected = predict_logits(net.eval(), image, predictor.cfg, CPU).argmax(1)
+    assert torch.equal(labels, expected)
