@@ -73,9 +73,16 @@ class ElasticConfig:
     """U-Net elastic deformation: random displacements on a coarse grid, bicubic interpolation."""
 
     enabled: bool = True
+    #: displacement standard deviation in pixels of the training grid (after data.spacing_mm)
     sigma: float = 10.0
     points: int = 3
     prob: float = 1.0
+    #: what the coarse grid spans: "slice" = the whole slice (the paper: its whole input tile),
+    #: "extent" = ``extent`` pixels centred on the crop, "crop" = the crop itself (crop-relative:
+    #: the same sigma deforms a small crop more)
+    grid: Literal["slice", "extent", "crop"] = "slice"
+    #: [h, w] pixels the grid spans when grid = "extent" (the paper's input tile: 572)
+    extent: list[int] = field(default_factory=lambda: [572, 572])
 
 
 @dataclass
