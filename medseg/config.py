@@ -176,8 +176,11 @@ class TrainConfig:
     log_every: int = 10
     #: after training, evaluate the best model on these splits and log into the same run
     evaluate_splits: list[str] = field(default_factory=list)
-    #: a wall-clock budget in minutes: stop after the epoch in which it runs out (None = none)
+    #: a wall-clock budget in minutes: after ``budget_probe_steps`` steps and one timed validation
+    #: it becomes a step count (stored in checkpoints) that the schedule is laid over (None = none)
     time_limit_min: float | None = None
+    #: optimizer steps measured before the budget is converted into a step count
+    budget_probe_steps: int = 20
 
 
 @dataclass
