@@ -208,6 +208,27 @@ class InferenceConfig:
     blend: Literal["gaussian", "constant"] = "gaussian"
     batch_size: int = 4
     crf: CRFConfig = field(default_factory=CRFConfig)
+    #: the operating point (medseg.operating_point): one probability threshold per foreground
+    #: class; None = the model's calibrated one if it has one, else argmax; [] = argmax
+    threshold: list[float] | None = None
+    #: connected components smaller than this (mm²) become background; None = the model's calibrated
+    #: value if it has one, else 0 (keep all)
+    min_object_mm2: float | None = None
+
+
+@dataclass
+class CalibrationConfig:
+    """How ``medseg calibrate`` chooses the operating point on the validation split (never on test)."""
+
+    #: calibrate best.pt on the val split after training, before ``train.evaluate_splits``
+    after_training: bool = False
+    #: the validation metric to optimise (any key validation reports) and its direction
+    metric: str = "dice"
+    mode: Literal["max", "min"] = "max"
+    #: foreground probability thresholds tried (the same for every foreground class)
+    thresholds: list[float] = field(default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(13)])
+    #: minimum object sizes tried, in mm²
+    min_object_mm2: list[float] = field(default_factory=lambda: [0.0, 10.0, 25.0, 50.0, 100.0])
 
 
 @dataclass
@@ -259,6 +280,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "outputs"
     #: the pipeline's name (defaults to the YAML file's stem)

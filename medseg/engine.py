@@ -78,6 +78,8 @@ class TrainResult:
     steps_done: int
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_reason: str = "completed"
+    #: what ``calibration.after_training`` chose (see :func:`medseg.calibration.calibrate`)
+    operating_point: dict[str, Any] | None = None
 
 
 def _first_readable(dataset: Any) -> dict[str, Any]:
@@ -533,6 +535,11 @@ def run_training(
     trainer = Trainer(cfg, tracker, run_dir=run_dir, pipeline_path=pipeline_path)
     result = trainer.fit(resume=ckpt)
     evaluations: dict[str, Any] = {}
+    if cfg.calibration.after_training and rank == 0:  # the operating point, chosen on val, before any test
+        from medseg.calibration import calibrate_run
+
+        result.operating_point = calibrate_run(cfg, result.best_checkpoint or result.last_checkpoint,
+                                                   result.run_dir, result.run_id, tracker)
     for split in cfg.train.evaluate_splits if rank == 0 else []:
         ref = result.best_checkpoint or result.last_checkpoint
         if result.run_id:

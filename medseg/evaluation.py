@@ -30,6 +30,7 @@ from medseg.data.base import to_source_grid
 from medseg.data.loading import ShardSampler, TransformedDataset, make_loader
 from medseg.inference import postprocess, predict_logits
 from medseg.metrics import MetricSuite, metric_names
+from medseg.operating_point import resolve_operating_point
 from medseg.runtime import TrainingError, dist_ready, resolve_device
 from medseg.tracking import Tracker
 
@@ -205,6 +206,7 @@ def evaluate(
 
     device = resolve_device(cfg.train.device)
     model, info = load_model(model_ref, device)
+    cfg = resolve_operating_point(cfg, info.get("config"))  # the model's calibrated point unless set
     dataset = TransformedDataset(build_dataset(cfg.data, split), build_transforms(cfg.transforms, train=False),
                                  cfg.train.seed)
     out_dir = Path(save_predictions) if save_predictions else None
