@@ -28,6 +28,7 @@ from medseg.checkpoint import atomic_torch_save, atomic_write_text, load_model, 
 from medseg.config import Config, ConfigError
 from medseg.data import build_dataset
 from medseg.data.loading import TransformedDataset
+from medseg.em_metrics import SegmentationErrors
 from medseg.evaluation import eval_loader, eval_target, validation_metric_names
 from medseg.inference import postprocess, predict_logits
 from medseg.metrics import MetricSuite
@@ -114,10 +115,13 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
         trial = copy.deepcopy(cfg)
         trial.inference.threshold, trial.inference.min_object_mm2 = (threshold or []), min_mm2
         suite = MetricSuite.from_config(cfg.metrics, cfg.data.num_classes)
+        errors = SegmentationErrors.from_config(cfg.metrics)
         for b in kept:
             pred = postprocess(b["logits"], b["image"], trial, b["spacing"])
             suite.update(pred, b["target"], b["inst"], b["spacing"], b["meta"])
-        return suite.compute()
+            if errors is not None:
+                errors.update(pred, b["target"], b["inst"])
+        return {**suite.compute(), **(errors.compute() if errors is not None else {})}
 
     argmax = score(None, 0.0).get(c.metric, math.nan)
     grid: list[dict[str, Any]] = []

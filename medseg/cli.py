@@ -47,9 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint file or medseg train output folder (updated in place)")
     _add_set(p)
 
-    p = sub.add_parser("demo-data", help="write a generated DeepLesion-format dataset")
+    p = sub.add_parser("demo-data", help="write generated data: DeepLesion-format CT or EM-like cell images")
     p.add_argument("out_dir")
-    p.add_argument("--patients", type=int, default=40)
+    p.add_argument("--kind", choices=["deeplesion", "cells"], default="deeplesion",
+                   help="deeplesion: CT series + DL_info.csv + true masks; cells: images/ + masks/ folder of "
+                        "512x512 EM-like images (the folder dataset)")
+    p.add_argument("--patients", type=int, default=None, help="deeplesion: patients (default: data.demo_patients)")
+    p.add_argument("--images", type=int, default=None, help="cells: images (default 30)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -137,9 +141,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     """``medseg demo-data``."""
+    if args.kind == "cells":
+        from medseg.data.cells import CELLS_IMAGES, generate_cells_data
+
+        out = generate_cells_data(args.out_dir, images=args.images or CELLS_IMAGES, seed=args.seed)
+        print(f"EM-like cell images (images/ + masks/, 0 = membrane, 255 = cell) written to {out}")
+        print(f"train on them: medseg train pipelines/cells.yaml --set data.root={out}")
+        return 0
+    from medseg.config import DataConfig
     from medseg.data.synthetic import generate_demo_data
 
-    out = generate_demo_data(args.out_dir, patients=args.patients, seed=args.seed)
+    patients = args.patients if args.patients is not None else DataConfig().demo_patients
+    out = generate_demo_data(args.out_dir, patients=patients, seed=args.seed)
     print(f"DeepLesion-format demo data written to {out}")
     print(f"train on it: medseg train pipelines/quickstart.yaml --set data.root={out}")
     return 0

@@ -248,6 +248,8 @@ class MetricsConfig:
     connectivity: int = 2
     #: surface Dice tolerance in mm
     nsd_tolerance_mm: float = 2.0
+    #: also report the ISBI 2012 EM measures pixel_error and rand_error (medseg.em_metrics)
+    segmentation_errors: bool = False
 
 
 @dataclass
