@@ -78,7 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for split, ev in evaluations.items():
         m = ev["metrics"]
         print(f"{split}: " + ", ".join(f"{k}={m[k]:.4f}" for k in sorted(m) if k in
-                                        ("dice", "lesion_dice", "miou", "hd95", "lesion_sensitivity")))
+                                        ("dice", "lesion_dice", "miou", "hd95", "lesion_sensitivity", "pixel_error",
+                                         "rand_error")))
     print(f"run folder:   {result.run_dir}")
     print(f"checkpoint:   {result.best_checkpoint or result.last_checkpoint}")
     if result.run_id:

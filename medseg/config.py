@@ -42,7 +42,10 @@ class DataConfig:
     root: str = "data/demo"
     #: quick start only: write ``medseg demo-data`` output to ``root`` when it is missing
     generate_if_missing: bool = False
-    demo_patients: int = 40
+    #: patients of the generated DeepLesion-format demo data — the one place this number lives
+    #: (``medseg demo-data`` and ``generate_demo_data`` default to it); 90 gives a test split of
+    #: 24 key slices with 37 lesions
+    demo_patients: int = 90
     demo_seed: int = 0
     #: input channels: key slice ± neighbours (1 = 2-D)
     context_slices: int = 3
