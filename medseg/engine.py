@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import medseg.losses  # noqa: F401  (registers the losses)
+from medseg.budget import StepBudget
 from medseg.checkpoint import (
     CHECKPOINT_VERSION,
     atomic_torch_save,
@@ -77,6 +78,8 @@ class TrainResult:
     steps_done: int
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_reason: str = "completed"
+    #: what ``calibration.after_training`` chose (see :func:`medseg.calibration.calibrate`)
+    operating_point: dict[str, Any] | None = None
 
 
 def _first_readable(dataset: Any) -> dict[str, Any]:
@@ -162,6 +165,8 @@ class Trainer:
         # loss scaling is for float16 on CUDA only (bfloat16 has float32's range)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
 
+        # train.time_limit_min: the budget becomes a step count after a probe (medseg.budget)
+        self.budget = StepBudget(60.0 * t.time_limit_min, t.budget_probe_steps) if t.time_limit_min else None
         self.steps_per_epoch = t.steps_per_epoch or max(1, math.ceil(len(self.train_set) / (t.batch_size * self.world)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(t.schedule, step, self.total_steps, t.poly_power)
@@ -190,13 +195,31 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole schedule (``train.max_steps`` caps it)."""
+        """Optimizer steps of the whole schedule (``train.max_steps`` and the time budget's step count cap it)."""
+        total = self._step_cap()
+        return min(total, self.budget.steps) if self.budget and self.budget.steps is not None else total
+
+    def _step_cap(self) -> int:
+        """Steps of ``train.epochs`` (capped by ``train.max_steps``): the schedule without a budget."""
         total = self.cfg.train.epochs * self.steps_per_epoch
         return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
 
     def _schedule_done(self) -> bool:
-        t = self.cfg.train
-        return self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
+        return self.epoch >= self.cfg.train.epochs or self.step >= self.total_steps
+
+    def _convert_budget(self) -> None:
+        """End of the budget probe: time one validation pass, fix the step count (schedule over it)."""
+        assert self.budget is not None
+        tick = time.monotonic()
+        if self.budget.elapsed() < self.budget.budget_s:  # else the count is the steps done: nothing to time
+            metrics, _ = self.validate()
+            self.model.train()
+            self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
+        steps = self.budget.convert(self.step, time.monotonic() - tick, self.steps_per_epoch, self.cfg.train.val_every,
+                                    self._step_cap())
+        self._set_lr()  # the next step already follows the new schedule (as a resumed run would)
+        self.tracker.log_metrics({"train/budget_steps": steps}, self.step)
+        log.info("time budget %.1f min → %d optimizer steps in total", self.budget.budget_s / 60, steps)
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -223,6 +246,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "best_metric": self.best_metric,
             "stale": self.stale,
+            "budget_steps": self.budget.steps if self.budget else None,
             "history": self.history,
             "run_id": self.run_id,
             "config": to_dict(self.cfg),
@@ -251,7 +275,12 @@ class Trainer:
         self.best_metric, self.stale = ckpt["best_metric"], ckpt["stale"]
         self.history = ckpt["history"]
         self.run_id = ckpt["run_id"]
-        # the LR follows the (possibly extended) schedule from the restored step
+        if self.budget is not None:  # the measured step count is reused, never measured again
+            self.budget.steps = ckpt.get("budget_steps")
+        self._set_lr()  # the LR follows the (possibly extended) schedule from the restored step
+
+    def _set_lr(self) -> None:
+        """Set the LR of the current step from the schedule (after a resume or a changed step count)."""
         t = self.cfg.train
         for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             g["lr"] = base * lr_factor(t.schedule, self.step, self.total_steps, t.poly_power)
@@ -321,9 +350,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         t = self.cfg.train
-        n_batches = self.steps_per_epoch
-        if t.max_steps:
-            n_batches = min(n_batches, t.max_steps - self.step + self.batch_in_epoch)
+        n_batches = min(self.steps_per_epoch, self.total_steps - self.step + self.batch_in_epoch)
         per_batch = t.batch_size * self.world
         self.sampler.set_epoch(self.epoch, n_batches * per_batch, start=self.batch_in_epoch * per_batch)
         bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{t.epochs}",
@@ -350,8 +377,12 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
             if self.step % t.log_every == 0 or self.step == 1 or self.batch_in_epoch == n_batches:
                 self.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/images_per_s": rate}, self.step)
+            if self.budget is not None and self.budget.due(self.step):
+                self._convert_budget()
             if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
                 self.save_checkpoint()
+            if self.step >= self.total_steps:  # the budget's step count may end an epoch early
+                break
         bar.close()
         self.epoch += 1
         self.batch_in_epoch = 0
@@ -421,23 +452,26 @@ class Trainer:
         status, reason = "FAILED", "completed"
         try:
             self._prepare(resume)
-            started = time.monotonic()
+            if self.budget is not None:
+                self.budget.start(self.step)
             self.model.train()
             while not self._schedule_done():
                 losses = self._train_epoch()
                 record: dict[str, float] = {"epoch": self.epoch,
                                             "train_loss": float(np.mean(losses)) if losses else float("nan")}
                 self.tracker.log_metrics({"train/epoch_loss": record["train_loss"]}, self.step)
-                time_up = bool(t.time_limit_min and time.monotonic() - started > 60 * t.time_limit_min)
                 stop = False
-                if self.epoch % t.val_every == 0 or self._schedule_done() or time_up:  # final weights: always
+                if self.epoch % t.val_every == 0 or self._schedule_done():  # final weights: always
                     stop = self._after_validation(record)
                 self.history.append(record)
                 self.save_checkpoint()
                 log.info("epoch %d: %s", self.epoch, {k: round(v, 4) for k, v in record.items()})
-                if stop or time_up:
-                    reason = "early_stopping" if stop else "time_limit"
+                if stop:
+                    reason = "early_stopping"
                     break
+            if reason == "completed" and self.budget and self.budget.steps is not None \
+                    and self.budget.steps < self._step_cap():
+                reason = "time_limit"  # the budget, not train.epochs / max_steps, set the length
             self._finish()
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -501,6 +535,11 @@ def run_training(
     trainer = Trainer(cfg, tracker, run_dir=run_dir, pipeline_path=pipeline_path)
     result = trainer.fit(resume=ckpt)
     evaluations: dict[str, Any] = {}
+    if cfg.calibration.after_training and rank == 0:  # the operating point, chosen on val, before any test
+        from medseg.calibration import calibrate_run
+
+        result.operating_point = calibrate_run(cfg, result.best_checkpoint or result.last_checkpoint,
+                                                   result.run_dir, result.run_id, tracker)
     for split in cfg.train.evaluate_splits if rank == 0 else []:
         ref = result.best_checkpoint or result.last_checkpoint
         if result.run_id:

@@ -28,8 +28,10 @@ from medseg.config import Config, ConfigError
 from medseg.data import build_dataset
 from medseg.data.base import to_source_grid
 from medseg.data.loading import ShardSampler, TransformedDataset, make_loader
+from medseg.em_metrics import ERROR_NAMES, SegmentationErrors
 from medseg.inference import postprocess, predict_logits
 from medseg.metrics import MetricSuite, metric_names
+from medseg.operating_point import resolve_operating_point
 from medseg.runtime import TrainingError, dist_ready, resolve_device
 from medseg.tracking import Tracker
 
@@ -54,7 +56,8 @@ class EvalResult:
 
 def validation_metric_names(cfg: Config) -> list[str]:
     """Every key validation can report: the metric suite's keys and ``loss``."""
-    return [*metric_names(cfg.data.num_classes, cfg.metrics.lesion_metrics), "loss"]
+    errors = list(ERROR_NAMES) if cfg.metrics.segmentation_errors else []
+    return [*metric_names(cfg.data.num_classes, cfg.metrics.lesion_metrics), *errors, "loss"]
 
 
 def check_monitor(cfg: Config) -> None:
@@ -120,6 +123,7 @@ def evaluate_loader(
     was_training = model.training
     model.eval()
     suite = MetricSuite.from_config(cfg.metrics, cfg.data.num_classes)
+    errors = SegmentationErrors.from_config(cfg.metrics)  # pixel / Rand error (EM), when asked for
     losses: list[float] = []
     examples: list[dict[str, Any]] = []
     n = 0
@@ -140,6 +144,8 @@ def evaluate_loader(
                            for b in range(len(image))]
             target, inst = eval_target(batch)
             suite.update(pred, target, inst, spacing, batch["meta"])
+            if errors is not None:
+                errors.update(pred, target, inst)
             for b in range(min(len(image), overlay_count - len(examples))):
                 examples.append({"image": image[b].numpy(), "truth": target[b].numpy(), "pred": pred[b].numpy(),
                                  "title": batch["meta"][b].get("id", "")})
@@ -151,11 +157,15 @@ def evaluate_loader(
     bar.close()
     model.train(was_training)
     suite.reduce_across_ranks()
+    if errors is not None:
+        errors.reduce_across_ranks()
     parts = _gather((n, losses))
     n = sum(p[0] for p in parts)
     if n == 0:
         return EvalResult({}, [], 0, examples)
     metrics = suite.compute()
+    if errors is not None:
+        metrics.update(errors.compute())
     if loss_fn is not None:
         all_losses = [v for p in parts for v in p[1]]
         metrics["loss"] = float(np.mean(all_losses)) if all_losses else float("nan")
@@ -205,6 +215,7 @@ def evaluate(
 
     device = resolve_device(cfg.train.device)
     model, info = load_model(model_ref, device)
+    cfg = resolve_operating_point(cfg, info.get("config"))  # the model's calibrated point unless set
     dataset = TransformedDataset(build_dataset(cfg.data, split), build_transforms(cfg.transforms, train=False),
                                  cfg.train.seed)
     out_dir = Path(save_predictions) if save_predictions else None

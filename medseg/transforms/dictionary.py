@@ -39,7 +39,11 @@ def _as_ids(x: Any) -> np.ndarray:
 
 
 class ElasticDeformd(RandomizableTransform, MapTransform):
-    """U-Net elastic deformation: one random coarse-grid field applied to every key.
+    """Crop-relative elastic deformation: one random coarse-grid field over the array it is given.
+
+    The grid spans whatever array arrives — after a crop, the crop — so the same ``sigma`` is a
+    stronger deformation the smaller the crop. The U-Net recipe (grid over the whole slice) is
+    :class:`RandElasticCropd`; this one is ``transforms.elastic.grid: crop``.
 
     Args:
         keys: keys of ``(C, H, W)`` arrays to deform with the same field.
@@ -190,6 +194,98 @@ class RandCropAroundLesiond(Randomizable, MapTransform):
         self.randomize(_as_ids(src)[0])
         for key in self.key_iterator(d):
             d[key] = F.crop_or_pad(convert_to_numpy(d[key]), self._start, self.size, 0)
+        return d
+
+
+class RandElasticCropd(RandCropAroundLesiond):
+    """U-Net elastic deformation at the paper's scale, computed only for a training crop.
+
+    The coarse ``points × points`` grid is laid over the whole slice (``extent=None``; the U-Net
+    paper's grid spans its whole 572×572 input tile) or over ``extent`` pixels centred on the
+    crop, never over the crop itself: a 128² crop of a 512² slice is deformed by exactly the
+    crop's window of the whole slice's field (:func:`~medseg.transforms.functional.elastic_field`),
+    and only the crop's pixels are resampled. One field for every key. The window is drawn as
+    :class:`RandCropAroundLesiond` draws it, on the undeformed instance map.
+
+    Randomness, in order, from ``self.R``: whether to deform (``prob``), the ``(2, points, points)``
+    displacements N(0, sigma²) px (always drawn, so a seed gives the same field whatever the crop
+    size), then the window.
+
+    Args:
+        keys: keys of ``(C, H, W)`` arrays to crop and deform with one field.
+        size: ``(h, w)`` crop; None = the whole slice (no crop).
+        lesion_prob, jitter, instance_key: as in :class:`RandCropAroundLesiond`.
+        sigma: displacement standard deviation in pixels of the training grid (U-Net: 10).
+        points: control points per axis (U-Net: 3).
+        prob: probability of deforming (else the window is only cut).
+        order: spline order per key (3 for images, 0 for id maps).
+        extent: ``(h, w)`` pixels the grid spans, centred on the crop; None = the whole slice.
+        mode: border mode (``scipy.ndimage``) for positions the field moves outside the slice.
+        allow_missing_keys: skip absent keys (e.g. an optional ``truth``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        size: Sequence[int] | None,
+        lesion_prob: float = 0.8,
+        jitter: float = 0.25,
+        sigma: float = 10.0,
+        points: int = 3,
+        prob: float = 1.0,
+        order: int | Sequence[int] = 3,
+        extent: Sequence[int] | None = None,
+        mode: str = "mirror",
+        instance_key: str = "instance",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, size if size is not None else (1, 1), lesion_prob, jitter, instance_key,
+                         allow_missing_keys)
+        self.whole = size is None
+        if extent is not None and (len(extent) != 2 or min(extent) < 2):
+            raise ValueError(f"elastic grid extent must be two ints >= 2 (h, w), got {list(extent)}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"elastic prob must be in [0, 1], got {prob}")
+        self.sigma, self.points, self.prob, self.mode = float(sigma), int(points), float(prob), mode
+        self.extent = None if extent is None else (int(extent[0]), int(extent[1]))
+        self.order = ensure_tuple_rep(order, len(self.keys))
+        self._deform = False
+        self._displacement = np.zeros((2, self.points, self.points))
+
+    def randomize(self, data: np.ndarray) -> None:
+        """Draw whether to deform, the displacements, then the window on the ``(H, W)`` instance map."""
+        self._deform = self.R.rand() < self.prob
+        self._displacement = F.elastic_displacement(self.R, self.sigma, self.points)
+        if self.whole:
+            self._start = [0, 0]
+        else:
+            super().randomize(data)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        pairs = list(self.key_iterator(d, self.order))
+        arrays = [convert_to_numpy(d[k]) for k, _ in pairs]
+        src = d[self.instance_key] if self.instance_key in d else d["label"]
+        ids = _as_ids(src)
+        shape = ids.shape[-2:]
+        size = shape if self.whole else self.size
+        if shape[0] < size[0] or shape[1] < size[1]:  # a slice smaller than the crop: zero-pad it first
+            canvas = (max(shape[0], size[0]), max(shape[1], size[1]))
+            start = [F.crop_start(n, c, None) for n, c in zip(shape, canvas)]
+            arrays = [F.crop_or_pad(a, start, canvas, 0) for a in arrays]
+            ids = F.crop_or_pad(ids, start, canvas, 0)
+            shape = canvas
+        self.randomize(ids[0])
+        if not self._deform:
+            out = [F.crop_or_pad(a, self._start, size, 0) for a in arrays]
+        else:
+            grid, origin = shape, (0.0, 0.0)
+            if self.extent is not None:  # centred on the crop
+                grid = self.extent
+                origin = tuple(s + (c - 1) / 2.0 - (e - 1) / 2.0 for s, c, e in zip(self._start, size, grid))
+            field = F.elastic_field(self._displacement, grid, self._start, size, origin)
+            out = F.elastic_warp(arrays, field, self._start, [o for _, o in pairs], self.mode)
+        d.update({k: a for (k, _), a in zip(pairs, out)})
         return d
 
 
