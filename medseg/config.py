@@ -114,6 +114,9 @@ class TransformsConfig:
     intensity_shift: float = 0.0
     noise_std: float = 0.0
     weight_map: WeightMapConfig = field(default_factory=WeightMapConfig)
+    #: run elastic deformation, flips, intensity and noise batched on the training device (the CPU
+    #: workers only cut crops and draw the random numbers); the CPU chain stays the reference
+    accelerator: bool = False
 
 
 @dataclass

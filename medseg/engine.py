@@ -58,6 +58,7 @@ from medseg.runtime import (
     use_amp,
 )
 from medseg.tracking import Tracker
+from medseg.transforms.accelerated import DeviceAugment
 from medseg.visualize import save_overlay_grid
 
 log = logging.getLogger("medseg.engine")
@@ -161,6 +162,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids)
         self.loss_fn = LOSSES.build(cfg.loss.name, cfg.loss.params)
+        self.device_augment = DeviceAugment(cfg.transforms) if cfg.transforms.accelerator else None
         self.optimizer = build_optimizer(cfg.train, self.model.parameters())
         # loss scaling is for float16 on CUDA only (bfloat16 has float32's range)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
@@ -317,6 +319,9 @@ class Trainer:
 
     def _train_step(self, batch: dict[str, Any]) -> float:
         """One optimizer step; returns the loss (averaged over ranks; non-finite = nothing updated)."""
+        if self.device_augment is not None:  # transforms.accelerator: augment the batch on the device
+            batch = self.device_augment({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                                         for k, v in batch.items()})
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
         weight = batch.get("weight")

@@ -36,6 +36,7 @@ from medseg.config import ConfigError, TransformsConfig
 from medseg.transforms.dictionary import (
     SAMPLE_DTYPES,
     BorderWeightd,
+    DrawDeviceAugmentd,
     ElasticDeformd,
     EnsureSampled,
     RandCropAroundLesiond,
@@ -55,6 +56,7 @@ from medseg.transforms.functional import (
 __all__ = [
     "SAMPLE_DTYPES",
     "BorderWeightd",
+    "DrawDeviceAugmentd",
     "ElasticDeformd",
     "EnsureSampled",
     "RandCropAroundLesiond",
@@ -90,6 +92,10 @@ def _check(cfg: TransformsConfig) -> None:
         raise ConfigError("transforms.elastic needs points >= 2 and sigma >= 0")
     if cfg.elastic.grid == "extent" and (len(cfg.elastic.extent) != 2 or min(cfg.elastic.extent) < 2):
         raise ConfigError(f"transforms.elastic.extent = {cfg.elastic.extent} must be [h, w] pixels (>= 2 each)")
+    if cfg.accelerator and (cfg.crop_size is None or (cfg.rotate_prob > 0 and cfg.rotate_range_deg > 0)
+                            or (cfg.elastic.enabled and cfg.elastic.grid == "crop")):
+        raise ConfigError("transforms.accelerator needs transforms.crop_size (a batch of equal crops), no rotation "
+                          "(transforms.rotate_prob: 0) and transforms.elastic.grid slice or extent")
     for key in ("intensity_scale", "intensity_shift", "noise_std"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"transforms.{key} = {getattr(cfg, key)} must be >= 0")
@@ -126,6 +132,21 @@ def build_transforms(cfg: TransformsConfig, train: bool) -> Compose:
     ts: list[Transform] = []
     el = cfg.elastic
     elastic = el.enabled and el.prob > 0 and el.sigma > 0
+    if cfg.accelerator:
+        # the device warps, flips, changes intensity and adds the weight map (transforms.accelerated);
+        # here: the crop grown by the warp's margin, and every random draw
+        from medseg.transforms.accelerated import device_margin
+
+        ts.append(
+            RandElasticCropd(
+                SPATIAL_KEYS, cfg.crop_size, cfg.lesion_crop_prob, sigma=el.sigma if elastic else 0.0,
+                points=el.points, prob=el.prob if elastic else 0.0, order=_ELASTIC_ORDERS,
+                extent=el.extent if el.grid == "extent" else None, allow_missing_keys=True,
+                defer_margin=device_margin(cfg),
+            )
+        )
+        ts += [DrawDeviceAugmentd(cfg.flip_prob, cfg.intensity_scale, cfg.intensity_shift), EnsureSampled()]
+        return Compose(ts).set_random_state(seed=0)
     if elastic and el.grid != "crop":
         # the paper's scale: the grid spans the slice (or an extent), evaluated on the crop only
         ts.append(

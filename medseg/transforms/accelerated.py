@@ -28,24 +28,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bspline_matrix", "dense_field", "random_displacements", "warp"]
+from medseg.transforms.functional import spline_axis_weights
 
-
-@functools.lru_cache(maxsize=256)
-def _bspline_matrix_np(points: int, extent: int, offset: int, length: int) -> np.ndarray:
-    from scipy import ndimage
-
-    if extent < 2:
-        return np.zeros((length, points))
-    cp = (points - 1) * (np.arange(length, dtype=np.float64) + offset) / (extent - 1)
-    eye = np.eye(points)
-    # column k: the interpolating cubic spline (mirror boundary) of the k-th unit vector at cp
-    return np.stack([ndimage.map_coordinates(eye[k], cp[None], order=3, mode="mirror") for k in range(points)], 1)
+__all__ = ["DeviceAugment", "bspline_matrix", "dense_field", "random_displacements", "warp"]
 
 
 def bspline_matrix(points: int, extent: int, offset: int, length: int) -> np.ndarray:
@@ -57,7 +48,14 @@ def bspline_matrix(points: int, extent: int, offset: int, length: int) -> np.nda
         offset: first output pixel's position in the input (crop start).
         length: output pixels.
     """
-    return _bspline_matrix_np(int(points), int(extent), int(offset), int(length)).copy()
+    return _weights(int(points), int(extent), int(offset), int(length)).copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _weights(points: int, extent: int, offset: int, length: int) -> np.ndarray:
+    if extent < 2:
+        return np.zeros((length, points))
+    return spline_axis_weights(points, extent, offset, length)
 
 
 def dense_field(
@@ -127,3 +125,68 @@ def warp(
     grid = torch.stack([gx, gy], -1).to(x.dtype if x.is_floating_point() else torch.float32)
     src = x if x.is_floating_point() else x.float()
     return F.grid_sample(src, grid, mode=mode, padding_mode="reflection", align_corners=True)
+
+
+class DeviceAugment:
+    """The training batch's augmentation on the training device (``transforms.accelerator: true``).
+
+    The CPU workers cut each crop grown by :attr:`margin` pixels and draw every random number
+    (:class:`~medseg.transforms.dictionary.RandElasticCropd` with ``defer_margin`` and
+    :class:`~medseg.transforms.dictionary.DrawDeviceAugmentd`, seeded per sample as always, so a
+    resumed run replays the same augmentation); this applies them to the whole batch at once:
+    elastic warp (the field ``W_y · D · W_xᵀ`` as one ``einsum``, ``grid_sample``), flips, intensity
+    scale / shift, Gaussian noise, clipping to [0, 1], then the U-Net border weight map. The weight
+    map needs exact Euclidean distance transforms, which have no batched GPU kernel in torch: it is
+    computed on the CPU from the warped instance maps (a round trip whose cost
+    ``benchmarks/bench_augment.py`` reports).
+
+    Args:
+        cfg: the ``transforms`` config section.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        from medseg.transforms.dictionary import BorderWeightd
+
+        self.cfg = cfg
+        self.margin = device_margin(cfg)
+        wm = cfg.weight_map
+        self.weight = BorderWeightd(w0=wm.w0 if wm.enabled else 0.0, sigma=wm.sigma,
+                                    class_balance=wm.class_balance and wm.enabled)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Augment a collated batch whose tensors are on the device; returns the batch the model trains on."""
+        out = dict(batch)
+        wy, wx, disp = out.pop("elastic_wy"), out.pop("elastic_wx"), out.pop("elastic_disp")
+        field = torch.einsum("byk,bckl,bxl->bcyx", wy.float(), disp.float(), wx.float())
+        b = field.shape[0]
+        off = [[self.margin, self.margin]] * b
+        out["image"] = warp(out["image"].float(), field, "bilinear", off)
+        for key in ("label", "instance", "truth"):
+            if key in out:
+                out[key] = warp(out[key].float(), field, "nearest", off).round().to(out[key].dtype)
+        aug = out.pop("device_aug").float()  # (B, 4): flip y, flip x, intensity scale, shift
+        noise_seed = out.pop("device_noise_seed", None)
+        for axis, col in ((-2, 0), (-1, 1)):
+            flip = aug[:, col].view(b, 1, 1, 1) > 0.5
+            for key in ("image", "label", "instance", "truth"):
+                if key in out:
+                    out[key] = torch.where(flip, out[key].flip(axis), out[key])
+        image = out["image"] * (1.0 + aug[:, 2].view(b, 1, 1, 1)) + aug[:, 3].view(b, 1, 1, 1)
+        if self.cfg.noise_std > 0 and noise_seed is not None:
+            noise = torch.stack([
+                torch.randn(image.shape[1:], generator=torch.Generator(device=image.device).manual_seed(int(s)),
+                            device=image.device) for s in noise_seed.view(-1).tolist()])
+            image = image + self.cfg.noise_std * noise
+        out["image"] = image.clamp(0.0, 1.0)
+        # the border weight map: exact EDTs on the CPU (one round trip per batch)
+        inst, lab = out["instance"].cpu().numpy(), out["label"].cpu().numpy()
+        weights = [self.weight({"instance": inst[i], "label": lab[i]})["weight"] for i in range(b)]
+        out["weight"] = torch.from_numpy(np.stack(weights).astype(np.float32)).to(out["image"].device)
+        return out
+
+
+def device_margin(cfg: Any) -> int:
+    """Pixels the CPU adds around each crop for the device warp: 4 σ (a coarse displacement beyond it
+    has probability ≈ 6e-5; a position that still leaves the grown crop is mirrored at its edge)."""
+    el = cfg.elastic
+    return int(np.ceil(4 * el.sigma)) + 2 if el.enabled and el.prob > 0 and el.sigma > 0 else 0

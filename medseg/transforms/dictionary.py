@@ -222,6 +222,11 @@ class RandElasticCropd(RandCropAroundLesiond):
         extent: ``(h, w)`` pixels the grid spans, centred on the crop; None = the whole slice.
         mode: border mode (``scipy.ndimage``) for positions the field moves outside the slice.
         allow_missing_keys: skip absent keys (e.g. an optional ``truth``).
+        defer_margin: the accelerator path (``transforms.accelerator``): do not warp here; cut the
+            window grown by this many pixels on each side (mirrored beyond the slice, as the warp's
+            border mode) and add what the device needs to warp it — ``elastic_wy`` ``(h, P)`` and
+            ``elastic_wx`` ``(w, Q)`` (:func:`~medseg.transforms.functional.spline_axis_weights`)
+            and ``elastic_disp`` ``(2, P, Q)`` (zeros when not deforming).
     """
 
     def __init__(
@@ -238,9 +243,11 @@ class RandElasticCropd(RandCropAroundLesiond):
         mode: str = "mirror",
         instance_key: str = "instance",
         allow_missing_keys: bool = False,
+        defer_margin: int | None = None,
     ) -> None:
         super().__init__(keys, size if size is not None else (1, 1), lesion_prob, jitter, instance_key,
                          allow_missing_keys)
+        self.defer_margin = defer_margin
         self.whole = size is None
         if extent is not None and (len(extent) != 2 or min(extent) < 2):
             raise ValueError(f"elastic grid extent must be two ints >= 2 (h, w), got {list(extent)}")
@@ -276,16 +283,54 @@ class RandElasticCropd(RandCropAroundLesiond):
             ids = F.crop_or_pad(ids, start, canvas, 0)
             shape = canvas
         self.randomize(ids[0])
-        if not self._deform:
+        grid, origin = shape, (0.0, 0.0)
+        if self.extent is not None:  # centred on the crop
+            grid = self.extent
+            origin = tuple(s + (c - 1) / 2.0 - (e - 1) / 2.0 for s, c, e in zip(self._start, size, grid))
+        if self.defer_margin is not None:
+            m = int(self.defer_margin)
+            win = [(s, s + n + 2 * m) for s, n in zip(self._start, size)]  # in the padded slice's pixels
+            out = [np.pad(a, [(0, 0)] * (a.ndim - 2) + [(m, m), (m, m)], mode="reflect")[
+                ..., win[0][0] : win[0][1], win[1][0] : win[1][1]] for a in arrays]
+            d["elastic_wy"], d["elastic_wx"] = (
+                F.spline_axis_weights(self.points, grid[ax], self._start[ax], size[ax], origin[ax]).astype(np.float32)
+                for ax in range(2))
+            d["elastic_disp"] = (self._displacement if self._deform else np.zeros_like(self._displacement)
+                                 ).astype(np.float32)
+        elif not self._deform:
             out = [F.crop_or_pad(a, self._start, size, 0) for a in arrays]
         else:
-            grid, origin = shape, (0.0, 0.0)
-            if self.extent is not None:  # centred on the crop
-                grid = self.extent
-                origin = tuple(s + (c - 1) / 2.0 - (e - 1) / 2.0 for s, c, e in zip(self._start, size, grid))
             field = F.elastic_field(self._displacement, grid, self._start, size, origin)
             out = F.elastic_warp(arrays, field, self._start, [o for _, o in pairs], self.mode)
         d.update({k: a for (k, _), a in zip(pairs, out)})
+        return d
+
+
+class DrawDeviceAugmentd(RandomizableTransform):
+    """Draw the flips and intensity changes that :class:`~medseg.transforms.accelerated.DeviceAugment`
+    applies on the device, from this sample's seeded generator (so resume replays them).
+
+    Adds ``device_aug`` float32 ``[flip_y, flip_x, scale, shift]`` (the image becomes
+    ``image · (1 + scale) + shift``, as MONAI's ``RandScaleIntensityd`` / ``RandShiftIntensityd``) and
+    ``device_noise_seed`` (int64) for the Gaussian noise.
+
+    Args:
+        flip_prob: probability of each flip (``transforms.flip_prob``).
+        intensity_scale: ``scale`` ~ U(−s, s) (``transforms.intensity_scale``; 0 = none).
+        intensity_shift: ``shift`` ~ U(−o, o) (``transforms.intensity_shift``; 0 = none).
+    """
+
+    def __init__(self, flip_prob: float, intensity_scale: float = 0.0, intensity_shift: float = 0.0) -> None:
+        RandomizableTransform.__init__(self, 1.0)
+        self.flip_prob, self.scale, self.shift = float(flip_prob), float(intensity_scale), float(intensity_shift)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        flips = self.R.rand(2) < self.flip_prob
+        scale = self.R.uniform(-self.scale, self.scale) if self.scale > 0 else 0.0
+        shift = self.R.uniform(-self.shift, self.shift) if self.shift > 0 else 0.0
+        d["device_aug"] = np.array([*flips.astype(np.float32), scale, shift], dtype=np.float32)
+        d["device_noise_seed"] = np.array([self.R.randint(0, 2**31 - 1)], dtype=np.int64)
         return d
 
 

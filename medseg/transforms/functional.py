@@ -120,6 +120,24 @@ def elastic_deform(
 _PREFILTER_MARGIN = 24
 
 
+def spline_axis_weights(points: int, span: int, start: int, length: int, origin: float = 0.0) -> np.ndarray:
+    """``(length, points)`` weights of the control points along one axis of an elastic grid.
+
+    ``points`` control points are spread evenly over ``span`` pixels from ``origin`` (the first at
+    ``origin``, the last at ``origin + span − 1``); the field is their interpolating cubic B-spline
+    (mirror boundary), as ``elasticdeform`` builds it. Row ``i`` holds the weights of pixel
+    ``start + i``; the field along both axes is ``W_y · D · W_xᵀ`` (:func:`elastic_field`, and the
+    accelerator path in :mod:`medseg.transforms.accelerated`).
+    """
+    n, p = int(span), int(points)
+    if n < 2:
+        raise ValueError(f"elastic grid must span at least 2 pixels per axis, got {n}")
+    pos = np.arange(int(start), int(start) + int(length), dtype=np.float64) - float(origin)
+    u = pos * ((p - 1) / (n - 1))
+    # interpolating each unit vector gives the weight of each control point (the spline is linear)
+    return np.stack([ndimage.map_coordinates(np.eye(p)[i], [u], order=3, mode="mirror") for i in range(p)], 1)
+
+
 def elastic_field(
     displacement: np.ndarray,
     grid_shape: Sequence[int],
@@ -150,17 +168,9 @@ def elastic_field(
     if disp.ndim != 3 or disp.shape[0] != 2 or min(disp.shape[1:]) < 2:
         raise ValueError(f"elastic displacement must have shape (2, P, Q) with P, Q >= 2, got {disp.shape}")
     size = tuple(grid_shape) if size is None else tuple(size)
-    weights = []  # per axis: (n_window, n_points) 1-D spline weights, so the 2-D spline is separable
-    for ax in range(2):
-        n, p = int(grid_shape[ax]), disp.shape[1 + ax]
-        if n < 2:
-            raise ValueError(f"elastic grid must span at least 2 pixels per axis, got {tuple(grid_shape)}")
-        pos = np.arange(int(start[ax]), int(start[ax]) + int(size[ax]), dtype=np.float64) - float(grid_origin[ax])
-        u = pos * ((p - 1) / (n - 1))
-        # interpolating each unit vector gives the weight of each control point (the spline is linear)
-        weights.append(np.stack([ndimage.map_coordinates(np.eye(p)[i], [u], order=3, mode="mirror")
-                                 for i in range(p)], 1))
-    wy, wx = weights
+    # per axis: (n_window, n_points) 1-D spline weights, so the 2-D spline is separable
+    wy, wx = (spline_axis_weights(disp.shape[1 + ax], grid_shape[ax], start[ax], size[ax], grid_origin[ax])
+              for ax in range(2))
     field = np.zeros((2, len(wy), len(wx)))
     # a fixed elementwise sum (no BLAS): every pixel's value is computed the same way in any window
     for i in range(disp.shape[1]):
