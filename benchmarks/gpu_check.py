@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS: list[dict[str, Any]] = []
+#: further parts ``f(tmp_dir) -> dict`` (sliding window, batch predict) registered below
+EXTRA_PARTS: list[Callable[[Path], dict[str, Any]]] = []
 
 
 def _part(name: str, fn: Callable[[], dict[str, Any]]) -> None:
@@ -81,13 +83,15 @@ def main() -> int:
         tmp_p = Path(tmp)
         data = generate_demo_data(tmp_p / "demo", patients=16, seed=0, progress=False)
         _part("train (AMP, CPU augmentation)", lambda: train_part(data, tmp_p / "runs", a.steps, False))
-        try:
-            import bench_trainer
+        _part("train (AMP, accelerator augmentation)", lambda: train_part(data, tmp_p / "runs_acc", a.steps, True))
+        import bench_augment
+        import bench_trainer
 
-            _part("Trainer overhead vs bare loop (CUDA)",
-                  lambda: bench_trainer.main(quick=False, device="cuda")[0])
-        except ImportError as e:
-            print(f"skipped Trainer overhead: {e}")
+        _part("Trainer overhead vs bare loop (CUDA)", lambda: bench_trainer.main(quick=False, device="cuda")[0])
+        _part("sample chain: accelerator vs cpu vs MONAI (CUDA)",
+              lambda: {"rows": bench_augment.main(quick=False, device="cuda")})
+        for extra in EXTRA_PARTS:
+            _part(extra.__doc__.split("\n")[0] if extra.__doc__ else extra.__name__, lambda f=extra: f(tmp_p))
     print("\n=== summary")
     for row in RESULTS:
         print(json.dumps(row, default=str))
