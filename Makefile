@@ -5,6 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
+EXTRAS ?= dev,server
 STAMP  := $(VENV)/.medseg-installed
 
 .PHONY: install demo test lint bench clean
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
 	# elasticdeform's prebuilt wheel is compiled against NumPy 1.x: build it from source
 	$(PY) -c "import elasticdeform" 2>/dev/null || $(PIP) install --no-binary elasticdeform elasticdeform
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,118 +1,325 @@
-"""Ablation of the U-Net paper's two training ideas on the quick start, read back from MLflow.
+"""Ablation of the U-Net paper's two training ideas, several seeds per arm, resumable, read back from MLflow.
 
-Four runs of ``pipelines/quickstart.yaml`` with the same data, schedule and budget:
+Four variants of a pipeline, trained on the same data for the same wall-clock budget
+(``train.time_limit_min``: the budget-shaped schedule ends every run's learning rate at the budget):
 
 * ``full``         — border weight map (w0 = 10, σ = 5 px) + 3×3 elastic deformation (σ = 10 px)
 * ``no_border``    — ``transforms.weight_map.w0=0`` (the class-balancing term w_c stays)
 * ``no_elastic``   — ``transforms.elastic.enabled=false``
 * ``neither``      — both off
 
-Each run is tagged ``ablation=<variant>`` (in the ``ablation`` experiment; a quick-start run may be
-tagged ``ablation=full`` by hand with ``--tag-run RUN_ID``); the table is built only from MLflow (the
-newest finished run per variant, any experiment of the store), so ``--table-only`` rebuilds it.
+each with ``--seeds`` (default 0, 1, 2: ``train.seed`` — initialisation, sample order and
+augmentation; the data and its split stay fixed). Pipelines: ``quickstart`` (generated
+DeepLesion-format CT) and ``cells`` (generated EM-like cells). For the quick start, the test
+split's lesions are also scored in two groups, **touching** (the lesion's true mask touches another
+lesion's, 8-neighbourhood — where the border term should matter) and **isolated**.
+
+Every arm is one MLflow run in the ``ablation`` experiment. When an arm has trained, been
+calibrated and evaluated, the run gets the tags ``ablation_pipeline``, ``ablation_variant``,
+``ablation_seed`` and, last, ``ablation_key`` (a hash of pipeline, variant, seed, budget and extra
+overrides). A rerun of the same command skips every arm whose key has a FINISHED run, so an
+interrupted ablation resumes where it stopped; the table is built from MLflow alone
+(``--table-only``). Rows give mean ± standard deviation over seeds (n = seeds found) and, for the
+pipeline's main measure, the difference to ``full`` with its standard error — a difference smaller
+than about two standard errors is not one the runs can tell from seed noise.
 
 Usage::
 
-    python benchmarks/ablation.py [--variants full,no_border] [--threads 2] [--out docs/ablation.md]
-    python benchmarks/ablation.py --table-only
+    python benchmarks/ablation.py --pipeline quickstart --seeds 0,1,2 --out docs/ablation.md   # ≈ 2 h
+    python benchmarks/ablation.py --pipeline cells --budget-min 8                               # ≈ 1.8 h
+    python benchmarks/ablation.py --pipeline quickstart --table-only
+    python benchmarks/ablation.py --pipeline quickstart --budget-min 0.33 --seeds 0   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
+import json
+import math
 import os
+import statistics
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "ablation"
+PIPELINES = {"quickstart": ROOT / "pipelines" / "quickstart.yaml", "cells": ROOT / "pipelines" / "cells.yaml"}
 VARIANTS: dict[str, list[str]] = {
     "full": [],
     "no_border": ["transforms.weight_map.w0=0"],
     "no_elastic": ["transforms.elastic.enabled=false"],
     "neither": ["transforms.weight_map.w0=0", "transforms.elastic.enabled=false"],
 }
-COLUMNS = [("test/dice", "test Dice"), ("test/lesion_dice", "lesion Dice"), ("test/hd95", "HD95 (mm)"),
-           ("test/lesion_sensitivity", "sensitivity"), ("test/fp_per_image", "FP / image"),
-           ("best/dice", "best val Dice")]
+#: per pipeline: (metric key, column title, lower is better), the first is the main measure
+COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
+    "quickstart": [("test/lesion_dice", "lesion Dice", False),
+                   ("test/lesion_dice_touching", "touching lesions: Dice", False),
+                   ("test/lesion_dice_isolated", "isolated lesions: Dice", False),
+                   ("test/lesion_sensitivity_touching", "touching: sensitivity", False),
+                   ("test/dice", "pixel Dice", False),
+                   ("test/lesion_sensitivity", "sensitivity", False),
+                   ("test/fp_per_image", "FP / image", True),
+                   ("test/hd95", "HD95 (mm)", True)],
+    "cells": [("test/rand_error", "Rand error", True),
+              ("test/pixel_error", "pixel error", True),
+              ("test/dice", "cell Dice", False)],
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training run of the benchmark: a pipeline, a named variant (its overrides) and a seed."""
+
+    pipeline: str
+    variant: str
+    seed: int
+    overrides: tuple[str, ...] = ()
+    budget_min: float | None = None
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def key(self) -> str:
+        """What makes two runs the same arm (hash of everything that shapes the run)."""
+        blob = json.dumps([self.pipeline, self.variant, self.seed, sorted(self.overrides), self.budget_min,
+                           sorted(self.extra)])
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def all_overrides(self, output_dir: Path) -> list[str]:
+        """The ``--set`` list of this arm's run."""
+        ov = [f"output_dir={output_dir}", f"tracking.experiment={EXPERIMENT}", f"train.seed={self.seed}"]
+        if self.budget_min is not None:
+            ov.append(f"train.time_limit_min={self.budget_min}")
+        return ov + list(self.overrides) + list(self.extra)
 
 
 def tracking_uri(output_dir: Path) -> str:
-    """The MLflow store the ablation runs log into."""
+    """The MLflow store the runs log into."""
     from medseg.tracking import default_tracking_uri
 
     return default_tracking_uri(output_dir)
 
 
-def run_variant(name: str, output_dir: Path, extra: list[str]) -> str:
-    """Train and evaluate one variant; returns its MLflow run id."""
+# ----------------------------------------------------------------------------- touching lesions
+
+
+def touching_ids(truth: Any) -> set[int]:
+    """Ids of the instances in an ``(H, W)`` map whose pixels touch another instance (8-neighbourhood)."""
+    import numpy as np
+    from scipy import ndimage
+
+    t = np.asarray(truth)
+    out: set[int] = set()
+    for i in np.unique(t[t > 0]).tolist():
+        grown = ndimage.binary_dilation(t == i, structure=np.ones((3, 3), bool))
+        if np.any((t[grown] > 0) & (t[grown] != i)):
+            out.add(int(i))
+    return out
+
+
+def lesion_groups(cfg: Any, split: str = "test") -> dict[tuple[str, int], str]:
+    """``(image_id, lesion_id) → "touching" | "isolated"`` for every true lesion of the split."""
+    from medseg.data import build_dataset
+
+    data = build_dataset(cfg.data, split)
+    groups: dict[tuple[str, int], str] = {}
+    for i in range(len(data)):
+        s = data[i]
+        if s is None:
+            continue
+        truth = s.get("truth", s["instance"])[0]
+        touch = touching_ids(truth)
+        for lid in {int(v) for v in truth[truth > 0].ravel().tolist()}:
+            groups[(str(s["meta"]["id"]), lid)] = "touching" if lid in touch else "isolated"
+    return groups
+
+
+def group_metrics(rows: list[dict[str, str]], groups: dict[tuple[str, int], str]) -> dict[str, float]:
+    """Lesion Dice, sensitivity and count per group from the per-lesion CSV rows of an evaluation."""
+    by: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        g = groups.get((r["image_id"], int(r["lesion_id"])))
+        if g is not None:
+            by.setdefault(g, []).append(r)
+    out: dict[str, float] = {}
+    for g, rs in by.items():
+        out[f"lesion_dice_{g}"] = statistics.fmean(float(r["dice"]) for r in rs)
+        out[f"lesion_sensitivity_{g}"] = statistics.fmean(r["detected"] in ("True", "1", "true") for r in rs)
+        out[f"lesion_count_{g}"] = float(len(rs))
+    return out
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def finished_run(client: Any, key: str) -> Any | None:
+    """The newest FINISHED run of an arm (by its ``ablation_key`` tag), or None."""
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.ablation_key = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def run_arm(arm: Arm, output_dir: Path) -> str:
+    """Train, calibrate and evaluate one arm (unless already finished); returns its MLflow run id."""
     from mlflow.tracking import MlflowClient
 
     from medseg.config import load_config
     from medseg.engine import run_training
 
-    overrides = [f"output_dir={output_dir}", f"tracking.experiment={EXPERIMENT}", *VARIANTS[name], *extra]
-    result, _ = run_training(load_config(ROOT / "pipelines" / "quickstart.yaml", overrides),
-                             pipeline_path=ROOT / "pipelines" / "quickstart.yaml")
     client = MlflowClient(tracking_uri=tracking_uri(output_dir))
-    client.set_tag(result.run_id, "ablation", name)
-    client.log_text(result.run_id, "\n".join(overrides), "ablation/overrides.txt")
-    return result.run_id
+    done = finished_run(client, arm.key)
+    if done is not None:
+        print(f"   already done: run {done.info.run_id[:8]}", flush=True)
+        return done.info.run_id
+    overrides = arm.all_overrides(output_dir)
+    cfg = load_config(PIPELINES[arm.pipeline], overrides)
+    if "test" not in cfg.train.evaluate_splits:
+        overrides.append("train.evaluate_splits=[test]")
+        cfg = load_config(PIPELINES[arm.pipeline], overrides)
+    result, evaluations = run_training(cfg, pipeline_path=PIPELINES[arm.pipeline])
+    run_id = result.run_id
+    if run_id is None:
+        raise SystemExit("the ablation needs MLflow tracking (tracking.enabled: true)")
+    extra: dict[str, float] = {"ablation/steps": float(result.steps_done)}
+    if cfg.metrics.lesion_metrics and "test" in evaluations:
+        with open(evaluations["test"]["lesions_csv"], newline="") as f:
+            rows = list(csv.DictReader(f))
+        extra.update({f"test/{k}": v for k, v in group_metrics(rows, lesion_groups(cfg)).items()})
+    for k, v in extra.items():
+        client.log_metric(run_id, k, v)
+    client.log_text(run_id, "\n".join(overrides), "ablation/overrides.txt")
+    for k, v in {"ablation_pipeline": arm.pipeline, "ablation_variant": arm.variant,
+                 "ablation_seed": str(arm.seed)}.items():
+        client.set_tag(run_id, k, v)
+    client.set_tag(run_id, "ablation_key", arm.key)  # last: only a complete arm is ever skipped
+    return run_id
 
 
-def table(output_dir: Path) -> str:
-    """Markdown table of the newest finished run per variant, read from MLflow."""
+# ----------------------------------------------------------------------------- the table
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(values: Sequence[float], digits: int = 3) -> str:
+    """``mean ± sd`` (or the single value), ``–`` for none."""
+    if not values:
+        return "–"
+    m, sd = mean_sd(values)
+    return f"{m:.{digits}f}" if sd is None else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def diff_with_se(a: Sequence[float], b: Sequence[float]) -> str:
+    """``mean(a) − mean(b)`` with the standard error of the difference (Welch), or ``–``."""
+    if not a or not b:
+        return "–"
+    d = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return f"{d:+.3f}"
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return f"{d:+.3f} ± {se:.3f}"
+
+
+def collect(output_dir: Path, arms: Sequence[Arm]) -> dict[str, list[dict[str, float]]]:
+    """Per arm label (variant): the metrics of each finished seed's run."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri(output_dir))
-    # every experiment of the store: the quick start's own run may be tagged ablation=full
-    exp_ids = [e.experiment_id for e in client.search_experiments()]
-    rows = []
-    for name in VARIANTS:
-        runs = client.search_runs(exp_ids, f"tags.ablation = '{name}' and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        if runs:
-            rows.append((name, runs[0]))
-    head = "| variant | " + " | ".join(c for _, c in COLUMNS) + " | steps | run |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
-    for name, run in rows:
-        m: dict[str, Any] = run.data.metrics
-        cells = [f"{m[k]:.3f}" if k in m else "–" for k, _ in COLUMNS]
-        steps = max((h.step for h in client.get_metric_history(run.info.run_id, "train/loss")), default=0)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {steps} | `{run.info.run_id[:8]}` |")
-    return "\n".join(lines) + "\n"
+    out: dict[str, list[dict[str, float]]] = {}
+    for arm in arms:
+        run = finished_run(client, arm.key)
+        out.setdefault(arm.variant, [])
+        if run is not None:
+            out[arm.variant].append({**run.data.metrics, "_run": run.info.run_id})  # type: ignore[dict-item]
+    return out
+
+
+def markdown(pipeline: str, found: dict[str, list[dict[str, float]]], reference: str = "full",
+             columns: list[tuple[str, str, bool]] | None = None) -> str:
+    """Mean ± SD per arm and column; Δ of the main measure against ``reference`` (± its standard error)."""
+    cols = columns or COLUMNS[pipeline]
+    main_key, main_title, lower = cols[0]
+    head = ["arm", "seeds"] + [c[1] for c in cols] + [f"Δ {main_title} vs {reference}", "steps"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref_vals = [m[main_key] for m in found.get(reference, []) if main_key in m]
+    for name, runs in found.items():
+        cells = [name, str(len(runs))]
+        for key, _, _ in cols:
+            cells.append(fmt([m[key] for m in runs if key in m]))
+        vals = [m[main_key] for m in runs if main_key in m]
+        cells.append("–" if name == reference else diff_with_se(vals, ref_vals))
+        cells.append(fmt([m["ablation/steps"] for m in runs if "ablation/steps" in m], 0))
+        lines.append("| " + " | ".join(cells) + " |")
+    direction = "lower" if lower else "higher"
+    return "\n".join(lines) + f"\n\nMean ± standard deviation over seeds; {main_title}: {direction} is better.\n"
+
+
+def arms_for(pipeline: str, variants: Sequence[str], seeds: Sequence[int], budget: float | None,
+             extra: Sequence[str]) -> list[Arm]:
+    """The ablation's arms of one pipeline."""
+    return [Arm(pipeline, v, s, tuple(VARIANTS[v]), budget, tuple(extra)) for v in variants for s in seeds]
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file and rename."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pipeline", choices=[*PIPELINES, "both"], default="quickstart")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--seeds", default="0,1,2", help="train.seed values, comma-separated (>= 3 to see the noise)")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="wall-clock minutes per arm (train.time_limit_min); default: the pipeline's own")
+    p.add_argument("--output-dir", default=str(ROOT / "outputs" / "ablation"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (train.threads)")
+    p.add_argument("--table-only", action="store_true", help="only rebuild the table from MLflow")
+    p.add_argument("--out", default=None, help="also write the table(s) to this markdown file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra override for every arm (part of the arm's identity)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--output-dir", default=str(ROOT / "outputs" / "ablation"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (train.threads)")
-    p.add_argument("--table-only", action="store_true")
-    p.add_argument("--tag-run", metavar="RUN_ID", help="tag an existing quick-start run as the 'full' variant")
-    p.add_argument("--out", default=None, help="also write the table to this markdown file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     out_dir = Path(args.output_dir)
-    if args.tag_run:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(tracking_uri=tracking_uri(out_dir)).set_tag(args.tag_run, "ablation", "full")
-    if not args.table_only:
-        extra = list(args.overrides) + ([f"train.threads={args.threads}"] if args.threads else [])
-        for name in args.variants.split(","):
-            if name not in VARIANTS:
-                raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)}")
-            print(f"== {name}", flush=True)
-            run_variant(name, out_dir, extra)
-    text = table(out_dir)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+    extra = list(args.overrides) + ([f"train.threads={args.threads}"] if args.threads else [])
+    pipelines = list(PIPELINES) if args.pipeline == "both" else [args.pipeline]
+    texts = []
+    for pipeline in pipelines:
+        arms = arms_for(pipeline, variants, seeds, args.budget_min, extra)
+        if not args.table_only:
+            for i, arm in enumerate(arms, 1):  # one after another: arms never share the CPU
+                print(f"== {pipeline} {arm.variant} seed {arm.seed} ({i}/{len(arms)})", flush=True)
+                run_arm(arm, out_dir)
+        budget = f"{args.budget_min} min" if args.budget_min is not None else "the pipeline's time limit"
+        texts.append(f"### {pipeline} (budget {budget} per arm, seeds {args.seeds})\n\n"
+                     + markdown(pipeline, collect(out_dir, arms)))
+    text = "\n".join(texts)
     print(text)
     if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out)
+        write_atomic(args.out, text)
     return 0
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 #: units where a larger number is better; every other unit (s, ms, MiB, ...) is lower-is-better
-HIGHER_IS_BETTER_UNITS = ("samples/s", "slices/s", "MB/s")
+HIGHER_IS_BETTER_UNITS = ("samples/s", "slices/s", "steps/s", "MB/s")
 
 #: torch intra-op threads for every benchmark. One, because the NumPy / SciPy references are
 #: single-threaded and because on a shared 2-core machine torch's thread pool loses more to

@@ -135,6 +135,44 @@ def find_resume_point(ref: str | Path, cfg_uri: str | None = None, output_dir: s
     return find_resume_point(run_dir)
 
 
+# ----------------------------------------------------------------------------- the format
+
+
+def trainer_state(trainer: Any, counters: tuple[str, ...], **extra: Any) -> dict[str, Any]:
+    """A checkpoint dict of a :class:`~medseg.engine.Trainer`: version, weights, optimizer, scheduler,
+    scaler, RNG states, config, in/out channels, the ``counters`` attributes and ``extra``."""
+    from medseg.config import to_dict
+    from medseg.runtime import rng_state
+
+    return {
+        "version": CHECKPOINT_VERSION,
+        "model": trainer.net.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "rng": rng_state(),
+        **{name: getattr(trainer, name) for name in counters},
+        **extra,
+        "config": to_dict(trainer.cfg),
+        "in_channels": trainer.in_channels,
+        "num_classes": trainer.num_classes,
+    }
+
+
+def restore_trainer(trainer: Any, ckpt: dict[str, Any], counters: tuple[str, ...]) -> dict[str, Any]:
+    """Load what :func:`trainer_state` wrote back into ``trainer`` (weights, states, RNG, counters); returns ``ckpt``."""
+    from medseg.runtime import set_rng_state
+
+    trainer.net.load_state_dict(ckpt["model"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    trainer.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    for name in counters:
+        setattr(trainer, name, ckpt[name])
+    return ckpt
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -1,6 +1,6 @@
 """The ``medseg`` command: a thin argparse layer over library functions.
 
-Commands: ``train``, ``evaluate``, ``demo-data``. Each ends by printing where its results are.
+Commands: ``train``, ``evaluate``, ``calibrate``, ``demo-data``. Each ends by printing where its results are.
 """
 
 from __future__ import annotations
@@ -42,9 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-predictions", metavar="DIR", help="write predicted masks as DIR/<series>/<slice>.png, on each source slice's pixel grid")
     _add_set(p)
 
-    p = sub.add_parser("demo-data", help="write a generated DeepLesion-format dataset")
+    p = sub.add_parser("calibrate", help="choose the operating point (thresholds, min object size) on the val split")
+    p.add_argument("config", help="pipeline YAML (data, transforms, metrics and calibration settings)")
+    p.add_argument("--model", required=True, help="checkpoint file or medseg train output folder (updated in place)")
+    _add_set(p)
+
+    p = sub.add_parser("demo-data", help="write generated data: DeepLesion-format CT or EM-like cell images")
     p.add_argument("out_dir")
-    p.add_argument("--patients", type=int, default=40)
+    p.add_argument("--kind", choices=["deeplesion", "cells"], default="deeplesion",
+                   help="deeplesion: CT series + DL_info.csv + true masks; cells: images/ + masks/ folder of "
+                        "512x512 EM-like images (the folder dataset)")
+    p.add_argument("--patients", type=int, default=None, help="deeplesion: patients (default: data.demo_patients)")
+    p.add_argument("--images", type=int, default=None, help="cells: images (default 30)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -62,10 +71,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\ntraining {result.stopped_reason}: {result.epochs_done} epochs, {result.steps_done} steps")
     if result.best_metric is not None:
         print(f"best val {cfg.train.monitor}: {result.best_metric:.4f}")
+    op = result.operating_point
+    if op is not None:
+        print(f"operating point (val): threshold {op['threshold'] or 'argmax'}, min object {op['min_object_mm2']:g} mm² "
+              f"→ val {op['metric']} {op['score']:.4f} (argmax {op['argmax_score']:.4f})")
     for split, ev in evaluations.items():
         m = ev["metrics"]
         print(f"{split}: " + ", ".join(f"{k}={m[k]:.4f}" for k in sorted(m) if k in
-                                        ("dice", "lesion_dice", "miou", "hd95", "lesion_sensitivity")))
+                                        ("dice", "lesion_dice", "miou", "hd95", "lesion_sensitivity", "pixel_error",
+                                         "rand_error")))
     print(f"run folder:   {result.run_dir}")
     print(f"checkpoint:   {result.best_checkpoint or result.last_checkpoint}")
     if result.run_id:
@@ -106,11 +120,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``medseg calibrate``."""
+    from medseg.calibration import calibrate
+    from medseg.config import load_config
+    from medseg.data.prepare import prepare_data
+
+    cfg = load_config(args.config, args.overrides)
+    prepare_data(cfg.data)
+    result = calibrate(cfg, args.model)
+    for row in result["grid"]:
+        print(f"threshold {row['threshold']}  min object {row['min_object_mm2']:g} mm²  "
+              f"{result['metric']} {row[result['metric']]:.4f}")
+    print(f"\noperating point (val split): threshold {result['threshold'] or 'argmax'}, "
+          f"min object {result['min_object_mm2']:g} mm² → {result['metric']} {result['score']:.4f} "
+          f"(argmax, no size filter: {result['argmax_score']:.4f})")
+    print(f"stored in:    {result['checkpoint']} (and its run's config.yaml); override with --set "
+          f"inference.threshold=... / inference.min_object_mm2=...")
+    return 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     """``medseg demo-data``."""
+    if args.kind == "cells":
+        from medseg.data.cells import CELLS_IMAGES, generate_cells_data
+
+        out = generate_cells_data(args.out_dir, images=args.images or CELLS_IMAGES, seed=args.seed)
+        print(f"EM-like cell images (images/ + masks/, 0 = membrane, 255 = cell) written to {out}")
+        print(f"train on them: medseg train pipelines/cells.yaml --set data.root={out}")
+        return 0
+    from medseg.config import DataConfig
     from medseg.data.synthetic import generate_demo_data
 
-    out = generate_demo_data(args.out_dir, patients=args.patients, seed=args.seed)
+    patients = args.patients if args.patients is not None else DataConfig().demo_patients
+    out = generate_demo_data(args.out_dir, patients=patients, seed=args.seed)
     print(f"DeepLesion-format demo data written to {out}")
     print(f"train on it: medseg train pipelines/quickstart.yaml --set data.root={out}")
     return 0
@@ -126,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.registry import RegistryError
     from medseg.runtime import TrainingError
 
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "demo-data": cmd_demo_data}
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "demo-data": cmd_demo_data}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, TrainingError, RegistryError) as e:

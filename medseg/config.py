@@ -42,7 +42,10 @@ class DataConfig:
     root: str = "data/demo"
     #: quick start only: write ``medseg demo-data`` output to ``root`` when it is missing
     generate_if_missing: bool = False
-    demo_patients: int = 40
+    #: patients of the generated DeepLesion-format demo data — the one place this number lives
+    #: (``medseg demo-data`` and ``generate_demo_data`` default to it); 90 gives a test split of
+    #: 24 key slices with 37 lesions
+    demo_patients: int = 90
     demo_seed: int = 0
     #: input channels: key slice ± neighbours (1 = 2-D)
     context_slices: int = 3
@@ -73,9 +76,16 @@ class ElasticConfig:
     """U-Net elastic deformation: random displacements on a coarse grid, bicubic interpolation."""
 
     enabled: bool = True
+    #: displacement standard deviation in pixels of the training grid (after data.spacing_mm)
     sigma: float = 10.0
     points: int = 3
     prob: float = 1.0
+    #: what the coarse grid spans: "slice" = the whole slice (the paper: its whole input tile),
+    #: "extent" = ``extent`` pixels centred on the crop, "crop" = the crop itself (crop-relative:
+    #: the same sigma deforms a small crop more)
+    grid: Literal["slice", "extent", "crop"] = "slice"
+    #: [h, w] pixels the grid spans when grid = "extent" (the paper's input tile: 572)
+    extent: list[int] = field(default_factory=lambda: [572, 572])
 
 
 @dataclass
@@ -104,6 +114,9 @@ class TransformsConfig:
     intensity_shift: float = 0.0
     noise_std: float = 0.0
     weight_map: WeightMapConfig = field(default_factory=WeightMapConfig)
+    #: run elastic deformation, flips, intensity and noise batched on the training device (the CPU
+    #: workers only cut crops and draw the random numbers); the CPU chain stays the reference
+    accelerator: bool = False
 
 
 @dataclass
@@ -169,8 +182,11 @@ class TrainConfig:
     log_every: int = 10
     #: after training, evaluate the best model on these splits and log into the same run
     evaluate_splits: list[str] = field(default_factory=list)
-    #: a wall-clock budget in minutes: stop after the epoch in which it runs out (None = none)
+    #: a wall-clock budget in minutes: after ``budget_probe_steps`` steps and one timed validation
+    #: it becomes a step count (stored in checkpoints) that the schedule is laid over (None = none)
     time_limit_min: float | None = None
+    #: optimizer steps measured before the budget is converted into a step count
+    budget_probe_steps: int = 20
 
 
 @dataclass
@@ -198,6 +214,27 @@ class InferenceConfig:
     blend: Literal["gaussian", "constant"] = "gaussian"
     batch_size: int = 4
     crf: CRFConfig = field(default_factory=CRFConfig)
+    #: the operating point (medseg.operating_point): one probability threshold per foreground
+    #: class; None = the model's calibrated one if it has one, else argmax; [] = argmax
+    threshold: list[float] | None = None
+    #: connected components smaller than this (mm²) become background; None = the model's calibrated
+    #: value if it has one, else 0 (keep all)
+    min_object_mm2: float | None = None
+
+
+@dataclass
+class CalibrationConfig:
+    """How ``medseg calibrate`` chooses the operating point on the validation split (never on test)."""
+
+    #: calibrate best.pt on the val split after training, before ``train.evaluate_splits``
+    after_training: bool = False
+    #: the validation metric to optimise (any key validation reports) and its direction
+    metric: str = "dice"
+    mode: Literal["max", "min"] = "max"
+    #: foreground probability thresholds tried (the same for every foreground class)
+    thresholds: list[float] = field(default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(13)])
+    #: minimum object sizes tried, in mm²
+    min_object_mm2: list[float] = field(default_factory=lambda: [0.0, 10.0, 25.0, 50.0, 100.0])
 
 
 @dataclass
@@ -217,6 +254,8 @@ class MetricsConfig:
     connectivity: Literal[1, 2] = 2
     #: surface Dice tolerance in mm
     nsd_tolerance_mm: float = 2.0
+    #: also report the ISBI 2012 EM measures pixel_error and rand_error (medseg.em_metrics)
+    segmentation_errors: bool = False
 
 
 @dataclass
@@ -249,6 +288,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "outputs"
     #: the pipeline's name (defaults to the YAML file's stem)

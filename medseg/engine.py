@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 import medseg.losses  # noqa: F401  (registers the losses)
+from medseg.budget import StepBudget
 from medseg.checkpoint import (
-    CHECKPOINT_VERSION,
     atomic_torch_save,
     atomic_write_text,
     config_from_run,
@@ -36,11 +36,13 @@ from medseg.checkpoint import (
     load_pretrained,
     new_run_dir,
     read_checkpoint,
+    restore_trainer,
+    trainer_state,
 )
-from medseg.config import Config, from_dict, save_config, to_dict
+from medseg.config import Config, from_dict, save_config
 from medseg.data import build_dataset
 from medseg.data.loading import EpochSampler, TransformedDataset, cache_dataset, first_readable, make_loader
-from medseg.evaluation import check_monitor, eval_loader, evaluate, evaluate_loader
+from medseg.evaluation import check_monitor, eval_loader, evaluate_after_training, evaluate_loader
 from medseg.optim import build_optimizer, lr_factor
 from medseg.registry import LOSSES
 from medseg.runtime import (
@@ -49,15 +51,13 @@ from medseg.runtime import (
     barrier,
     broadcast_buffers,
     broadcast_object,
-    environment_info,
     init_distributed,
     resolve_device,
-    rng_state,
     seed_everything,
-    set_rng_state,
     use_amp,
 )
-from medseg.tracking import Tracker, run_params
+from medseg.tracking import Tracker, start_training_run
+from medseg.transforms.accelerated import DeviceAugment
 from medseg.visualize import save_overlay_grid
 
 log = logging.getLogger("medseg.engine")
@@ -78,6 +78,8 @@ class TrainResult:
     steps_done: int
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_reason: str = "completed"
+    #: what ``calibration.after_training`` chose (see :func:`medseg.calibration.calibrate`)
+    operating_point: dict[str, Any] | None = None
 
 
 class Trainer:
@@ -150,10 +152,13 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids)
         self.loss_fn = LOSSES.build(cfg.loss.name, cfg.loss.params)
+        self.device_augment = DeviceAugment(cfg.transforms) if cfg.transforms.accelerator else None
         self.optimizer = build_optimizer(cfg.train, self.model.parameters())
         # loss scaling is for float16 on CUDA only (bfloat16 has float32's range)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
 
+        # train.time_limit_min: the budget becomes a step count after a probe (medseg.budget)
+        self.budget = StepBudget(60.0 * t.time_limit_min, t.budget_probe_steps) if t.time_limit_min else None
         self.steps_per_epoch = t.steps_per_epoch or max(1, math.ceil(len(self.train_set) / (t.batch_size * self.world)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(t.schedule, step, self.total_steps, t.poly_power)
@@ -175,36 +180,40 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole schedule (``train.max_steps`` caps it)."""
+        """Optimizer steps of the whole schedule (``train.max_steps`` and the time budget's step count cap it)."""
+        total = self._step_cap()
+        return min(total, self.budget.steps) if self.budget and self.budget.steps is not None else total
+
+    def _step_cap(self) -> int:
+        """Steps of ``train.epochs`` (capped by ``train.max_steps``): the schedule without a budget."""
         total = self.cfg.train.epochs * self.steps_per_epoch
         return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
 
     def _schedule_done(self) -> bool:
-        t = self.cfg.train
-        return self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
+        return self.epoch >= self.cfg.train.epochs or self.step >= self.total_steps
+
+    def _convert_budget(self) -> None:
+        """End of the budget probe: time one validation pass, fix the step count (schedule over it)."""
+        assert self.budget is not None
+        tick = time.monotonic()
+        if self.budget.elapsed() < self.budget.budget_s:  # else the count is the steps done: nothing to time
+            metrics, _ = self.validate()
+            self.model.train()
+            self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
+        steps = self.budget.convert(self.step, time.monotonic() - tick, self.steps_per_epoch, self.cfg.train.val_every,
+                                    self._step_cap())
+        self._set_lr()  # the next step already follows the new schedule (as a resumed run would)
+        self.tracker.log_metrics({"train/budget_steps": steps}, self.step)
+        log.info("time budget %.1f min → %d optimizer steps in total", self.budget.budget_s / 60, steps)
 
     # -- checkpoints ------------------------------------------------------------------------
 
+    #: the counters a checkpoint stores beside the weights and states (medseg.checkpoint.trainer_state)
+    COUNTERS = ("epoch", "step", "batch_in_epoch", "best_metric", "stale", "history", "run_id")
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: model, optimizer, scheduler, scaler, RNG, counters."""
-        return {
-            "version": CHECKPOINT_VERSION,
-            "model": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "batch_in_epoch": self.batch_in_epoch,
-            "best_metric": self.best_metric,
-            "stale": self.stale,
-            "history": self.history,
-            "run_id": self.run_id,
-            "config": to_dict(self.cfg),
-            "in_channels": self.in_channels,
-            "num_classes": self.num_classes,
-        }
+        return trainer_state(self, self.COUNTERS, budget_steps=self.budget.steps if self.budget else None)
 
     def save_checkpoint(self, name: str = "last.pt") -> Path:
         """Write a checkpoint atomically (temp file + rename) under ``<run_dir>/checkpoints`` (rank 0)."""
@@ -216,18 +225,13 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (the schedule may be longer now)."""
-        ckpt = read_checkpoint(path)
-        self.net.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
-        self.batch_in_epoch = ckpt["batch_in_epoch"]
-        self.best_metric, self.stale = ckpt["best_metric"], ckpt["stale"]
-        self.history = ckpt["history"]
-        self.run_id = ckpt["run_id"]
-        # the LR follows the (possibly extended) schedule from the restored step
+        ckpt = restore_trainer(self, read_checkpoint(path), self.COUNTERS)
+        if self.budget is not None:  # the measured step count is reused, never measured again
+            self.budget.steps = ckpt.get("budget_steps")
+        self._set_lr()  # the LR follows the (possibly extended) schedule from the restored step
+
+    def _set_lr(self) -> None:
+        """Set the LR of the current step from the schedule (after a resume or a changed step count)."""
         t = self.cfg.train
         for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             g["lr"] = base * lr_factor(t.schedule, self.step, self.total_steps, t.poly_power)
@@ -235,29 +239,20 @@ class Trainer:
     # -- tracking ---------------------------------------------------------------------------
 
     def _start_tracking(self) -> None:
-        cfg = self.cfg
-        resumed = self.run_id is not None
-        self.run_id = self.tracker.start(cfg.tracking.experiment or cfg.name, self.run_dir.name, run_id=self.run_id)
-        if resumed:
-            self.tracker.set_tags({"medseg.resumed_at_step": str(self.step)})
-            return
-        self.tracker.set_tags({"medseg.run_dir": str(self.run_dir.resolve()), "medseg.model": cfg.model.name})
-        self.tracker.log_params(run_params(cfg, {
-            "model.num_parameters": sum(p.numel() for p in self.net.parameters()),
-            "data.in_channels": self.in_channels, "data.train_samples": len(self.train_set),
-            "data.val_samples": len(self.val_set)}))
-        self.tracker.log_artifact(self.run_dir / "config.yaml", "config")
-        if self.pipeline_path and self.pipeline_path.is_file():
-            self.tracker.log_artifact(self.pipeline_path, "config")
         fp = getattr(self.train_data, "fingerprint", None)
-        env = {**environment_info(), "dataset_fingerprint": fp() if callable(fp) else None,
-               "device": str(self.device), "amp": self.amp}
-        self.tracker.log_text(json.dumps(env, indent=2, default=str), "environment.json")
+        self.run_id = start_training_run(
+            self.tracker, self.cfg, self.run_dir, self.run_id, self.step, self.pipeline_path,
+            {"model.num_parameters": sum(p.numel() for p in self.net.parameters()), "data.in_channels": self.in_channels,
+             "data.train_samples": len(self.train_set), "data.val_samples": len(self.val_set)},
+            {"dataset_fingerprint": fp() if callable(fp) else None, "device": str(self.device), "amp": self.amp})
 
     # -- steps ------------------------------------------------------------------------------
 
     def _train_step(self, batch: dict[str, Any]) -> float:
         """One optimizer step; returns the loss (averaged over ranks; non-finite = nothing updated)."""
+        if self.device_augment is not None:  # transforms.accelerator: augment the batch on the device
+            batch = self.device_augment({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                                         for k, v in batch.items()})
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
         weight = batch.get("weight")
@@ -291,9 +286,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         t = self.cfg.train
-        n_batches = self.steps_per_epoch
-        if t.max_steps:
-            n_batches = min(n_batches, t.max_steps - self.step + self.batch_in_epoch)
+        n_batches = min(self.steps_per_epoch, self.total_steps - self.step + self.batch_in_epoch)
         per_batch = t.batch_size * self.world
         self.sampler.set_epoch(self.epoch, n_batches * per_batch, start=self.batch_in_epoch * per_batch)
         bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{t.epochs}",
@@ -320,8 +313,12 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
             if self.step % t.log_every == 0 or self.step == 1 or self.batch_in_epoch == n_batches:
                 self.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/images_per_s": rate}, self.step)
+            if self.budget is not None and self.budget.due(self.step):
+                self._convert_budget()
             if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
                 self.save_checkpoint()
+            if self.step >= self.total_steps:  # the budget's step count may end an epoch early
+                break
         bar.close()
         self.epoch += 1
         self.batch_in_epoch = 0
@@ -391,23 +388,26 @@ class Trainer:
         status, reason = "FAILED", "completed"
         try:
             self._prepare(resume)
-            started = time.monotonic()
+            if self.budget is not None:
+                self.budget.start(self.step)
             self.model.train()
             while not self._schedule_done():
                 losses = self._train_epoch()
                 record: dict[str, float] = {"epoch": self.epoch,
                                             "train_loss": float(np.mean(losses)) if losses else float("nan")}
                 self.tracker.log_metrics({"train/epoch_loss": record["train_loss"]}, self.step)
-                time_up = bool(t.time_limit_min and time.monotonic() - started > 60 * t.time_limit_min)
                 stop = False
-                if self.epoch % t.val_every == 0 or self._schedule_done() or time_up:  # final weights: always
+                if self.epoch % t.val_every == 0 or self._schedule_done():  # final weights: always
                     stop = self._after_validation(record)
                 self.history.append(record)
                 self.save_checkpoint()
                 log.info("epoch %d: %s", self.epoch, {k: round(v, 4) for k, v in record.items()})
-                if stop or time_up:
-                    reason = "early_stopping" if stop else "time_limit"
+                if stop:
+                    reason = "early_stopping"
                     break
+            if reason == "completed" and self.budget and self.budget.steps is not None \
+                    and self.budget.steps < self._step_cap():
+                reason = "time_limit"  # the budget, not train.epochs / max_steps, set the length
             self._finish()
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -472,22 +472,12 @@ def run_training(
     trainer = Trainer(cfg, tracker, run_dir=run_dir, pipeline_path=pipeline_path)
     result = trainer.fit(resume=ckpt)
     evaluations: dict[str, Any] = {}
-    for split in cfg.train.evaluate_splits if rank == 0 else []:
-        ref = result.best_checkpoint or result.last_checkpoint
-        if result.run_id:
-            tracker.start("", "", run_id=result.run_id)
-        status = "FAILED"
-        try:
-            evaluations[split] = evaluate(cfg, ref, split, save_predictions=result.run_dir / f"predictions_{split}",
-                                          tracker=tracker)
-            path = result.run_dir / f"metrics_{split}.json"
-            atomic_write_text(path, json.dumps(evaluations[split], indent=2, default=str))
-            tracker.log_artifact(path, "evaluation")
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            if result.run_id:
-                tracker.end(status)
+    if cfg.calibration.after_training and rank == 0:  # the operating point, chosen on val, before any test
+        from medseg.calibration import calibrate_run
+
+        result.operating_point = calibrate_run(cfg, result.best_checkpoint or result.last_checkpoint,
+                                                   result.run_dir, result.run_id, tracker)
+    if rank == 0:
+        evaluations = evaluate_after_training(cfg, result.best_checkpoint or result.last_checkpoint, result.run_dir,
+                                              result.run_id, tracker)
     return result, evaluations

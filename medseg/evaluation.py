@@ -29,14 +29,17 @@ from medseg.config import Config, ConfigError
 from medseg.data import build_dataset
 from medseg.data.base import to_source_grid
 from medseg.data.loading import ShardSampler, TransformedDataset, make_loader
+from medseg.em_metrics import ERROR_NAMES, SegmentationErrors
 from medseg.inference import postprocess, predict_logits
 from medseg.metrics import MetricSuite, metric_names
+from medseg.operating_point import resolve_operating_point
 from medseg.runtime import TrainingError, dist_ready, resolve_device
 from medseg.tracking import Tracker
 
 log = logging.getLogger("medseg.evaluation")
 
-__all__ = ["EvalResult", "check_monitor", "eval_loader", "eval_target", "evaluate", "evaluate_loader",
+__all__ = ["EvalResult", "check_monitor", "eval_loader", "eval_target", "evaluate", "evaluate_after_training",
+           "evaluate_loader",
            "validation_metric_names"]
 
 #: a callback that sees each batch and its predicted class maps (e.g. to write them)
@@ -55,7 +58,8 @@ class EvalResult:
 
 def validation_metric_names(cfg: Config) -> list[str]:
     """Every key validation can report: the metric suite's keys and ``loss``."""
-    return [*metric_names(cfg.data.num_classes, cfg.metrics.lesion_metrics), "loss"]
+    errors = list(ERROR_NAMES) if cfg.metrics.segmentation_errors else []
+    return [*metric_names(cfg.data.num_classes, cfg.metrics.lesion_metrics), *errors, "loss"]
 
 
 def check_monitor(cfg: Config) -> None:
@@ -122,6 +126,7 @@ def evaluate_loader(
     was_training = model.training
     model.eval()
     suite = MetricSuite.from_config(cfg.metrics, cfg.data.num_classes)
+    errors = SegmentationErrors.from_config(cfg.metrics)  # pixel / Rand error (EM), when asked for
     losses: list[float] = []
     examples: list[dict[str, Any]] = []
     n = 0
@@ -142,6 +147,8 @@ def evaluate_loader(
                            for b in range(len(image))]
             target, inst = eval_target(batch)
             suite.update(pred, target, inst, spacing, batch["meta"])
+            if errors is not None:
+                errors.update(pred, target, inst)
             for b in range(min(len(image), overlay_count - len(examples))):
                 examples.append({"image": image[b].numpy(), "truth": target[b].numpy(), "pred": pred[b].numpy(),
                                  "title": batch["meta"][b].get("id", "")})
@@ -155,11 +162,15 @@ def evaluate_loader(
     parts = [(n, losses)]
     if getattr(loader.sampler, "world", 1) > 1:  # one rank's shard: combine (not when rank 0 evaluates alone)
         suite.reduce_across_ranks()
+        if errors is not None:
+            errors.reduce_across_ranks()
         parts = _gather((n, losses))
     n = sum(p[0] for p in parts)
     if n == 0:
         return EvalResult({}, [], 0, examples)
     metrics = suite.compute()
+    if errors is not None:
+        metrics.update(errors.compute())
     if loss_fn is not None:
         all_losses = [v for p in parts for v in p[1]]
         metrics["loss"] = float(np.mean(all_losses)) if all_losses else float("nan")
@@ -209,6 +220,7 @@ def evaluate(
 
     device = resolve_device(cfg.train.device)
     model, info = load_model(model_ref, device)
+    cfg = resolve_operating_point(cfg, info.get("config"))  # the model's calibrated point unless set
     dataset = TransformedDataset(build_dataset(cfg.data, split), build_transforms(cfg.transforms, train=False),
                                  cfg.train.seed)
     out_dir = Path(save_predictions) if save_predictions else None
@@ -226,3 +238,36 @@ def evaluate(
         tracker.log_artifact(lesions_csv, "evaluation")
     return {"metrics": result.metrics, "lesions_csv": str(lesions_csv),
             "predictions": str(out_dir) if out_dir else None, "n": result.n, "model": info.get("source")}
+
+
+def evaluate_after_training(cfg: Config, ref: str | Path, run_dir: Path, run_id: str | None,
+                            tracker: Tracker) -> dict[str, Any]:
+    """Evaluate a trained model on ``train.evaluate_splits`` into its own MLflow run (``medseg train``'s end).
+
+    Each split's predictions go to ``<run_dir>/predictions_<split>/`` and its result to
+    ``<run_dir>/metrics_<split>.json`` (also an artifact). The run is reopened per split and always
+    ends again: FINISHED, FAILED or KILLED.
+    """
+    import json
+
+    from medseg.checkpoint import atomic_write_text
+
+    evaluations: dict[str, Any] = {}
+    for split in cfg.train.evaluate_splits:
+        if run_id:
+            tracker.start("", "", run_id=run_id)
+        status = "FAILED"
+        try:
+            evaluations[split] = evaluate(cfg, ref, split, save_predictions=run_dir / f"predictions_{split}",
+                                          tracker=tracker)
+            path = run_dir / f"metrics_{split}.json"
+            atomic_write_text(path, json.dumps(evaluations[split], indent=2, default=str))
+            tracker.log_artifact(path, "evaluation")
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if run_id:
+                tracker.end(status)
+    return evaluations

@@ -65,21 +65,32 @@ def predict_logits(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
 def postprocess(
     logits: torch.Tensor, image: torch.Tensor, cfg: Config, spacing: Sequence[Sequence[float]] | None = None
 ) -> torch.Tensor:
-    """Class map ``(B, H, W)`` (int64, on the logits' device) from logits.
+    """Class map ``(B, H, W)`` (int64, on the logits' device) from logits, at the configured operating point.
 
-    ``argmax``, or the dense CRF when ``inference.crf.enabled``: it sees every context channel of
-    the image (as a multi-channel bilateral feature) and, with ``spacing`` (per image ``(sy, sx)``
-    mm/px), measures its kernels in millimetres.
+    ``argmax``, the per-class probability thresholds ``inference.threshold`` (see
+    :mod:`medseg.operating_point`), or the dense CRF when ``inference.crf.enabled``: it sees every
+    context channel of the image (as a multi-channel bilateral feature) and, with ``spacing`` (per
+    image ``(sy, sx)`` mm/px), measures its kernels in millimetres. Then components smaller than
+    ``inference.min_object_mm2`` (mm² with ``spacing``) become background.
     """
-    if not cfg.inference.crf.enabled:
-        return logits.argmax(1)
-    from medseg.crf import crf_labels
+    from medseg.operating_point import remove_small_objects, threshold_labels
 
-    probs = torch.softmax(logits, 1).cpu().numpy()
-    img = image.cpu().numpy()
-    out = [crf_labels(probs[b], img[b], cfg.inference.crf, spacing[b] if spacing is not None else None)
-           for b in range(len(probs))]
-    return torch.as_tensor(np.stack(out)).long().to(logits.device)
+    inf = cfg.inference
+    if inf.crf.enabled:
+        from medseg.crf import crf_labels
+
+        probs = torch.softmax(logits, 1).cpu().numpy()
+        img = image.cpu().numpy()
+        out = [crf_labels(probs[b], img[b], inf.crf, spacing[b] if spacing is not None else None)
+               for b in range(len(probs))]
+        labels = torch.as_tensor(np.stack(out)).long().to(logits.device)
+    elif inf.threshold:
+        labels = threshold_labels(torch.softmax(logits, 1), inf.threshold)
+    else:
+        labels = logits.argmax(1)
+    if inf.min_object_mm2:
+        labels = remove_small_objects(labels, inf.min_object_mm2, spacing, cfg.metrics.connectivity)
+    return labels
 
 
 class Predictor:
@@ -101,7 +112,8 @@ class Predictor:
                  device: torch.device | str | None = None) -> Predictor:
         """Load a checkpoint, run folder or ``runs:/…`` model; the config is ``cfg`` or the model's own.
 
-        ``overrides`` (``key=value``) apply on top of the model's own config.
+        ``overrides`` (``key=value``) apply on top of the model's own config. The model's stored
+        operating point applies where ``cfg`` leaves it unset (as in ``medseg evaluate``).
         """
         dev = torch.device(device) if device is not None else resolve_device(cfg.train.device if cfg else "auto")
         model, info = load_model(ref, dev)
@@ -114,7 +126,9 @@ class Predictor:
             for ov in overrides or []:
                 data = apply_override(data, ov)
             cfg = from_dict(data)
-        return cls(model, cfg, dev)
+        from medseg.operating_point import resolve_operating_point
+
+        return cls(model, resolve_operating_point(cfg, info.get("config")), dev)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K, H, W)`` for ``(B, C, H, W)`` images."""

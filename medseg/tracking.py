@@ -163,6 +163,31 @@ def run_params(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
     return {**flatten(to_dict(cfg)), **extra}
 
 
+def start_training_run(
+    tracker: Tracker, cfg: Config, run_dir: Path, run_id: str | None, step: int, pipeline_path: Path | None,
+    extra_params: dict[str, Any], environment: dict[str, Any],
+) -> str | None:
+    """Start (or, with ``run_id``, reopen at ``step``) a training run; a new run logs its params
+    (:func:`run_params`), ``config.yaml`` and the pipeline YAML, and ``environment.json``
+    (:func:`medseg.runtime.environment_info` updated with ``environment``). Returns the run id."""
+    import json
+
+    from medseg.runtime import environment_info
+
+    resumed = run_id is not None
+    run_id = tracker.start(cfg.tracking.experiment or cfg.name, run_dir.name, run_id=run_id)
+    if resumed:
+        tracker.set_tags({"medseg.resumed_at_step": str(step)})
+        return run_id
+    tracker.set_tags({"medseg.run_dir": str(run_dir.resolve()), "medseg.model": cfg.model.name})
+    tracker.log_params(run_params(cfg, extra_params))
+    tracker.log_artifact(run_dir / "config.yaml", "config")
+    if pipeline_path and pipeline_path.is_file():
+        tracker.log_artifact(pipeline_path, "config")
+    tracker.log_text(json.dumps({**environment_info(), **environment}, indent=2, default=str), "environment.json")
+    return run_id
+
+
 def build_tracker(enabled: bool, uri: str | None, output_dir: str | Path) -> Tracker:
     """An :class:`MLflowTracker` for ``uri`` (or the local default), or the null tracker."""
     if not enabled:

@@ -17,10 +17,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medseg"
 #: lowest first; a component is a module (``engine``) or a subpackage (``data``: every ``medseg.data.*``)
 TIERS: list[list[str]] = [
     ["registry", "config", "runtime", "measure"],
-    ["tracking", "metrics", "losses", "crf", "transforms", "models", "data", "optim"],
+    ["tracking", "metrics", "em_metrics", "losses", "crf", "transforms", "models", "data", "optim", "budget",
+     "operating_point"],
     ["checkpoint"],
     ["inference"],
     ["evaluation", "visualize"],
+    ["calibration"],
     ["engine"],
     ["cli"],
     ["__main__"],

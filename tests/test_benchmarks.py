@@ -141,3 +141,60 @@ def test_run_all_cli_writes_the_table(tmp_path: Path, monkeypatch: pytest.Monkey
     assert text.startswith("# medseg benchmark results") and "run_all.py --quick" in text
     rows = [line for line in text.splitlines() if line.startswith("| weight map 128²")]
     assert len(rows) == 2 and all("× faster" in r or "× slower" in r for r in rows)
+
+
+# ----------------------------------------------------------------------------- ablation
+
+
+def test_touching_lesions_are_told_apart_from_isolated_ones() -> None:
+    ablation = _bench("ablation")
+    truth = np.zeros((30, 30), np.int32)
+    truth[2:8, 2:8] = 1
+    truth[2:8, 8:14] = 2  # shares a border with 1
+    truth[20:25, 20:25] = 3  # alone
+    truth[8:11, 14:17] = 4  # touches 2 at a corner only (8-neighbourhood)
+    assert ablation.touching_ids(truth) == {1, 2, 4}
+    rows = [{"image_id": "a", "lesion_id": "1", "dice": "0.5", "detected": "True"},
+            {"image_id": "a", "lesion_id": "3", "dice": "0.9", "detected": "True"},
+            {"image_id": "a", "lesion_id": "2", "dice": "0.0", "detected": "False"}]
+    groups = {("a", 1): "touching", ("a", 2): "touching", ("a", 3): "isolated"}
+    out = ablation.group_metrics(rows, groups)
+    assert out["lesion_dice_touching"] == 0.25 and out["lesion_sensitivity_touching"] == 0.5
+    assert out["lesion_dice_isolated"] == 0.9 and out["lesion_count_isolated"] == 1.0
+
+
+def test_ablation_arms_table_and_resume_key() -> None:
+    ablation = _bench("ablation")
+    arms = ablation.arms_for("cells", ["full", "neither"], [0, 1, 2], 8.0, [])
+    assert len(arms) == 6 and len({a.key for a in arms}) == 6
+    again = ablation.arms_for("cells", ["full"], [0], 8.0, [])[0]
+    assert again.key == arms[0].key  # the same arm is found again (resume)
+    assert ablation.arms_for("cells", ["full"], [0], 4.0, [])[0].key != arms[0].key  # another budget: another arm
+    ov = arms[3].all_overrides(Path("out"))
+    assert "train.seed=0" in ov and "train.time_limit_min=8.0" in ov and "transforms.weight_map.w0=0" in ov
+    found = {"full": [{"test/rand_error": 0.2, "test/pixel_error": 0.1, "ablation/steps": 100.0},
+                      {"test/rand_error": 0.3, "test/pixel_error": 0.1, "ablation/steps": 110.0}],
+             "neither": [{"test/rand_error": 0.4, "test/pixel_error": 0.2, "ablation/steps": 120.0},
+                         {"test/rand_error": 0.6, "test/pixel_error": 0.2, "ablation/steps": 130.0}]}
+    text = ablation.markdown("cells", found)
+    assert "| full | 2 | 0.250 ± 0.071 |" in text
+    assert "| neither | 2 | 0.500 ± 0.141 | 0.200 ± 0.000 | – | +0.250 ± 0.112 | 125 ± 7 |" in text
+
+
+def test_cells_benchmark_registers_monai_arm() -> None:
+    cells = _bench("cells_benchmark")
+    cells.register_monai()
+    import torch
+
+    from medseg.registry import LOSSES, MODELS
+
+    net = MODELS.build("monai_basicunet", {}, in_channels=1, num_classes=2)
+    logits = net(torch.zeros(1, 1, 32, 32))
+    assert logits.shape == (1, 2, 32, 32)
+    loss = LOSSES.build("monai_dicece", {})(logits, torch.zeros(1, 1, 32, 32, dtype=torch.long), None)
+    assert torch.isfinite(loss)
+    plan = cells.arms([0, 1, 2], 8.0, [])
+    assert list(plan) == ["medseg cells pipeline", "medseg, border + elastic off", "MONAI BasicUNet + DiceCELoss"]
+    # the 'border + elastic off' arm is the ablation's 'neither' arm: one run serves both commands
+    assert plan["medseg, border + elastic off"][0].key == _bench("ablation").arms_for("cells", ["neither"], [0],
+                                                                                       8.0, [])[0].key

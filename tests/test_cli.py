@@ -164,3 +164,17 @@ def test_python_dash_m_medseg() -> None:
     proc = subprocess.run([sys.executable, "-m", "medseg", "evaluate"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "required" in proc.stderr
+def test_demo_patient_count_lives_in_one_place() -> None:
+    """The config default is the only number: the CLI, the generator and the demo fragment defer to it."""
+    import inspect
+
+    import yaml
+
+    from medseg.cli import build_parser
+    from medseg.config import DataConfig
+    from medseg.data.synthetic import generate_demo_data
+
+    assert build_parser().parse_args(["demo-data", "x"]).patients is None  # → DataConfig().demo_patients
+    assert inspect.signature(generate_demo_data).parameters["patients"].default is None
+    assert "demo_patients" not in yaml.safe_load((ROOT / "configs" / "data" / "demo.yaml").read_text())["data"]
+    assert load_config(ROOT / "pipelines" / "quickstart.yaml").data.demo_patients == DataConfig().demo_patients

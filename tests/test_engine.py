@@ -418,3 +418,91 @@ def test_two_process_validation_equals_one_process(demo_root: Path, tmp_path: Pa
             assert_same_evaluation(r[split][:2], expected[split][:2])
             for key in ("lesion_count", "fp_per_image", "lesion_merges", "hd95_one_empty"):
                 assert r[split][0][key] == expected[split][0][key], key
+def test_budget_converts_once_into_steps() -> None:
+    from medseg.budget import StepBudget, steps_for_budget
+
+    # 100 s budget, 10 s spent on 10 steps (1 s each) and a 2 s validation every 2 epochs of 5 steps
+    assert steps_for_budget(100.0, 10.0, 10, 1.0, 2.0, 5, 2) == 10 + int((100 - 10 - 2) / (1 + 2 / 10))
+    assert steps_for_budget(100.0, 150.0, 7, 1.0, 2.0, 5, 2) == 7  # budget already spent: stop here
+    b = StepBudget(budget_s=1e6, probe_steps=3)
+    b.start(step=4)  # a resumed run probes from where it continues
+    assert not b.due(6) and b.due(7)
+    assert b.convert(step=7, val_s=0.0, steps_per_epoch=5, val_every=1, cap=50) == 50  # capped by epochs
+    assert not b.due(8)  # converted once
+
+
+def _lr_of(ckpt: Path) -> float:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["optimizer"]["param_groups"][0]["lr"]
+
+
+BUDGET_OVERRIDES = {
+    "train.epochs": 1000, "train.max_steps": None, "train.steps_per_epoch": 4, "train.batch_size": 3,
+    "train.time_limit_min": 0.4, "train.budget_probe_steps": 2, "train.val_every": 2, "train.log_every": 1,
+    "transforms.crop_size": [96, 96], "model.params.base_channels": 8, "model.params.dropout": 0.5,
+}
+
+
+@pytest.mark.slow
+def test_time_budget_shapes_the_schedule(demo_root: Path, tmp_path: Path) -> None:
+    """A time-limited run lays its schedule over the budget: the LR ends at 0 when the budget does."""
+    ov = tiny_overrides(demo_root, tmp_path, **BUDGET_OVERRIDES, **{"tracking.enabled": False})
+    tick = time.monotonic()
+    result, _ = run_training(load_config(QUICK, ov))
+    wall = time.monotonic() - tick
+    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
+    steps = ckpt["budget_steps"]
+    assert steps is not None and steps > 2 and result.steps_done == steps
+    assert result.stopped_reason == "time_limit"
+    assert _lr_of(result.last_checkpoint) == 0.0  # the poly schedule's end, reached at the budget
+    assert ckpt["scheduler"]["last_epoch"] == steps
+    # the budget was used, not cut short nor overrun by much (generous: the CPU is shared)
+    assert 0.4 * 24 < wall < 3 * 24 + 20, wall
+
+
+@pytest.mark.slow
+def test_kill_and_resume_of_a_time_budget_run_is_identical(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The measured step count is stored in the checkpoint and reused: kill -9 + resume ends bit-identical."""
+    out = tmp_path / "killed"
+    ov = tiny_overrides(demo_root, out, **BUDGET_OVERRIDES, **{"train.checkpoint_every_steps": 1})
+    cmd = [sys.executable, "-m", "medseg.cli", "train", str(QUICK)] + [a for o in ov for a in ("--set", o)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    killed_at = budget = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            for last in out.glob("quickstart/*/checkpoints/last.pt"):
+                try:
+                    ck = torch.load(last, map_location="cpu", weights_only=False)
+                except Exception:  # noqa: BLE001 — never happens with atomic saves, but do not fail the poll
+                    continue
+                if ck["budget_steps"] is not None and ck["step"] < ck["budget_steps"]:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_at, budget = ck["step"], ck["budget_steps"]
+            if killed_at is not None:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.wait(timeout=60)
+    assert killed_at is not None, "the run finished before it could be killed"
+    (run_dir,) = list(out.glob("quickstart/*"))
+
+    resumed, _ = run_training(load_config(QUICK, ov), resume=run_dir, overrides=[])
+    assert resumed.steps_done == budget
+
+    # reference: one uninterrupted run whose probe measured the same step count
+    from medseg.budget import StepBudget
+
+    def same_count(self: StepBudget, step: int, val_s: float, steps_per_epoch: int, val_every: int, cap: int) -> int:
+        self.steps = budget
+        return budget
+
+    monkeypatch.setattr(StepBudget, "convert", same_count)
+    ref_ov = tiny_overrides(demo_root, tmp_path / "ref", **BUDGET_OVERRIDES, **{"tracking.enabled": False})
+    ref, _ = run_training(load_config(QUICK, ref_ov))
+    assert ref.steps_done == budget
+    a, b = _weights(ref.last_checkpoint), _weights(resumed.last_checkpoint)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume (killed at step {killed_at} of {budget})"
+    assert _lr_of(resumed.last_checkpoint) == _lr_of(ref.last_checkpoint) == 0.0

@@ -23,6 +23,9 @@ DEEPLESION_HELP = (
 def prepare_data(cfg: DataConfig) -> None:
     """Generate the demo dataset into ``cfg.root`` when asked and absent; fail clearly when data is missing.
 
+    ``data.generate_if_missing`` writes ``medseg demo-data`` output: DeepLesion-format CT for
+    ``data.name: deeplesion``, EM-like cell images (``--kind cells``) for ``data.name: folder``.
+
     Raises:
         DataError: a DeepLesion root that does not exist (the message says how to get the data).
     """
@@ -32,6 +35,11 @@ def prepare_data(cfg: DataConfig) -> None:
 
         log.info("generating DeepLesion-format demo data in %s", root)
         generate_demo_data(root, patients=cfg.demo_patients, seed=cfg.demo_seed)
+    if cfg.name == "folder" and cfg.generate_if_missing and not (root / "images").is_dir():
+        from medseg.data.cells import generate_cells_data
+
+        log.info("generating EM-like cell images in %s", root)
+        generate_cells_data(root, seed=cfg.demo_seed)
     if not root.exists():
         if cfg.name == "deeplesion":
             raise DataError(f"data.root = {root} does not exist. {DEEPLESION_HELP}")

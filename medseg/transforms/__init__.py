@@ -1,7 +1,8 @@
 """Preprocessing and augmentation of the sample dict, built from :class:`~medseg.config.TransformsConfig`.
 
 :func:`build_transforms` returns a MONAI ``Compose``. Training:
-lesion-centred crop (``crop_size``) → flips / rotation → elastic deformation → intensity
+lesion-centred crop (``crop_size``) with the elastic deformation of the whole slice evaluated on it
+(``transforms.elastic.grid: slice``, the U-Net recipe) → flips / rotation → intensity
 augmentation → border weight map (or a weight of ones) → conversion to the sample contract.
 Evaluation: weight map + conversion only — no randomness, no crop (whole slices), ``truth``
 passed through.
@@ -35,9 +36,11 @@ from medseg.config import ConfigError, TransformsConfig
 from medseg.transforms.dictionary import (
     SAMPLE_DTYPES,
     BorderWeightd,
+    DrawDeviceAugmentd,
     ElasticDeformd,
     EnsureSampled,
     RandCropAroundLesiond,
+    RandElasticCropd,
 )
 from medseg.transforms.functional import (
     border_weight_map,
@@ -45,21 +48,27 @@ from medseg.transforms.functional import (
     crop_or_pad,
     elastic_deform,
     elastic_displacement,
+    elastic_field,
+    elastic_warp,
     two_nearest_distances,
 )
 
 __all__ = [
     "SAMPLE_DTYPES",
     "BorderWeightd",
+    "DrawDeviceAugmentd",
     "ElasticDeformd",
     "EnsureSampled",
     "RandCropAroundLesiond",
+    "RandElasticCropd",
     "border_weight_map",
     "build_transforms",
     "class_balance_weights",
     "crop_or_pad",
     "elastic_deform",
     "elastic_displacement",
+    "elastic_field",
+    "elastic_warp",
     "two_nearest_distances",
 ]
 
@@ -81,6 +90,12 @@ def _check(cfg: TransformsConfig) -> None:
         raise ConfigError(f"transforms.crop_size = {cfg.crop_size} must be [h, w] positive pixels or null")
     if cfg.elastic.enabled and (cfg.elastic.points < 2 or cfg.elastic.sigma < 0):
         raise ConfigError("transforms.elastic needs points >= 2 and sigma >= 0")
+    if cfg.elastic.grid == "extent" and (len(cfg.elastic.extent) != 2 or min(cfg.elastic.extent) < 2):
+        raise ConfigError(f"transforms.elastic.extent = {cfg.elastic.extent} must be [h, w] pixels (>= 2 each)")
+    if cfg.accelerator and (cfg.crop_size is None or (cfg.rotate_prob > 0 and cfg.rotate_range_deg > 0)
+                            or (cfg.elastic.enabled and cfg.elastic.grid == "crop")):
+        raise ConfigError("transforms.accelerator needs transforms.crop_size (a batch of equal crops), no rotation "
+                          "(transforms.rotate_prob: 0) and transforms.elastic.grid slice or extent")
     for key in ("intensity_scale", "intensity_shift", "noise_std"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"transforms.{key} = {getattr(cfg, key)} must be >= 0")
@@ -115,7 +130,33 @@ def build_transforms(cfg: TransformsConfig, train: bool) -> Compose:
         return Compose([weight, EnsureSampled()])
 
     ts: list[Transform] = []
-    if cfg.crop_size is not None:
+    el = cfg.elastic
+    elastic = el.enabled and el.prob > 0 and el.sigma > 0
+    if cfg.accelerator:
+        # the device warps, flips, changes intensity and adds the weight map (transforms.accelerated);
+        # here: the crop grown by the warp's margin, and every random draw
+        from medseg.transforms.accelerated import device_margin
+
+        ts.append(
+            RandElasticCropd(
+                SPATIAL_KEYS, cfg.crop_size, cfg.lesion_crop_prob, sigma=el.sigma if elastic else 0.0,
+                points=el.points, prob=el.prob if elastic else 0.0, order=_ELASTIC_ORDERS,
+                extent=el.extent if el.grid == "extent" else None, allow_missing_keys=True,
+                defer_margin=device_margin(cfg),
+            )
+        )
+        ts += [DrawDeviceAugmentd(cfg.flip_prob, cfg.intensity_scale, cfg.intensity_shift), EnsureSampled()]
+        return Compose(ts).set_random_state(seed=0)
+    if elastic and el.grid != "crop":
+        # the paper's scale: the grid spans the slice (or an extent), evaluated on the crop only
+        ts.append(
+            RandElasticCropd(
+                SPATIAL_KEYS, cfg.crop_size, cfg.lesion_crop_prob, sigma=el.sigma, points=el.points,
+                prob=el.prob, order=_ELASTIC_ORDERS, extent=el.extent if el.grid == "extent" else None,
+                allow_missing_keys=True,
+            )
+        )
+    elif cfg.crop_size is not None:
         ts.append(
             RandCropAroundLesiond(SPATIAL_KEYS, cfg.crop_size, cfg.lesion_crop_prob, allow_missing_keys=True)
         )
@@ -135,8 +176,7 @@ def build_transforms(cfg: TransformsConfig, train: bool) -> Compose:
                 allow_missing_keys=True,
             )
         )
-    el = cfg.elastic
-    if el.enabled and el.prob > 0 and el.sigma > 0:
+    if elastic and el.grid == "crop":  # crop-relative (the grid spans the crop)
         ts.append(
             ElasticDeformd(
                 SPATIAL_KEYS, el.sigma, el.points, el.prob, _ELASTIC_ORDERS, allow_missing_keys=True

@@ -39,7 +39,11 @@ def _as_ids(x: Any) -> np.ndarray:
 
 
 class ElasticDeformd(RandomizableTransform, MapTransform):
-    """U-Net elastic deformation: one random coarse-grid field applied to every key.
+    """Crop-relative elastic deformation: one random coarse-grid field over the array it is given.
+
+    The grid spans whatever array arrives — after a crop, the crop — so the same ``sigma`` is a
+    stronger deformation the smaller the crop. The U-Net recipe (grid over the whole slice) is
+    :class:`RandElasticCropd`; this one is ``transforms.elastic.grid: crop``.
 
     Args:
         keys: keys of ``(C, H, W)`` arrays to deform with the same field.
@@ -190,6 +194,143 @@ class RandCropAroundLesiond(Randomizable, MapTransform):
         self.randomize(_as_ids(src)[0])
         for key in self.key_iterator(d):
             d[key] = F.crop_or_pad(convert_to_numpy(d[key]), self._start, self.size, 0)
+        return d
+
+
+class RandElasticCropd(RandCropAroundLesiond):
+    """U-Net elastic deformation at the paper's scale, computed only for a training crop.
+
+    The coarse ``points × points`` grid is laid over the whole slice (``extent=None``; the U-Net
+    paper's grid spans its whole 572×572 input tile) or over ``extent`` pixels centred on the
+    crop, never over the crop itself: a 128² crop of a 512² slice is deformed by exactly the
+    crop's window of the whole slice's field (:func:`~medseg.transforms.functional.elastic_field`),
+    and only the crop's pixels are resampled. One field for every key. The window is drawn as
+    :class:`RandCropAroundLesiond` draws it, on the undeformed instance map.
+
+    Randomness, in order, from ``self.R``: whether to deform (``prob``), the ``(2, points, points)``
+    displacements N(0, sigma²) px (always drawn, so a seed gives the same field whatever the crop
+    size), then the window.
+
+    Args:
+        keys: keys of ``(C, H, W)`` arrays to crop and deform with one field.
+        size: ``(h, w)`` crop; None = the whole slice (no crop).
+        lesion_prob, jitter, instance_key: as in :class:`RandCropAroundLesiond`.
+        sigma: displacement standard deviation in pixels of the training grid (U-Net: 10).
+        points: control points per axis (U-Net: 3).
+        prob: probability of deforming (else the window is only cut).
+        order: spline order per key (3 for images, 0 for id maps).
+        extent: ``(h, w)`` pixels the grid spans, centred on the crop; None = the whole slice.
+        mode: border mode (``scipy.ndimage``) for positions the field moves outside the slice.
+        allow_missing_keys: skip absent keys (e.g. an optional ``truth``).
+        defer_margin: the accelerator path (``transforms.accelerator``): do not warp here; cut the
+            window grown by this many pixels on each side (mirrored beyond the slice, as the warp's
+            border mode) and add what the device needs to warp it — ``elastic_wy`` ``(h, P)`` and
+            ``elastic_wx`` ``(w, Q)`` (:func:`~medseg.transforms.functional.spline_axis_weights`)
+            and ``elastic_disp`` ``(2, P, Q)`` (zeros when not deforming).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        size: Sequence[int] | None,
+        lesion_prob: float = 0.8,
+        jitter: float = 0.25,
+        sigma: float = 10.0,
+        points: int = 3,
+        prob: float = 1.0,
+        order: int | Sequence[int] = 3,
+        extent: Sequence[int] | None = None,
+        mode: str = "mirror",
+        instance_key: str = "instance",
+        allow_missing_keys: bool = False,
+        defer_margin: int | None = None,
+    ) -> None:
+        super().__init__(keys, size if size is not None else (1, 1), lesion_prob, jitter, instance_key,
+                         allow_missing_keys)
+        self.defer_margin = defer_margin
+        self.whole = size is None
+        if extent is not None and (len(extent) != 2 or min(extent) < 2):
+            raise ValueError(f"elastic grid extent must be two ints >= 2 (h, w), got {list(extent)}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"elastic prob must be in [0, 1], got {prob}")
+        self.sigma, self.points, self.prob, self.mode = float(sigma), int(points), float(prob), mode
+        self.extent = None if extent is None else (int(extent[0]), int(extent[1]))
+        self.order = ensure_tuple_rep(order, len(self.keys))
+        self._deform = False
+        self._displacement = np.zeros((2, self.points, self.points))
+
+    def randomize(self, data: np.ndarray) -> None:
+        """Draw whether to deform, the displacements, then the window on the ``(H, W)`` instance map."""
+        self._deform = self.R.rand() < self.prob
+        self._displacement = F.elastic_displacement(self.R, self.sigma, self.points)
+        if self.whole:
+            self._start = [0, 0]
+        else:
+            super().randomize(data)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        pairs = list(self.key_iterator(d, self.order))
+        arrays = [convert_to_numpy(d[k]) for k, _ in pairs]
+        src = d[self.instance_key] if self.instance_key in d else d["label"]
+        ids = _as_ids(src)
+        shape = ids.shape[-2:]
+        size = shape if self.whole else self.size
+        if shape[0] < size[0] or shape[1] < size[1]:  # a slice smaller than the crop: zero-pad it first
+            canvas = (max(shape[0], size[0]), max(shape[1], size[1]))
+            start = [F.crop_start(n, c, None) for n, c in zip(shape, canvas)]
+            arrays = [F.crop_or_pad(a, start, canvas, 0) for a in arrays]
+            ids = F.crop_or_pad(ids, start, canvas, 0)
+            shape = canvas
+        self.randomize(ids[0])
+        grid, origin = shape, (0.0, 0.0)
+        if self.extent is not None:  # centred on the crop
+            grid = self.extent
+            origin = tuple(s + (c - 1) / 2.0 - (e - 1) / 2.0 for s, c, e in zip(self._start, size, grid))
+        if self.defer_margin is not None:
+            m = int(self.defer_margin)
+            win = [(s, s + n + 2 * m) for s, n in zip(self._start, size)]  # in the padded slice's pixels
+            out = [np.pad(a, [(0, 0)] * (a.ndim - 2) + [(m, m), (m, m)], mode="reflect")[
+                ..., win[0][0] : win[0][1], win[1][0] : win[1][1]] for a in arrays]
+            d["elastic_wy"], d["elastic_wx"] = (
+                F.spline_axis_weights(self.points, grid[ax], self._start[ax], size[ax], origin[ax]).astype(np.float32)
+                for ax in range(2))
+            d["elastic_disp"] = (self._displacement if self._deform else np.zeros_like(self._displacement)
+                                 ).astype(np.float32)
+        elif not self._deform:
+            out = [F.crop_or_pad(a, self._start, size, 0) for a in arrays]
+        else:
+            field = F.elastic_field(self._displacement, grid, self._start, size, origin)
+            out = F.elastic_warp(arrays, field, self._start, [o for _, o in pairs], self.mode)
+        d.update({k: a for (k, _), a in zip(pairs, out)})
+        return d
+
+
+class DrawDeviceAugmentd(RandomizableTransform):
+    """Draw the flips and intensity changes that :class:`~medseg.transforms.accelerated.DeviceAugment`
+    applies on the device, from this sample's seeded generator (so resume replays them).
+
+    Adds ``device_aug`` float32 ``[flip_y, flip_x, scale, shift]`` (the image becomes
+    ``image · (1 + scale) + shift``, as MONAI's ``RandScaleIntensityd`` / ``RandShiftIntensityd``) and
+    ``device_noise_seed`` (int64) for the Gaussian noise.
+
+    Args:
+        flip_prob: probability of each flip (``transforms.flip_prob``).
+        intensity_scale: ``scale`` ~ U(−s, s) (``transforms.intensity_scale``; 0 = none).
+        intensity_shift: ``shift`` ~ U(−o, o) (``transforms.intensity_shift``; 0 = none).
+    """
+
+    def __init__(self, flip_prob: float, intensity_scale: float = 0.0, intensity_shift: float = 0.0) -> None:
+        RandomizableTransform.__init__(self, 1.0)
+        self.flip_prob, self.scale, self.shift = float(flip_prob), float(intensity_scale), float(intensity_shift)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        flips = self.R.rand(2) < self.flip_prob
+        scale = self.R.uniform(-self.scale, self.scale) if self.scale > 0 else 0.0
+        shift = self.R.uniform(-self.shift, self.shift) if self.shift > 0 else 0.0
+        d["device_aug"] = np.array([*flips.astype(np.float32), scale, shift], dtype=np.float32)
+        d["device_noise_seed"] = np.array([self.R.randint(0, 2**31 - 1)], dtype=np.int64)
         return d
 
 

@@ -115,6 +115,129 @@ def elastic_deform(
     return out
 
 
+#: pixels of B-spline prefilter context kept around the sampled region: the prefilter's influence
+#: decays as 0.268^k, so 24 px bound the difference to a whole-image prefilter below 1e-13
+_PREFILTER_MARGIN = 24
+
+
+def spline_axis_weights(points: int, span: int, start: int, length: int, origin: float = 0.0) -> np.ndarray:
+    """``(length, points)`` weights of the control points along one axis of an elastic grid.
+
+    ``points`` control points are spread evenly over ``span`` pixels from ``origin`` (the first at
+    ``origin``, the last at ``origin + span − 1``); the field is their interpolating cubic B-spline
+    (mirror boundary), as ``elasticdeform`` builds it. Row ``i`` holds the weights of pixel
+    ``start + i``; the field along both axes is ``W_y · D · W_xᵀ`` (:func:`elastic_field`, and the
+    accelerator path in :mod:`medseg.transforms.accelerated`).
+    """
+    n, p = int(span), int(points)
+    if n < 2:
+        raise ValueError(f"elastic grid must span at least 2 pixels per axis, got {n}")
+    pos = np.arange(int(start), int(start) + int(length), dtype=np.float64) - float(origin)
+    u = pos * ((p - 1) / (n - 1))
+    # interpolating each unit vector gives the weight of each control point (the spline is linear)
+    return np.stack([ndimage.map_coordinates(np.eye(p)[i], [u], order=3, mode="mirror") for i in range(p)], 1)
+
+
+def elastic_field(
+    displacement: np.ndarray,
+    grid_shape: Sequence[int],
+    start: Sequence[int] = (0, 0),
+    size: Sequence[int] | None = None,
+    grid_origin: Sequence[float] = (0.0, 0.0),
+) -> np.ndarray:
+    """The dense displacement field of a coarse grid, evaluated only on the window ``[start, start + size)``.
+
+    The ``P × Q`` control points are spread evenly over a region of ``grid_shape`` pixels whose
+    first point sits at ``grid_origin`` (the last at ``grid_origin + grid_shape − 1``), and the
+    field is their cubic B-spline interpolation (mirrored beyond the region) — exactly the field
+    ``elasticdeform.deform_grid`` builds when its input is that region. The field at a pixel
+    depends only on the pixel's position relative to the grid, never on the window: the field of a
+    crop is the crop's window of the whole slice's field.
+
+    Args:
+        displacement: ``(2, P, Q)`` control-point displacements in pixels.
+        grid_shape: ``(H, W)`` pixels the grid spans (the whole slice for the U-Net recipe).
+        start: window start ``(y, x)`` in the grid's pixel coordinates (may be negative).
+        size: window ``(h, w)``; None = ``grid_shape``.
+        grid_origin: position of the first control point in the same coordinates.
+
+    Returns:
+        float64 ``(2, h, w)``: the y- then x-displacement of every window pixel.
+    """
+    disp = np.asarray(displacement, dtype=np.float64)
+    if disp.ndim != 3 or disp.shape[0] != 2 or min(disp.shape[1:]) < 2:
+        raise ValueError(f"elastic displacement must have shape (2, P, Q) with P, Q >= 2, got {disp.shape}")
+    size = tuple(grid_shape) if size is None else tuple(size)
+    # per axis: (n_window, n_points) 1-D spline weights, so the 2-D spline is separable
+    wy, wx = (spline_axis_weights(disp.shape[1 + ax], grid_shape[ax], start[ax], size[ax], grid_origin[ax])
+              for ax in range(2))
+    field = np.zeros((2, len(wy), len(wx)))
+    # a fixed elementwise sum (no BLAS): every pixel's value is computed the same way in any window
+    for i in range(disp.shape[1]):
+        for j in range(disp.shape[2]):
+            basis = wy[:, i, None] * wx[None, :, j]
+            field[0] += disp[0, i, j] * basis
+            field[1] += disp[1, i, j] * basis
+    return field
+
+
+def elastic_warp(
+    arrays: Sequence[np.ndarray],
+    field: np.ndarray,
+    start: Sequence[int],
+    orders: Sequence[int],
+    mode: str = "mirror",
+) -> list[np.ndarray]:
+    """Resample the window ``[start, start + field.shape[1:])`` of arrays at positions displaced by ``field``.
+
+    Output pixel ``p`` of the window takes the input's value at ``p + field[:, p]`` (spline order
+    per array: 3 for images, 0 for id maps so that no new ids appear); only the window's pixels
+    are computed, and an order > 1 prefilters only the part of the input they can reach (plus a
+    margin that makes it equal to prefiltering the whole input, to rounding).
+
+    Args:
+        arrays: ``(..., H, W)`` arrays, all with the same ``(H, W)``.
+        field: ``(2, h, w)`` displacements in pixels (:func:`elastic_field`).
+        start: window start ``(y, x)``, inside the image.
+        orders: spline order per array (0–5).
+        mode: ``scipy.ndimage`` border mode for positions outside the image.
+
+    Returns:
+        ``(..., h, w)`` arrays of the inputs' dtypes.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    if len(orders) != len(arrays):
+        raise ValueError(f"elastic_warp: got {len(arrays)} arrays but {len(orders)} orders")
+    if not arrays:
+        return []
+    field = np.asarray(field, dtype=np.float64)
+    h, w = field.shape[1:]
+    spatial = arrays[0].shape[-2:]
+    if any(a.ndim < 2 or a.shape[-2:] != spatial for a in arrays):
+        raise ValueError(f"elastic_warp: every array must be (..., H, W) with the same (H, W) = {spatial}")
+    sy, sx = int(start[0]), int(start[1])
+    if sy < 0 or sx < 0 or sy + h > spatial[0] or sx + w > spatial[1]:
+        raise ValueError(f"elastic_warp: window {h}×{w} at ({sy}, {sx}) is not inside the image {spatial}")
+    yy = np.arange(sy, sy + h, dtype=np.float64)[:, None] + field[0]
+    xx = np.arange(sx, sx + w, dtype=np.float64)[None, :] + field[1]
+    reach = int(math.ceil(np.abs(field).max(initial=0.0))) + 3  # cubic support: 2 pixels each side
+    out = []
+    for a, order in zip(arrays, orders):
+        m = reach + (_PREFILTER_MARGIN if order > 1 else 0)
+        y0, y1 = max(sy - m, 0), min(sy + h + m, spatial[0])
+        x0, x1 = max(sx - m, 0), min(sx + w + m, spatial[1])
+        # integer offsets: the shifted coordinates are exact, so order 0 picks the same pixels
+        coords = [yy - y0, xx - x0]
+        sub = a[..., y0:y1, x0:x1].reshape(-1, y1 - y0, x1 - x0)
+        dtype = np.float64 if order > 1 and not np.issubdtype(a.dtype, np.floating) else a.dtype
+        res = np.stack([ndimage.map_coordinates(c.astype(dtype, copy=False), coords, order=int(order), mode=mode)
+                        for c in sub])
+        if np.issubdtype(a.dtype, np.integer) and res.dtype != a.dtype:
+            res = np.rint(res)
+        out.append(res.reshape(*a.shape[:-2], h, w).astype(a.dtype, copy=False))
+    return out
+
+
 # ----------------------------------------------------------------------------- weight map
 
 

@@ -257,3 +257,65 @@ def test_presets_load_through_an_including_pipeline(tmp_path: Path) -> None:
     assert not none.elastic.enabled and not none.weight_map.enabled
     assert none.flip_prob == none.rotate_prob == none.noise_std == 0.0
     assert cfgs["default"].crop_size == [256, 256]
+
+
+def _ramp_sample(h: int, w: int) -> dict[str, Any]:
+    """Image channels = the pixels' own y and x positions (÷ 1000), so a warped image shows the field."""
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    inst = np.zeros((1, h, w), np.int32)
+    inst[0, 100:140, 200:260] = 1
+    inst[0, 300:330, 300:350] = 2
+    return {"image": np.stack([yy, xx]) / 1000.0, "label": (inst > 0).astype(np.int64), "instance": inst,
+            "truth": inst.copy(), "meta": {}}
+
+
+def test_elastic_field_of_a_crop_is_the_window_of_the_whole_slice_field() -> None:
+    """Paper scale: the same seed deforms a 128² crop by the crop's window of the whole slice's field."""
+    from medseg.transforms import RandElasticCropd
+
+    h = w = 512
+    sample = _ramp_sample(h, w)
+    keys = ["image", "label", "instance", "truth"]
+    whole = RandElasticCropd(keys, None, sigma=10.0, points=3, order=[3, 0, 0, 0])
+    crop = RandElasticCropd(keys, (128, 128), lesion_prob=0.5, sigma=10.0, points=3, order=[3, 0, 0, 0])
+    ramp = sample["image"]
+    windows = set()
+    for seed in range(6):
+        full = whole.set_random_state(seed=seed)(sample)
+        part = crop.set_random_state(seed=seed)(sample)
+        np.testing.assert_array_equal(whole._displacement, crop._displacement)
+        (y0, x0) = crop._start
+        windows.add((y0, x0))
+        win = (slice(None), slice(y0, y0 + 128), slice(x0, x0 + 128))
+        field_whole = (full["image"] - ramp) * 1000.0
+        field_crop = (part["image"] - ramp[win]) * 1000.0
+        assert np.abs(field_whole).max() > 3.0  # a real deformation (σ = 10 px), not the identity
+        # the field in pixels; mirrored borders aside (excluded), cubic splines reproduce the ramp
+        inner = (slice(None), slice(24, 104), slice(24, 104))
+        np.testing.assert_allclose(field_crop[inner], field_whole[win][inner], atol=1e-3)
+        for k in ("label", "instance", "truth"):  # one field for every key, nearest neighbour
+            np.testing.assert_array_equal(part[k], full[k][win])
+    assert len(windows) > 1
+
+
+def test_elastic_grid_options_and_pipeline() -> None:
+    from medseg.transforms import RandElasticCropd
+
+    sample = _ramp_sample(256, 256)
+    # crop-relative (the old default) is an option named as such; slice is the default
+    assert ElasticConfig().grid == "slice"
+    slice_t = build_transforms(TransformsConfig(crop_size=[64, 64], flip_prob=0.0), train=True)
+    assert isinstance(slice_t.transforms[0], RandElasticCropd) and slice_t.transforms[0].extent is None
+    crop_cfg = TransformsConfig(crop_size=[64, 64], elastic=ElasticConfig(grid="crop"))
+    assert any(isinstance(t, ElasticDeformd) for t in build_transforms(crop_cfg, train=True).transforms)
+    ext = build_transforms(TransformsConfig(crop_size=[64, 64], elastic=ElasticConfig(grid="extent", extent=[100, 90])),
+                           train=True).transforms[0]
+    assert ext.extent == (100, 90)
+    out = ext.set_random_state(seed=1)(sample)
+    assert out["image"].shape == (2, 64, 64)
+    # a slice smaller than the crop is zero-padded (centred), then cut
+    small = RandElasticCropd(["image", "label", "instance"], (300, 280), sigma=5.0)
+    out = small.set_random_state(seed=0)(_ramp_sample(256, 256))
+    assert out["image"].shape == (2, 300, 280) and out["label"].shape == (1, 300, 280)
+    with pytest.raises(ConfigError, match="transforms.elastic.extent"):
+        build_transforms(TransformsConfig(elastic=ElasticConfig(grid="extent", extent=[5])), train=True)

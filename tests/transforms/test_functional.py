@@ -192,3 +192,44 @@ def test_crop_start_keeps_the_window_inside_or_centres_a_small_image() -> None:
     assert F.crop_start(100, 32, 99) == 68
     assert F.crop_start(20, 32, 5) == -6
     assert F.crop_start(32, 32, 0) == 0
+
+
+def test_elastic_field_matches_elasticdeform_and_does_not_depend_on_the_window() -> None:
+    import elasticdeform
+
+    n = 160
+    disp = F.elastic_displacement(np.random.RandomState(2), sigma=10.0, points=3)
+    whole = F.elastic_field(disp, (n, n))
+    # elasticdeform's own field, read off a deformed coordinate ramp (linear interpolation of a
+    # ramp returns the sampled position exactly wherever it stays inside the image)
+    yy, xx = np.mgrid[:n, :n].astype(np.float64)
+    ry, rx = elasticdeform.deform_grid([yy, xx], disp, order=1, mode="nearest")
+    inner = (slice(40, 120), slice(40, 120))
+    np.testing.assert_allclose(whole[0][inner], (ry - yy)[inner], atol=1e-9)
+    np.testing.assert_allclose(whole[1][inner], (rx - xx)[inner], atol=1e-9)
+    # a window is the window of the whole field; an extent moves and stretches the grid
+    part = F.elastic_field(disp, (n, n), start=(17, 90), size=(50, 64))
+    np.testing.assert_array_equal(part, whole[:, 17:67, 90:154])
+    big = F.elastic_field(disp, (2 * n, 2 * n), start=(0, 0), size=(n, n), grid_origin=(-n / 2, -n / 2))
+    assert not np.allclose(big, whole)
+
+
+def test_elastic_warp_of_a_window_equals_the_window_of_the_whole_warp() -> None:
+    import elasticdeform
+
+    rng = np.random.RandomState(0)
+    image = rng.rand(2, 120, 140).astype(np.float32)
+    inst = discs((120, 140), [(30, 30), (60, 70), (90, 110)], 14)[None]
+    disp = F.elastic_displacement(rng, 10.0, 3)
+    full = F.elastic_warp([image, inst], F.elastic_field(disp, (120, 140)), (0, 0), [3, 0])
+    ref = elasticdeform.deform_grid([image, inst], disp, order=[3, 0], mode="mirror", axis=[(1, 2)] * 2)
+    np.testing.assert_allclose(full[0], ref[0], atol=1e-5)
+    assert (full[1] != ref[1]).mean() < 1e-3  # nearest-neighbour ties may round apart
+    start, size = (33, 51), (64, 64)
+    part = F.elastic_warp([image, inst], F.elastic_field(disp, (120, 140), start, size), start, [3, 0])
+    win = (slice(None), slice(33, 97), slice(51, 115))
+    np.testing.assert_allclose(part[0], full[0][win], atol=1e-6)
+    np.testing.assert_array_equal(part[1], full[1][win])
+    assert part[0].dtype == np.float32 and part[1].dtype == np.int32
+    with pytest.raises(ValueError, match="not inside"):
+        F.elastic_warp([image], np.zeros((2, 64, 64)), (100, 0), [3])

@@ -1,0 +1,180 @@
+"""``medseg calibrate``: choose the operating point on the validation split and store it with the model.
+
+The model predicts every validation slice once; then each candidate operating point
+(``calibration.thresholds`` × ``calibration.min_object_mm2``) is applied to the kept logits by the
+same :func:`medseg.inference.postprocess` that validation, ``medseg evaluate`` and the
+``Predictor`` use, and scored with the run's metric suite. The best point by
+``calibration.metric`` is written into the checkpoint (``operating_point`` and the stored config's
+``inference.threshold`` / ``inference.min_object_mm2``) and into the run folder's ``config.yaml``.
+The test split is never looked at.
+
+Example:
+    >>> result = calibrate(load_config("pipelines/quickstart.yaml"), "outputs/quickstart/unet-20261130-101500")
+    >>> result["threshold"], result["min_object_mm2"]
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from medseg.checkpoint import atomic_torch_save, atomic_write_text, load_model, read_checkpoint
+from medseg.config import Config, ConfigError
+from medseg.data import build_dataset
+from medseg.data.loading import TransformedDataset
+from medseg.em_metrics import SegmentationErrors
+from medseg.evaluation import eval_loader, eval_target, validation_metric_names
+from medseg.inference import postprocess, predict_logits
+from medseg.metrics import MetricSuite
+from medseg.runtime import TrainingError, resolve_device
+from medseg.tracking import Tracker
+
+log = logging.getLogger("medseg.calibration")
+
+__all__ = ["calibrate", "checkpoint_path"]
+
+#: the split an operating point is chosen on (never test)
+SPLIT = "val"
+
+
+def checkpoint_path(ref: str | Path) -> Path:
+    """The checkpoint file a model reference names (a run folder → its best, else last, checkpoint)."""
+    p = Path(ref)
+    if str(ref).startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        raise TrainingError(f"{ref}: calibrate needs a checkpoint file or a run folder (it stores the "
+                            "operating point in the checkpoint)")
+    if p.is_dir():
+        for cand in ("checkpoints/best.pt", "checkpoints/last.pt", "best.pt", "last.pt"):
+            if (p / cand).is_file():
+                return p / cand
+        raise TrainingError(f"{ref}: no checkpoints/best.pt or checkpoints/last.pt in this folder")
+    if not p.is_file():
+        raise TrainingError(f"--model {ref}: not a checkpoint file or a run folder")
+    return p
+
+
+def _candidates(cfg: Config) -> list[tuple[list[float] | None, float]]:
+    """Every (thresholds, min size) pair to try; thresholds None = argmax (the CRF: its own labels)."""
+    k = cfg.data.num_classes
+    thresholds: list[list[float] | None] = [[float(t)] * (k - 1) for t in cfg.calibration.thresholds]
+    if cfg.inference.crf.enabled or not thresholds:
+        thresholds = [None]  # the CRF decides the labels; only the size filter is calibrated
+    sizes = [float(m) for m in cfg.calibration.min_object_mm2] or [0.0]
+    return [(t, m) for t in thresholds for m in sizes]
+
+
+def _better(a: float, b: float | None, mode: str) -> bool:
+    if not math.isfinite(a):
+        return False
+    return b is None or (a < b if mode == "min" else a > b)
+
+
+@torch.no_grad()
+def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None, write: bool = True) -> dict[str, Any]:
+    """Choose the operating point on the validation split; store it with the model (``write``).
+
+    Args:
+        cfg: the pipeline config (data, transforms, inference, metrics, calibration).
+        model_ref: a checkpoint file or a ``medseg train`` run folder.
+        tracker: also log the chosen point and its validation score (e.g. into the training run).
+        write: store the point in the checkpoint and the run folder's ``config.yaml``.
+
+    Returns:
+        ``{"threshold", "min_object_mm2", "metric", "score", "argmax_score", "grid", "checkpoint"}``;
+        ``grid`` holds one ``{"threshold", "min_object_mm2", <metric>}`` row per candidate.
+    """
+    from medseg.transforms import build_transforms
+
+    c = cfg.calibration
+    names = [n for n in validation_metric_names(cfg) if n != "loss"]
+    if c.metric not in names:
+        raise ConfigError(f"calibration.metric = {c.metric!r} is not a validation metric; choose one of "
+                          f"{', '.join(names)}")
+    ckpt_path = checkpoint_path(model_ref)
+    device = resolve_device(cfg.train.device)
+    model, _ = load_model(ckpt_path, device)
+    dataset = TransformedDataset(build_dataset(cfg.data, SPLIT), build_transforms(cfg.transforms, train=False),
+                                 cfg.train.seed)
+    kept: list[dict[str, Any]] = []  # one entry per batch: logits and what scoring needs
+    for groups in eval_loader(dataset, cfg):
+        for batch in groups:
+            target, inst = eval_target(batch)
+            kept.append({"logits": predict_logits(model, batch["image"], cfg, device).cpu(), "image": batch["image"],
+                         "target": target, "inst": inst, "meta": batch["meta"],
+                         "spacing": [m["spacing"] for m in batch["meta"]]})
+    if not kept:
+        raise TrainingError(f"calibrate: the {SPLIT} split has no readable samples")
+
+    def score(threshold: list[float] | None, min_mm2: float) -> dict[str, float]:
+        trial = copy.deepcopy(cfg)
+        trial.inference.threshold, trial.inference.min_object_mm2 = (threshold or []), min_mm2
+        suite = MetricSuite.from_config(cfg.metrics, cfg.data.num_classes)
+        errors = SegmentationErrors.from_config(cfg.metrics)
+        for b in kept:
+            pred = postprocess(b["logits"], b["image"], trial, b["spacing"])
+            suite.update(pred, b["target"], b["inst"], b["spacing"], b["meta"])
+            if errors is not None:
+                errors.update(pred, b["target"], b["inst"])
+        return {**suite.compute(), **(errors.compute() if errors is not None else {})}
+
+    argmax = score(None, 0.0).get(c.metric, math.nan)
+    grid: list[dict[str, Any]] = []
+    best: tuple[list[float] | None, float] = (None, 0.0)
+    best_value: float | None = None
+    for threshold, min_mm2 in _candidates(cfg):
+        value = score(threshold, min_mm2).get(c.metric, math.nan)
+        grid.append({"threshold": threshold, "min_object_mm2": min_mm2, c.metric: value})
+        if _better(value, best_value, c.mode):
+            best, best_value = (threshold, min_mm2), value
+    threshold, min_mm2 = best
+    result = {"threshold": threshold or [], "min_object_mm2": min_mm2, "metric": c.metric, "split": SPLIT,
+              "score": best_value, "argmax_score": argmax, "grid": grid, "checkpoint": str(ckpt_path)}
+    log.info("operating point on %s: threshold %s, min object %.1f mm² → %s %.4f (argmax %.4f)", SPLIT,
+             result["threshold"], min_mm2, c.metric, best_value if best_value is not None else math.nan, argmax)
+    if write:
+        store_operating_point(ckpt_path, result)
+    if tracker is not None:
+        tracker.log_metrics({f"calibration/{c.metric}": best_value if best_value is not None else math.nan,
+                             f"calibration/{c.metric}_argmax": argmax,
+                             "calibration/min_object_mm2": min_mm2,
+                             **{f"calibration/threshold_class_{i + 1}": t for i, t in enumerate(result["threshold"])}}, 0)
+    return result
+
+
+def store_operating_point(ckpt_path: Path, result: dict[str, Any]) -> None:
+    """Write the operating point into the checkpoint and, in a run folder, into its ``config.yaml``."""
+    ckpt = read_checkpoint(ckpt_path)
+    point = {k: result[k] for k in ("threshold", "min_object_mm2", "metric", "split", "score", "argmax_score")}
+    ckpt["operating_point"] = point
+    ckpt["config"].setdefault("inference", {}).update(threshold=point["threshold"],
+                                                      min_object_mm2=point["min_object_mm2"])
+    atomic_torch_save(ckpt, ckpt_path)
+    run_cfg = ckpt_path.parent.parent / "config.yaml"
+    if ckpt_path.parent.name == "checkpoints" and run_cfg.is_file():
+        data = yaml.safe_load(run_cfg.read_text()) or {}
+        data.setdefault("inference", {}).update(threshold=point["threshold"], min_object_mm2=point["min_object_mm2"])
+        atomic_write_text(run_cfg, yaml.safe_dump(data, sort_keys=False))
+
+
+def calibrate_run(cfg: Config, ckpt: Path, run_dir: Path, run_id: str | None, tracker: Tracker) -> dict[str, Any]:
+    """After training: calibrate ``ckpt`` into the training run (its MLflow run gets the point and config)."""
+    if run_id:
+        tracker.start("", "", run_id=run_id)
+    status = "FAILED"
+    try:
+        result = calibrate(cfg, ckpt, tracker=tracker)
+        tracker.log_artifact(run_dir / "config.yaml", "config")  # the logged config carries the point too
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if run_id:
+            tracker.end(status)
+    return result

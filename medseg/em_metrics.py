@@ -1,0 +1,104 @@
+"""The ISBI 2012 (EM segmentation challenge) measures: pixel error and Rand error.
+
+``metrics.segmentation_errors: true`` adds two keys to validation and ``medseg evaluate``:
+
+* ``pixel_error`` — the fraction of pixels whose class is wrong (1 − pixel accuracy, over all
+  images' pixels together);
+* ``rand_error`` — the adapted Rand error (``skimage.metrics.adapted_rand_error``, 1 − the Rand
+  F-score) between the true instances (each cell its own id; true background / membrane pixels
+  are ignored, as in the challenge) and the predicted objects, the connected components of the
+  predicted foreground (``metrics.connectivity``); one value per image, averaged over images.
+
+Both are errors: lower is better (``train.monitor_mode: min``, ``calibration.mode: min``).
+
+Example:
+    >>> errors = SegmentationErrors(connectivity=1)
+    >>> errors.update(pred, label, instance)          # (B, H, W) each
+    >>> errors.compute()                              # {"pixel_error": ..., "rand_error": ...}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from medseg.runtime import dist_ready
+
+__all__ = ["ERROR_NAMES", "SegmentationErrors", "rand_error"]
+
+ERROR_NAMES = ("pixel_error", "rand_error")
+
+
+def _numpy(x: Any) -> np.ndarray:
+    a = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    return a[:, 0] if a.ndim == 4 else a
+
+
+def rand_error(pred: np.ndarray, true_instance: np.ndarray, connectivity: int = 2) -> float:
+    """Adapted Rand error of one image: predicted objects = components of ``pred > 0``; true 0 ignored."""
+    from skimage.metrics import adapted_rand_error
+
+    structure = ndimage.generate_binary_structure(2, connectivity)
+    objects, _ = ndimage.label(np.asarray(pred) > 0, structure=structure)
+    true = np.asarray(true_instance).astype(np.int64)
+    if not (true > 0).any():
+        return float("nan")
+    return float(adapted_rand_error(true, objects.astype(np.int64), ignore_labels=(0,))[0])
+
+
+class SegmentationErrors:
+    """Accumulates ``pixel_error`` and ``rand_error`` over batches (``update`` / ``compute`` / ``reset``).
+
+    Args:
+        connectivity: 2 = 8-connected predicted objects, 1 = 4-connected.
+    """
+
+    def __init__(self, connectivity: int = 2) -> None:
+        self.connectivity = connectivity
+        self.reset()
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> SegmentationErrors | None:
+        """The accumulator the ``metrics`` config section asks for (None when it asks for none)."""
+        return cls(cfg.connectivity) if getattr(cfg, "segmentation_errors", False) else None
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self._wrong = 0
+        self._pixels = 0
+        self._rand: list[float] = []
+
+    def update(self, pred: Any, label: Any, instance: Any | None = None) -> None:
+        """Add a batch: ``(B, H, W)`` predicted classes, true classes and (optional) true instances."""
+        p, y = _numpy(pred), _numpy(label)
+        self._wrong += int((p != y).sum())
+        self._pixels += int(y.size)
+        inst = _numpy(instance) if instance is not None else None
+        for b in range(len(p)):
+            true = inst[b] if inst is not None else ndimage.label(y[b] > 0)[0]
+            value = rand_error(p[b], true, self.connectivity)
+            if np.isfinite(value):
+                self._rand.append(value)
+
+    def reduce_across_ranks(self) -> None:
+        """Combine every rank's counts (DDP); a no-op otherwise."""
+        if not dist_ready():
+            return
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (self._wrong, self._pixels, self._rand))
+        self._wrong = sum(p[0] for p in parts)
+        self._pixels = sum(p[1] for p in parts)
+        self._rand = [v for p in parts for v in p[2]]
+
+    def compute(self) -> dict[str, float]:
+        """``pixel_error`` and ``rand_error`` (keys present only where defined)."""
+        out: dict[str, float] = {}
+        if self._pixels:
+            out["pixel_error"] = self._wrong / self._pixels
+        if self._rand:
+            out["rand_error"] = float(np.mean(self._rand))
+        return out

@@ -1,0 +1,109 @@
+"""The operating point: per-class probability thresholds and a minimum object size in mm².
+
+Class balancing and the U-Net border term move a network's decision boundary, so argmax is not
+always the best place to cut. An operating point is chosen on the validation split
+(:mod:`medseg.calibration`, ``medseg calibrate``), stored in the checkpoint and the run's config
+(``inference.threshold``, ``inference.min_object_mm2``), and applied by
+:func:`medseg.inference.postprocess` — so validation, ``medseg evaluate`` and the ``Predictor``
+apply it the same way.
+
+``None`` in the config means "not set here": the model's stored operating point applies when it
+has one (:func:`resolve_operating_point`), else argmax / no size filter. An empty threshold list
+(``--set inference.threshold=[]``) forces argmax even for a calibrated model; ``--set
+inference.min_object_mm2=0`` keeps every object.
+
+Example:
+    >>> labels = threshold_labels(probs, [0.7])              # (B, H, W) from (B, 2, H, W)
+    >>> labels = remove_small_objects(labels, 20.0, [[0.8, 0.8]] * len(labels))
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from medseg.config import Config, ConfigError
+
+__all__ = ["check_operating_point", "remove_small_objects", "resolve_operating_point", "threshold_labels"]
+
+
+def check_operating_point(threshold: Sequence[float] | None, min_object_mm2: float | None, num_classes: int) -> None:
+    """Raise :class:`ConfigError` for thresholds that are not one per foreground class in [0, 1]."""
+    if threshold:
+        if len(threshold) != num_classes - 1:
+            raise ConfigError(f"inference.threshold = {list(threshold)} needs one value per foreground class "
+                              f"({num_classes - 1} for data.num_classes = {num_classes}), or [] for argmax")
+        if not all(0.0 <= t <= 1.0 for t in threshold):
+            raise ConfigError(f"inference.threshold = {list(threshold)}: probabilities must be in [0, 1]")
+    if min_object_mm2 is not None and min_object_mm2 < 0:
+        raise ConfigError(f"inference.min_object_mm2 = {min_object_mm2} must be >= 0")
+
+
+def threshold_labels(probs: torch.Tensor, threshold: Sequence[float]) -> torch.Tensor:
+    """Class map ``(B, H, W)`` from probabilities ``(B, K, H, W)`` and one threshold per foreground class.
+
+    A pixel goes to the most probable foreground class among those whose probability reaches its
+    threshold, else to background (class 0). With two classes: lesion where ``p₁ ≥ t₁``.
+    """
+    fg = probs[:, 1:]
+    t = torch.as_tensor(list(threshold), dtype=fg.dtype, device=fg.device).view(1, -1, 1, 1)
+    ok = fg >= t
+    masked = torch.where(ok, fg, torch.full_like(fg, -1.0))
+    best = masked.argmax(1)
+    return torch.where(ok.any(1), best + 1, torch.zeros_like(best))
+
+
+def remove_small_objects(
+    labels: torch.Tensor, min_mm2: float, spacing: Sequence[Sequence[float]] | None = None, connectivity: int = 2
+) -> torch.Tensor:
+    """Set connected components (per class) smaller than ``min_mm2`` to background.
+
+    Args:
+        labels: ``(B, H, W)`` class map.
+        min_mm2: the smallest object kept, in mm² (``spacing`` per image ``(sy, sx)`` mm/px; pixels
+            count 1 mm² each without it).
+        connectivity: 2 = 8-connected components, 1 = 4-connected.
+    """
+    if min_mm2 <= 0:
+        return labels
+    arr = labels.cpu().numpy().copy()
+    structure = ndimage.generate_binary_structure(2, connectivity)
+    for b in range(len(arr)):
+        area = float(np.prod(spacing[b])) if spacing is not None else 1.0
+        for c in np.unique(arr[b]):
+            if c == 0:
+                continue
+            comps, n = ndimage.label(arr[b] == c, structure=structure)
+            if n == 0:
+                continue
+            sizes = np.bincount(comps.ravel(), minlength=n + 1) * area
+            small = sizes < min_mm2
+            small[0] = False
+            arr[b][small[comps]] = 0
+    return torch.as_tensor(arr).to(labels.device)
+
+
+def resolve_operating_point(cfg: Config, model_config: Mapping[str, Any] | None) -> Config:
+    """``cfg`` with the model's stored operating point where ``cfg`` leaves it unset (None).
+
+    Args:
+        cfg: the config evaluation or prediction runs with (a pipeline YAML + ``--set``).
+        model_config: the config stored with the model (checkpoint or run), or None.
+
+    Returns:
+        A copy of ``cfg`` whose ``inference.threshold`` / ``inference.min_object_mm2`` are the
+        model's where ``cfg`` had None (unchanged when the model has none).
+    """
+    inf = (model_config or {}).get("inference") or {}
+    out = copy.deepcopy(cfg)
+    if out.inference.threshold is None and inf.get("threshold") is not None:
+        out.inference.threshold = [float(t) for t in inf["threshold"]]
+    if out.inference.min_object_mm2 is None and inf.get("min_object_mm2") is not None:
+        out.inference.min_object_mm2 = float(inf["min_object_mm2"])
+    check_operating_point(out.inference.threshold, out.inference.min_object_mm2, out.data.num_classes)
+    return out

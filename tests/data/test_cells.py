@@ -1,0 +1,80 @@
+"""Generated EM-like cell images: format, the folder dataset reading them, and the EM error measures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from medseg.cli import main
+from medseg.config import DataConfig
+from medseg.data.cells import generate_cells_data
+from medseg.data.folder import FolderDataset
+from medseg.em_metrics import SegmentationErrors, rand_error
+
+
+@pytest.fixture(scope="module")
+def cells_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_cells_data(tmp_path_factory.mktemp("cells") / "c", images=3, seed=1, size=192)
+
+
+def test_cells_are_dense_touching_and_separated_by_thin_membranes(cells_root: Path) -> None:
+    names = sorted(p.name for p in (cells_root / "images").iterdir())
+    assert names == ["cells_000.png", "cells_001.png", "cells_002.png"]
+    assert sorted(p.name for p in (cells_root / "masks").iterdir()) == names
+    touching = []
+    for name in names:
+        image = cv2.imread(str(cells_root / "images" / name), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(cells_root / "masks" / name), cv2.IMREAD_UNCHANGED)
+        assert image.shape == mask.shape == (192, 192) and image.dtype == np.uint8
+        assert set(np.unique(mask)) == {0, 255}
+        membrane = mask == 0
+        assert 0.1 < membrane.mean() < 0.45  # thin membranes between densely packed cells
+        cells, n = ndimage.label(~membrane, structure=np.ones((3, 3)))  # 8-connected: never two cells
+        assert n >= 10
+        # membranes are thin: almost every membrane pixel is within 3 px of a cell
+        assert (ndimage.distance_transform_edt(membrane) <= 3).mean() > 0.9
+        # touching: most cells have another cell within a few pixels
+        near = [len(set(np.unique(cells[ndimage.binary_dilation(cells == c, iterations=6)])) - {0, c}) > 0
+                for c in range(1, n + 1)]
+        touching.append(np.mean(near))
+        # membranes are dark, cells bright: the image shows the structure (organelles, noise aside)
+        assert image[membrane].mean() + 40 < image[~membrane].mean()
+    assert np.mean(touching) > 0.7
+    again = generate_cells_data(cells_root.parent / "again", images=3, seed=1, size=192)
+    for name in names:  # same seed, same files
+        assert (again / "images" / name).read_bytes() == (cells_root / "images" / name).read_bytes()
+
+
+def test_folder_dataset_reads_the_cells(cells_root: Path) -> None:
+    ds = FolderDataset(DataConfig(name="folder", root=str(cells_root), context_slices=1, val_fraction=0.34,
+                                  test_fraction=0.34), "all")
+    s = ds[0]
+    assert s["image"].shape == (1, 192, 192) and 0 <= s["image"].min() and s["image"].max() <= 1
+    assert set(np.unique(s["label"])) == {0, 1}
+    cells, n = ndimage.label(s["label"][0] > 0, structure=np.ones((3, 3)))
+    assert s["instance"].max() == n  # one instance per cell
+
+
+def test_rand_and_pixel_error() -> None:
+    true = np.zeros((40, 40), np.int64)
+    true[2:18, 2:38], true[22:38, 2:38] = 1, 2  # two cells, a membrane between
+    label = (true > 0).astype(np.int64)
+    assert rand_error(label, true) == pytest.approx(0.0)
+    merged = label.copy()
+    merged[18:22, 10:12] = 1  # a gap in the predicted membrane merges the two cells
+    assert rand_error(merged, true) > 0.3
+    errors = SegmentationErrors(connectivity=1)
+    errors.update(merged[None], label[None], true[None])
+    out = errors.compute()
+    assert out["pixel_error"] == pytest.approx(8 / 1600) and out["rand_error"] > 0.3
+
+
+@pytest.mark.slow
+def test_demo_data_cells_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["demo-data", str(tmp_path / "cells"), "--kind", "cells", "--images", "3"]) == 0
+    assert len(list((tmp_path / "cells" / "images").glob("*.png"))) == 3
+    assert "pipelines/cells.yaml" in capsys.readouterr().out
