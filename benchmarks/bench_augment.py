@@ -31,20 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _samples(tmp: Path, quick: bool) -> tuple[list[dict[str, Any]], Any]:
+def _samples(tmp: Path, quick: bool, root: Path | None = None) -> tuple[list[dict[str, Any]], Any]:
     from medseg.config import load_config
     from medseg.data import build_dataset
     from medseg.data.synthetic import generate_demo_data
 
-    root = generate_demo_data(tmp / "dl", patients=3 if quick else 8, seed=0, progress=False,
-                              image_size=256 if quick else 512)
+    if root is None:
+        root = generate_demo_data(tmp / "dl", patients=3 if quick else 8, seed=0, progress=False,
+                                  image_size=256 if quick else 512)
     cfg = load_config(ROOT / "pipelines" / "quickstart.yaml", [f"data.root={root}", "data.generate_if_missing=false",
                                                                 "data.spacing_mm=null"])
     ds = build_dataset(cfg.data, "train")
     return [s for s in (ds[i] for i in range(len(ds))) if s is not None], cfg
 
 
-def main(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
+def main(quick: bool = False, device: str = "cpu", root: Path | None = None) -> list[dict[str, Any]]:
     """Rows: accelerator vs cpu, accelerator vs monai (samples/s), and the device part's own cost."""
     from monai.transforms import Compose, Rand2DElasticd, RandFlipd, RandSpatialCropd
 
@@ -59,7 +60,7 @@ def main(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
     batch = 8 if quick else 32
     repeats = 2 if quick else 5
     with tempfile.TemporaryDirectory() as tmp:
-        samples, cfg = _samples(Path(tmp), quick)
+        samples, cfg = _samples(Path(tmp), quick, root)
     crop = 128
     base = [f"transforms.crop_size=[{crop},{crop}]"]
     cpu_t = build_transforms(load_config(None, base).transforms, train=True)

@@ -70,7 +70,7 @@ def train_part(data: Path, out: Path, steps: int, accelerator: bool) -> dict[str
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--out", default=None, help="folder for the JSON summary (default: a temp folder)")
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -81,7 +81,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_p = Path(tmp)
-        data = generate_demo_data(tmp_p / "demo", patients=16, seed=0, progress=False)
+        data = generate_demo_data(tmp_p / "demo", patients=8, seed=0, progress=False)
         _part("train (AMP, CPU augmentation)", lambda: train_part(data, tmp_p / "runs", a.steps, False))
         _part("train (AMP, accelerator augmentation)", lambda: train_part(data, tmp_p / "runs_acc", a.steps, True))
         import bench_augment
@@ -89,7 +89,7 @@ def main() -> int:
 
         _part("Trainer overhead vs bare loop (CUDA)", lambda: bench_trainer.main(quick=False, device="cuda")[0])
         _part("sample chain: accelerator vs cpu vs MONAI (CUDA)",
-              lambda: {"rows": bench_augment.main(quick=False, device="cuda")})
+              lambda: {"rows": bench_augment.main(quick=False, device="cuda", root=data)})
         for extra in EXTRA_PARTS:
             _part(extra.__doc__.split("\n")[0] if extra.__doc__ else extra.__name__, lambda f=extra: f(tmp_p))
     print("\n=== summary")
