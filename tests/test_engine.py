@@ -306,12 +306,12 @@ def test_failure_in_evaluate_after_training_ends_the_mlflow_run(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    import medseg.engine
+    import medseg.evaluation
 
     def broken(*args: object, **kwargs: object) -> None:
         raise TrainingError("evaluation broke")
 
-    monkeypatch.setattr(medseg.engine, "evaluate", broken)
+    monkeypatch.setattr(medseg.evaluation, "evaluate", broken)  # what evaluate_after_training calls
     cfg = load_config(QUICK, tiny_overrides(demo_root, tmp_path, **{
         "train.max_steps": 1, "train.evaluate_splits": ["test"], "model.params.base_channels": 8,
         "train.amp": "off"}))
