@@ -217,6 +217,24 @@ class MetricsConfig:
     connectivity: int = 2
     #: surface Dice tolerance in mm
     nsd_tolerance_mm: float = 2.0
+    #: the lesion-ROI protocol (``roi_*`` keys, :mod:`medseg.lesion_eval`) beside the whole-slice one
+    roi_protocol: bool = True
+    #: ROI = the lesion's box enlarged on each side by this fraction of the box's width / height
+    roi_margin: float = 0.5
+    #: predicted pixels on another true lesion inside a ROI: "background" = they count as false
+    #: positives of this lesion (the single-lesion crop protocol); "ignore" = left out of the score
+    roi_other_lesions: Literal["background", "ignore"] = "background"
+    #: FROC on whole slices (``froc_*`` keys, :mod:`medseg.froc`)
+    froc: bool = True
+    #: FROC candidates: connected components of the foreground probability above this (low) value
+    froc_threshold: float = 0.1
+    #: bootstrap resamples for the confidence intervals of ``medseg evaluate`` (0 = no intervals)
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 0
+    #: what is resampled: "auto" = patients where the data has them, else series, else images
+    bootstrap_unit: Literal["auto", "patient", "series", "image"] = "auto"
+    #: confidence level of the intervals
+    ci_level: float = 0.95
 
 
 @dataclass
@@ -225,6 +243,10 @@ class EvaluationConfig:
 
     #: slices per forward pass (slices of different sizes go in separate batches, never padded)
     batch_size: int = 4
+    #: ``medseg evaluate``: write and log the PNG plots (FROC, Dice by type, long axis, worst lesions)
+    plots: bool = True
+    #: lesions in the worst-lesions overlay (lowest ROI Dice, else lowest lesion Dice)
+    worst_lesions: int = 10
 
 
 @dataclass

@@ -23,7 +23,7 @@ from medseg.checkpoint import load_model
 from medseg.config import Config, from_dict
 from medseg.runtime import TrainingError, amp_dtype, resolve_device, use_amp
 
-__all__ = ["Predictor", "postprocess", "predict_logits"]
+__all__ = ["Predictor", "foreground_probability", "postprocess", "predict_logits"]
 
 
 @torch.no_grad()
@@ -78,6 +78,15 @@ def postprocess(
     out = [crf_labels(probs[b], img[b], cfg.inference.crf, spacing[b] if spacing is not None else None)
            for b in range(len(probs))]
     return torch.as_tensor(np.stack(out)).long().to(logits.device)
+
+
+def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` float32 probability that a pixel is lesion (any class but 0): 1 − softmax[:, 0].
+
+    The network's own probabilities, before any post-processing: with the dense CRF on, the class
+    map of :func:`postprocess` comes from the CRF, while FROC candidates come from this map.
+    """
+    return 1.0 - torch.softmax(logits.float(), 1)[:, 0]
 
 
 class Predictor:
