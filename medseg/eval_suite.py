@@ -98,12 +98,12 @@ class Intervals:
 
 
 def _unit_labels(meta: dict[str, Any]) -> dict[str, str]:
-    """The units an image belongs to, by kind (only those its meta names)."""
-    out = {"image": str(meta["id"])}
+    """The units an image belongs to, by kind (only those its meta names), each labelled ``"<kind> <id>"``."""
+    out = {"image": f"image {meta['id']}"}
     if meta.get("patient_index") is not None:
         out["patient"] = f"patient {meta['patient_index']}"
     if meta.get("series") is not None:
-        out["series"] = str(meta["series"])
+        out["series"] = f"series {meta['series']}"
     return out
 
 
@@ -211,7 +211,8 @@ class EvaluationSuite:
     def lesion_rows(self) -> list[dict[str, Any]]:
         """One row per true lesion: the whole-slice columns, the ``roi_*`` columns, ``froc_score``
         (the best score of a FROC candidate hitting it; empty when none does) and ``unit`` (its
-        patient / series / image, the unit intervals resample). Empty without lesion metrics."""
+        patient / series / image, the unit intervals resample, as ``"patient 12"``, ``"series …"``
+        or ``"image …"``). Empty without lesion metrics."""
         rows = self.metrics.lesion_rows()
         if not rows:
             return []
@@ -227,7 +228,7 @@ class EvaluationSuite:
             if self.froc is not None:
                 s = froc.get(key)
                 row["froc_score"] = s if s is not None and np.isfinite(s) else None
-            row["unit"] = self._units.get(str(r["image_id"]), {}).get(kind, str(r["image_id"]))
+            row["unit"] = self._units.get(str(r["image_id"]), {}).get(kind, f"image {r['image_id']}")
             out.append(row)
         keys = list(dict.fromkeys(k for r in out for k in r))  # equal keys in equal order (CSV)
         return [{k: r.get(k) for k in keys} for r in out]
