@@ -23,7 +23,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+
+from medseg.compare import Column, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "ablation"
@@ -33,9 +34,19 @@ VARIANTS: dict[str, list[str]] = {
     "no_elastic": ["transforms.elastic.enabled=false"],
     "neither": ["transforms.weight_map.w0=0", "transforms.elastic.enabled=false"],
 }
-COLUMNS = [("test/dice", "test Dice"), ("test/lesion_dice", "lesion Dice"), ("test/hd95", "HD95 (mm)"),
-           ("test/lesion_sensitivity", "sensitivity"), ("test/fp_per_image", "FP / image"),
-           ("best/dice", "best val Dice")]
+#: the table's columns: test-split metrics with their bootstrap intervals (medseg.compare's table builder)
+COLUMNS = [
+    Column("variant", "variant", "{}", numeric=False),
+    Column("test Dice", "test/dice", interval=True),
+    Column("lesion Dice", "test/lesion_dice", interval=True),
+    Column("ROI Dice", "test/roi_dice", interval=True),
+    Column("HD95 (mm)", "test/hd95", "{:.1f}", interval=True),
+    Column("sensitivity", "test/lesion_sensitivity", interval=True),
+    Column("FP / image", "test/fp_per_image", interval=True),
+    Column("best val Dice", "best/dice"),
+    Column("steps", "steps", "{}"),
+    Column("run", "run", "`{}`", numeric=False),
+]
 
 
 def tracking_uri(output_dir: Path) -> str:
@@ -74,14 +85,11 @@ def table(output_dir: Path) -> str:
                                   order_by=["attributes.start_time DESC"], max_results=1)
         if runs:
             rows.append((name, runs[0]))
-    head = "| variant | " + " | ".join(c for _, c in COLUMNS) + " | steps | run |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    body = []
     for name, run in rows:
-        m: dict[str, Any] = run.data.metrics
-        cells = [f"{m[k]:.3f}" if k in m else "–" for k, _ in COLUMNS]
         steps = max((h.step for h in client.get_metric_history(run.info.run_id, "train/loss")), default=0)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {steps} | `{run.info.run_id[:8]}` |")
-    return "\n".join(lines) + "\n"
+        body.append({"variant": name, **run.data.metrics, "steps": steps, "run": run.info.run_id[:8]})
+    return markdown_table(body, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:
