@@ -58,19 +58,22 @@ def mlflow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(demo_root: Path, mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two 2-step quick-start runs (seeds 0 and 1) evaluated on the test split, logged to ``mlflow_server``."""
+def tiny_runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two 2-step quick-start runs (seeds 0 and 1), each evaluated on every slice of ``demo_root``
+    (split ``all``: 16 slices of 8 patients), logged to a SQLite MLflow store."""
     from medseg.config import load_config
     from medseg.engine import run_training
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("tiny_runs")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
     runs = []
     for seed in (0, 1):
-        ov = tiny_overrides(demo_root, out, **{"train.seed": seed, "train.evaluate_splits": ["test"],
-                                               "tracking.uri": mlflow_server.uri, "tracking.experiment": "tiny"})
+        ov = tiny_overrides(demo_root, out, **{"train.seed": seed, "train.evaluate_splits": ["all"],
+                                               "tracking.uri": uri, "tracking.experiment": "tiny",
+                                               "metrics.bootstrap_resamples": 200})
         cfg = load_config(root / "pipelines" / "quickstart.yaml", ov)
         result, _ = run_training(cfg, pipeline_path=root / "pipelines" / "quickstart.yaml")
         runs.append(result)
-    return {"uri": mlflow_server.uri, "out": out, "run_ids": [r.run_id for r in runs],
-            "run_dirs": [r.run_dir for r in runs], "experiment": "tiny"}
+    return {"uri": uri, "out": out, "run_ids": [r.run_id for r in runs], "run_dirs": [r.run_dir for r in runs],
+            "experiment": "tiny"}
