@@ -44,7 +44,7 @@ def test_evaluate_logs_metrics_table_and_plots_to_the_server(
     uri = mlflow_server.uri
     ov = tiny_overrides(demo_root, tmp_path / "out", **{"tracking.uri": mlflow_server.uri,
                                                         "tracking.experiment": "evaluations",
-                                                        "metrics.bootstrap_resamples": 200})
+                                                        "metrics.bootstrap_resamples": 200, "train.amp": "off"})
     capsys.readouterr()
     assert main(["evaluate", str(ROOT / "pipelines" / "quickstart.yaml"), "--model", str(tiny_runs["run_dirs"][0]),
                  "--split", "test", *_sets(ov)]) == 0
