@@ -300,7 +300,8 @@ def format_report(metrics: dict[str, float], intervals: dict[str, Any] | Interva
             if k in metrics:
                 lo, hi = metrics.get(f"{k}_ci_low"), metrics.get(f"{k}_ci_high")
                 iv = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
-                body.append(f"  {k:<{width - 2}}{metrics[k]:>10.3f}   {iv}")
+                value = f"{metrics[k]:.0f}" if k in ("lesion_count", "roi_empty") else f"{metrics[k]:.3f}"
+                body.append(f"  {k:<{width - 2}}{value:>10}   {iv}".rstrip())
             elif k.startswith("froc_sens_fp") and "froc_max_fp" in metrics:
                 body.append(f"  {k:<{width - 2}}{'not reached':>10}   (the sweep ends at "
                             f"{metrics['froc_max_fp']:.2f} FP/image, sensitivity {metrics['froc_max_sens']:.3f})")
