@@ -12,6 +12,9 @@ Three layers, each an accumulator with ``update`` / ``compute`` / ``reset`` (plu
 
 :class:`MetricSuite` bundles them for the Trainer and ``evaluate``: one ``update`` per batch, one
 flat ``dict[str, float]`` for MLflow, and :meth:`MetricSuite.lesion_rows` for the per-lesion CSV.
+The lesion-ROI protocol (:mod:`medseg.lesion_eval`), FROC (:mod:`medseg.froc`) and the bootstrap
+intervals (:mod:`medseg.eval_suite`) build on this module; their key names are listed here
+(:data:`ROI_KEYS`, :func:`froc_key`, :func:`metric_names`) so that ``train.monitor`` can be checked.
 
 Example:
     >>> suite = MetricSuite(num_classes=2)
