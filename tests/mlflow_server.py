@@ -78,7 +78,8 @@ def start_server(backend_store_uri: str, workdir: Path, timeout_s: float = START
     cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server",
            "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(artifacts),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    # no background job runners (MLflow 3 starts several huey consumers otherwise): tracking only
+    env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log_path, "wb") as log:
         # its own process group, so teardown stops the workers too
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
