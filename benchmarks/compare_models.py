@@ -54,13 +54,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from medseg.compare import Column
+from medseg.compare import markdown_table as table
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "model-zoo"
@@ -379,25 +381,18 @@ def table_rows(runs: list[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-#: (header, row key, format) of the table's columns
-COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("model", "label", "{}"),
-    ("Dice", "dice", "{:.3f}"),
-    ("lesion Dice", "lesion_dice", "{:.3f}"),
-    ("HD95 (mm)", "hd95_mm", "{:.1f}"),
-    ("params (M)", "params_m", "{:.2f}"),
-    ("train img/s", "train_images_per_s", "{:.1f}"),
-    ("ms / 512² slice", "infer_ms_512", "{:.0f}"),
-    ("budget (min)", "budget_min", "{:g}"),
-    ("steps", "steps", "{}"),
+#: the table's columns (the table builder is medseg.compare's, shared with ``medseg compare``)
+COLUMNS: tuple[Column, ...] = (
+    Column("model", "label", "{}", numeric=False),
+    Column("Dice", "dice", "{:.3f}"),
+    Column("lesion Dice", "lesion_dice", "{:.3f}"),
+    Column("HD95 (mm)", "hd95_mm", "{:.1f}"),
+    Column("params (M)", "params_m", "{:.2f}"),
+    Column("train img/s", "train_images_per_s", "{:.1f}"),
+    Column("ms / 512² slice", "infer_ms_512", "{:.0f}"),
+    Column("budget (min)", "budget_min", "{:g}"),
+    Column("steps", "steps", "{}"),
 )
-
-
-def _cell(value: Any, fmt: str) -> str:
-    """A formatted table cell; "–" for a missing or non-finite number."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return fmt.format(value)
 
 
 def markdown_table(rows: list[dict[str, Any]], rebuild: str = "python benchmarks/compare_models.py --table-only") -> str:
@@ -407,10 +402,7 @@ def markdown_table(rows: list[dict[str, Any]], rebuild: str = "python benchmarks
         rows: from :func:`table_rows`.
         rebuild: the command that rebuilds the table, quoted in the notes.
     """
-    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r[k], f) for _, k, f in COLUMNS) + " |")
+    lines = table(rows, COLUMNS).rstrip("\n").split("\n")
     notes = [
         "",
         "Every model trained from scratch on the same data with the quick start's crop, batch size, "

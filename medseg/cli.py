@@ -1,6 +1,6 @@
 """The ``medseg`` command: a thin argparse layer over library functions.
 
-Commands: ``train``, ``evaluate``, ``calibrate``, ``demo-data``. Each ends by printing where its results are.
+Commands: ``train``, ``evaluate``, ``calibrate``, ``compare``, ``demo-data``. Each ends by printing where its results are.
 """
 
 from __future__ import annotations
@@ -47,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint file or medseg train output folder (updated in place)")
     _add_set(p)
 
+    p = sub.add_parser("compare", help="compare MLflow runs: metrics with intervals, differing params, paired test")
+    p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="the runs to compare (or --experiment)")
+    p.add_argument("--experiment", help="compare every finished run of this MLflow experiment")
+    p.add_argument("--tracking-uri", default="outputs",
+                   help="MLflow store: a URI, or a folder holding mlflow.db (default: outputs)")
+    p.add_argument("--split", default="test", help="the evaluated split whose metrics are compared")
+    p.add_argument("--metrics", help="comma-separated metric names (default: the headline metrics the runs have)")
+    p.add_argument("--paired-metrics", default="roi_dice,dice",
+                   help="per-lesion columns for the paired test of two runs (default: roi_dice,dice)")
+    p.add_argument("--out", default="outputs/compare", help="folder for comparison.md / .csv / .png")
+    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples of the paired test")
+    p.add_argument("--seed", type=int, default=0, help="seed of the paired test")
+
     p = sub.add_parser("demo-data", help="write generated data: DeepLesion-format CT or EM-like cell images")
     p.add_argument("out_dir")
     p.add_argument("--kind", choices=["deeplesion", "cells"], default="deeplesion",
@@ -56,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=None, help="cells: images (default 30)")
     p.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _with_interval(m: dict[str, float], k: str) -> str:
+    """``key=value [low, high]`` (the interval where the metrics carry one)."""
+    lo, hi = m.get(f"{k}_ci_low"), m.get(f"{k}_ci_high")
+    return f"{k}={m[k]:.4f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -77,9 +96,9 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"→ val {op['metric']} {op['score']:.4f} (argmax {op['argmax_score']:.4f})")
     for split, ev in evaluations.items():
         m = ev["metrics"]
-        print(f"{split}: " + ", ".join(f"{k}={m[k]:.4f}" for k in sorted(m) if k in
-                                        ("dice", "lesion_dice", "miou", "hd95", "lesion_sensitivity", "pixel_error",
-                                         "rand_error")))
+        print(f"{split}: " + ", ".join(_with_interval(m, k) for k in ("dice", "lesion_dice", "lesion_sensitivity",
+                                                                      "roi_dice", "froc_sens_fp1", "pixel_error",
+                                                                      "rand_error") if k in m))
     print(f"run folder:   {result.run_dir}")
     print(f"checkpoint:   {result.best_checkpoint or result.last_checkpoint}")
     if result.run_id:
@@ -111,8 +130,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise
     finally:
         tracker.end(status)  # the MLflow run never stays RUNNING
+    from medseg.evaluation import format_report
+
     print(json.dumps(result["metrics"], indent=2, sort_keys=True))
+    print(format_report(result["metrics"], result["intervals"]))
     print(f"per-lesion table: {result['lesions_csv']}")
+    for path in result["plots"]:
+        print(f"plot:             {path}")
     if result["predictions"]:
         print(f"predictions:      {result['predictions']}")
     if run_id:
@@ -137,6 +161,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"(argmax, no size filter: {result['argmax_score']:.4f})")
     print(f"stored in:    {result['checkpoint']} (and its run's config.yaml); override with --set "
           f"inference.threshold=... / inference.min_object_mm2=...")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``medseg compare``."""
+    from medseg.compare import CompareError, compare_runs
+    from medseg.tracking import resolve_tracking_uri
+
+    if bool(args.run_ids) == bool(args.experiment):
+        print("medseg compare: error: give RUN_IDs or --experiment NAME (not both)", file=sys.stderr)
+        return 2
+    uri = resolve_tracking_uri(args.tracking_uri, args.tracking_uri)
+    try:
+        res = compare_runs(uri, args.run_ids, args.experiment, args.split,
+                           [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
+                           args.out, [m.strip() for m in args.paired_metrics.split(",") if m.strip()],
+                           args.resamples, args.seed)
+    except CompareError as e:
+        print(f"medseg compare: error: {e}", file=sys.stderr)
+        return 2
+    print(res.markdown)
+    print(f"markdown: {res.markdown_path}")
+    print(f"csv:      {res.csv_path}")
+    print(f"plot:     {res.plot_path}")
     return 0
 
 
@@ -169,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.registry import RegistryError
     from medseg.runtime import TrainingError
 
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "demo-data": cmd_demo_data}
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "compare": cmd_compare,
+                "demo-data": cmd_demo_data}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, TrainingError, RegistryError) as e:

@@ -3,12 +3,15 @@
 :func:`evaluate_loader` runs a model over a loader of whole slices in batches
 (``evaluation.batch_size``; slices of different sizes go in separate batches, never padded, so a
 batched evaluation equals a one-at-a-time one) and scores it with the :class:`~medseg.metrics.MetricSuite`
-the ``metrics`` config section states. Under DDP each rank scores its own shard (no sample repeated)
-and the confusion matrix, boundary distances, lesion rows and losses are combined across ranks; a
-loader over the whole split (``evaluate`` on rank 0 after DDP training) is scored by that rank alone.
+the ``metrics`` config section states, through :class:`~medseg.eval_suite.EvaluationSuite`: the
+whole-slice metrics, the lesion-ROI protocol and FROC (from the foreground probabilities of
+:func:`~medseg.inference.foreground_probability`), and on request bootstrap confidence intervals.
+Under DDP each rank scores its own shard (no sample repeated) and the confusion matrix, boundary
+distances, lesion rows, candidates and losses are combined across ranks.
 
-:func:`evaluate` is what ``medseg evaluate`` runs: a trained model on a split, the per-lesion CSV,
-optionally every predicted mask written on its source slice's grid.
+:func:`evaluate` is what ``medseg evaluate`` runs: a trained model on a split, with intervals, the
+per-lesion table (CSV, and in MLflow as a table), the plots of :mod:`medseg.visualize`, optionally
+every predicted mask written on its source slice's grid. :func:`format_report` is its printout.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from medseg.data import build_dataset
 from medseg.data.base import to_source_grid
 from medseg.data.loading import ShardSampler, TransformedDataset, make_loader
 from medseg.em_metrics import ERROR_NAMES, SegmentationErrors
-from medseg.inference import postprocess, predict_logits
-from medseg.metrics import MetricSuite, metric_names
+from medseg.eval_suite import EvaluationSuite, Intervals
+from medseg.inference import foreground_probability, postprocess, predict_logits
+from medseg.metrics import FROC_FP_RATES, froc_key, metric_names
 from medseg.operating_point import resolve_operating_point
 from medseg.runtime import TrainingError, dist_ready, resolve_device
 from medseg.tracking import Tracker
@@ -39,8 +43,7 @@ from medseg.tracking import Tracker
 log = logging.getLogger("medseg.evaluation")
 
 __all__ = ["EvalResult", "check_monitor", "eval_loader", "eval_target", "evaluate", "evaluate_after_training",
-           "evaluate_loader",
-           "validation_metric_names"]
+           "evaluate_loader", "format_report", "validation_metric_names"]
 
 #: a callback that sees each batch and its predicted class maps (e.g. to write them)
 OnPrediction = Callable[[dict[str, Any], torch.Tensor], None]
@@ -54,12 +57,19 @@ class EvalResult:
     rows: list[dict[str, Any]]
     n: int
     examples: list[dict[str, Any]] = field(default_factory=list)
+    #: the bootstrap intervals (also in ``metrics`` as ``<key>_ci_low`` / ``_ci_high``), when asked for
+    intervals: Intervals | None = None
+    #: ``(FP per image, sensitivity)`` of the FROC curve
+    froc: tuple[np.ndarray, np.ndarray] | None = None
+    #: crops of the lowest-ROI-Dice lesions, when asked for
+    worst: list[dict[str, Any]] = field(default_factory=list)
 
 
 def validation_metric_names(cfg: Config) -> list[str]:
     """Every key validation can report: the metric suite's keys and ``loss``."""
-    errors = list(ERROR_NAMES) if cfg.metrics.segmentation_errors else []
-    return [*metric_names(cfg.data.num_classes, cfg.metrics.lesion_metrics), *errors, "loss"]
+    m = cfg.metrics
+    errors = list(ERROR_NAMES) if m.segmentation_errors else []
+    return [*metric_names(cfg.data.num_classes, m.lesion_metrics, m.roi_protocol, m.froc), *errors, "loss"]
 
 
 def check_monitor(cfg: Config) -> None:
@@ -104,6 +114,8 @@ def evaluate_loader(
     overlay_count: int = 0,
     on_prediction: OnPrediction | None = None,
     progress: str | None = None,
+    intervals: bool = False,
+    worst_lesions: int = 0,
 ) -> EvalResult:
     """Predict, post-process and score every sample of ``loader`` (built by :func:`eval_loader`).
 
@@ -117,15 +129,18 @@ def evaluate_loader(
         overlay_count: keep this many ``{image, truth, pred, title}`` examples (for overlay grids).
         on_prediction: called with each batch and its class maps ``(B, H, W)`` (CPU).
         progress: a progress-bar label (None = no bar).
+        intervals: add bootstrap confidence intervals (``metrics.bootstrap_*``) to the headline metrics.
+        worst_lesions: keep crops of this many lowest-ROI-Dice lesions.
 
     Returns:
-        The metrics (combined across DDP ranks), the per-lesion rows, the sample count, examples.
+        The metrics (combined across DDP ranks), the per-lesion rows, the sample count, examples,
+        the intervals, the FROC curve and the worst-lesion crops.
     """
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
-    suite = MetricSuite.from_config(cfg.metrics, cfg.data.num_classes)
+    suite = EvaluationSuite(cfg.metrics, cfg.data.num_classes, keep_worst=worst_lesions)
     errors = SegmentationErrors.from_config(cfg.metrics)  # pixel / Rand error (EM), when asked for
     losses: list[float] = []
     examples: list[dict[str, Any]] = []
@@ -138,6 +153,7 @@ def evaluate_loader(
             spacing = [m["spacing"] for m in batch["meta"]]
             logits = predict_logits(model, image, cfg, device)
             pred = postprocess(logits, image, cfg, spacing).cpu()
+            prob = foreground_probability(logits).cpu() if suite.needs_probabilities else None
             if loss_fn is not None:
                 label = batch["label"].to(device)
                 w = batch.get("weight")
@@ -146,7 +162,8 @@ def evaluate_loader(
                 losses += [float(loss_fn(logits[b : b + 1], label[b : b + 1], w[b : b + 1] if w is not None else None))
                            for b in range(len(image))]
             target, inst = eval_target(batch)
-            suite.update(pred, target, inst, spacing, batch["meta"])
+            suite.update(pred, target, inst, spacing, batch["meta"], fg_prob=prob,
+                         image=image if worst_lesions else None)
             if errors is not None:
                 errors.update(pred, target, inst)
             for b in range(min(len(image), overlay_count - len(examples))):
@@ -171,10 +188,13 @@ def evaluate_loader(
     metrics = suite.compute()
     if errors is not None:
         metrics.update(errors.compute())
+    ci = suite.intervals(metrics) if intervals else None
+    if ci is not None:
+        metrics.update(ci.as_metrics())
     if loss_fn is not None:
         all_losses = [v for p in parts for v in p[1]]
         metrics["loss"] = float(np.mean(all_losses)) if all_losses else float("nan")
-    return EvalResult(metrics, suite.lesion_rows(), n, examples)
+    return EvalResult(metrics, suite.lesion_rows(), n, examples, ci, suite.froc_points(), suite.worst_lesions())
 
 
 def _prediction_writer(out_dir: Path) -> OnPrediction:
@@ -213,8 +233,16 @@ def evaluate(
     trained at ``data.spacing_mm`` predicts on the resampled grid; the mask is mapped back).
     Per-lesion rows go to ``<DIR or output_dir>/lesions_<split>.csv``.
 
+    The metrics carry bootstrap intervals (``<key>_ci_low`` / ``_ci_high``, see
+    :class:`~medseg.eval_suite.EvaluationSuite`); with ``evaluation.plots`` the PNG plots of
+    :func:`medseg.visualize.save_evaluation_plots` go beside the CSV (``froc_<split>.png``, …).
+    With a tracker: the metrics as ``<split>/<key>``, the tag ``medseg.<split>.ci_unit``, the
+    per-lesion CSV and table (``evaluation/lesions_<split>.csv`` / ``.json``, the latter through
+    ``mlflow.log_table``) and the plots (``evaluation/plots/``).
+
     Returns:
-        ``{"metrics": {...}, "lesions_csv": path, "predictions": dir or None, "n": samples, "model": source}``.
+        ``{"metrics": {...}, "lesions_csv": path, "predictions": dir or None, "n": samples,
+        "model": source, "intervals": {unit, n_units, n_resamples, seed, level} or None, "plots": [paths]}``.
     """
     from medseg.transforms import build_transforms
 
@@ -225,19 +253,81 @@ def evaluate(
                                  cfg.train.seed)
     out_dir = Path(save_predictions) if save_predictions else None
     loader = eval_loader(dataset, cfg, pin_memory=device.type == "cuda")
+    plots = cfg.evaluation.plots
     result = evaluate_loader(model, loader, cfg, device, on_prediction=_prediction_writer(out_dir) if out_dir else None,
-                             progress=f"evaluate {split}")
+                             progress=f"evaluate {split}", intervals=True,
+                             worst_lesions=cfg.evaluation.worst_lesions if plots else 0)
     if result.n == 0:
         raise TrainingError(f"no readable samples in split {split!r}")
     report_dir = out_dir or Path(cfg.output_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     lesions_csv = report_dir / f"lesions_{split}.csv"
     write_rows_csv(result.rows, lesions_csv)
+    plot_paths: list[Path] = []
+    if plots:
+        from medseg.visualize import save_evaluation_plots
+
+        plot_paths = save_evaluation_plots(result.rows, report_dir, froc=result.froc, worst=result.worst,
+                                           title=f"{cfg.name} · {split}", suffix=f"_{split}")
+    ci = result.intervals
     if tracker is not None:
         tracker.log_metrics({f"{split}/{k}": v for k, v in result.metrics.items()}, 0)
+        if ci is not None:
+            tracker.set_tags({f"medseg.{split}.ci_unit": ci.unit, f"medseg.{split}.ci": ci.describe()})
         tracker.log_artifact(lesions_csv, "evaluation")
+        if result.rows:
+            tracker.log_table(result.rows, f"evaluation/lesions_{split}.json")
+        for path in plot_paths:
+            tracker.log_artifact(path, "evaluation/plots")
     return {"metrics": result.metrics, "lesions_csv": str(lesions_csv),
-            "predictions": str(out_dir) if out_dir else None, "n": result.n, "model": info.get("source")}
+            "predictions": str(out_dir) if out_dir else None, "n": result.n, "model": info.get("source"),
+            "intervals": ({"unit": ci.unit, "n_units": ci.n_units, "n_resamples": ci.n_resamples, "seed": ci.seed,
+                           "level": ci.level} if ci is not None else None),
+            "plots": [str(p) for p in plot_paths]}
+
+
+#: the report's sections: (title, keys in order)
+_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("whole slice: pixels", ("dice", "miou", "hd95", "surface_dice")),
+    ("whole slice: lesions (matched components)", ("lesion_count", "lesion_dice", "lesion_sensitivity",
+                                                    "fp_per_image", "lesion_hd95", "diameter_error_mm",
+                                                    "short_axis_error_mm", "sape_long",
+                                                    "recist_diameter_error_mm")),
+    ("lesion ROI (all predicted pixels in the crop)", ("roi_dice", "roi_iou", "roi_hd95", "roi_surface_dice",
+                                                       "roi_long_error_mm", "roi_short_error_mm", "roi_sape_long",
+                                                       "roi_sape_short", "roi_recist_long_error_mm",
+                                                       "roi_recist_short_error_mm", "roi_empty")),
+    ("FROC (whole slices)", (*(froc_key(r) for r in FROC_FP_RATES), "froc_sens_mean")),
+)
+
+
+def format_report(metrics: dict[str, float], intervals: dict[str, Any] | Intervals | None = None) -> str:
+    """The headline metrics as an aligned text table with their intervals (the ``medseg evaluate`` printout).
+
+    A FROC rate the sweep never reached is printed as "not reached" with where the curve ends.
+    """
+    width = max(len(k) for _, keys in _SECTIONS for k in keys) + 2
+    lines = [f"{'metric':<{width}}{'value':>10}   interval"]
+    for title, keys in _SECTIONS:
+        body = []
+        for k in keys:
+            if k in metrics:
+                lo, hi = metrics.get(f"{k}_ci_low"), metrics.get(f"{k}_ci_high")
+                iv = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+                value = f"{metrics[k]:.0f}" if k in ("lesion_count", "roi_empty") else f"{metrics[k]:.3f}"
+                body.append(f"  {k:<{width - 2}}{value:>10}   {iv}".rstrip())
+            elif k.startswith("froc_sens_fp") and "froc_max_fp" in metrics:
+                body.append(f"  {k:<{width - 2}}{'not reached':>10}   (the sweep ends at "
+                            f"{metrics['froc_max_fp']:.2f} FP/image, sensitivity {metrics['froc_max_sens']:.3f})")
+        if body:
+            lines += [title, *body]
+    if isinstance(intervals, Intervals):
+        lines.append(f"interval: {intervals.describe()}")
+    elif intervals:
+        ci = Intervals(intervals["unit"], intervals["n_units"], intervals["n_resamples"], intervals["seed"],
+                       intervals["level"])
+        lines.append(f"interval: {ci.describe()}")
+    return "\n".join(lines)
 
 
 def evaluate_after_training(cfg: Config, ref: str | Path, run_dir: Path, run_id: str | None,

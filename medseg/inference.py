@@ -23,7 +23,7 @@ from medseg.checkpoint import load_model
 from medseg.config import Config, from_dict
 from medseg.runtime import TrainingError, amp_dtype, resolve_device, use_amp
 
-__all__ = ["Predictor", "postprocess", "predict_logits"]
+__all__ = ["Predictor", "foreground_probability", "postprocess", "predict_logits"]
 
 
 @torch.no_grad()
@@ -91,6 +91,15 @@ def postprocess(
     if inf.min_object_mm2:
         labels = remove_small_objects(labels, inf.min_object_mm2, spacing, cfg.metrics.connectivity)
     return labels
+
+
+def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` float32 probability that a pixel is lesion (any class but 0): 1 − softmax[:, 0].
+
+    The network's own probabilities, before any post-processing: with the dense CRF on, the class
+    map of :func:`postprocess` comes from the CRF, while FROC candidates come from this map.
+    """
+    return 1.0 - torch.softmax(logits.float(), 1)[:, 0]
 
 
 class Predictor:

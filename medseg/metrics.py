@@ -12,6 +12,9 @@ Three layers, each an accumulator with ``update`` / ``compute`` / ``reset`` (plu
 
 :class:`MetricSuite` bundles them for the Trainer and ``evaluate``: one ``update`` per batch, one
 flat ``dict[str, float]`` for MLflow, and :meth:`MetricSuite.lesion_rows` for the per-lesion CSV.
+The lesion-ROI protocol (:mod:`medseg.lesion_eval`), FROC (:mod:`medseg.froc`) and the bootstrap
+intervals (:mod:`medseg.eval_suite`) build on this module; their key names are listed here
+(:data:`ROI_KEYS`, :func:`froc_key`, :func:`metric_names`) so that ``train.monitor`` can be checked.
 
 Example:
     >>> suite = MetricSuite(num_classes=2)
@@ -35,12 +38,17 @@ from medseg.measure import axes_mm, measure_recist
 
 __all__ = [
     "COARSE_LESION_TYPES",
+    "FROC_FP_RATES",
+    "FROC_KEYS",
+    "ROI_GROUPED_KEYS",
+    "ROI_KEYS",
     "SIZE_STRATA",
     "ConfusionMatrix",
     "LesionMatch",
     "LesionMetrics",
     "MetricSuite",
     "boundary_metrics",
+    "froc_key",
     "hd95",
     "label_components",
     "match_lesions",
@@ -516,6 +524,8 @@ class LesionMetrics:
         self._n_images = 0
         self._n_fp = 0
         self._n_merges = 0
+        #: (image id, unmatched components) per image, for resampling images / patients
+        self._image_fp: list[tuple[str, int]] = []
 
     def update(
         self,
@@ -542,6 +552,7 @@ class LesionMetrics:
         image_id = str(meta.get("id", f"image{self._n_images}"))
         self._n_images += 1
         self._n_fp += len(m.false_positive_ids)
+        self._image_fp.append((image_id, len(m.false_positive_ids)))
         self._n_merges += len(m.merged_ids)
         merged = set(m.merged_ids.tolist())
         lesions = meta.get("lesions") or []
@@ -593,11 +604,16 @@ class LesionMetrics:
         """Gather every rank's rows and counts (``all_gather_object``); a no-op outside DDP."""
         if not _dist_ready():
             return
-        parts = _gather_objects((self._rows, self._n_images, self._n_fp, self._n_merges))
+        parts = _gather_objects((self._rows, self._n_images, self._n_fp, self._n_merges, self._image_fp))
         self._rows = [r for p in parts for r in p[0]]
         self._n_images = sum(p[1] for p in parts)
         self._n_fp = sum(p[2] for p in parts)
         self._n_merges = sum(p[3] for p in parts)
+        self._image_fp = [v for p in parts for v in p[4]]
+
+    def image_false_positives(self) -> list[tuple[str, int]]:
+        """``(image id, unmatched predicted components)`` for every image, in update order."""
+        return list(self._image_fp)
 
     def compute(self) -> dict[str, float]:
         """Summary over all lesions and images (keys present only where defined, never NaN).
@@ -655,14 +671,42 @@ _LESION_KEYS = ("lesion_count", "fp_per_image", "lesion_merges", "lesion_dice", 
                 "recist_diameter_error_mm")
 
 
-def metric_names(num_classes: int, lesion_metrics: bool = True) -> list[str]:
-    """Every key :meth:`MetricSuite.compute` can report (some only when defined, e.g. ``hd95``)."""
+#: the lesion-ROI protocol's keys (:class:`medseg.lesion_eval.RoiLesionMetrics`)
+ROI_KEYS = ("roi_dice", "roi_iou", "roi_hd95", "roi_surface_dice", "roi_long_error_mm", "roi_short_error_mm",
+            "roi_sape_long", "roi_sape_short", "roi_recist_long_error_mm", "roi_recist_short_error_mm",
+            "roi_recist_sape_long", "roi_recist_sape_short", "roi_empty")
+#: the ROI keys also reported per size stratum and per lesion type (``<key>_<group>``)
+ROI_GROUPED_KEYS = ("roi_dice", "roi_iou", "roi_long_error_mm", "roi_sape_long")
+#: false positives per image at which FROC sensitivities are reported (DeepLesion's operating points)
+FROC_FP_RATES = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def froc_key(rate: float) -> str:
+    """The metric key of the FROC sensitivity at ``rate`` false positives per image: ``froc_sens_fp0.5``."""
+    return f"froc_sens_fp{rate:g}"
+
+
+#: the FROC keys besides the per-rate sensitivities (:class:`medseg.froc.FrocMetrics`)
+FROC_KEYS = ("froc_sens_mean", "froc_max_fp", "froc_max_sens")
+
+
+def metric_names(num_classes: int, lesion_metrics: bool = True, roi: bool = True, froc: bool = True) -> list[str]:
+    """Every key validation and evaluation can report (some only when defined, e.g. ``hd95``).
+
+    ``roi`` adds the lesion-ROI protocol's keys and ``froc`` the FROC keys; both need
+    ``lesion_metrics``. The confidence-interval keys (``<key>_ci_low`` / ``<key>_ci_high``) come
+    only from ``medseg evaluate`` and are not listed.
+    """
     names = ["pa", "mpa", "miou", "fwiou", "dice", *(f"dice_class_{i}" for i in range(num_classes)),
              "hd95", "surface_dice", "hd95_one_empty"]
     if lesion_metrics:
         names += list(_LESION_KEYS)
         groups = list(SIZE_STRATA) + sorted(set(COARSE_LESION_TYPES.values()))
         names += [f"{k}_{g}" for g in groups for k in _GROUPED_LESION_KEYS]
+        if roi:
+            names += list(ROI_KEYS) + [f"{k}_{g}" for g in groups for k in ROI_GROUPED_KEYS]
+        if froc:
+            names += [froc_key(r) for r in FROC_FP_RATES] + list(FROC_KEYS)
     return names
 
 
@@ -712,6 +756,8 @@ class MetricSuite:
         self._hd: list[float] = []
         self._nsd: list[float] = []
         self._one_empty = 0
+        #: per image: (id, its (K, K) confusion matrix, its HD95 and surface-Dice values)
+        self._images: list[tuple[str, np.ndarray, list[float], list[float]]] = []
 
     @classmethod
     def from_config(cls, cfg: Any, num_classes: int) -> MetricSuite:
@@ -727,6 +773,7 @@ class MetricSuite:
         if self.lesions is not None:
             self.lesions.reset()
         self._hd, self._nsd, self._one_empty = [], [], 0
+        self._images = []
 
     def update(
         self,
@@ -755,18 +802,26 @@ class MetricSuite:
             raise ValueError(f"instance {inst.shape} and label {y.shape} differ in shape")
         self.confusion.update(p, y)
         metas = list(meta) if meta is not None else [{}] * len(p)
+        k = self.num_classes
         for b in range(len(p)):
             sp = spacing[b] if spacing is not None else metas[b].get("spacing", (1.0, 1.0))
+            hds: list[float] = []
+            nsds: list[float] = []
             for c in range(1, self.num_classes):
                 pc, yc = p[b] == c, y[b] == c
                 if not pc.any() and not yc.any():
                     continue
                 hd, nsd = boundary_metrics(pc, yc, sp, tolerance_mm=self.nsd_tolerance_mm)
                 if math.isfinite(hd):
-                    self._hd.append(hd)
-                    self._nsd.append(nsd)
+                    hds.append(hd)
+                    nsds.append(nsd)
                 else:
                     self._one_empty += 1
+            self._hd += hds
+            self._nsd += nsds
+            valid = (y[b] >= 0) & (y[b] < k)
+            conf = np.bincount(y[b][valid] * k + p[b][valid], minlength=k * k).reshape(k, k)
+            self._images.append((str(metas[b].get("id", f"image{len(self._images)}")), conf, hds, nsds))
             if self.lesions is not None:
                 true_inst = inst[b] if inst is not None else label_components(y[b] > 0, self.lesions.connectivity)
                 self.lesions.update(p[b], true_inst, sp, metas[b])
@@ -788,10 +843,20 @@ class MetricSuite:
         self.confusion.reduce_across_ranks()
         if self.lesions is not None:
             self.lesions.reduce_across_ranks()
-        parts = _gather_objects((self._hd, self._nsd, self._one_empty))
+        parts = _gather_objects((self._hd, self._nsd, self._one_empty, self._images))
         self._hd = [v for p in parts for v in p[0]]
         self._nsd = [v for p in parts for v in p[1]]
         self._one_empty = sum(p[2] for p in parts)
+        self._images = [v for p in parts for v in p[3]]
+
+    def image_records(self) -> list[dict[str, Any]]:
+        """Per image, in update order: ``id``, ``confusion`` ``(K, K)``, ``hd95`` and ``surface_dice``
+        (lists over its foreground classes with both masks non-empty) and ``false_positives``
+        (unmatched predicted components; 0 without lesion metrics). What
+        :class:`medseg.eval_suite.EvaluationSuite` resamples for confidence intervals."""
+        fps = dict(self.lesions.image_false_positives()) if self.lesions is not None else {}
+        return [{"id": i, "confusion": c, "hd95": list(h), "surface_dice": list(n), "false_positives": fps.get(i, 0)}
+                for i, c, h, n in self._images]
 
     def compute(self) -> dict[str, float]:
         """A flat dict of floats: pixel metrics, ``hd95``, ``surface_dice``, ``hd95_one_empty`` and

@@ -56,6 +56,11 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         """Write ``text`` as an artifact file."""
 
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Log rows of equal keys as an MLflow table (``mlflow.log_table``: a JSON artifact the UI's
+        evaluation view can filter). MLflow records every table in one run tag limited to 5,000
+        characters: log one table per evaluation, not one per slice."""
+
     def log_model(self, model: Any, name: str) -> None:
         """Log a PyTorch model in MLflow's model format."""
 
@@ -134,6 +139,18 @@ class MLflowTracker(Tracker):
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        import pandas as pd
+
+        def cell(v: Any) -> Any:
+            # JSON has no NaN / inf: an undefined value is an empty cell
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            return v.item() if hasattr(v, "item") else v
+
+        frame = pd.DataFrame([{k: cell(v) for k, v in r.items()} for r in rows])
+        self.client.log_table(self.run_id, data=frame, artifact_file=artifact_file)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from tests.mlflow_server import MlflowServer
 
 torch.set_num_threads(1)
 
@@ -32,3 +37,45 @@ def tiny_overrides(root: Path, out: Path, **extra: object) -> list[str]:
     import json
 
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in ov.items()]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` on a free 127.0.0.1 port for the session, terminated at teardown.
+
+    The backend store URI is the fixture's parameter (indirect parametrisation, see
+    ``tests/mlflow_server.py``); without one it is a SQLite file in a temporary folder.
+    """
+    from tests.mlflow_server import start_server
+
+    workdir = tmp_path_factory.mktemp("mlflow_server")
+    backend = getattr(request, "param", None) or f"sqlite:///{workdir / 'mlflow.db'}"
+    server = start_server(backend, workdir)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two 2-step quick-start runs (seeds 0 and 1), each evaluated on every slice of ``demo_root``
+    (split ``all``: 16 slices of 8 patients), logged to a SQLite MLflow store."""
+    from medseg.config import load_config
+    from medseg.engine import run_training
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("tiny_runs")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    runs = []
+    for seed in (0, 1):
+        ov = tiny_overrides(demo_root, out, **{"train.seed": seed, "train.evaluate_splits": ["all"],
+                                               "tracking.uri": uri, "tracking.experiment": "tiny",
+                                               "metrics.bootstrap_resamples": 200,
+                                               # bfloat16 autocast makes whole-slice inference ~30× slower here
+                                               "train.amp": "off"})
+        cfg = load_config(root / "pipelines" / "quickstart.yaml", ov)
+        result, _ = run_training(cfg, pipeline_path=root / "pipelines" / "quickstart.yaml")
+        runs.append(result)
+    return {"uri": uri, "out": out, "run_ids": [r.run_id for r in runs], "run_dirs": [r.run_dir for r in runs],
+            "experiment": "tiny"}

@@ -16,12 +16,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medseg"
 
 #: lowest first; a component is a module (``engine``) or a subpackage (``data``: every ``medseg.data.*``)
 TIERS: list[list[str]] = [
-    ["registry", "config", "runtime", "measure"],
+    ["registry", "schema", "runtime", "measure", "stats"],
+    ["config"],
     ["tracking", "metrics", "em_metrics", "losses", "crf", "transforms", "models", "data", "optim", "budget",
      "operating_point"],
-    ["checkpoint"],
-    ["inference"],
-    ["evaluation", "visualize"],
+    ["checkpoint", "lesion_eval", "froc"],
+    ["inference", "eval_suite", "visualize"],
+    ["evaluation", "compare"],
     ["calibration"],
     ["engine"],
     ["cli"],
