@@ -52,6 +52,7 @@ from medseg.data.base import (
     split_cases,
     stack_context,
 )
+from medseg.data.decoders import register_decoders
 from medseg.registry import DATASETS
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from medseg.config import DataConfig
 
 log = logging.getLogger("medseg.data")
+register_decoders()
 
 SEG_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}  # SEG, label map SEG
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -80,8 +82,8 @@ _DEFER_SIZE = "16 KB"
 _COSINE_TOL = 1e-3
 _POSITION_TOL = 1e-3
 PLUGIN_HELP = (
-    "compressed DICOM needs pydicom decoder plugins: install pylibjpeg with pylibjpeg-libjpeg "
-    "(JPEG, JPEG-LS) and pylibjpeg-openjpeg (JPEG 2000), or python-gdcm"
+    "compressed DICOM needs pydicom decoder plugins; medseg depends on python-gdcm, pylibjpeg-openjpeg, "
+    "pylibjpeg-rle, pyjpegls and imagecodecs (reinstall medseg if one is missing)"
 )
 
 
