@@ -194,10 +194,16 @@ class InferenceConfig:
     mode: Literal["whole", "sliding"] = "whole"
     tile_size: list[int] = field(default_factory=lambda: [256, 256])
     overlap: float = 0.25
-    #: "gaussian" blending or "constant"
-    blend: Literal["gaussian", "constant"] = "gaussian"
+    #: "gaussian" blending, "constant", or "overlap_tile" (U-Net paper: keep each tile's valid centre)
+    blend: Literal["gaussian", "constant", "overlap_tile"] = "gaussian"
     batch_size: int = 4
     crf: CRFConfig = field(default_factory=CRFConfig)
+    #: Gaussian blending: sigma = sigma_scale × tile size (MONAI's default)
+    sigma_scale: float = 0.125
+    #: test-time augmentation: average the logits of each tile and its flips
+    tta_flips: bool = False
+    #: test-time augmentation: average over tiles resized by these factors (DeepLab's multi-scale inputs)
+    tta_scales: list[float] = field(default_factory=lambda: [1.0])
 
 
 @dataclass
