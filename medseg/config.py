@@ -234,6 +234,32 @@ class EvaluationConfig:
 
 
 @dataclass
+class PredictConfig:
+    """``medseg predict``: which series of an input folder to process and what to write for each."""
+
+    #: DICOM Modality values to process (empty = any)
+    modalities: list[str] = field(default_factory=lambda: ["CT", "MR"])
+    #: skip stacks with fewer slices
+    min_slices: int = 1
+    #: stack orientations to process: axial, coronal, sagittal, oblique
+    orientations: list[str] = field(default_factory=lambda: ["axial", "coronal", "sagittal", "oblique"])
+    #: BodyPartExamined values to process (case-insensitive; empty = any)
+    body_parts: list[str] = field(default_factory=list)
+    #: a series whose slices have several orientations: "split" into one stack each, or "skip" it
+    mixed_orientation: Literal["split", "skip"] = "split"
+    #: slices per forward pass
+    batch_size: int = 4
+    #: series read and pre-processed ahead of the one being predicted (a background thread)
+    prefetch: int = 2
+    #: write the DICOM SEG (``seg.dcm``) for DICOM input
+    write_seg: bool = True
+    #: write overlay PNGs of the slices that hold lesions
+    overlays: bool = True
+    #: lesions: 3-D connectivity of voxels (1 = faces, 2 = + edges, 3 = + corners)
+    connectivity: int = 3
+
+
+@dataclass
 class TrackingConfig:
     """MLflow tracking. ``uri`` None = a local store at ``<output_dir>/mlruns``."""
 
@@ -256,6 +282,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     output_dir: str = "outputs"
     #: the pipeline's name (defaults to the YAML file's stem)
     name: str = "medseg"
