@@ -41,13 +41,12 @@ def manifest_name(num_parts: int = 1, part_id: int = 0) -> str:
 
 
 class Manifest:
-    """The SQLite manifest (one connection, autocommit after every update, WAL journal)."""
+    """The SQLite manifest (one connection, each update committed at once)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)
 
     def close(self) -> None:

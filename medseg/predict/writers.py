@@ -172,6 +172,9 @@ def _fixed_dates(seg: Any, src: Any) -> None:
                     ("InstanceCreationDate", date), ("InstanceCreationTime", tm)):
         if kw in seg:
             setattr(seg, kw, val)
+    for item in seg.get("ContributingEquipmentSequence") or []:
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = date + tm.split(".")[0]
 
 
 def write_seg(path: Path, labels: np.ndarray, geom: Any, num_classes: int, fingerprint: str, model_name: str
