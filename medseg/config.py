@@ -249,7 +249,7 @@ class PredictConfig:
     mixed_orientation: Literal["split", "skip"] = "split"
     #: slices per forward pass
     batch_size: int = 4
-    #: series read and pre-processed ahead of the one being predicted (a background thread)
+    #: cases read and pre-processed ahead of the one being predicted (a background thread; 0 = no overlap)
     prefetch: int = 2
     #: write the DICOM SEG (``seg.dcm``) for DICOM input
     write_seg: bool = True

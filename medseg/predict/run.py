@@ -286,11 +286,21 @@ def run_predict(model: str | Path, input_path: str | Path, output_dir: str | Pat
                 q.put((c, None, e))
         q.put(None)
 
-    thread = threading.Thread(target=reader, name="medseg-predict-reader", daemon=True)
-    thread.start()
+    def inline() -> Any:  # predict.prefetch = 0: read each case when it is its turn (no overlap)
+        for c in todo:
+            try:
+                yield c, load_case(c, cfg), None
+            except Exception as e:  # noqa: BLE001
+                yield c, None, e
+
+    if int(cfg.predict.prefetch) > 0:
+        threading.Thread(target=reader, name="medseg-predict-reader", daemon=True).start()
+        items: Any = iter(q.get, None)
+    else:
+        items = inline()
     bar = tqdm(total=len(todo), unit="series", desc="predict", disable=not progress)
     try:
-        while (item := q.get()) is not None:
+        for item in items:
             case, loaded, err = item
             t0 = time.perf_counter()
             try:

@@ -31,8 +31,10 @@ from medseg.predict.lesions import COLUMNS
 
 __all__ = ["nifti_affine", "write_csv", "write_json", "write_nifti", "write_overlays", "write_png_mask", "write_seg"]
 
-#: display window of the overlays (HU) when the model's own window is not HU-like
 _OVERLAY_COLOUR = (0, 0, 255)
+#: patient / study attributes (type 2) a SEG copies from its source
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName")
 
 
 def nifti_affine(positions: np.ndarray, direction: np.ndarray, spacing: tuple[float, float, float],
@@ -161,6 +163,10 @@ def _source_datasets(geom: Any) -> tuple[list[Any], list[int | None]]:
 
     files = list(dict.fromkeys(geom.files))
     dss = [pydicom.dcmread(p, stop_before_pixels=True, force=True) for p in files]
+    for ds in dss:  # type-2 attributes a SEG copies from its source: empty where a source lacks them
+        for kw in _TYPE2:
+            if kw not in ds:
+                setattr(ds, kw, "")
     return dss, list(geom.frames or [None] * len(geom.files))
 
 
