@@ -250,7 +250,8 @@ def main() -> None:
         print(json.dumps(row))
         return
     sizes = {int(s) for s in args.sizes.split(",")}
-    cases = [(512, 0.25)] if args.quick else [c for c in CASES if c[0] in sizes]
+    cases = [(512, 0.25)] if args.quick else [c for c in CASES if c[0] in sizes] + [
+        (s, 0.25) for s in sorted(sizes) if s not in {c[0] for c in CASES}]
     results: dict[str, Any] = {"device": args.device, "threads": args.threads, "tile_batch": args.tile_batch}
     if not args.skip_sliding:
         results["sliding"] = sliding_benchmark(cases, args.device, args.tile_batch)

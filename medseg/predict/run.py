@@ -116,10 +116,14 @@ def _predict(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple[np.
 
 
 def _display(loaded: Loaded, cfg: Any) -> np.ndarray:
-    """``(Z, H, W)`` intensities in [0, 1] for the overlays, windowed as the model saw them."""
+    """``(Z, H, W)`` intensities in [0, 1] for the overlays: the series' own display window (its first
+    WindowCenter / WindowWidth pair) where it has one, else as the model saw them."""
     if loaded.case.kind == "image":
         return normalise_2d(loaded.values[0], cfg.data.window, cfg.data.window_range)[None]
     low, high = loaded.info["window"]
+    pair = next((w for w in loaded.geom.windows if w is not None), None) if loaded.geom is not None else None
+    if pair is not None:
+        low, high = pair[0] - pair[1] / 2, pair[0] + pair[1] / 2
     return apply_window(loaded.values, low, high)
 
 
