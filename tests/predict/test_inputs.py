@@ -159,3 +159,39 @@ def test_parts_split_the_cases_deterministically_and_merge(small: dict, oracle: 
 def test_predictor_applies_overrides_on_the_model_config(oracle: None, tmp_path: Path) -> None:
     p = Predictor.from_ref(_ckpt(tmp_path, "m"), overrides=["predict.batch_size=2"], device="cpu")
     assert p.cfg.predict.batch_size == 2 and p.cfg.model.name == "test_oracle"
+
+
+def test_mixed_orientation_rule() -> None:
+    from medseg.data.dicom import SeriesInfo
+    from medseg.predict.readers import select_reason
+
+    info = SeriesInfo("1.2.3", "CT", "1.2", None, "", Path("."), [], orientation="coronal", part="o2")
+    cfg = Config()
+    cfg.predict.min_slices = 0
+    assert select_reason(info, cfg) is None  # split (default): each stack is a case
+    cfg.predict.mixed_orientation = "skip"
+    assert "mixed orientations" in select_reason(info, cfg)
+
+
+def test_a_real_unet_checkpoint_predicts_with_the_sliding_window(small: dict, tmp_path: Path) -> None:
+    import torch
+
+    from medseg.config import to_dict
+    from medseg.models import build_model
+
+    cfg = Config()
+    cfg.model.params = {"base_channels": 4, "depth": 2}
+    cfg.train.threads, cfg.train.device = 1, "cpu"
+    torch.manual_seed(0)
+    net = build_model("unet", 3, 2, cfg.model.params)
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"version": 1, "model": net.state_dict(), "config": to_dict(cfg), "in_channels": 3, "num_classes": 2},
+               ckpt)
+    root = tmp_path / "in"
+    shutil.copytree(small["root"] / "b", root / "b")
+    res = run_predict(tmp_path / "run", root, tmp_path / "out", ["inference.mode=sliding", "inference.tile_size=[64,64]",
+                                                                 "inference.tta_flips=true"], progress=False)
+    assert res.failed == {} and len(res.processed) == 1
+    (mask,) = list((tmp_path / "out").glob("study-*/series-*/mask.nii.gz"))
+    assert nib.load(str(mask)).shape == tuple(reversed(small["series"]["b"]["truth"].shape))
