@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="where masks, SEGs, lesion tables, overlays and the manifest go")
     p.add_argument("--num-parts", type=int, default=1, help="split the cases into N parts (deterministic)")
     p.add_argument("--part-id", type=int, default=0, help="the part this process predicts (0..N-1)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the model config's train.device)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present, else the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_set(p)
 

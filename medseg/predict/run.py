@@ -236,7 +236,7 @@ def run_predict(model: str | Path, input_path: str | Path, output_dir: str | Pat
         overrides: ``key=value`` on top of the model's own config (``predict.*``, ``inference.*``).
         num_parts, part_id: process only the cases of part ``part_id`` of ``num_parts`` (by key hash);
             under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks split the cases the same way.
-        device: ``cpu``, ``cuda``... (default: the model config's ``train.device``, ``auto``).
+        device: ``cpu``, ``cuda``... (default: CUDA when present, else the CPU).
         progress: show a tqdm progress bar.
     """
     from tqdm.auto import tqdm
@@ -367,8 +367,13 @@ def summary_table(manifest: Manifest, result: PredictResult) -> str:
     lines = ["", "status      cases   files"]
     for st in ("done", "skipped", "failed", "pending"):
         lines.append(f"{st:<10}{counts['series'].get(st, 0):>6}{counts['files'].get(st, 0):>8}")
-    reasons = Counter(r["reason"].split(":")[0].split("(")[0].strip()[:70]
-                      for r in manifest.rows("files") if r["status"] == "skipped" and r["reason"])
+    def kind(reason: str) -> str:
+        head, _, rest = reason.partition(": ")
+        if head == "series skipped":  # keep the rule that skipped it
+            head = f"{head}: {rest.split(' [')[0]}"
+        return head.split(" (")[0].strip()[:80]
+
+    reasons = Counter(kind(r["reason"]) for r in manifest.rows("files") if r["status"] == "skipped" and r["reason"])
     if reasons:
         lines.append("")
         lines.append("files not used (most common reasons):")
