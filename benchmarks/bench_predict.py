@@ -4,12 +4,12 @@
    random weights from a fixed seed) over a ``size²`` three-channel image, 256² tiles, Gaussian
    blending, ``--tile-batch`` tiles per forward pass, float32:
 
-   * ``medseg``: :func:`medseg.inference.sliding_window` with ``output="labels"`` (class map and its
-     probability, accumulated one band of tile rows at a time);
+   * ``medseg``: :func:`medseg.inference.sliding_window` with ``output="labels"`` (the class map,
+     accumulated one band of tile rows at a time; probabilities off, as MONAI's argmax gives none);
    * ``monai``: MONAI's ``sliding_window_inference`` (whole-image output and count maps), then argmax;
    * ``floor``: the same tiles through the model with no stitching at all (the compute floor).
 
-   Reported: time, peak memory (CPU: the child process' peak resident set above its state before
+   Reported: time (the fastest of interleaved repeats in one process), peak memory (CPU: the child process' peak resident set above its state before
    the call, ``VmHWM``; CUDA: ``torch.cuda.max_memory_allocated`` above the input), and time / floor.
    The class maps of medseg and MONAI are compared pixel for pixel.
 
@@ -49,8 +49,14 @@ TILE = 256
 CASES = [(1024, 0.25), (1024, 0.5), (4096, 0.25), (4096, 0.5), (8192, 0.25)]
 
 
+#: "unet" = the quick-start U-Net; "pointwise" = a 1×1 convolution (stitching cost and memory alone)
+MODEL_KIND = {"kind": "unet"}
+
+
 def make_model(device: str) -> torch.nn.Module:
     torch.manual_seed(0)
+    if MODEL_KIND["kind"] == "pointwise":
+        return torch.nn.Conv2d(3, 2, 1).eval().to(device)
     return build_model(*MODEL).eval().to(device)
 
 
@@ -72,21 +78,12 @@ def _sync(device: str) -> None:
 
 
 @torch.no_grad()
-def run_variant(variant: str, size: int, overlap: float, device: str, tile_batch: int) -> tuple[dict[str, Any], np.ndarray | None]:
-    """One variant, measured in this process: seconds, peak MiB above the state before it, the labels."""
+def call_variant(variant: str, model: torch.nn.Module, image: torch.Tensor, overlap: float, tile_batch: int
+                 ) -> np.ndarray | None:
+    """Run one variant once; the class map (None for the floor)."""
     from monai.inferers import sliding_window_inference
 
-    model = make_model(device)
-    sliding_window(make_image(256, device), model, (TILE, TILE), overlap, batch_size=tile_batch)  # warm-up
-    image = make_image(size, device)
-    _sync(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _kib("VmRSS") * 1024
-    t0 = time.perf_counter()
+    size = image.shape[-1]
     labels = None
     if variant == "medseg":
         lab, _prob = sliding_window(image, model, (TILE, TILE), overlap, "gaussian", tile_batch, output="labels")
@@ -102,6 +99,24 @@ def run_variant(variant: str, size: int, overlap: float, device: str, tile_batch
         for i in range(0, len(tiles), tile_batch):
             batch = torch.stack([image[0, :, y: y + TILE, x: x + TILE] for y, x in tiles[i: i + tile_batch]])
             model(batch)
+    return labels
+
+
+@torch.no_grad()
+def run_variant(variant: str, size: int, overlap: float, device: str, tile_batch: int) -> tuple[dict[str, Any], np.ndarray | None]:
+    """One variant in a fresh process: seconds and peak MiB above the state before the call, the labels."""
+    model = make_model(device)
+    sliding_window(make_image(256, device), model, (TILE, TILE), overlap, batch_size=tile_batch)  # warm-up
+    image = make_image(size, device)
+    _sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _kib("VmRSS") * 1024
+    t0 = time.perf_counter()
+    labels = call_variant(variant, model, image, overlap, tile_batch)
     _sync(device)
     seconds = time.perf_counter() - t0
     if device.startswith("cuda"):
@@ -111,8 +126,10 @@ def run_variant(variant: str, size: int, overlap: float, device: str, tile_batch
     return {"variant": variant, "size": size, "overlap": overlap, "seconds": seconds, "peak_mib": peak / 2**20}, labels
 
 
-def sliding_benchmark(cases: list[tuple[int, float]], device: str, tile_batch: int) -> list[dict[str, Any]]:
-    """Each variant in a fresh child process (CPU: clean resident-set peaks) or in turn on the GPU."""
+def sliding_benchmark(cases: list[tuple[int, float]], device: str, tile_batch: int, repeats: int = 3
+                      ) -> list[dict[str, Any]]:
+    """Peak memory: each variant once in a fresh child process. Time: the fastest of the child's run and
+    ``repeats`` interleaved runs in this process (one at sizes above 2048)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size, overlap in cases:
@@ -121,12 +138,27 @@ def sliding_benchmark(cases: list[tuple[int, float]], device: str, tile_batch: i
             for variant in ("floor", "medseg", "monai"):
                 out = Path(tmp) / f"{variant}.npy"
                 cmd = [sys.executable, __file__, "--child", variant, "--size", str(size), "--overlap", str(overlap),
-                       "--device", device, "--tile-batch", str(tile_batch), "--out", str(out)]
+                       "--device", device, "--tile-batch", str(tile_batch), "--out", str(out),
+                       "--model", MODEL_KIND["kind"]]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
                 if out.is_file():
                     labels[variant] = np.load(out)
             same = float((labels["medseg"] == labels["monai"]).mean())
+            # time: interleaved repeats in this process, the fastest of each (robust to other load)
+            model, image = make_model(device), make_image(size, device)
+            call_variant("floor", model, image[..., :512, :512], overlap, tile_batch)  # warm-up
+            times: dict[str, list[float]] = {v: [] for v in res}
+            for _ in range(repeats if size <= 2048 else 1):
+                for variant in ("floor", "medseg", "monai"):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    call_variant(variant, model, image, overlap, tile_batch)
+                    _sync(device)
+                    times[variant].append(time.perf_counter() - t0)
+            for v in res:
+                res[v]["seconds"] = min(times[v] + [res[v]["seconds"]])
+            del model, image
             m, r, f = res["medseg"], res["monai"], res["floor"]
             rows.append({"size": size, "overlap": overlap, "medseg_s": m["seconds"], "monai_s": r["seconds"],
                          "floor_s": f["seconds"], "medseg_mib": m["peak_mib"], "monai_mib": r["peak_mib"],
@@ -177,7 +209,7 @@ def write_series(root: Path, n_series: int, n_slices: int, size: int = 512) -> N
             ds.save_as(folder / f"{k:04d}.dcm", enforce_file_format=True)
 
 
-def dicom_benchmark(device: str, n_series: int, n_slices: int) -> dict[str, Any]:
+def dicom_benchmark(device: str, n_series: int, n_slices: int, repeats: int = 2) -> dict[str, Any]:
     """Slices/s end to end (with and without overlapped reading) vs the model forward pass alone."""
     from medseg.config import load_config, to_dict
     from medseg.inference import Predictor
@@ -195,26 +227,28 @@ def dicom_benchmark(device: str, n_series: int, n_slices: int) -> dict[str, Any]
                     "num_classes": 2}, ckpt)
         out: dict[str, Any] = {"series": n_series, "slices": n_series * n_slices, "device": device}
         run_predict(ckpt, tmp_p / "in", tmp_p / "warm-up", device=device, progress=False)  # caches, kernels
-        for prefetch in (0, 2):
-            t0 = time.perf_counter()
-            res = run_predict(ckpt, tmp_p / "in", tmp_p / f"out{prefetch}", [f"predict.prefetch={prefetch}"],
-                              device=device, progress=False)
-            out[f"end_to_end_s_prefetch{prefetch}"] = time.perf_counter() - t0
-            assert not res.failed, res.failed
         predictor = Predictor.from_ref(ckpt, device=device)
         cases, _ = discover(tmp_p / "in", predictor.cfg)
         t_read = time.perf_counter()
         images = [torch.from_numpy(load_case(c, predictor.cfg).images) for c in cases]
         out["read_preprocess_s"] = time.perf_counter() - t_read
         bs = predictor.cfg.predict.batch_size
-        predictor.logits(images[0][:bs])  # warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        for im in images:
-            for i in range(0, len(im), bs):
-                predictor.logits(im[i: i + bs])
-        _sync(device)
-        out["forward_s"] = time.perf_counter() - t0
+        times: dict[str, list[float]] = {"forward_s": [], "end_to_end_s_prefetch0": [], "end_to_end_s_prefetch2": []}
+        for rep in range(repeats):  # interleaved; the fastest of each (robust to other load on the machine)
+            _sync(device)
+            t0 = time.perf_counter()
+            for im in images:
+                for i in range(0, len(im), bs):
+                    predictor.logits(im[i: i + bs])
+            _sync(device)
+            times["forward_s"].append(time.perf_counter() - t0)
+            for prefetch in (0, 2):
+                t0 = time.perf_counter()
+                res = run_predict(ckpt, tmp_p / "in", tmp_p / f"out{prefetch}-{rep}", [f"predict.prefetch={prefetch}"],
+                                  device=device, progress=False)
+                times[f"end_to_end_s_prefetch{prefetch}"].append(time.perf_counter() - t0)
+                assert not res.failed, res.failed
+        out.update({k: min(v) for k, v in times.items()})
     n = out["slices"]
     for key in ("end_to_end_s_prefetch2", "end_to_end_s_prefetch0", "forward_s"):
         out[key.replace("_s", "_slices_per_s", 1)] = n / out[key]
@@ -236,12 +270,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one 512² case and one small series")
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", choices=["unet", "pointwise"], default="unet",
+                    help="sliding window: the quick-start U-Net, or a 1×1 convolution to see stitching alone")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (sizes up to 2048)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--overlap", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    MODEL_KIND["kind"] = args.model
     if args.child:
         row, labels = run_variant(args.child, args.size, args.overlap, args.device, args.tile_batch)
         if labels is not None:
@@ -252,9 +290,10 @@ def main() -> None:
     sizes = {int(s) for s in args.sizes.split(",")}
     cases = [(512, 0.25)] if args.quick else [c for c in CASES if c[0] in sizes] + [
         (s, 0.25) for s in sorted(sizes) if s not in {c[0] for c in CASES}]
-    results: dict[str, Any] = {"device": args.device, "threads": args.threads, "tile_batch": args.tile_batch}
+    results: dict[str, Any] = {"device": args.device, "threads": args.threads, "tile_batch": args.tile_batch,
+                               "model": args.model}
     if not args.skip_sliding:
-        results["sliding"] = sliding_benchmark(cases, args.device, args.tile_batch)
+        results["sliding"] = sliding_benchmark(cases, args.device, args.tile_batch, args.repeats)
     if not args.skip_dicom:
         results["dicom"] = dicom_benchmark(args.device, 1 if args.quick else args.series, 4 if args.quick else args.slices)
     if args.json:

@@ -1,7 +1,9 @@
 """Inference: logits for a batch (whole image or sliding window) and post-processing (incl. the dense CRF).
 
-Plain functions — :func:`predict_logits`, :func:`postprocess` — and a thin :class:`Predictor` that
-holds a loaded model and its config. Evaluation (:mod:`medseg.evaluation`) and validation call the
+Plain functions — :func:`predict_logits`, :func:`postprocess`, the memory-bounded
+:func:`sliding_window` (bands of finished rows from :func:`iter_sliding_window`; same tiles and
+Gaussian weights as MONAI's ``sliding_window_inference``) — and thin classes around them:
+:class:`SlidingWindow` (settings from ``cfg.inference``) and :class:`Predictor` (a loaded model and its config). Evaluation (:mod:`medseg.evaluation`) and validation call the
 same functions, so a metric and a saved prediction always come from the same computation.
 
 Example:
@@ -201,17 +203,18 @@ def sliding_window(
     scales: Sequence[float] = (1.0,),
     device: torch.device | str | None = None,
     output: str = "logits",
+    probabilities: bool = False,
 ) -> Any:
     """Sliding-window inference over ``(B, C, H, W)`` images (see :func:`iter_sliding_window`).
 
     Args:
         output: ``"logits"`` → float32 ``(B, K, H, W)`` on ``device`` (the whole map: for slices);
-            ``"labels"`` → ``(labels uint8/int64 (B, H, W), probability float32 (B, H, W))`` on the
-            CPU, built band by band — the winning class and its softmax probability, never the
-            per-class maps of the whole image.
+            ``"labels"`` → ``(labels uint8/int64 (B, H, W), probability float32 (B, H, W) or None)``
+            on the CPU, built band by band — the winning class and, with ``probabilities``, its
+            softmax probability; never the per-class maps of the whole image.
 
     Example:
-        >>> labels, prob = sliding_window(img, model, (256, 256), 0.25, output="labels")
+        >>> labels, prob = sliding_window(img, model, (256, 256), 0.25, output="labels", probabilities=True)
     """
     bands = iter_sliding_window(image, predictor, tile_size, overlap, blend, batch_size, sigma_scale,
                                 flips, scales, device)
@@ -221,13 +224,16 @@ def sliding_window(
         raise ValueError(f"output must be logits or labels, got {output!r}")
     b, _, h, w = image.shape
     labels: torch.Tensor | None = None
-    prob = torch.empty(b, h, w, dtype=torch.float32)
+    prob = torch.empty(b, h, w, dtype=torch.float32) if probabilities else None
     for y0, y1, band in bands:
-        p, lab = torch.softmax(band, 1).max(1)
         if labels is None:
             labels = torch.empty(b, h, w, dtype=torch.uint8 if band.shape[1] <= 256 else torch.int64)
+        if prob is not None:
+            p, lab = torch.softmax(band, 1).max(1)
+            prob[:, y0:y1] = p.cpu()
+        else:
+            lab = band.argmax(1)
         labels[:, y0:y1] = lab.to("cpu", labels.dtype)
-        prob[:, y0:y1] = p.cpu()
     return labels, prob
 
 
@@ -251,8 +257,9 @@ class SlidingWindow:
         return cls(inf.tile_size, inf.overlap, inf.blend, inf.batch_size, inf.sigma_scale, inf.tta_flips,
                    inf.tta_scales, device)
 
-    def __call__(self, image: torch.Tensor, predictor: TilePredictor, output: str = "logits") -> Any:
-        return sliding_window(image, predictor, output=output, **self.kwargs)
+    def __call__(self, image: torch.Tensor, predictor: TilePredictor, output: str = "logits",
+                 probabilities: bool = False) -> Any:
+        return sliding_window(image, predictor, output=output, probabilities=probabilities, **self.kwargs)
 
 
 

@@ -98,8 +98,10 @@ def test_labels_output_matches_argmax_and_softmax() -> None:
     net = _net(k=3)
     x = torch.rand(2, 3, 64, 80)
     logits = sliding_window(x, net, (32, 32), 0.25)
-    labels, prob = sliding_window(x, net, (32, 32), 0.25, output="labels")
+    labels, prob = sliding_window(x, net, (32, 32), 0.25, output="labels", probabilities=True)
     assert labels.dtype == torch.uint8 and prob.dtype == torch.float32
+    only, none = sliding_window(x, net, (32, 32), 0.25, output="labels")
+    assert none is None and torch.equal(only, labels)
     assert torch.equal(labels.long(), logits.argmax(1))
     torch.testing.assert_close(prob, torch.softmax(logits, 1).max(1).values, rtol=1e-5, atol=1e-6)
 

@@ -103,7 +103,8 @@ def _predict(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple[np.
         if cfg.inference.mode == "sliding" and not cfg.inference.crf.enabled:
             # memory-bounded: rows are reduced to labels and probabilities as they are finished
             with torch.autocast(dev.type, dtype=amp_dtype(dev), enabled=amp):
-                lab, prob = SlidingWindow.from_config(cfg.inference, dev)(x, predictor.model, output="labels")
+                lab, prob = SlidingWindow.from_config(cfg.inference, dev)(x, predictor.model, output="labels",
+                                                                          probabilities=True)
         else:
             logits = predictor.logits(x)
             lab = postprocess(logits, x, cfg, [loaded.meta["spacing"]] * len(x))
