@@ -90,7 +90,7 @@ def call_variant(variant: str, model: torch.nn.Module, image: torch.Tensor, over
         labels = lab[0].numpy()
     elif variant == "monai":
         out = sliding_window_inference(image, (TILE, TILE), tile_batch, model, overlap=overlap, mode="gaussian")
-        labels = out.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        labels = out.max(1).indices[0].to(torch.uint8).cpu().numpy()  # (argmax over dim 1 is slow on the CPU)
         del out
     else:  # floor: the same tiles, batched the same way, no stitching
         step = int(TILE * (1 - overlap))
