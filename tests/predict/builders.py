@@ -246,8 +246,9 @@ def build_hospital(demo_root: Path, root: Path) -> dict[str, Any]:
     add("missing_slice", d2, r2, drop=3)
     add("tilted", d3, r3, tilt_deg=12.0)
     hostile = "../../../escaped\x00\r\n,\"=cmd|' /C calc'!A0" + "A" * 10000
-    add("hostile", d0, r0, extra={"SeriesDescription": hostile[:64], "PatientName": "../../" + PATIENT_NAME,
-                                  "BodyPartExamined": "../..", "StudyID": hostile[:16]},
+    add("hostile", d0, r0, extra={"SeriesDescription": hostile, "ImageComments": hostile,
+                                  "PatientName": "../../" + PATIENT_NAME, "BodyPartExamined": "../..\r\n",
+                                  "StudyID": hostile[:16], "Modality": "CT"},
         study_uid="../../" + "9" * 90)
     # enhanced multi-frame: highdicom's legacy converter of a single-frame series
     import highdicom as hd
