@@ -1,6 +1,7 @@
 """The ``medseg`` command: a thin argparse layer over library functions.
 
-Commands: ``train``, ``evaluate``, ``calibrate``, ``compare``, ``demo-data``. Each ends by printing where its results are.
+Commands: ``train``, ``evaluate``, ``predict``, ``calibrate``, ``compare``, ``demo-data``. Each ends by printing
+where its results are.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file, medseg train output folder or MLflow model URI (runs:/ID/model)")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--save-predictions", metavar="DIR", help="write predicted masks as DIR/<series>/<slice>.png, on each source slice's pixel grid")
+    _add_set(p)
+
+    p = sub.add_parser("predict", help="batch inference over DICOM series, NIfTI volumes or PNG/TIFF images")
+    p.add_argument("--model", required=True,
+                   help="checkpoint file, medseg train output folder or MLflow model URI (runs:/ID/model)")
+    p.add_argument("input", help="DICOM folder (any nesting), NIfTI file or folder, or PNG/TIFF folder")
+    p.add_argument("output_dir", help="where masks, SEGs, lesion tables, overlays and the manifest go")
+    p.add_argument("--num-parts", type=int, default=1, help="split the cases into N parts (deterministic)")
+    p.add_argument("--part-id", type=int, default=0, help="the part this process predicts (0..N-1)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present, else the CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_set(p)
 
     p = sub.add_parser("calibrate", help="choose the operating point (thresholds, min object size) on the val split")
@@ -144,6 +156,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``medseg predict``."""
+    from medseg.predict import run_predict
+
+    result = run_predict(args.model, args.input, args.output_dir, args.overrides, args.num_parts, args.part_id,
+                         args.device, progress=not args.no_progress)
+    print(result.summary)
+    print(f"outputs:  {result.output_dir}")
+    print(f"manifest: {result.manifest}")
+    return 1 if result.failed else 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``medseg calibrate``."""
     from medseg.calibration import calibrate
@@ -217,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.registry import RegistryError
     from medseg.runtime import TrainingError
 
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "compare": cmd_compare,
-                "demo-data": cmd_demo_data}
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "calibrate": cmd_calibrate,
+                "compare": cmd_compare, "demo-data": cmd_demo_data}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, TrainingError, RegistryError) as e:

@@ -39,6 +39,7 @@ from medseg.schema import (  # noqa: E402
     LossConfig,
     MetricsConfig,
     ModelConfig,
+    PredictConfig,
     TrackingConfig,
     TrainConfig,
     TransformsConfig,
@@ -46,7 +47,7 @@ from medseg.schema import (  # noqa: E402
 )
 
 __all__ = ["ConfigError", "apply_override", "deep_merge", "flatten", "from_dict", "load_config", "read_yaml",
-           "save_config", "to_dict", "CRFConfig", "CalibrationConfig", "Config", "DataConfig", "ElasticConfig", "EvaluationConfig", "InferenceConfig", "LossConfig", "MetricsConfig", "ModelConfig", "TrackingConfig", "TrainConfig", "TransformsConfig", "WeightMapConfig"]
+           "save_config", "to_dict", "CRFConfig", "CalibrationConfig", "Config", "DataConfig", "ElasticConfig", "EvaluationConfig", "InferenceConfig", "LossConfig", "MetricsConfig", "ModelConfig", "PredictConfig", "TrackingConfig", "TrainConfig", "TransformsConfig", "WeightMapConfig"]
 
 # ----------------------------------------------------------------------------- conversion
 

@@ -1,7 +1,9 @@
 """Inference: logits for a batch (whole image or sliding window) and post-processing (incl. the dense CRF).
 
-Plain functions — :func:`predict_logits`, :func:`postprocess` — and a thin :class:`Predictor` that
-holds a loaded model and its config. Evaluation (:mod:`medseg.evaluation`) and validation call the
+Plain functions — :func:`predict_logits`, :func:`postprocess`, the memory-bounded
+:func:`sliding_window` (bands of finished rows from :func:`iter_sliding_window`; same tiles and
+Gaussian weights as MONAI's ``sliding_window_inference``) — and thin classes around them:
+:class:`SlidingWindow` (settings from ``cfg.inference``) and :class:`Predictor` (a loaded model and its config). Evaluation (:mod:`medseg.evaluation`) and validation call the
 same functions, so a metric and a saved prediction always come from the same computation.
 
 Example:
@@ -11,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +25,251 @@ from medseg.checkpoint import load_model
 from medseg.config import Config, from_dict
 from medseg.runtime import TrainingError, amp_dtype, resolve_device, use_amp
 
-__all__ = ["Predictor", "foreground_probability", "postprocess", "predict_logits"]
+__all__ = ["Predictor", "SlidingWindow", "foreground_probability", "iter_sliding_window", "postprocess", "predict_logits", "sliding_window",
+           "tile_starts"]
+
+#: a model (or any callable) mapping tiles ``(N, C, th, tw)`` to logits ``(N, K, th, tw)``
+TilePredictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- sliding window
+
+
+def tile_starts(size: int, tile: int, interval: int) -> list[int]:
+    """Start offsets of tiles of length ``tile`` every ``interval`` px covering ``size`` (last one clamped).
+
+    The same positions as MONAI's ``dense_patch_slices``: ``i·interval`` until a tile reaches the end,
+    the last one moved back to end exactly at ``size``.
+    """
+    if size <= tile:
+        return [0]
+    interval = max(int(interval), 1)
+    starts = []
+    i = 0
+    while True:
+        s = i * interval
+        if s + tile >= size:
+            starts.append(size - tile)
+            break
+        starts.append(s)
+        i += 1
+    return starts
+
+
+def _tile_weight(tile: tuple[int, int], blend: str, sigma_scale: float, margin: tuple[int, int],
+                 device: torch.device) -> torch.Tensor:
+    """``(th, tw)`` float32 blending weights: MONAI's Gaussian importance map, ones, or the valid centre."""
+    if blend == "overlap_tile":
+        w = torch.zeros(tile, device=device)
+        my, mx = margin
+        w[my: tile[0] - my, mx: tile[1] - mx] = 1.0
+        return w
+    if blend not in ("gaussian", "constant"):
+        raise TrainingError(f"inference.blend must be gaussian, constant or overlap_tile, got {blend!r}")
+    from monai.data.utils import compute_importance_map
+
+    return compute_importance_map(tile, mode=blend, sigma_scale=sigma_scale, device=device,
+                                  dtype=torch.float32).float()
+
+
+def _predict_tiles(predictor: TilePredictor, tiles: torch.Tensor, flips: bool, scales: Sequence[float]
+                   ) -> torch.Tensor:
+    """Logits of a tile batch, averaged over flips (none, H, W, HW) and scales when asked."""
+    import torch.nn.functional as F
+
+    outs = []
+    for s in scales:
+        x = tiles if s == 1.0 else F.interpolate(tiles, scale_factor=s, mode="bilinear", align_corners=False)
+        for dims in ([], [-1], [-2], [-2, -1]) if flips else ([],):
+            y = predictor(x.flip(dims) if dims else x)
+            y = y.flip(dims) if dims else y
+            if s != 1.0:
+                y = F.interpolate(y, size=tiles.shape[-2:], mode="bilinear", align_corners=False)
+            outs.append(y.float())
+    return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+
+
+@torch.no_grad()
+def iter_sliding_window(
+    image: torch.Tensor,
+    predictor: TilePredictor,
+    tile_size: Sequence[int],
+    overlap: float = 0.25,
+    blend: str = "gaussian",
+    batch_size: int = 4,
+    sigma_scale: float = 0.125,
+    flips: bool = False,
+    scales: Sequence[float] = (1.0,),
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Sliding-window logits, streamed as bands of finished rows: ``(y0, y1, logits (B, K, y1 − y0, W))``.
+
+    Memory is bounded by one tile batch and one band of tile rows: logits are accumulated only for
+    the rows the current tile row covers, and rows no later tile touches are emitted (blended) and
+    dropped. An 8192² image never holds per-class float maps of the whole image.
+
+    * ``blend="gaussian"`` / ``"constant"``: tiles every ``int(tile·(1 − overlap))`` px, weighted by
+      MONAI's importance map (``sigma_scale``) — the same tiles and weights as MONAI's
+      ``sliding_window_inference``. An image smaller than a tile is mirror-padded to one tile.
+    * ``blend="overlap_tile"`` (U-Net paper): the image is mirror-padded by a margin of
+      ``overlap·tile/2`` px and each tile keeps only its valid centre (tile − 2·margin).
+    * ``flips`` averages the logits of the tile and its H, W and HW flips; ``scales`` averages over
+      tiles resized by each factor (DeepLab's multi-scale inputs), logits resized back.
+
+    Args:
+        image: ``(B, C, H, W)`` on any device (tiles are moved to ``device`` batch by batch).
+        predictor: tiles ``(N, C, th, tw)`` → logits ``(N, K, th, tw)``.
+        tile_size: ``(th, tw)``.
+        overlap: fraction of a tile shared with its neighbour, in [0, 1).
+        batch_size: tiles per forward pass.
+        device: where tiles are predicted and accumulated (default: the image's device).
+
+    Yields:
+        ``(y0, y1, logits)`` for consecutive row ranges covering ``[0, H)``; float32 on ``device``.
+    """
+    from medseg.models.blocks import mirror_pad
+
+    if not 0.0 <= overlap < 1.0:
+        raise TrainingError(f"inference.overlap must be in [0, 1), got {overlap}")
+    dev = torch.device(device) if device is not None else image.device
+    b, _, h, w = image.shape
+    th, tw = (int(t) for t in tile_size)
+    if blend == "overlap_tile":
+        my, mx = int(round(th * overlap / 2)), int(round(tw * overlap / 2))
+        iy, ix = th - 2 * my, tw - 2 * mx
+        pads = [my, my + max(th - (h + 2 * my), 0), mx, mx + max(tw - (w + 2 * mx), 0)]
+    else:
+        my = mx = 0
+        iy = th if th == h else int(th * (1 - overlap))
+        ix = tw if tw == w else int(tw * (1 - overlap))
+        dh, dw = max(th - h, 0), max(tw - w, 0)
+        pads = [dh // 2, dh - dh // 2, dw // 2, dw - dw // 2]
+    src = mirror_pad(image, *pads) if any(pads) else image
+    hp, wp = src.shape[-2:]
+    ys, xs = tile_starts(hp, th, iy), tile_starts(wp, tw, ix)
+    weight = _tile_weight((th, tw), blend, sigma_scale, (my, mx), dev)
+    top, left = pads[0], pads[2]
+
+    acc: torch.Tensor | None = None  # (B, K, th, wp): rows [origin, origin + th) of the padded image
+    wsum = torch.zeros(th, wp, device=dev)
+    origin = ys[0]
+    emitted = 0  # image rows emitted so far
+
+    def emit(n_rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        nonlocal emitted
+        # padded rows [origin, origin + n_rows) are final; keep those inside the image
+        lo, hi = max(origin, top + emitted), min(origin + n_rows, top + h)
+        if hi > lo and acc is not None:
+            band = acc[:, :, lo - origin: hi - origin, left: left + w] / wsum[lo - origin: hi - origin, left: left + w]
+            yield lo - top, hi - top, band
+            emitted = hi - top
+
+    tiles = [(bi, x) for bi in range(b) for x in xs]
+    for y in ys:
+        shift = y - origin
+        if shift:
+            yield from emit(shift)
+            if acc is not None:
+                keep = max(th - shift, 0)
+                acc[:, :, :keep] = acc[:, :, shift: shift + keep].clone()
+                acc[:, :, keep:] = 0
+            keep = max(th - shift, 0)
+            wsum[:keep] = wsum[shift: shift + keep].clone()
+            wsum[keep:] = 0
+            origin = y
+        for x in xs:
+            wsum[:, x: x + tw] += weight
+        for i in range(0, len(tiles), batch_size):
+            chunk = tiles[i: i + batch_size]
+            batch = torch.stack([src[bi, :, y: y + th, x: x + tw] for bi, x in chunk]).to(dev)
+            out = _predict_tiles(predictor, batch, flips, scales)
+            if acc is None:
+                acc = torch.zeros(b, out.shape[1], th, wp, device=dev)
+            for (bi, x), o in zip(chunk, out):
+                acc[bi, :, :, x: x + tw] += o * weight
+    yield from emit(min(th, hp - origin))
+
+
+@torch.no_grad()
+def sliding_window(
+    image: torch.Tensor,
+    predictor: TilePredictor,
+    tile_size: Sequence[int],
+    overlap: float = 0.25,
+    blend: str = "gaussian",
+    batch_size: int = 4,
+    sigma_scale: float = 0.125,
+    flips: bool = False,
+    scales: Sequence[float] = (1.0,),
+    device: torch.device | str | None = None,
+    output: str = "logits",
+    probabilities: bool = False,
+) -> Any:
+    """Sliding-window inference over ``(B, C, H, W)`` images (see :func:`iter_sliding_window`).
+
+    Args:
+        output: ``"logits"`` → float32 ``(B, K, H, W)`` on ``device`` (the whole map: for slices);
+            ``"labels"`` → ``(labels uint8/int64 (B, H, W), probability float32 (B, H, W) or None)``
+            on the CPU, built band by band — the winning class and, with ``probabilities``, its
+            softmax probability; never the per-class maps of the whole image.
+
+    Example:
+        >>> labels, prob = sliding_window(img, model, (256, 256), 0.25, output="labels", probabilities=True)
+    """
+    bands = iter_sliding_window(image, predictor, tile_size, overlap, blend, batch_size, sigma_scale,
+                                flips, scales, device)
+    if output == "logits":
+        return torch.cat([band for _, _, band in bands], dim=2)
+    if output != "labels":
+        raise ValueError(f"output must be logits or labels, got {output!r}")
+    b, _, h, w = image.shape
+    labels: torch.Tensor | None = None
+    prob = torch.empty(b, h, w, dtype=torch.float32) if probabilities else None
+    for y0, y1, band in bands:
+        if labels is None:
+            labels = torch.empty(b, h, w, dtype=torch.uint8 if band.shape[1] <= 256 else torch.int64)
+        if prob is not None:
+            p, lab = torch.softmax(band, 1).max(1)
+            prob[:, y0:y1] = p.cpu()
+        else:
+            lab = band.max(1).indices  # torch's CPU argmax over a non-inner dim is ~16× slower
+        labels[:, y0:y1] = lab.to("cpu", labels.dtype)
+    return labels, prob
+
+
+class SlidingWindow:
+    """Sliding-window settings from ``cfg.inference`` around :func:`sliding_window` (a thin class).
+
+    Example:
+        >>> sw = SlidingWindow.from_config(cfg.inference)
+        >>> logits = sw(image, model)                       # (B, K, H, W)
+    """
+
+    def __init__(self, tile_size: Sequence[int], overlap: float = 0.25, blend: str = "gaussian",
+                 batch_size: int = 4, sigma_scale: float = 0.125, flips: bool = False,
+                 scales: Sequence[float] = (1.0,), device: torch.device | str | None = None) -> None:
+        self.kwargs = dict(tile_size=tuple(tile_size), overlap=overlap, blend=blend, batch_size=batch_size,
+                           sigma_scale=sigma_scale, flips=flips, scales=tuple(scales), device=device)
+
+    @classmethod
+    def from_config(cls, inf: Any, device: torch.device | str | None = None) -> SlidingWindow:
+        """From an :class:`~medseg.config.InferenceConfig`."""
+        return cls(inf.tile_size, inf.overlap, inf.blend, inf.batch_size, inf.sigma_scale, inf.tta_flips,
+                   inf.tta_scales, device)
+
+    def __call__(self, image: torch.Tensor, predictor: TilePredictor, output: str = "logits",
+                 probabilities: bool = False) -> Any:
+        return sliding_window(image, predictor, output=output, probabilities=probabilities, **self.kwargs)
+
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, image: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
     """Logits ``(B, K, H, W)`` (float32) for images ``(B, C, H, W)``: whole-slice or sliding-window.
 
-    ``inference.mode = "sliding"`` tiles the image (``inference.tile_size``, ``overlap``, ``blend``,
-    ``batch_size`` tiles at a time) with MONAI's ``sliding_window_inference``; an image smaller than a
-    tile is mirror-padded so that every tile sees real context.
+    ``inference.mode = "sliding"`` tiles the image with :func:`sliding_window` (``inference.tile_size``,
+    ``overlap``, ``blend``, ``batch_size`` tiles at a time, optional flip / scale TTA); an image
+    smaller than a tile is mirror-padded so that every tile sees real context.
     """
     image = image.to(device)
     inf = cfg.inference
@@ -43,20 +280,7 @@ def predict_logits(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
         if inf.mode == "whole":
             out = model(image)
         elif inf.mode == "sliding":
-            from monai.inferers import sliding_window_inference
-
-            from medseg.models.blocks import mirror_pad
-
-            h, w = image.shape[-2:]
-            th, tw = inf.tile_size
-            # MONAI's reflect padding refuses pads larger than the image: pad to at least one tile here
-            ph, pw = max(th - h, 0), max(tw - w, 0)
-            padded = mirror_pad(image, ph // 2, ph - ph // 2, pw // 2, pw - pw // 2) if ph or pw else image
-            out = sliding_window_inference(
-                padded, roi_size=(th, tw), sw_batch_size=inf.batch_size, predictor=model,
-                overlap=inf.overlap, mode=inf.blend, padding_mode="reflect",
-            )
-            out = out[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
+            out = SlidingWindow.from_config(inf, device)(image, model)
         else:
             raise TrainingError(f"inference.mode must be whole or sliding, got {inf.mode!r}")
     return out.float()

@@ -190,10 +190,16 @@ class InferenceConfig:
     mode: Literal["whole", "sliding"] = "whole"
     tile_size: list[int] = field(default_factory=lambda: [256, 256])
     overlap: float = 0.25
-    #: "gaussian" blending or "constant"
-    blend: Literal["gaussian", "constant"] = "gaussian"
+    #: "gaussian" blending, "constant", or "overlap_tile" (U-Net paper: keep each tile's valid centre)
+    blend: Literal["gaussian", "constant", "overlap_tile"] = "gaussian"
     batch_size: int = 4
     crf: CRFConfig = field(default_factory=CRFConfig)
+    #: Gaussian blending: sigma = sigma_scale × tile size (MONAI's default)
+    sigma_scale: float = 0.125
+    #: test-time augmentation: average the logits of each tile and its flips
+    tta_flips: bool = False
+    #: test-time augmentation: average over tiles resized by these factors (DeepLab's multi-scale inputs)
+    tta_scales: list[float] = field(default_factory=lambda: [1.0])
     #: the operating point (medseg.operating_point): one probability threshold per foreground
     #: class; None = the model's calibrated one if it has one, else argmax; [] = argmax
     threshold: list[float] | None = None
@@ -269,6 +275,32 @@ class EvaluationConfig:
 
 
 @dataclass
+class PredictConfig:
+    """``medseg predict``: which series of an input folder to process and what to write for each."""
+
+    #: DICOM Modality values to process (empty = any)
+    modalities: list[str] = field(default_factory=lambda: ["CT", "MR"])
+    #: skip stacks with fewer slices
+    min_slices: int = 1
+    #: stack orientations to process: axial, coronal, sagittal, oblique
+    orientations: list[str] = field(default_factory=lambda: ["axial", "coronal", "sagittal", "oblique"])
+    #: BodyPartExamined values to process (case-insensitive; empty = any)
+    body_parts: list[str] = field(default_factory=list)
+    #: a series whose slices have several orientations: "split" into one stack each, or "skip" it
+    mixed_orientation: Literal["split", "skip"] = "split"
+    #: slices per forward pass
+    batch_size: int = 4
+    #: cases read and pre-processed ahead of the one being predicted (a background thread; 0 = no overlap)
+    prefetch: int = 2
+    #: write the DICOM SEG (``seg.dcm``) for DICOM input
+    write_seg: bool = True
+    #: write overlay PNGs of the slices that hold lesions
+    overlays: bool = True
+    #: lesions: 3-D connectivity of voxels (1 = faces, 2 = + edges, 3 = + corners)
+    connectivity: int = 3
+
+
+@dataclass
 class TrackingConfig:
     """MLflow tracking. ``uri`` None = a local store at ``<output_dir>/mlruns``."""
 
@@ -292,6 +324,7 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     output_dir: str = "outputs"
     #: the pipeline's name (defaults to the YAML file's stem)
     name: str = "medseg"

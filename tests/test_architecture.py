@@ -22,7 +22,7 @@ TIERS: list[list[str]] = [
      "operating_point"],
     ["checkpoint", "lesion_eval", "froc"],
     ["inference", "eval_suite", "visualize"],
-    ["evaluation", "compare"],
+    ["evaluation", "compare", "predict"],
     ["calibration"],
     ["engine"],
     ["cli"],

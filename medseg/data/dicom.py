@@ -51,6 +51,7 @@ from medseg.data.base import (
     split_cases,
     stack_context,
 )
+from medseg.data.decoders import register_decoders
 from medseg.registry import DATASETS
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from medseg.config import DataConfig
 
 log = logging.getLogger("medseg.data")
+register_decoders()
 
 SEG_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}  # SEG, label map SEG
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -79,8 +81,8 @@ _DEFER_SIZE = "16 KB"
 _COSINE_TOL = 1e-3
 _POSITION_TOL = 1e-3
 PLUGIN_HELP = (
-    "compressed DICOM needs pydicom decoder plugins: install pylibjpeg with pylibjpeg-libjpeg "
-    "(JPEG, JPEG-LS) and pylibjpeg-openjpeg (JPEG 2000), or python-gdcm"
+    "compressed DICOM needs pydicom decoder plugins; medseg depends on python-gdcm, pylibjpeg-openjpeg, "
+    "pylibjpeg-rle, pyjpegls and imagecodecs (reinstall medseg if one is missing)"
 )
 
 
@@ -120,6 +122,10 @@ class InstanceHeader:
     rows: int
     columns: int
     slice_thickness: float | None
+    #: 0-based frame of a multi-frame (enhanced) object; None for a single-frame instance
+    frame: int | None = None
+    #: the first (WindowCenter, WindowWidth) pair of the header, when it has one
+    window: tuple[float, float] | None = None
 
 
 @dataclass
@@ -138,11 +144,22 @@ class SeriesInfo:
     folder: Path
     instances: list[InstanceHeader]
     labels: list[LabelFile] = field(default_factory=list)
+    #: BodyPartExamined ("" when absent)
+    body_part: str = ""
+    #: "axial", "coronal", "sagittal" or "oblique" (from the slice normal)
+    orientation: str = ""
+    #: "" for a whole series; "o1", "o2", ... for the stacks of a series split by orientation
+    part: str = ""
 
     @property
     def files(self) -> list[Path]:
-        """The image files (path order)."""
+        """The image files (path order; a multi-frame file appears once per frame)."""
         return [i.path for i in self.instances]
+
+    @property
+    def key(self) -> str:
+        """A short, stable, non-identifying name: :func:`series_key` of the UID (and the part)."""
+        return series_key(self.series_uid + (f"/{self.part}" if self.part else ""))
 
 
 @dataclass(eq=False)
@@ -177,6 +194,10 @@ class SeriesGeometry:
     files: list[Path]
     slice_thickness: float | None
     warnings: list[str]
+    #: the frame of every slice in its multi-frame file (None for single-frame files), in slice order
+    frames: list[int | None] = field(default_factory=list, kw_only=True)
+    #: the first (WindowCenter, WindowWidth) of every slice's header (None where absent), in slice order
+    windows: list[tuple[float, float] | None] = field(default_factory=list, kw_only=True)
 
     def affine_lps(self) -> np.ndarray:
         """4×4 map from voxel indices ``(column, row, slice, 1)`` to patient LPS mm.
@@ -264,11 +285,13 @@ def _classify(ds: pydicom.Dataset, path: Path) -> tuple[str, str]:
         return "skip", f"{ds.Modality} object ({_sop_name(sop)}), not an image series"
     if "PixelData" not in ds:
         return "skip", f"no pixel data ({_sop_name(sop)})"
-    frames = ds.get("NumberOfFrames", 1)
-    if frames not in (None, "") and int(frames) > 1:
-        return "skip", f"multi-frame image ({_sop_name(sop)}, {int(frames)} frames) is not supported; " \
-                       f"export the series as single-frame slices"
-    geometry = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
+    if _num_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        if not _frame_geometry(ds, 0)[0]:
+            return "skip", f"multi-frame image without per-frame positions ({_sop_name(sop)}, " \
+                           f"{_num_frames(ds)} frames); expected an enhanced CT/MR object or single-frame slices"
+        geometry = []
+    else:
+        geometry = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
     if geometry:
         if sop.startswith(_SECONDARY_CAPTURE_PREFIX):
             return "skip", f"secondary capture without geometry ({_sop_name(sop)})"
@@ -286,20 +309,89 @@ def _classify(ds: pydicom.Dataset, path: Path) -> tuple[str, str]:
     return "image", ""
 
 
-def _instance_header(ds: pydicom.Dataset, path: Path) -> InstanceHeader | str:
-    """The geometry of one image instance, or a reason string when it is malformed."""
+def _num_frames(ds: pydicom.Dataset) -> int:
+    """NumberOfFrames (1 when absent or malformed)."""
+    try:
+        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _group_item(ds: pydicom.Dataset, frame: int, seq: str) -> Any:
+    """The first item of functional-group sequence ``seq`` for ``frame`` (per-frame, else shared), or None."""
+    for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups) or []
+        if idx < len(items):
+            inner = items[idx].get(seq)
+            if inner:
+                return inner[0]
+    return None
+
+
+def _frame_geometry(ds: pydicom.Dataset, frame: int) -> tuple[bool, Any, Any, Any, Any]:
+    """``(found, position, orientation, pixel measures item, window item)`` of one frame of an enhanced object."""
+    pos = _group_item(ds, frame, "PlanePositionSequence")
+    iop = _group_item(ds, frame, "PlaneOrientationSequence")
+    meas = _group_item(ds, frame, "PixelMeasuresSequence")
+    voi = _group_item(ds, frame, "FrameVOILUTSequence")
+    found = pos is not None and iop is not None and meas is not None
+    return found, pos, iop, meas, voi
+
+
+def _window_pair(item: Any) -> tuple[float, float] | None:
+    """The first (WindowCenter, WindowWidth) pair of a dataset or VOI item, or None."""
+    if item is None:
+        return None
+    c, w = item.get("WindowCenter"), item.get("WindowWidth")
+    try:
+        c = float(c[0] if isinstance(c, Sequence) and not isinstance(c, str) else c)
+        w = float(w[0] if isinstance(w, Sequence) and not isinstance(w, str) else w)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (c, w) if np.isfinite([c, w]).all() and w > 0 else None
+
+
+def _thickness(item: Any) -> float | None:
+    thick = item.get("SliceThickness") if item is not None else None
+    try:
+        return float(thick) if thick not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _instance_headers(ds: pydicom.Dataset, path: Path) -> list[InstanceHeader] | str:
+    """The geometry of an image instance (one header per frame of a multi-frame object), or a reason."""
+    rows, cols, sop = int(ds.Rows), int(ds.Columns), str(ds.SOPInstanceUID)
+    if _num_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        out = []
+        for f in range(_num_frames(ds)):
+            found, pos_i, iop_i, meas, voi = _frame_geometry(ds, f)
+            pos = _floats(pos_i.get("ImagePositionPatient"), 3) if found else None
+            iop = _floats(iop_i.get("ImageOrientationPatient"), 6) if found else None
+            ps = _floats(meas.get("PixelSpacing"), 2) if found else None
+            if pos is None or iop is None or ps is None or min(ps) <= 0:
+                return f"frame {f + 1}: malformed or missing plane position / orientation / pixel measures"
+            out.append(InstanceHeader(path, sop, pos, iop, ps, rows, cols, _thickness(meas),  # type: ignore[arg-type]
+                                      frame=f, window=_window_pair(voi) or _window_pair(ds)))
+        return out
     pos = _floats(ds.get("ImagePositionPatient"), 3)
     iop = _floats(ds.get("ImageOrientationPatient"), 6)
     ps = _floats(ds.get("PixelSpacing"), 2)
     if pos is None or iop is None or ps is None or min(ps) <= 0:
         return "malformed ImagePositionPatient / ImageOrientationPatient / PixelSpacing"
-    thick = ds.get("SliceThickness")
-    try:
-        thickness = float(thick) if thick not in (None, "") else None
-    except (TypeError, ValueError):
-        thickness = None
-    return InstanceHeader(path, str(ds.SOPInstanceUID), pos, iop, ps,  # type: ignore[arg-type]
-                          int(ds.Rows), int(ds.Columns), thickness)
+    return [InstanceHeader(path, sop, pos, iop, ps,  # type: ignore[arg-type]
+                           rows, cols, _thickness(ds), window=_window_pair(ds))]
+
+
+def orientation_name(iop: Sequence[float]) -> str:
+    """``axial``, ``coronal``, ``sagittal`` (slice normal within ≈18° of a patient axis) or ``oblique``."""
+    row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    normal = np.cross(row, col)
+    normal /= max(float(np.linalg.norm(normal)), 1e-12)
+    axis = int(np.argmax(np.abs(normal)))
+    if abs(normal[axis]) < 0.95:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
 
 
 def _walk(root: Path, exclude: Sequence[Path]) -> Iterable[Path]:
@@ -383,16 +475,16 @@ def find_series(
             label_cands.append((path, kind, ds))
             continue
         try:
-            head = _instance_header(ds, path)
+            heads = _instance_headers(ds, path)
         except Exception as e:
-            head = f"malformed header ({type(e).__name__}: {e})"
-        if isinstance(head, str):
-            skipped.append(SkippedFile(path, head))
+            heads = f"malformed header ({type(e).__name__}: {e})"
+        if isinstance(heads, str):
+            skipped.append(SkippedFile(path, heads))
             continue
         uid = str(ds.SeriesInstanceUID)
-        if head.sop_instance_uid in sop_to_series:
-            first = next(i.path for i in groups[sop_to_series[head.sop_instance_uid]]["instances"]
-                         if i.sop_instance_uid == head.sop_instance_uid)
+        sop_uid = heads[0].sop_instance_uid
+        if sop_uid in sop_to_series:
+            first = next(i.path for i in groups[sop_to_series[sop_uid]]["instances"] if i.sop_instance_uid == sop_uid)
             skipped.append(SkippedFile(path, f"duplicate of {first} (same SOPInstanceUID)"))
             continue
         g = groups.setdefault(uid, {
@@ -400,15 +492,17 @@ def find_series(
             "study": str(ds.get("StudyInstanceUID", "")),
             "for": str(ds.get("FrameOfReferenceUID", "")) or None,
             "description": str(ds.get("SeriesDescription", "")),
+            "body_part": str(ds.get("BodyPartExamined", "") or ""),
             "instances": [],
         })
-        g["instances"].append(head)
-        sop_to_series[head.sop_instance_uid] = uid
+        g["instances"].extend(heads)
+        sop_to_series[sop_uid] = uid
 
     series = {
         uid: SeriesInfo(uid, g["modality"], g["study"], g["for"], g["description"],
                         Path(os.path.commonpath([str(i.path.parent) for i in g["instances"]])),
-                        g["instances"])
+                        g["instances"], body_part=g["body_part"],
+                        orientation=orientation_name(g["instances"][0].orientation))
         for uid, g in groups.items()
     }
     for path, kind, ds in label_cands:
@@ -430,7 +524,30 @@ def find_series(
             continue
         series[target].labels.append(LabelFile(path, kind, target))
     ordered = sorted(series.values(), key=lambda s: (str(s.folder), s.series_uid))
-    return ordered, skipped
+    return [part for s in ordered for part in split_by_orientation(s)], skipped
+
+
+def split_by_orientation(info: SeriesInfo) -> list[SeriesInfo]:
+    """A series whose slices have several orientations (or image sizes) → one stack per orientation.
+
+    Stacks are ordered by their first file and named ``o1``, ``o2``, ... in :attr:`SeriesInfo.part`
+    (a warning names the series); a consistent series is returned as it is.
+    """
+    groups: dict[tuple, list[InstanceHeader]] = {}
+    for inst in info.instances:
+        key = (tuple(np.round(np.asarray(inst.orientation) / _COSINE_TOL).astype(int).tolist()),
+               inst.rows, inst.columns)
+        groups.setdefault(key, []).append(inst)
+    if len(groups) == 1:
+        return [info]
+    log.warning("%s holds %d orientations / image sizes: split into one stack each", _describe(info), len(groups))
+    out = []
+    for n, insts in enumerate(sorted(groups.values(), key=lambda g: str(g[0].path)), start=1):
+        out.append(SeriesInfo(info.series_uid, info.modality, info.study_uid, info.frame_of_reference_uid,
+                              info.description, Path(os.path.commonpath([str(i.path.parent) for i in insts])),
+                              insts, list(info.labels) if n == 1 else [], body_part=info.body_part,
+                              orientation=orientation_name(insts[0].orientation), part=f"o{n}"))
+    return out
 
 
 # ----------------------------------------------------------------------------- geometry and pixels
@@ -531,21 +648,16 @@ def series_geometry(info: SeriesInfo) -> SeriesGeometry:
         files=[i.path for i in inst],
         slice_thickness=inst[0].slice_thickness,
         warnings=warnings,
+        frames=[i.frame for i in inst],
+        windows=[i.window for i in inst],
     )
 
 
-def read_instance_hu(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """One slice's pixels × RescaleSlope + RescaleIntercept (pydicom's modality LUT), float32 ``(H, W)``.
-
-    Raises:
-        DataError: unreadable file, pixel data that cannot be decoded (for a compressed transfer
-            syntax the message says which decoder plugins to install) or of an unexpected shape.
-    """
+def _open_pixels(path: Path) -> pydicom.Dataset:
+    """``dcmread`` a file for its pixels; a file without file meta gets the transfer syntax it parsed with."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    path = Path(path)
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as e:
@@ -555,20 +667,95 @@ def read_instance_hu(path: str | Path, shape: tuple[int, int] | None = None) -> 
         # a file without file meta (no preamble): its encoding is known from how it parsed
         implicit, little = getattr(ds, "original_encoding", (True, True))
         ts = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        if not hasattr(ds, "file_meta"):
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ts
+    return ds
+
+
+def _decode_error(path: Path, ds: pydicom.Dataset, e: Exception) -> DataError:
+    ts = ds.file_meta.TransferSyntaxUID
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if getattr(ts, "is_compressed", False):
+        return DataError(f"{path}: cannot decode pixel data in transfer syntax {ts.name} ({msg}); {PLUGIN_HELP}")
+    return DataError(f"{path}: cannot read pixel data ({msg}); the file may be truncated")
+
+
+def _rescale(ds: pydicom.Dataset, frame: int | None) -> tuple[float, float]:
+    """(slope, intercept) of a frame (enhanced objects: Pixel Value Transformation) or of the instance."""
+    item = _group_item(ds, frame, "PixelValueTransformationSequence") if frame is not None else None
+    src = item if item is not None else ds
+    try:
+        slope = float(src.get("RescaleSlope", 1) or 1)
+        intercept = float(src.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        slope, intercept = 1.0, 0.0
+    return slope, intercept
+
+
+def read_frames_hu(path: str | Path, frames: Sequence[int | None], shape: tuple[int, int] | None = None
+                   ) -> list[np.ndarray]:
+    """Several frames of one file (read and decoded once) in HU, float32 ``(H, W)`` each.
+
+    ``frames`` holds 0-based frame numbers of a multi-frame object, or ``None`` for a single-frame
+    instance. Each frame is rescaled with its own slope / intercept (per-frame Pixel Value
+    Transformation for enhanced objects; pydicom's modality LUT otherwise).
+
+    Raises:
+        DataError: unreadable file, pixel data that cannot be decoded (for a compressed transfer
+            syntax the message names the decoder plugins) or of an unexpected shape.
+    """
+    from pydicom.pixels import apply_modality_lut
+
+    path = Path(path)
+    ds = _open_pixels(path)
     try:
         arr = ds.pixel_array
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if getattr(ts, "is_compressed", False):
-            raise DataError(f"{path}: cannot decode pixel data in transfer syntax {ts.name} ({msg}); "
-                            f"{PLUGIN_HELP}") from None
-        raise DataError(f"{path}: cannot read pixel data ({msg}); the file may be truncated") from None
-    if arr.ndim != 2 or (shape is not None and tuple(arr.shape) != tuple(shape)):
-        want = f"{shape[0]}×{shape[1]}" if shape else "one 2-D slice"
-        raise DataError(f"{path}: pixel data of shape {arr.shape}; expected {want}")
-    return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+        raise _decode_error(path, ds, e) from None
+    n = _num_frames(ds)
+    if n > 1 and arr.ndim == 2:
+        arr = arr[None]
+    out = []
+    for f in frames:
+        if f is None:
+            if arr.ndim != 2 or (shape is not None and tuple(arr.shape) != tuple(shape)):
+                want = f"{shape[0]}×{shape[1]}" if shape else "one 2-D slice"
+                raise DataError(f"{path}: pixel data of shape {arr.shape}; expected {want}")
+            out.append(np.asarray(apply_modality_lut(arr, ds), dtype=np.float32))
+            continue
+        frame = arr if arr.ndim == 2 else arr[f] if f < len(arr) else None
+        if frame is None or frame.ndim != 2 or (shape is not None and tuple(frame.shape) != tuple(shape)):
+            raise DataError(f"{path}: frame {f + 1} missing or of an unexpected shape (pixel data {arr.shape})")
+        slope, intercept = _rescale(ds, f)
+        out.append((frame.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32))
+    return out
+
+
+def read_instance_hu(path: str | Path, shape: tuple[int, int] | None = None, frame: int | None = None) -> np.ndarray:
+    """One slice's pixels × RescaleSlope + RescaleIntercept (pydicom's modality LUT), float32 ``(H, W)``.
+
+    ``frame`` picks a frame of a multi-frame (enhanced) object (0-based; see :func:`read_frames_hu`).
+
+    Raises:
+        DataError: unreadable file, pixel data that cannot be decoded (for a compressed transfer
+            syntax the message says which decoder plugins to install) or of an unexpected shape.
+    """
+    return read_frames_hu(path, [frame], shape)[0]
+
+
+def read_series_hu(geom: SeriesGeometry) -> np.ndarray:
+    """The HU pixels ``(Z, H, W)`` float32 of a series' slices, each file read and decoded once."""
+    hw = geom.shape[1:]
+    frames = geom.frames or [None] * len(geom.files)
+    by_file: dict[Path, list[int]] = {}
+    for k, p in enumerate(geom.files):
+        by_file.setdefault(p, []).append(k)
+    hu = np.empty(geom.shape, np.float32)
+    for p, ks in by_file.items():
+        for k, arr in zip(ks, read_frames_hu(p, [frames[k] for k in ks], hw)):
+            hu[k] = arr
+    return hu
 
 
 def read_series(info: SeriesInfo) -> Volume:
@@ -582,8 +769,11 @@ def read_series(info: SeriesInfo) -> Volume:
         DataError: inconsistent geometry, or a slice that cannot be read or decoded (names the file).
     """
     geom = series_geometry(info)
-    hw = geom.shape[1:]
-    hu = np.stack([read_instance_hu(p, hw) for p in geom.files])
+    return volume_of(geom, read_series_hu(geom))
+
+
+def volume_of(geom: SeriesGeometry, hu: np.ndarray) -> Volume:
+    """A :class:`Volume` from a geometry and its pixels."""
     return Volume(**{f.name: getattr(geom, f.name) for f in fields(SeriesGeometry)}, hu=hu)
 
 
@@ -808,6 +998,10 @@ def read_nifti_labels(mask_path: str | Path, volume: SeriesGeometry) -> np.ndarr
 # ----------------------------------------------------------------------------- dataset
 
 
+def _frame(geom: SeriesGeometry, k: int) -> int | None:
+    return geom.frames[k] if geom.frames else None
+
+
 def series_key(series_uid: str) -> str:
     """A short, stable, non-identifying name for a series (hash of its SeriesInstanceUID)."""
     return hashlib.sha256(series_uid.encode()).hexdigest()[:12]
@@ -884,13 +1078,13 @@ class DicomDataset(Dataset):
         if not labelled:
             raise DataError(f"{self.root}: none of the {len(found)} series has labels; expected a SEG or RTSTRUCT "
                             f"referencing each series, or {masks_dir}/<SeriesInstanceUID>.nii.gz")
-        assign = split_cases([series_key(i.series_uid) for i, _, _ in labelled],
+        assign = split_cases([i.key for i, _, _ in labelled],
                              cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
         self.series: list[_Labelled] = []
         self.items: list[tuple[int, int]] = []
         unreadable: list[str] = []
         for info, kind, path in labelled:
-            key = series_key(info.series_uid)
+            key = info.key
             if split != "all" and assign[key] != split:
                 continue
             geom = series_geometry(info)
@@ -900,7 +1094,7 @@ class DicomDataset(Dataset):
                 log.warning("%s: no foreground in the labels of %s; it gives no samples", path, _describe(info))
                 continue
             try:  # one decode up front, so missing decoder plugins show before training starts
-                read_instance_hu(geom.files[int(fg[0])], geom.shape[1:])
+                read_instance_hu(geom.files[int(fg[0])], geom.shape[1:], _frame(geom, int(fg[0])))
             except DataError as e:
                 unreadable.append(str(e))
                 log.warning("%s skipped: %s", _describe(info), e)
@@ -950,7 +1144,7 @@ class DicomDataset(Dataset):
     def _read(self, s: _Labelled, i: int) -> np.ndarray | None:
         """Slice ``i`` in HU, or None (with a warning naming the file) when it cannot be read."""
         try:
-            return read_instance_hu(s.geom.files[i], s.geom.shape[1:])
+            return read_instance_hu(s.geom.files[i], s.geom.shape[1:], _frame(s.geom, i))
         except DataError as e:
             log.warning("%s", e)
             return None

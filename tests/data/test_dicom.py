@@ -8,6 +8,7 @@ compared with the arrays they were written from.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -423,10 +424,16 @@ def test_inconsistent_orientation_is_an_error_naming_the_series(tmp_path: Path) 
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]  # coronal
     ds.save_as(p)
     series, _ = find_series(tmp_path)
+    # find_series splits the series into one stack per orientation ...
+    assert sorted((s.orientation, len(s.instances)) for s in series) == [("axial", 2), ("coronal", 1)]
+    assert sorted(s.part for s in series) == ["o1", "o2"]
+    assert {s.series_uid for s in series} == {src[0].SeriesInstanceUID} and len({s.key for s in series}) == 2
+    # ... and a mixed stack given to series_geometry directly is still an error naming the series
+    merged = dataclasses.replace(series[0], instances=[i for s in series for i in s.instances], part="")
     with pytest.raises(
         DataError, match=rf"series {src[0].SeriesInstanceUID}.*ImageOrientationPatient differs"
     ):
-        series_geometry(series[0])
+        series_geometry(merged)
 
 
 def test_inconsistent_image_size_is_an_error(tmp_path: Path) -> None:
@@ -439,8 +446,10 @@ def test_inconsistent_image_size_is_an_error(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "s" / "other.dcm")
     p.unlink()
     series, _ = find_series(tmp_path)
+    assert sorted(len(s.instances) for s in series) == [1, 2] and {s.part for s in series} == {"o1", "o2"}
+    merged = dataclasses.replace(series[0], instances=[i for s in series for i in s.instances], part="")
     with pytest.raises(DataError, match="image size differs.*16×16"):
-        series_geometry(series[0])
+        series_geometry(merged)
 
 
 def test_undecodable_compressed_slice_names_the_plugins(tmp_path: Path) -> None:

@@ -1,0 +1,390 @@
+"""``medseg predict``: a trained model over a folder of DICOM series, NIfTI volumes or PNG / TIFF images.
+
+The model is loaded once; a background thread reads, decodes and pre-processes the next cases
+(``predict.prefetch`` ahead) while the current one is predicted and written. Each case's outputs go
+to a temporary folder, are re-read and checked, and the folder is renamed to
+``OUTPUT_DIR/<study>/<series>/`` — a run killed at any moment leaves no half-written case. The
+SQLite manifest (:mod:`medseg.predict.manifest`) records every input file and every case; a rerun
+skips finished cases and retries failed ones.
+
+Example:
+    >>> result = run_predict("outputs/quickstart/unet-20261130-101500", "/data/export", "predictions")
+    >>> print(result.summary)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg import __version__
+from medseg.data.base import apply_window, to_source_grid
+from medseg.data.folder import normalise_2d
+from medseg.inference import Predictor, SlidingWindow, postprocess
+from medseg.predict.lesions import lesion_table, slice_extents
+from medseg.predict.manifest import Manifest, manifest_name, merge_manifests
+from medseg.predict.readers import Case, Loaded, discover, load_case
+from medseg.predict.writers import (
+    nifti_affine,
+    write_csv,
+    write_json,
+    write_nifti,
+    write_nifti_like,
+    write_overlays,
+    write_png_mask,
+    write_seg,
+)
+from medseg.runtime import amp_dtype, use_amp
+
+__all__ = ["PredictResult", "model_fingerprint", "run_predict", "shard_of"]
+
+log = logging.getLogger("medseg.predict")
+
+
+@dataclass
+class PredictResult:
+    """What a ``medseg predict`` run did."""
+
+    output_dir: Path
+    manifest: Path
+    processed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    already_done: list[str] = field(default_factory=list)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    summary: str = ""
+    seconds: float = 0.0
+    slices: int = 0
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the model's parameters and buffers (names, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def shard_of(key: str, num_parts: int) -> int:
+    """The part (0..num_parts−1) a case belongs to: a hash of its key, stable across reruns and machines."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % num_parts
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:500]
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+@torch.no_grad()
+def _predict(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class map and the predicted class's probability, ``(Z, H, W)`` each, on the source grid."""
+    cfg, dev = predictor.cfg, predictor.device
+    images = torch.from_numpy(loaded.images)
+    labs, probs = [], []
+    amp = use_amp(cfg.train.amp, dev)
+    for i in range(0, len(images), batch_size):
+        x = images[i: i + batch_size]
+        if cfg.inference.mode == "sliding" and not cfg.inference.crf.enabled:
+            # memory-bounded: rows are reduced to labels and probabilities as they are finished
+            with torch.autocast(dev.type, dtype=amp_dtype(dev), enabled=amp):
+                lab, prob = SlidingWindow.from_config(cfg.inference, dev)(x, predictor.model, output="labels",
+                                                                          probabilities=True)
+        else:
+            logits = predictor.logits(x)
+            lab = postprocess(logits, x, cfg, [loaded.meta["spacing"]] * len(x))
+            prob = torch.softmax(logits, 1).gather(1, lab[:, None].to(logits.device)).squeeze(1)
+        labs.append(lab.cpu().numpy().astype(np.uint8))
+        probs.append(prob.float().cpu().numpy())
+    labels = to_source_grid(np.concatenate(labs), loaded.meta)
+    prob = to_source_grid(np.concatenate(probs).astype(np.float32), loaded.meta)
+    return labels, prob
+
+
+def _display(loaded: Loaded, cfg: Any) -> np.ndarray:
+    """``(Z, H, W)`` intensities in [0, 1] for the overlays: the series' own display window (its first
+    WindowCenter / WindowWidth pair) where it has one, else as the model saw them."""
+    if loaded.case.kind == "image":
+        return normalise_2d(loaded.values[0], cfg.data.window, cfg.data.window_range)[None]
+    low, high = loaded.info["window"]
+    pair = next((w for w in loaded.geom.windows if w is not None), None) if loaded.geom is not None else None
+    if pair is not None:
+        low, high = pair[0] - pair[1] / 2, pair[0] + pair[1] / 2
+    return apply_window(loaded.values, low, high)
+
+
+def _world(loaded: Loaded) -> Any:
+    """Voxel (slice, row, column) → world mm for the lesion centroids."""
+    if loaded.geom is not None:
+        g = loaded.geom
+        sy, sx = loaded.spacing
+
+        def dicom(z: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+            return g.positions[z] + np.outer(c * sx, g.direction[0]) + np.outer(r * sy, g.direction[1])
+        return dicom
+    if loaded.nifti is not None:
+        aff, ax = loaded.nifti["canonical_affine"], loaded.nifti["axis"]
+
+        def nifti(z: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+            ijk = [None, None, None]
+            rest = [a for a in range(3) if a != ax]
+            ijk[ax], ijk[rest[0]], ijk[rest[1]] = z, r, c
+            pts = np.stack([*ijk, np.ones_like(z)], 1).astype(np.float64)
+            return (pts @ aff.T)[:, :3]
+        return nifti
+    return lambda z, r, c: np.stack([c, r, np.zeros_like(c)], 1).astype(np.float64)
+
+
+def _extents(loaded: Loaded) -> np.ndarray:
+    if loaded.geom is not None:
+        return slice_extents(loaded.geom.slice_positions, loaded.geom.slice_thickness)
+    if loaded.nifti is not None:
+        return np.full(len(loaded.values), float(loaded.info["zooms"][loaded.nifti["axis"]]))
+    return np.ones(1)
+
+
+def process_case(loaded: Loaded, predictor: Predictor, out_dir: Path, tmp_root: Path, fingerprint: str
+                 ) -> dict[str, Any]:
+    """Predict one case, write and verify its outputs in a temporary folder, then rename it into place."""
+    cfg, case = predictor.cfg, loaded.case
+    t0 = time.perf_counter()
+    labels, prob = _predict(loaded, predictor, cfg.predict.batch_size)
+    t1 = time.perf_counter()
+    tmp = tmp_root / case.key
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    info: dict[str, Any] = {"kind": case.kind, "key": case.key, "output": case.out_rel, "medseg_version": __version__,
+                            "model": {"name": cfg.model.name, "fingerprint": fingerprint},
+                            "input": {**loaded.info, "files": len(case.files)}, "warnings": loaded.warnings,
+                            "shape": list(labels.shape), "spacing_yx": list(loaded.spacing)}
+    num_classes = int(cfg.data.num_classes)
+    if case.kind == "dicom":
+        g = loaded.geom
+        assert g is not None
+        affine, err = nifti_affine(g.positions, g.direction, g.spacing, g.slice_thickness)
+        write_nifti(tmp / "mask.nii.gz", labels, affine)
+        tilted = any("gantry tilt" in w for w in g.warnings)
+        info["geometry"] = {"spacing_zyx": list(g.spacing), "origin_lps": g.origin.tolist(),
+                            "direction": g.direction.tolist(), "slice_positions_lps": g.positions.tolist(),
+                            "sop_instance_uids": list(g.sop_instance_uids),
+                            "frames": [f for f in g.frames] if any(f is not None for f in g.frames) else None}
+        info["nifti"] = {"affine_ras": affine.tolist(), "max_error_mm": err, "exact": err < 0.01,
+                         "holds": "the acquired slices; " + (
+                             "affine exact" if err < 0.01 and not tilted else
+                             "sheared affine following the tilted slice positions" if err < 0.01 else
+                             "irregular slice positions: the slice axis steps by the mean interval "
+                             "(seg.dcm is exact)")}
+        if cfg.predict.write_seg:
+            info["seg"] = write_seg(tmp / "seg.dcm", labels, g, num_classes, fingerprint, cfg.model.name)
+    elif case.kind == "nifti":
+        assert loaded.nifti is not None
+        write_nifti_like(tmp / "mask.nii.gz", labels, loaded.nifti)
+        info["nifti"] = {"affine": np.asarray(loaded.nifti["affine"]).tolist(), "holds": "the input's affine"}
+    else:
+        write_png_mask(tmp / f"{case.name.rsplit('-', 1)[0]}.png", labels[0])
+    rows = lesion_table(labels, prob, loaded.values, loaded.spacing, _extents(loaded), _world(loaded),
+                        cfg.predict.connectivity)
+    write_csv(tmp / "lesions.csv", rows)
+    if cfg.predict.overlays and rows:
+        info["overlays"] = write_overlays(tmp / "overlays", _display(loaded, cfg), labels, rows)
+    t2 = time.perf_counter()
+    info["lesions"] = len(rows)
+    info["timings_s"] = {"read": round(loaded.read_s, 4), "predict": round(t1 - t0, 4), "write": round(t2 - t1, 4)}
+    write_json(tmp / "series.json", info)
+    final = out_dir / case.out_rel
+    if final.exists():  # a previous run renamed it but was killed before the manifest said done
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
+    return {"n_slices": int(labels.shape[0]), "n_lesions": len(rows), "predict_s": t1 - t0, "write_s": t2 - t1}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return path.name
+
+
+def run_predict(model: str | Path, input_path: str | Path, output_dir: str | Path, overrides: list[str] | None = None,
+                num_parts: int = 1, part_id: int = 0, device: str | None = None, progress: bool = True
+                ) -> PredictResult:
+    """Predict every case under ``input_path`` into ``output_dir`` (resumable; see the module doc).
+
+    Args:
+        model: checkpoint file, ``medseg train`` run folder or MLflow URI (``runs:/<id>/model``).
+        input_path: DICOM folder (any nesting), NIfTI file or folder, PNG / TIFF folder.
+        output_dir: where outputs and the manifest go.
+        overrides: ``key=value`` on top of the model's own config (``predict.*``, ``inference.*``).
+        num_parts, part_id: process only the cases of part ``part_id`` of ``num_parts`` (by key hash);
+            under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks split the cases the same way.
+        device: ``cpu``, ``cuda``... (default: CUDA when present, else the CPU).
+        progress: show a tqdm progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if num_parts == 1 and world > 1:
+        num_parts, part_id = world, int(os.environ.get("RANK", "0"))
+    if not 0 <= part_id < num_parts:
+        raise ValueError(f"--part-id must be in 0..{num_parts - 1}, got {part_id}")
+    predictor = Predictor.from_ref(model, overrides=list(overrides or []), device=device)
+    cfg = predictor.cfg
+    if cfg.train.threads:
+        torch.set_num_threads(int(cfg.train.threads))
+    fingerprint = model_fingerprint(predictor.model)
+    root, out = Path(input_path), Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = root if root.is_dir() else root.parent
+    cases, skipped = discover(root, cfg, exclude=[out])
+    mine = [c for c in cases if shard_of(c.key, num_parts) == part_id]
+    manifest = Manifest(out / manifest_name(num_parts, part_id))
+    manifest.set_run(model=str(model), model_fingerprint=fingerprint, num_parts=num_parts, part_id=part_id,
+                     started=time.time(), finished="")
+    result = PredictResult(out, manifest.path)
+    todo: list[Case] = []
+    rows: list[tuple[str, str | None, str, str | None]] = [(_rel(p, base), None, "skipped", r) for p, r in skipped]
+    for c in mine:
+        done = manifest.status(c.key) == "done" and (out / c.out_rel).is_dir()
+        if done:
+            result.already_done.append(c.key)
+        else:
+            todo.append(c)
+            manifest.set_series(c.key, kind=c.kind, output=c.out_rel, n_files=len(c.files), status="pending",
+                                reason=None)
+        rows += [(_rel(p, base), c.key, "done" if done else "pending", None) for p in c.files]
+    manifest.set_files(rows)
+    tmp_root = out / f".tmp-part{part_id}"
+    if tmp_root.exists():  # left by a killed run: never a finished output
+        shutil.rmtree(tmp_root)
+
+    q: queue.Queue = queue.Queue(maxsize=max(int(cfg.predict.prefetch), 1))
+    stop = threading.Event()
+
+    def reader() -> None:
+        for c in todo:
+            if stop.is_set():
+                break
+            try:
+                q.put((c, load_case(c, cfg), None))
+            except Exception as e:  # noqa: BLE001 — a bad case is recorded, the run carries on
+                q.put((c, None, e))
+        q.put(None)
+
+    def inline() -> Any:  # predict.prefetch = 0: read each case when it is its turn (no overlap)
+        for c in todo:
+            try:
+                yield c, load_case(c, cfg), None
+            except Exception as e:  # noqa: BLE001
+                yield c, None, e
+
+    if int(cfg.predict.prefetch) > 0:
+        threading.Thread(target=reader, name="medseg-predict-reader", daemon=True).start()
+        items: Any = iter(q.get, None)
+    else:
+        items = inline()
+    bar = tqdm(total=len(todo), unit="series", desc="predict", disable=not progress)
+    try:
+        for item in items:
+            case, loaded, err = item
+            t0 = time.perf_counter()
+            try:
+                if err is not None:
+                    raise err
+                stats = process_case(loaded, predictor, out, tmp_root, fingerprint)
+                manifest.set_series(case.key, status="done", reason=None, n_slices=stats["n_slices"],
+                                    n_lesions=stats["n_lesions"], read_s=loaded.read_s, predict_s=stats["predict_s"],
+                                    write_s=stats["write_s"], total_s=loaded.read_s + time.perf_counter() - t0)
+                manifest.set_files_of(case.key, "done")
+                result.processed.append(case.key)
+                result.slices += stats["n_slices"]
+            except Exception as e:  # noqa: BLE001
+                msg = _first_line(e)
+                log.warning("case %s (%s) failed: %s", case.key, case.out_rel, msg)
+                manifest.set_series(case.key, status="failed", reason=msg)
+                manifest.set_files_of(case.key, "failed", msg)
+                result.failed[case.key] = msg
+            bar.update(1)
+    finally:
+        stop.set()
+        bar.close()
+        if tmp_root.exists() and not any(tmp_root.iterdir()):
+            tmp_root.rmdir()
+    manifest.set_run(finished=time.time())
+    result.counts = manifest.counts()
+    result.seconds = time.perf_counter() - start
+    result.summary = summary_table(manifest, result)
+    manifest.close()
+    if num_parts > 1 and part_id == 0 and world > 1:
+        _wait_for_parts(out, num_parts)
+        result.manifest = merge_manifests(out, num_parts)
+    return result
+
+
+def _wait_for_parts(out: Path, num_parts: int, timeout_s: float = 3600.0) -> None:
+    """Rank 0 under torchrun: wait until every part's manifest says it finished (or the timeout)."""
+    import sqlite3
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        done = 0
+        for k in range(num_parts):
+            p = out / manifest_name(num_parts, k)
+            try:
+                with sqlite3.connect(str(p)) as db:
+                    row = db.execute("SELECT value FROM run WHERE key = 'finished'").fetchone()
+                done += bool(row and row[0])
+            except sqlite3.Error:
+                pass
+        if done == num_parts:
+            return
+        time.sleep(2.0)
+    log.warning("not every part finished within %.0f s; merging the manifests there are", timeout_s)
+
+
+def summary_table(manifest: Manifest, result: PredictResult) -> str:
+    """The end-of-run table: cases and files by status, the most common skip reasons, failures, speed."""
+    counts = manifest.counts()
+    lines = ["", "status      cases   files"]
+    for st in ("done", "skipped", "failed", "pending"):
+        lines.append(f"{st:<10}{counts['series'].get(st, 0):>6}{counts['files'].get(st, 0):>8}")
+    def kind(reason: str) -> str:
+        head, _, rest = reason.partition(": ")
+        if head == "series skipped":  # keep the rule that skipped it
+            head = f"{head}: {rest.split(' [')[0]}"
+        return head.split(" (")[0].strip()[:80]
+
+    reasons = Counter(kind(r["reason"]) for r in manifest.rows("files") if r["status"] == "skipped" and r["reason"])
+    if reasons:
+        lines.append("")
+        lines.append("files not used (most common reasons):")
+        lines += [f"  {n:>5}  {reason}" for reason, n in reasons.most_common(8)]
+    if result.failed:
+        lines.append("")
+        lines.append("failed cases:")
+        lines += [f"  {k}: {msg}" for k, msg in sorted(result.failed.items())[:20]]
+    rate = result.slices / result.seconds if result.seconds > 0 else 0.0
+    lines.append("")
+    lines.append(f"this run: {len(result.processed)} case(s) predicted ({result.slices} slices, {rate:.1f} slices/s), "
+                 f"{len(result.already_done)} already done, {len(result.failed)} failed, {result.seconds:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""Outputs of ``medseg predict`` for one case, each re-read and checked before the case counts as done.
+
+* ``mask.nii.gz`` — the class map (uint8) with an affine from the DICOM geometry (LPS → RAS). Exact
+  for a regular stack; for a gantry-tilted stack the affine is sheared (its slice axis follows the
+  slice positions), which is exact when the tilt is uniform; for irregular slice positions (missing
+  slices, uneven spacing) the third axis steps by the mean interval and ``series.json`` records the
+  largest distance between a voxel centre and its slice (``nifti.max_error_mm``): use ``seg.dcm``,
+  which is exact for every stack. NIfTI input gets the input's own affine and orientation.
+* ``seg.dcm`` — a BINARY DICOM Segmentation (highdicom): one frame per source slice and segment, in
+  source order along the normal, empty frames kept, each frame referencing its source instance
+  (and frame). UIDs derive from the source SeriesInstanceUID and the model fingerprint, and the
+  content date / time are the source series' own, so a rerun writes the same bytes.
+* ``<image stem>.png`` for PNG / TIFF input (0 = background, 1..K−1 = classes).
+* ``lesions.csv`` (:mod:`medseg.predict.lesions`), ``overlays/slice_NNNN.png``, ``series.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from medseg import __version__
+from medseg.checkpoint import atomic_write_bytes, atomic_write_text, write_rows_csv
+from medseg.data.base import DataError
+from medseg.predict.lesions import COLUMNS
+
+__all__ = ["nifti_affine", "write_csv", "write_json", "write_nifti", "write_overlays", "write_png_mask", "write_seg"]
+
+_OVERLAY_COLOUR = (0, 0, 255)
+#: patient / study attributes (type 2) a SEG copies from its source
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName")
+
+
+def nifti_affine(positions: np.ndarray, direction: np.ndarray, spacing: tuple[float, float, float],
+                 thickness: float | None = None) -> tuple[np.ndarray, float]:
+    """RAS affine of a ``(W, H, Z)`` array and the largest voxel-centre error (mm) over the slices.
+
+    The slice axis steps by ``(positions[-1] − positions[0]) / (Z − 1)``: exact for a regular stack,
+    sheared for a uniformly tilted one, a mean step for irregular positions.
+    """
+    z = len(positions)
+    _, sy, sx = spacing
+    step = (positions[-1] - positions[0]) / (z - 1) if z > 1 else direction[2] * float(thickness or spacing[0] or 1.0)
+    lps = np.eye(4)
+    lps[:3, 0] = direction[0] * sx
+    lps[:3, 1] = direction[1] * sy
+    lps[:3, 2] = step
+    lps[:3, 3] = positions[0]
+    err = float(np.abs(positions - (positions[0] + np.outer(np.arange(z), step))).max()) if z else 0.0
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, err
+
+
+def _nifti_bytes(img: Any) -> bytes:
+    """A NIfTI image as ``.nii.gz`` bytes (gzip with mtime 0: the same mask gives the same bytes)."""
+    import gzip
+
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=6, filename="") as gz:
+        gz.write(img.to_bytes())
+    return out.getvalue()
+
+
+def write_nifti(path: Path, labels: np.ndarray, affine: np.ndarray, header: Any = None) -> None:
+    """Write ``(Z, H, W)`` labels as ``(W, H, Z)`` uint8 NIfTI with ``affine`` (also qform/sform), re-read and check."""
+    import nibabel as nib
+
+    data = np.ascontiguousarray(np.transpose(labels.astype(np.uint8), (2, 1, 0)))
+    img = nib.Nifti1Image(data, affine, header=header)
+    img.set_data_dtype(np.uint8)
+    img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    atomic_write_bytes(path, _nifti_bytes(img))
+    back = nib.load(str(path))
+    if not np.array_equal(np.asanyarray(back.dataobj), data) or not np.allclose(back.affine, affine, atol=1e-4):
+        raise DataError(f"{path}: the written NIfTI does not read back as the mask")
+
+
+def write_nifti_like(path: Path, labels_canonical: np.ndarray, nifti: dict[str, Any]) -> None:
+    """A mask predicted on the canonical (RAS) volume, written in the input NIfTI's own orientation and affine."""
+    import nibabel as nib
+    from nibabel.orientations import io_orientation, ornt_transform
+
+    vol = np.moveaxis(labels_canonical, 0, nifti["axis"]).astype(np.uint8)
+    canon = nib.Nifti1Image(vol, nifti["canonical_affine"])
+    back = canon.as_reoriented(ornt_transform(io_orientation(nifti["canonical_affine"]),
+                                              io_orientation(nifti["affine"])))
+    data = np.asanyarray(back.dataobj).astype(np.uint8)
+    if tuple(data.shape) != tuple(nifti["shape"]):
+        raise DataError(f"{path}: reoriented mask {data.shape} does not match the input {nifti['shape']}")
+    img = nib.Nifti1Image(data, nifti["affine"])
+    img.set_qform(nifti["affine"], code=1)
+    img.set_sform(nifti["affine"], code=1)
+    atomic_write_bytes(path, _nifti_bytes(img))
+
+
+def write_png_mask(path: Path, labels: np.ndarray) -> None:
+    """A 2-D class map as an 8-bit PNG (0 = background, 1..K−1), re-read and checked."""
+    ok, buf = cv2.imencode(".png", labels.astype(np.uint8))
+    if not ok:
+        raise DataError(f"{path}: cannot encode the mask as PNG")
+    atomic_write_bytes(path, buf.tobytes())
+    back = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    if back is None or not np.array_equal(back, labels.astype(np.uint8)):
+        raise DataError(f"{path}: the written PNG does not read back as the mask")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``lesions.csv``: the header even when there is no lesion."""
+    if rows:
+        write_rows_csv(rows, path)
+    else:
+        atomic_write_text(path, ",".join(COLUMNS) + "\r\n")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """``series.json`` (sorted keys, ASCII only: control characters and odd text are escaped)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True, default=float) + "\n")
+
+
+def write_overlays(folder: Path, images: np.ndarray, labels: np.ndarray, rows: list[dict[str, Any]]) -> list[str]:
+    """``folder/slice_NNNN.png`` for every slice with a lesion: the windowed slice, lesion outlines, ids.
+
+    Args:
+        images: ``(Z, H, W)`` display intensities in [0, 1] on the source grid.
+        labels: ``(Z, H, W)`` class map.
+        rows: the lesion table (ids are drawn at each lesion's largest slice).
+    """
+    names = []
+    for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1)):
+        gray = (np.clip(images[k], 0, 1) * 255).astype(np.uint8)
+        rgb = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+        scale = max(1, int(np.ceil(256 / max(gray.shape))))
+        if scale > 1:
+            rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        m = cv2.resize(labels[k].astype(np.uint8), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours((m > 0).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(rgb, contours, -1, _OVERLAY_COLOUR, 1)
+        for r in rows:
+            if int(r["largest_slice"]) == int(k):
+                ys, xs = np.nonzero(labels[k])
+                cv2.putText(rgb, str(r["lesion_id"]), (int(xs.max() * scale) + 3, int(ys.min() * scale) + 10),
+                            cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1, cv2.LINE_AA)
+        name = f"slice_{int(k):04d}.png"
+        ok, buf = cv2.imencode(".png", rgb)
+        atomic_write_bytes(folder / name, buf.tobytes())
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------- DICOM SEG
+
+
+def _source_datasets(geom: Any) -> tuple[list[Any], list[int | None]]:
+    """Source headers in slice order (one per file) and the frame order the SEG pixel array needs."""
+    import pydicom
+
+    files = list(dict.fromkeys(geom.files))
+    dss = [pydicom.dcmread(p, stop_before_pixels=True, force=True) for p in files]
+    for ds in dss:  # type-2 attributes a SEG copies from its source: empty where a source lacks them
+        for kw in _TYPE2:
+            if kw not in ds:
+                setattr(ds, kw, "")
+    return dss, list(geom.frames or [None] * len(geom.files))
+
+
+def _fixed_dates(seg: Any, src: Any) -> None:
+    """Content / series dates and times from the source, so that a rerun writes the same bytes."""
+    date = str(src.get("SeriesDate") or src.get("StudyDate") or "19000101")
+    tm = str(src.get("SeriesTime") or src.get("StudyTime") or "000000")
+    for kw, val in (("ContentDate", date), ("ContentTime", tm), ("SeriesDate", date), ("SeriesTime", tm),
+                    ("InstanceCreationDate", date), ("InstanceCreationTime", tm)):
+        if kw in seg:
+            setattr(seg, kw, val)
+    for item in seg.get("ContributingEquipmentSequence") or []:
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = date + tm.split(".")[0]
+
+
+def write_seg(path: Path, labels: np.ndarray, geom: Any, num_classes: int, fingerprint: str, model_name: str
+              ) -> dict[str, Any]:
+    """Write ``labels`` ``(Z, H, W)`` as a BINARY DICOM SEG of the series, re-read it and compare.
+
+    Frames follow the source slices in order along the normal, empty frames kept; for a multi-frame
+    source the SEG has one frame per source frame, in the source's frame order.
+
+    Returns:
+        ``{"series_uid", "sop_uid", "frames"}`` of the SEG.
+
+    Raises:
+        DataError: the SEG does not read back frame for frame as ``labels`` or references other instances.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    dss, frames = _source_datasets(geom)
+    multi = any(f is not None for f in frames)
+    if multi:
+        if len(dss) != 1:
+            raise DataError("a stack built from several multi-frame files cannot be written as one SEG")
+        order = np.argsort(np.asarray(frames))  # slice order → source frame order
+        pixel = labels[order]
+    else:
+        pixel = labels
+    src_uid = str(dss[0].SeriesInstanceUID)
+    seed = [src_uid, geom.series_uid, fingerprint, str(len(frames))]
+    algo = hd.AlgorithmIdentificationSequence(name=f"medseg {model_name}"[:64], version=__version__,
+                                              family=codes.cid7162.ArtificialIntelligence)
+    descs = [hd.seg.SegmentDescription(
+        segment_number=c, segment_label=f"lesion class {c}", algorithm_type="AUTOMATIC",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion, algorithm_identification=algo,
+    ) for c in range(1, max(num_classes, 2))]
+    seg = hd.seg.Segmentation(
+        source_images=dss, pixel_array=pixel.astype(np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descs, series_instance_uid=generate_uid(entropy_srcs=[*seed, "series"]),
+        series_number=int(dss[0].get("SeriesNumber", 0) or 0) % 10000 + 9000,
+        sop_instance_uid=generate_uid(entropy_srcs=[*seed, "sop"]), instance_number=1,
+        manufacturer="medseg", manufacturer_model_name=model_name[:64] or "medseg",
+        software_versions=__version__, device_serial_number=fingerprint[:16],
+        omit_empty_frames=False, transfer_syntax_uid=ExplicitVRLittleEndian,
+        content_label="LESIONS", content_description="medseg lesion segmentation",
+    )
+    _fixed_dates(seg, dss[0])
+    if "DimensionOrganizationSequence" in seg:
+        dim_uid = generate_uid(entropy_srcs=[*seed, "dimension"])
+        for item in seg.DimensionOrganizationSequence:
+            item.DimensionOrganizationUID = dim_uid
+        for item in seg.get("DimensionIndexSequence") or []:
+            item.DimensionOrganizationUID = dim_uid
+    buf = io.BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
+    atomic_write_bytes(path, buf.getvalue())
+    _verify_seg(path, labels, geom, dss, frames, num_classes)
+    return {"series_uid": str(seg.SeriesInstanceUID), "sop_uid": str(seg.SOPInstanceUID),
+            "frames": int(seg.NumberOfFrames)}
+
+
+def _verify_seg(path: Path, labels: np.ndarray, geom: Any, dss: list[Any], frames: list[int | None],
+                num_classes: int) -> None:
+    """Re-read the SEG with highdicom and compare it with the mask, frame by frame."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(path)
+    n_seg = max(num_classes, 2) - 1
+    if int(seg.NumberOfFrames) != labels.shape[0] * n_seg:
+        raise DataError(f"{path}: {seg.NumberOfFrames} frames; expected {labels.shape[0] * n_seg} "
+                        f"(one per source slice and segment, empty frames kept)")
+    if any(f is not None for f in frames):
+        sop = str(dss[0].SOPInstanceUID)
+        back = seg.get_pixels_by_source_frame(sop, [int(f) + 1 for f in frames], combine_segments=True,
+                                              skip_overlap_checks=True)
+    else:
+        back = seg.get_pixels_by_source_instance(geom.sop_instance_uids, combine_segments=True,
+                                                 skip_overlap_checks=True)
+    if back.shape != labels.shape or not np.array_equal(np.asarray(back), labels):
+        raise DataError(f"{path}: the SEG does not read back as the mask frame by frame")
