@@ -37,6 +37,7 @@ import argparse
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
 import statistics
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out_dir = Path(args.output_dir)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     variants = [v for v in args.variants.split(",") if v]
