@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_overrides
-from tests.servers import mlflow_server, postgres_server
+from tests.mlflow_server import start_server
+from tests.servers import postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,21 +23,26 @@ def test_train_and_evaluate_against_mlflow_server_on_postgres(demo_root: Path, t
     from medseg.config import load_config
     from medseg.engine import run_training
 
-    with postgres_server() as pg_uri, mlflow_server(pg_uri, tmp_path / "artifacts") as url:
-        ov = tiny_overrides(demo_root, tmp_path / "out", **{"tracking.uri": url, "train.evaluate_splits": ["test"]})
-        result, evaluations = run_training(load_config(ROOT / "pipelines" / "quickstart.yaml", ov))
-        client = MlflowClient(tracking_uri=url)
-        run = client.get_run(result.run_id)
-        assert run.info.status == "FINISHED"
-        assert run.data.params["train.max_steps"] == "2"
-        assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [1, 2]
-        assert run.data.metrics["test/dice"] == pytest.approx(evaluations["test"]["metrics"]["dice"])
-        names = {f.path for f in client.list_artifacts(result.run_id, "evaluation")}
-        assert "evaluation/lesions_test.csv" in names
-        # artifacts went through the server into its store, not into the local output folder
-        assert list((tmp_path / "artifacts").rglob("lesions_test.csv"))
-        local = client.download_artifacts(result.run_id, "evaluation/lesions_test.csv", str(tmp_path))
-        assert Path(local).read_text() == Path(evaluations["test"]["lesions_csv"]).read_text()
+    with postgres_server() as pg_uri:
+        server = start_server(pg_uri, tmp_path / "server")  # the evaluation tests' server, on PostgreSQL
+        try:
+            url = server.uri
+            ov = tiny_overrides(demo_root, tmp_path / "out", **{"tracking.uri": url, "train.evaluate_splits": ["test"]})
+            result, evaluations = run_training(load_config(ROOT / "pipelines" / "quickstart.yaml", ov))
+            client = MlflowClient(tracking_uri=url)
+            run = client.get_run(result.run_id)
+            assert run.info.status == "FINISHED"
+            assert run.data.params["train.max_steps"] == "2"
+            assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [1, 2]
+            assert run.data.metrics["test/dice"] == pytest.approx(evaluations["test"]["metrics"]["dice"])
+            names = {f.path for f in client.list_artifacts(result.run_id, "evaluation")}
+            assert "evaluation/lesions_test.csv" in names
+            # artifacts went through the server into its store, not into the local output folder
+            assert list(server.artifacts.rglob("lesions_test.csv"))
+            local = client.download_artifacts(result.run_id, "evaluation/lesions_test.csv", str(tmp_path))
+            assert Path(local).read_text() == Path(evaluations["test"]["lesions_csv"]).read_text()
+        finally:
+            server.stop()
     # the runs live in PostgreSQL: nothing was written to a local SQLite store
     assert not (tmp_path / "out" / "mlflow.db").exists()
 
