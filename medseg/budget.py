@@ -67,10 +67,11 @@ class StepBudget:
     steps: int | None = None
     _t0: float = 0.0
     _step0: int = 0
+    _t1: float | None = None  # when the first step ended (its start-up cost is not a step's cost)
 
     def start(self, step: int) -> None:
         """Start the clock at optimizer step ``step`` (0, or where a resumed run continues)."""
-        self._t0, self._step0 = time.monotonic(), step
+        self._t0, self._step0, self._t1 = time.monotonic(), step, None
 
     def elapsed(self) -> float:
         """Seconds since :meth:`start`."""
@@ -80,6 +81,8 @@ class StepBudget:
         """Whether to convert now: the probe is done or the budget already ran out (same on every rank)."""
         if self.steps is not None:
             return False
+        if step - self._step0 == 1:
+            self._t1 = time.monotonic()
         flag = step - self._step0 >= self.probe_steps or self.elapsed() >= self.budget_s
         if dist_ready():  # rank 0's clock decides, or the ranks would leave the probe at different steps
             import torch
@@ -97,7 +100,10 @@ class StepBudget:
         count is used by every rank.
         """
         elapsed = self.elapsed()
-        step_s = (elapsed - val_s) / max(step - self._step0, 1)
+        if self._t1 is not None and step - self._step0 > 1:  # steps after the first (worker start-up, warm-up)
+            step_s = (time.monotonic() - self._t1 - val_s) / (step - self._step0 - 1)
+        else:
+            step_s = (elapsed - val_s) / max(step - self._step0, 1)
         total = min(steps_for_budget(self.budget_s, elapsed, step, step_s, val_s, steps_per_epoch, val_every), cap)
         if dist_ready():
             import torch.distributed as dist
