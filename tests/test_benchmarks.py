@@ -181,12 +181,17 @@ def test_ablation_arms_table_and_resume_key() -> None:
     assert "| neither | 2 | 0.500 ± 0.141 | 0.200 ± 0.000 | – | +0.250 ± 0.112 | 125 ± 7 |" in text
 
 
-def test_cells_benchmark_registers_monai_arm() -> None:
-    cells = _bench("cells_benchmark")
-    cells.register_monai()
+def test_cells_benchmark_registers_monai_arm(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from medseg.registry import LOSSES, MODELS
+
+    # the registrations go into copies of the registries, restored after this test: the benchmark's
+    # MONAI arm must not leak into the library's registries (tests/test_losses.py checks every loss)
+    monkeypatch.setattr(LOSSES, "_entries", dict(LOSSES._entries))
+    monkeypatch.setattr(MODELS, "_entries", dict(MODELS._entries))
+    cells = _bench("cells_benchmark")
+    cells.register_monai()
 
     net = MODELS.build("monai_basicunet", {}, in_channels=1, num_classes=2)
     logits = net(torch.zeros(1, 1, 32, 32))
