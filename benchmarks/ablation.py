@@ -248,22 +248,28 @@ def collect(output_dir: Path, arms: Sequence[Arm]) -> dict[str, list[dict[str, f
 
 def markdown(pipeline: str, found: dict[str, list[dict[str, float]]], reference: str = "full",
              columns: list[tuple[str, str, bool]] | None = None) -> str:
-    """Mean ± SD per arm and column; Δ of the main measure against ``reference`` (± its standard error)."""
+    """Mean ± SD per arm and column; Δ of the main measure against ``reference`` (± its standard error).
+
+    The table is rendered by :func:`medseg.compare.markdown_table`, the builder ``medseg compare`` and
+    ``compare_models.py`` use; its cells are the mean ± SD texts.
+    """
+    from medseg.compare import Column, markdown_table
+
     cols = columns or COLUMNS[pipeline]
     main_key, main_title, lower = cols[0]
-    head = ["arm", "seeds"] + [c[1] for c in cols] + [f"Δ {main_title} vs {reference}", "steps"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    delta = f"Δ {main_title} vs {reference}"
+    table_cols = [Column(h, h, "{}", numeric=False) for h in ["arm", "seeds", *(c[1] for c in cols), delta, "steps"]]
     ref_vals = [m[main_key] for m in found.get(reference, []) if main_key in m]
+    rows = []
     for name, runs in found.items():
-        cells = [name, str(len(runs))]
-        for key, _, _ in cols:
-            cells.append(fmt([m[key] for m in runs if key in m]))
+        row = {"arm": name, "seeds": str(len(runs))}
+        row.update({title: fmt([m[key] for m in runs if key in m]) for key, title, _ in cols})
         vals = [m[main_key] for m in runs if main_key in m]
-        cells.append("–" if name == reference else diff_with_se(vals, ref_vals))
-        cells.append(fmt([m["ablation/steps"] for m in runs if "ablation/steps" in m], 0))
-        lines.append("| " + " | ".join(cells) + " |")
+        row[delta] = "–" if name == reference else diff_with_se(vals, ref_vals)
+        row["steps"] = fmt([m["ablation/steps"] for m in runs if "ablation/steps" in m], 0)
+        rows.append(row)
     direction = "lower" if lower else "higher"
-    return "\n".join(lines) + f"\n\nMean ± standard deviation over seeds; {main_title}: {direction} is better.\n"
+    return markdown_table(rows, table_cols) + f"\nMean ± standard deviation over seeds; {main_title}: {direction} is better.\n"
 
 
 def arms_for(pipeline: str, variants: Sequence[str], seeds: Sequence[int], budget: float | None,
