@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= dev,server
 STAMP  := $(VENV)/.medseg-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install sysdeps demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,17 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/medseg train pipelines/quickstart.yaml
 
-test: install
+# system packages of the deployment test: a real PostgreSQL and docker-compose (validates docker/compose.yaml);
+# installed with apt-get when missing and running as root (CI), else the test says what to install
+sysdeps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v docker-compose >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      postgresql docker-compose >/dev/null; \
+	  else echo "note: install postgresql and docker-compose for tests/test_deployment.py"; fi; \
+	fi
+
+test: install sysdeps
 	$(VENV)/bin/ruff check medseg tests benchmarks
 	$(VENV)/bin/pytest -q
 
