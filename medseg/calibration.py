@@ -33,7 +33,7 @@ from medseg.evaluation import eval_loader, eval_target, validation_metric_names
 from medseg.inference import postprocess, predict_logits
 from medseg.metrics import MetricSuite
 from medseg.runtime import TrainingError, resolve_device
-from medseg.tracking import Tracker
+from medseg.tracking import Tracker, reopened_run
 
 log = logging.getLogger("medseg.calibration")
 
@@ -164,17 +164,7 @@ def store_operating_point(ckpt_path: Path, result: dict[str, Any]) -> None:
 
 def calibrate_run(cfg: Config, ckpt: Path, run_dir: Path, run_id: str | None, tracker: Tracker) -> dict[str, Any]:
     """After training: calibrate ``ckpt`` into the training run (its MLflow run gets the point and config)."""
-    if run_id:
-        tracker.start("", "", run_id=run_id)
-    status = "FAILED"
-    try:
+    with reopened_run(tracker, run_id):
         result = calibrate(cfg, ckpt, tracker=tracker)
         tracker.log_artifact(run_dir / "config.yaml", "config")  # the logged config carries the point too
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if run_id:
-            tracker.end(status)
     return result

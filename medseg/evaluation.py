@@ -38,7 +38,7 @@ from medseg.inference import foreground_probability, postprocess, predict_logits
 from medseg.metrics import FROC_FP_RATES, froc_key, metric_names
 from medseg.operating_point import resolve_operating_point
 from medseg.runtime import TrainingError, dist_ready, resolve_device
-from medseg.tracking import Tracker
+from medseg.tracking import Tracker, reopened_run
 
 log = logging.getLogger("medseg.evaluation")
 
@@ -336,7 +336,7 @@ def evaluate_after_training(cfg: Config, ref: str | Path, run_dir: Path, run_id:
 
     Each split's predictions go to ``<run_dir>/predictions_<split>/`` and its result to
     ``<run_dir>/metrics_<split>.json`` (also an artifact). The run is reopened per split and always
-    ends again: FINISHED, FAILED or KILLED.
+    ends again: FINISHED, FAILED or KILLED (:func:`medseg.tracking.reopened_run`).
     """
     import json
 
@@ -344,20 +344,10 @@ def evaluate_after_training(cfg: Config, ref: str | Path, run_dir: Path, run_id:
 
     evaluations: dict[str, Any] = {}
     for split in cfg.train.evaluate_splits:
-        if run_id:
-            tracker.start("", "", run_id=run_id)
-        status = "FAILED"
-        try:
+        with reopened_run(tracker, run_id):
             evaluations[split] = evaluate(cfg, ref, split, save_predictions=run_dir / f"predictions_{split}",
                                           tracker=tracker)
             path = run_dir / f"metrics_{split}.json"
             atomic_write_text(path, json.dumps(evaluations[split], indent=2, default=str))
             tracker.log_artifact(path, "evaluation")
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            if run_id:
-                tracker.end(status)
     return evaluations

@@ -7,9 +7,11 @@ under the output folder (``sqlite:///<output_dir>/mlflow.db``) with artifacts be
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +205,24 @@ def start_training_run(
         tracker.log_artifact(pipeline_path, "config")
     tracker.log_text(json.dumps({**environment_info(), **environment}, indent=2, default=str), "environment.json")
     return run_id
+
+
+@contextlib.contextmanager
+def reopened_run(tracker: Tracker, run_id: str | None) -> Iterator[None]:
+    """Reopen run ``run_id`` (when set) for a block of work; it always ends again: FINISHED, FAILED on an
+    error, KILLED on Ctrl-C (what evaluation and calibration after training log into the training run)."""
+    if run_id:
+        tracker.start("", "", run_id=run_id)
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if run_id:
+            tracker.end(status)
 
 
 def build_tracker(enabled: bool, uri: str | None, output_dir: str | Path) -> Tracker:
