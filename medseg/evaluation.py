@@ -35,9 +35,9 @@ from medseg.data.loading import ShardSampler, TransformedDataset, make_loader
 from medseg.em_metrics import ERROR_NAMES, SegmentationErrors
 from medseg.eval_suite import EvaluationSuite, Intervals
 from medseg.inference import foreground_probability, postprocess, predict_logits
-from medseg.metrics import FROC_FP_RATES, froc_key, metric_names
+from medseg.metrics import FROC_FP_RATES, _gather_objects, froc_key, metric_names
 from medseg.operating_point import resolve_operating_point
-from medseg.runtime import TrainingError, dist_ready, resolve_device
+from medseg.runtime import TrainingError, resolve_device
 from medseg.tracking import Tracker, reopened_run
 
 log = logging.getLogger("medseg.evaluation")
@@ -94,14 +94,6 @@ def eval_loader(dataset: TransformedDataset, cfg: Config, rank: int = 0, world: 
     """The loader :func:`evaluate_loader` expects: this rank's shard, batches grouped by image shape."""
     return make_loader(dataset, cfg.train, ShardSampler(len(dataset), rank, world), cfg.evaluation.batch_size,
                        pin_memory=pin_memory, by_shape=True)
-
-
-def _gather(obj: Any) -> list[Any]:
-    if not dist_ready():
-        return [obj]
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 @torch.no_grad()
@@ -181,7 +173,7 @@ def evaluate_loader(
         suite.reduce_across_ranks()
         if errors is not None:
             errors.reduce_across_ranks()
-        parts = _gather((n, losses))
+        parts = _gather_objects((n, losses))
     n = sum(p[0] for p in parts)
     if n == 0:
         return EvalResult({}, [], 0, examples)

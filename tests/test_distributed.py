@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,10 @@ import pytest
 import torch
 
 from tests.conftest import tiny_overrides
+from tests.mlflow_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "pipelines" / "quickstart.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(out: Path, demo_root: Path, nproc: int, batch_size: int) -> dict[str, torch.Tensor]:
@@ -37,7 +31,7 @@ def _run(out: Path, demo_root: Path, nproc: int, batch_size: int) -> dict[str, t
         cmd = [sys.executable, "-m", "medseg", "train", str(QUICK), *sets]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "medseg", "train",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "medseg", "train",
                str(QUICK), *sets]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

@@ -22,6 +22,7 @@ from medseg.registry import LOSSES
 from medseg.runtime import TrainingError, sample_seed
 from medseg.tracking import build_tracker
 from tests.conftest import tiny_overrides
+from tests.mlflow_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "pipelines" / "quickstart.yaml"
@@ -171,7 +172,7 @@ def test_two_process_ddp_on_cpu(demo_root: Path, tmp_path: Path) -> None:
 
     ov = tiny_overrides(demo_root, tmp_path, **{"train.max_steps": 3, "train.epochs": 1,
                                                  "train.evaluate_splits": ["test"]})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "medseg.cli", "train", str(QUICK)] + [a for o in ov for a in ("--set", o)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -325,14 +326,6 @@ def test_failure_in_evaluate_after_training_ends_the_mlflow_run(
 # ----------------------------------------------------------------------------- DDP validation
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _validate_both_splits(trainer: Trainer) -> dict[str, tuple[dict[str, float], list[dict]]]:
     """``Trainer.validate`` on its val split and on the whole data set (17 slices: uneven shards)."""
     import medseg.engine
@@ -407,7 +400,7 @@ def test_two_process_validation_equals_one_process(demo_root: Path, tmp_path: Pa
     expected = _validate_both_splits(single)
 
     # forked (not spawned): the ranks inherit this process' imports, which take most of a spawn
-    mp.start_processes(_ddp_rank, args=(2, _free_port(), ov, str(weights), str(tmp_path)), nprocs=2,
+    mp.start_processes(_ddp_rank, args=(2, free_port(), ov, str(weights), str(tmp_path)), nprocs=2,
                        start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for split, n in (("val", 2), ("all", 17)):
