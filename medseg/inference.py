@@ -268,8 +268,10 @@ def predict_logits(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
     """Logits ``(B, K, H, W)`` (float32) for images ``(B, C, H, W)``: whole-slice or sliding-window.
 
     ``inference.mode = "sliding"`` tiles the image with :func:`sliding_window` (``inference.tile_size``,
-    ``overlap``, ``blend``, ``batch_size`` tiles at a time, optional flip / scale TTA); an image
-    smaller than a tile is mirror-padded so that every tile sees real context.
+    ``overlap``, ``blend``, ``batch_size`` tiles at a time); an image smaller than a tile is
+    mirror-padded so that every tile sees real context. The test-time augmentation
+    (``inference.tta_flips``, ``inference.tta_scales``) applies in both modes: the whole slice, or each
+    tile, is predicted with its flips / at its scales and the logits are averaged.
     """
     image = image.to(device)
     inf = cfg.inference
@@ -278,7 +280,7 @@ def predict_logits(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
     amp = device.type == "cuda" and use_amp(cfg.train.amp, device)
     with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
         if inf.mode == "whole":
-            out = model(image)
+            out = _predict_tiles(model, image, inf.tta_flips, inf.tta_scales)
         elif inf.mode == "sliding":
             out = SlidingWindow.from_config(inf, device)(image, model)
         else:

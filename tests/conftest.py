@@ -32,7 +32,7 @@ def tiny_overrides(root: Path, out: Path, **extra: object) -> list[str]:
         "train.epochs": 1, "train.max_steps": 2, "train.batch_size": 2, "train.threads": 1,
         "train.num_workers": 0, "train.val_every": 1, "train.overlay_count": 2, "train.evaluate_splits": [],
         "train.device": "cpu", "train.amp": "off", "transforms.crop_size": [64, 64], "output_dir": str(out),
-        "train.time_limit_min": None, "calibration.after_training": False,
+        "train.time_limit_min": None, "calibration.after_training": False, "inference.tta_flips": False,
     }
     ov.update(extra)
     import json

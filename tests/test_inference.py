@@ -37,6 +37,23 @@ def test_sliding_window_equals_whole_slice_for_a_pointwise_model() -> None:
         torch.testing.assert_close(sliding, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_flip_tta_applies_to_whole_slices_and_to_tiles() -> None:
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 2, 3, padding=1).eval()  # a random 3x3 kernel: not flip-equivariant
+    image = torch.rand(1, 3, 40, 52)
+    with torch.no_grad():  # the mean over the four flips, computed here independently
+        expected = sum(model(image.flip(d) if d else image).flip(d) if d else model(image)
+                       for d in ([], [-1], [-2], [-2, -1])) / 4
+    plain = predict_logits(model, image, _cfg("inference.tta_flips=false"), CPU)
+    whole = predict_logits(model, image, _cfg("inference.tta_flips=true"), CPU)
+    sliding = predict_logits(model, image, _cfg("inference.tta_flips=true", "inference.mode=sliding",
+                                                "inference.tile_size=[64,64]"), CPU)
+    assert not torch.allclose(plain, expected, atol=1e-4)  # the flips do change this model's logits
+    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5)
+    # one tile over the mirror-padded image: only the image's 1-pixel rim sees other neighbours
+    torch.testing.assert_close(sliding[..., 1:-1, 1:-1], expected[..., 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+
+
 def test_crf_receives_every_context_channel_and_each_images_spacing(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
 
