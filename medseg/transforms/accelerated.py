@@ -34,9 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg.transforms.functional import spline_axis_weights
+from medseg.transforms.functional import border_cutoff, spline_axis_weights
 
-__all__ = ["DeviceAugment", "bspline_matrix", "dense_field", "random_displacements", "warp"]
+__all__ = ["DeviceAugment", "border_weight_map_torch", "bspline_matrix", "dense_field", "random_displacements",
+           "warp"]
 
 
 def bspline_matrix(points: int, extent: int, offset: int, length: int) -> np.ndarray:
@@ -127,6 +128,71 @@ def warp(
     return F.grid_sample(src, grid, mode=mode, padding_mode="reflection", align_corners=True)
 
 
+def _class_balance_torch(label: torch.Tensor) -> torch.Tensor:
+    """:func:`medseg.transforms.functional.class_balance_weights` for a batch ``(B, H, W)``, per sample."""
+    b = label.shape[0]
+    flat = label.reshape(b, -1).long()
+    k = int(flat.max().item()) + 1 if flat.numel() else 1
+    counts = torch.zeros((b, k), dtype=torch.float64, device=label.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+    present = counts > 0
+    per_class = torch.where(present, flat.shape[1] / (present.sum(1, keepdim=True) * counts.clamp_min(1)),
+                            torch.zeros_like(counts))
+    return per_class.gather(1, flat).view_as(label).float()
+
+
+def border_weight_map_torch(instance: torch.Tensor, label: torch.Tensor, w0: float = 10.0, sigma: float = 5.0,
+                            class_balance: bool = True, chunk: int = 4096) -> torch.Tensor:
+    """The U-Net border weight map of a batch, on the batch's device (exact distances, no CPU round trip).
+
+    Same definition as :func:`medseg.transforms.functional.border_weight_map` (``w_c`` plus
+    ``w0·exp(−(d1 + d2)² / 2σ²)`` on background pixels, ``d1``/``d2`` the Euclidean distances to the
+    nearest and second-nearest instance). torch has no distance transform, so the distances are
+    computed exactly from the instances' boundary pixels: the pixel of an object nearest to an
+    outside point always has a 4-neighbour outside that object, so the minimum over boundary pixels
+    (one ``scatter_reduce`` per chunk of background pixels) is the minimum over the object. Agrees
+    with the CPU map within :data:`~medseg.transforms.functional.BORDER_TOLERANCE` (the CPU drops
+    terms below it).
+
+    Args:
+        instance: ``(B, H, W)`` integer instance maps, 0 = background.
+        label: ``(B, H, W)`` integer class maps.
+        w0, sigma, class_balance: as in the CPU function.
+        chunk: background pixels per distance block (memory: ``chunk × boundary pixels`` floats).
+
+    Returns:
+        float32 ``(B, H, W)`` on the inputs' device.
+    """
+    w = _class_balance_torch(label) if class_balance else torch.ones(label.shape, device=label.device)
+    cutoff = border_cutoff(w0, sigma)
+    if cutoff == 0.0:
+        return w
+    inst = instance.long()
+    pad = F.pad(inst[:, None].float(), (1, 1, 1, 1), mode="replicate")[:, 0].long()
+    edge = ((pad[:, :-2, 1:-1] != inst) | (pad[:, 2:, 1:-1] != inst)
+            | (pad[:, 1:-1, :-2] != inst) | (pad[:, 1:-1, 2:] != inst)) & (inst > 0)
+    background = (inst == 0) & (label == 0)
+    for b in range(inst.shape[0]):
+        ids, qid = torch.unique(inst[b][edge[b]], return_inverse=True)
+        if len(ids) < 2:  # no second border
+            continue
+        q = edge[b].nonzero().to(torch.float32)  # (Q, 2), in the same row-major order as inst[b][edge[b]]
+        p = background[b].nonzero()
+        if not len(p):
+            continue
+        pf = p.to(torch.float32)
+        term = torch.empty(len(p), device=w.device)
+        for s in range(0, len(p), chunk):
+            d = torch.cdist(pf[s:s + chunk], q)  # (P, Q) Euclidean distances
+            per_obj = torch.full((d.shape[0], len(ids)), float("inf"), device=d.device)
+            per_obj.scatter_reduce_(1, qid.expand(d.shape[0], -1), d, reduce="amin", include_self=True)
+            two = per_obj.topk(2, dim=1, largest=False).values
+            ssum = two.sum(1)
+            term[s:s + chunk] = w0 * torch.exp(-(ssum * ssum) / (2.0 * sigma * sigma))
+        w[b][p[:, 0], p[:, 1]] += term
+    return w
+
+
 class DeviceAugment:
     """The training batch's augmentation on the training device (``transforms.accelerator: true``).
 
@@ -135,23 +201,20 @@ class DeviceAugment:
     :class:`~medseg.transforms.dictionary.DrawDeviceAugmentd`, seeded per sample as always, so a
     resumed run replays the same augmentation); this applies them to the whole batch at once:
     elastic warp (the field ``W_y · D · W_xᵀ`` as one ``einsum``, ``grid_sample``), flips, intensity
-    scale / shift, Gaussian noise, clipping to [0, 1], then the U-Net border weight map. The weight
-    map needs exact Euclidean distance transforms, which have no batched GPU kernel in torch: it is
-    computed on the CPU from the warped instance maps (a round trip whose cost
-    ``benchmarks/bench_augment.py`` reports).
+    scale / shift, Gaussian noise, clipping to [0, 1], then the U-Net border weight map, also on the
+    device (:func:`border_weight_map_torch`: exact distances from the objects' boundary pixels) — no
+    CPU round trip, which computed the batch's maps one after another in the training process.
 
     Args:
         cfg: the ``transforms`` config section.
     """
 
     def __init__(self, cfg: Any) -> None:
-        from medseg.transforms.dictionary import BorderWeightd
-
         self.cfg = cfg
         self.margin = device_margin(cfg)
         wm = cfg.weight_map
-        self.weight = BorderWeightd(w0=wm.w0 if wm.enabled else 0.0, sigma=wm.sigma,
-                                    class_balance=wm.class_balance and wm.enabled)
+        self.weight_args = dict(w0=wm.w0 if wm.enabled else 0.0, sigma=wm.sigma,
+                                class_balance=wm.class_balance and wm.enabled)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Augment a collated batch whose tensors are on the device; returns the batch the model trains on."""
@@ -178,10 +241,8 @@ class DeviceAugment:
                             device=image.device) for s in noise_seed.view(-1).tolist()])
             image = image + self.cfg.noise_std * noise
         out["image"] = image.clamp(0.0, 1.0)
-        # the border weight map: exact EDTs on the CPU (one round trip per batch)
-        inst, lab = out["instance"].cpu().numpy(), out["label"].cpu().numpy()
-        weights = [self.weight({"instance": inst[i], "label": lab[i]})["weight"] for i in range(b)]
-        out["weight"] = torch.from_numpy(np.stack(weights).astype(np.float32)).to(out["image"].device)
+        # the border weight map after the warp, on the device
+        out["weight"] = border_weight_map_torch(out["instance"][:, 0], out["label"][:, 0], **self.weight_args)[:, None]
         return out
 
 

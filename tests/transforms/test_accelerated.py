@@ -148,3 +148,44 @@ def test_accelerator_needs_a_crop() -> None:
 
     with pytest.raises(ConfigError, match="transforms.accelerator needs transforms.crop_size"):
         build_transforms(TransformsConfig(accelerator=True, crop_size=None), train=True)
+
+
+def _lesion_maps(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Discs, some touching, with two lesion classes."""
+    inst = np.zeros((size, size), np.int32)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(1, 6):
+        cy, cx, r = *rng.uniform(8, size - 8, 2), rng.uniform(3, 9)
+        inst[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    cy, cx = rng.uniform(12, size - 12, 2)  # a touching pair
+    inst[(yy - cy) ** 2 + (xx - cx) ** 2 <= 25] = 6
+    inst[(yy - cy) ** 2 + (xx - cx - 9) ** 2 <= 16] = 7
+    label = np.where(inst > 0, 1 + inst % 2, 0).astype(np.int64)
+    return inst, label
+
+
+@pytest.mark.parametrize("w0,class_balance", [(10.0, True), (10.0, False), (0.0, True)])
+def test_device_weight_map_equals_the_cpu_map(w0: float, class_balance: bool) -> None:
+    """Exact distances from boundary pixels on the device = the CPU's windowed EDTs (touching lesions,
+    densely packed cells, one object, none); the CPU drops terms below BORDER_TOLERANCE."""
+    from medseg.data.cells import render_cells
+    from medseg.transforms.accelerated import border_weight_map_torch
+    from medseg.transforms.functional import BORDER_TOLERANCE, border_weight_map
+
+    rng = np.random.default_rng(0)
+    cells = render_cells(rng, 128)[1][:96, :80]
+    maps = [_lesion_maps(rng, 96)[0][:, :80] for _ in range(2)]
+    samples = [(m, np.where(m > 0, 1 + m % 2, 0)) for m in maps]
+    samples.append((cells, (cells > 0).astype(np.int64)))  # cells: the membranes (0) are the background
+    one = np.zeros((96, 80), np.int32)
+    one[20:30, 30:50] = 3
+    samples += [(one, (one > 0).astype(np.int64)), (np.zeros((96, 80), np.int32), np.zeros((96, 80), np.int64))]
+    inst = torch.as_tensor(np.stack([s[0] for s in samples]))
+    label = torch.as_tensor(np.stack([s[1] for s in samples]))
+    got = border_weight_map_torch(inst, label, w0, 5.0, class_balance, chunk=1000).numpy()
+    assert got.dtype == np.float32 and got.shape == inst.shape
+    for i, (m, lab) in enumerate(samples):
+        ref = border_weight_map(m, lab, w0, 5.0, class_balance)
+        np.testing.assert_allclose(got[i], ref, rtol=1e-5, atol=2 * BORDER_TOLERANCE)
+    border = got - border_weight_map(np.zeros_like(cells), samples[2][1], 0.0, 5.0, class_balance)
+    assert (border[2].max() > 5) == (w0 > 0)  # the border term is really there between the cells
