@@ -269,15 +269,24 @@ class Trainer:
             import torch.distributed as dist
 
             dist.all_reduce(check)
-        value = float(check) / self.world
-        if not math.isfinite(value):
-            return value
+        # With loss scaling on (AMP on CUDA) the scaler already skips a step whose gradients are not
+        # finite, so the loss is read back after the step: reading it here would make the host wait
+        # for the forward pass before it could queue the backward pass (a sync the bare loop lacks).
+        deferred = self.scaler.is_enabled()
+        if not deferred:
+            value = float(check) / self.world
+            if not math.isfinite(value):
+                return value
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer)  # skipped by the scaler when a gradient is inf / NaN
         self.scaler.update()
+        if deferred:
+            value = float(check) / self.world
+            if not math.isfinite(value):  # the scaler skipped the update: the weights are untouched
+                return value
         self.scheduler.step()
         return value
 
@@ -310,7 +319,8 @@ class Trainer:
             losses.append(loss)
             seen += len(batch["image"])
             rate = seen / max(time.monotonic() - tick, 1e-9)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            # refresh=False: redrawn at tqdm's own pace (mininterval), not forced on every step
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
             if self.step % t.log_every == 0 or self.step == 1 or self.batch_in_epoch == n_batches:
                 self.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/images_per_s": rate}, self.step)
             if self.budget is not None and self.budget.due(self.step):

@@ -224,16 +224,24 @@ def sliding_window(
         raise ValueError(f"output must be logits or labels, got {output!r}")
     b, _, h, w = image.shape
     labels: torch.Tensor | None = None
-    prob = torch.empty(b, h, w, dtype=torch.float32) if probabilities else None
+    prob: torch.Tensor | None = None
+    cuda: torch.device | None = None
     for y0, y1, band in bands:
         if labels is None:
-            labels = torch.empty(b, h, w, dtype=torch.uint8 if band.shape[1] <= 256 else torch.int64)
+            # on CUDA: pinned host buffers and asynchronous copies, one synchronisation at the end (a
+            # blocking copy per band would make the GPU wait while the next band's tiles are queued)
+            cuda = band.device if band.is_cuda else None
+            labels = torch.empty(b, h, w, dtype=torch.uint8 if band.shape[1] <= 256 else torch.int64,
+                                 pin_memory=cuda is not None)
+            prob = torch.empty(b, h, w, dtype=torch.float32, pin_memory=cuda is not None) if probabilities else None
         if prob is not None:
             p, lab = torch.softmax(band, 1).max(1)
-            prob[:, y0:y1] = p.cpu()
+            prob[:, y0:y1].copy_(p, non_blocking=cuda is not None)
         else:
             lab = band.max(1).indices  # torch's CPU argmax over a non-inner dim is ~16× slower
-        labels[:, y0:y1] = lab.to("cpu", labels.dtype)
+        labels[:, y0:y1].copy_(lab.to(labels.dtype), non_blocking=cuda is not None)
+    if cuda is not None:
+        torch.cuda.current_stream(cuda).synchronize()
     return labels, prob
 
 

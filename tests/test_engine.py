@@ -139,9 +139,12 @@ class _NanAfter(torch.nn.Module):
         return loss * float("nan") if self.calls >= 3 else loss
 
 
+@pytest.mark.parametrize("loss_scaling", [False, True])
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
-    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loss_scaling: bool
 ) -> None:
+    """Without loss scaling the loss is checked before the backward pass; with it (AMP on CUDA, here a
+    CPU GradScaler) it is read after the step, which the scaler skips: either way no weight changes."""
     monkeypatch.setitem(LOSSES._entries, "test_nan_after_2", _NanAfter)  # registered for this test only
     ov = tiny_overrides(demo_root, tmp_path, **{"loss.name": "test_nan_after_2", "loss.params": {},
                                                  "train.max_steps": 5, "train.epochs": 5,
@@ -149,11 +152,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     cfg = load_config(QUICK, ov)
     tracker = build_tracker(True, None, cfg.output_dir)
     trainer = Trainer(cfg, tracker)
+    if loss_scaling:
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, enabled=True)
     with pytest.raises(TrainingError, match=r"non-finite loss.*step 3.*last good checkpoint"):
         trainer.fit()
     last = torch.load(trainer.ckpt_dir / "last.pt", weights_only=False)
     assert last["step"] == 2  # the state before the bad step
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    for name, p in trainer.net.named_parameters():  # the bad step updated nothing in memory either
+        assert torch.equal(p.detach().cpu(), last["model"][name]), name
     assert tracker.client.get_run(trainer.run_id).info.status == "FAILED"
 
 
