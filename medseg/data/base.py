@@ -154,13 +154,9 @@ def resample_sample(sample: dict[str, Any], target_mm: float | None) -> dict[str
     ).astype(np.float32)
     for key in ("label", "instance", "truth"):
         if key in sample and sample[key] is not None:
-            arr = sample[key]
-            out[key] = np.stack(
-                [
-                    cv2.resize(c.astype(np.float32), (nw, nh), interpolation=cv2.INTER_NEAREST)
-                    for c in arr
-                ]
-            ).astype(arr.dtype)
+            # centre-aligned like the linearly resampled image (cv2's INTER_NEAREST is not: it moved
+            # the masks up to a pixel towards the origin, a boundary the model then learned blurred)
+            out[key] = nearest_resize(np.asarray(sample[key]), (nh, nw))
     meta = dict(sample["meta"])
     meta["native_spacing"] = [sy, sx]
     meta["source_shape"] = [int(h), int(w)]
@@ -187,9 +183,18 @@ def to_source_grid(mask: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     mask = np.asarray(mask)
     if not shape or tuple(mask.shape[-2:]) == tuple(shape):
         return mask
-    h, w = (int(v) for v in shape)
+    return nearest_resize(mask, (int(shape[0]), int(shape[1])))
+
+
+def nearest_resize(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``mask`` ``(..., H, W)`` resized to ``shape`` by nearest neighbour with pixel centres aligned.
+
+    Output pixel ``y`` takes the input pixel under its centre, ``(y + 0.5) · H / h`` — the alignment
+    of OpenCV's ``INTER_LINEAR`` (and of MONAI / PyTorch with ``align_corners=False``), so a mask
+    stays on its linearly resampled image. Keeps the dtype.
+    """
+    h, w = shape
     mh, mw = mask.shape[-2:]
-    # source pixel y has its centre at (y + 0.5) · mh / h sample pixels
     ys = np.minimum(((np.arange(h) + 0.5) * mh / h).astype(np.int64), mh - 1)
     xs = np.minimum(((np.arange(w) + 0.5) * mw / w).astype(np.int64), mw - 1)
     return mask[..., ys[:, None], xs]
