@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,6 +74,30 @@ RESUME_OVERRIDES = {
 }
 
 
+def _train_and_kill(ov: list[str], out: Path, when: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any], int]:
+    """``medseg train`` on the quick start with ``ov`` in a subprocess, killed with SIGKILL as soon as its
+    ``last.pt`` under ``out`` satisfies ``when(checkpoint)``; returns that checkpoint and the exit code."""
+    cmd = [sys.executable, "-m", "medseg.cli", "train", str(QUICK)] + [a for o in ov for a in ("--set", o)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    killed: dict[str, Any] | None = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and killed is None:
+            for last in out.glob("quickstart/*/checkpoints/last.pt"):
+                try:
+                    ck = torch.load(last, map_location="cpu", weights_only=False)
+                except Exception:  # noqa: BLE001 — never happens with atomic saves, but do not fail the poll
+                    continue
+                if when(ck):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed = ck
+            time.sleep(0.02)
+    finally:
+        proc.wait(timeout=60)
+    assert killed is not None, "the run finished before it could be killed"
+    return killed, proc.returncode
+
+
 @pytest.mark.slow
 def test_kill_and_resume_gives_identical_weights(demo_root: Path, tmp_path: Path) -> None:
     # reference: one uninterrupted run
@@ -82,24 +108,9 @@ def test_kill_and_resume_gives_identical_weights(demo_root: Path, tmp_path: Path
     # the same run in a subprocess, killed with SIGKILL after its 3rd checkpointed step
     out = tmp_path / "killed"
     ov = tiny_overrides(demo_root, out, **RESUME_OVERRIDES)
-    cmd = [sys.executable, "-m", "medseg.cli", "train", str(QUICK)] + [a for o in ov for a in ("--set", o)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    killed_at = None
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            for last in out.glob("quickstart/*/checkpoints/last.pt"):
-                step = torch.load(last, map_location="cpu", weights_only=False)["step"]
-                if 3 <= step < 12:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed_at = step
-            if killed_at is not None:
-                break
-            time.sleep(0.02)
-    finally:
-        proc.wait(timeout=60)
-    assert killed_at is not None, "the run finished before it could be killed"
-    assert proc.returncode == -signal.SIGKILL
+    ck, returncode = _train_and_kill(ov, out, lambda ck: 3 <= ck["step"] < 12)
+    killed_at = ck["step"]
+    assert returncode == -signal.SIGKILL
     (run_dir,) = list(out.glob("quickstart/*"))
     first_run_id = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["run_id"]
 
@@ -466,26 +477,8 @@ def test_kill_and_resume_of_a_time_budget_run_is_identical(
     """The measured step count is stored in the checkpoint and reused: kill -9 + resume ends bit-identical."""
     out = tmp_path / "killed"
     ov = tiny_overrides(demo_root, out, **BUDGET_OVERRIDES, **{"train.checkpoint_every_steps": 1})
-    cmd = [sys.executable, "-m", "medseg.cli", "train", str(QUICK)] + [a for o in ov for a in ("--set", o)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    killed_at = budget = None
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            for last in out.glob("quickstart/*/checkpoints/last.pt"):
-                try:
-                    ck = torch.load(last, map_location="cpu", weights_only=False)
-                except Exception:  # noqa: BLE001 — never happens with atomic saves, but do not fail the poll
-                    continue
-                if ck["budget_steps"] is not None and ck["step"] < ck["budget_steps"]:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed_at, budget = ck["step"], ck["budget_steps"]
-            if killed_at is not None:
-                break
-            time.sleep(0.02)
-    finally:
-        proc.wait(timeout=60)
-    assert killed_at is not None, "the run finished before it could be killed"
+    ck, _ = _train_and_kill(ov, out, lambda ck: ck["budget_steps"] is not None and ck["step"] < ck["budget_steps"])
+    killed_at, budget = ck["step"], ck["budget_steps"]
     (run_dir,) = list(out.glob("quickstart/*"))
 
     resumed, _ = run_training(load_config(QUICK, ov), resume=run_dir, overrides=[])
