@@ -275,7 +275,7 @@ def markdown(pipeline: str, found: dict[str, list[dict[str, float]]], reference:
 def arms_for(pipeline: str, variants: Sequence[str], seeds: Sequence[int], budget: float | None,
              extra: Sequence[str]) -> list[Arm]:
     """The ablation's arms of one pipeline."""
-    return [Arm(pipeline, v, s, tuple(VARIANTS[v]), budget, tuple(extra)) for v in variants for s in seeds]
+    return [Arm(pipeline, v, s, tuple(VARIANTS[v]), budget, tuple(extra)) for s in seeds for v in variants]
 
 
 def write_atomic(path: str | Path, text: str) -> None:

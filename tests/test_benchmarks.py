@@ -170,7 +170,9 @@ def test_ablation_arms_table_and_resume_key() -> None:
     again = ablation.arms_for("cells", ["full"], [0], 8.0, [])[0]
     assert again.key == arms[0].key  # the same arm is found again (resume)
     assert ablation.arms_for("cells", ["full"], [0], 4.0, [])[0].key != arms[0].key  # another budget: another arm
-    ov = arms[3].all_overrides(Path("out"))
+    # seed-major order: an interrupted ablation has every variant at the seeds it reached
+    assert [(a.variant, a.seed) for a in arms[:3]] == [("full", 0), ("neither", 0), ("full", 1)]
+    ov = arms[1].all_overrides(Path("out"))
     assert "train.seed=0" in ov and "train.time_limit_min=8.0" in ov and "transforms.weight_map.w0=0" in ov
     found = {"full": [{"test/rand_error": 0.2, "test/pixel_error": 0.1, "ablation/steps": 100.0},
                       {"test/rand_error": 0.3, "test/pixel_error": 0.1, "ablation/steps": 110.0}],
