@@ -168,37 +168,90 @@ def finished_run(client: Any, key: str) -> Any | None:
     return runs[0] if runs else None
 
 
-def run_arm(arm: Arm, output_dir: Path) -> str:
-    """Train, calibrate and evaluate one arm (unless already finished); returns its MLflow run id."""
-    from mlflow.tracking import MlflowClient
+def calibration_key(cfg: Any) -> str:
+    """A hash of the pipeline's calibration grid: a finished arm calibrated on another grid is recalibrated."""
+    c = cfg.calibration
+    blob = json.dumps([[float(t) for t in c.thresholds], [float(m) for m in c.min_object_mm2], c.metric, c.mode])
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
+
+def arm_config(arm: Arm, output_dir: Path) -> tuple[Any, list[str]]:
+    """The arm's config (test is always among ``train.evaluate_splits``) and its ``--set`` list."""
     from medseg.config import load_config
-    from medseg.engine import run_training
 
-    client = MlflowClient(tracking_uri=tracking_uri(output_dir))
-    done = finished_run(client, arm.key)
-    if done is not None:
-        print(f"   already done: run {done.info.run_id[:8]}", flush=True)
-        return done.info.run_id
     overrides = arm.all_overrides(output_dir)
     cfg = load_config(PIPELINES[arm.pipeline], overrides)
     if "test" not in cfg.train.evaluate_splits:
         overrides.append("train.evaluate_splits=[test]")
         cfg = load_config(PIPELINES[arm.pipeline], overrides)
+    return cfg, overrides
+
+
+def log_arm_metrics(client: Any, run_id: str, cfg: Any, evaluations: dict[str, Any]) -> None:
+    """Log the touching / isolated lesion groups of the test evaluation (lesion pipelines only)."""
+    if cfg.metrics.lesion_metrics and "test" in evaluations:
+        with open(evaluations["test"]["lesions_csv"], newline="") as f:
+            rows = list(csv.DictReader(f))
+        for k, v in group_metrics(rows, lesion_groups(cfg)).items():
+            client.log_metric(run_id, f"test/{k}", v)
+
+
+def recalibrate(client: Any, run: Any, cfg: Any) -> bool:
+    """Choose a finished arm's operating point again on the current grid (val) and re-evaluate it on test.
+
+    Training is the expensive part of an arm; the operating point is not. When a pipeline's
+    ``calibration`` grid changes, the finished runs are recalibrated from their checkpoints instead of
+    retrained: ``medseg calibrate``'s choice on the val split, then the test evaluation, both logged
+    into the arm's MLflow run (the newest value of each metric is what the table reads). Returns False
+    (and says why) when the run's folder is gone.
+    """
+    from medseg.calibration import calibrate_run, checkpoint_path
+    from medseg.evaluation import evaluate_after_training
+    from medseg.tracking import build_tracker
+
+    run_id = run.info.run_id
+    run_dir = Path(run.data.tags.get("medseg.run_dir", ""))
+    if not run.data.tags.get("medseg.run_dir") or not run_dir.is_dir():
+        print(f"   run {run_id[:8]}: its folder {run_dir} is gone; kept its old operating point", flush=True)
+        return False
+    ckpt = checkpoint_path(run_dir)
+    tracker = build_tracker(True, cfg.tracking.uri, cfg.output_dir)
+    point = calibrate_run(cfg, ckpt, run_dir, run_id, tracker)
+    evaluations = evaluate_after_training(cfg, ckpt, run_dir, run_id, tracker)
+    log_arm_metrics(client, run_id, cfg, evaluations)
+    client.set_tag(run_id, "ablation_calibration", calibration_key(cfg))
+    print(f"   recalibrated run {run_id[:8]}: threshold {point['threshold']} (val {point['metric']} "
+          f"{point['score']:.4f})", flush=True)
+    return True
+
+
+def run_arm(arm: Arm, output_dir: Path) -> str:
+    """Train, calibrate and evaluate one arm (unless already finished); returns its MLflow run id.
+
+    A finished arm whose operating point was chosen on another calibration grid than the
+    pipeline's current one is recalibrated (:func:`recalibrate`), not retrained.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from medseg.engine import run_training
+
+    client = MlflowClient(tracking_uri=tracking_uri(output_dir))
+    cfg, overrides = arm_config(arm, output_dir)
+    done = finished_run(client, arm.key)
+    if done is not None:
+        print(f"   already done: run {done.info.run_id[:8]}", flush=True)
+        if done.data.tags.get("ablation_calibration") != calibration_key(cfg):
+            recalibrate(client, done, cfg)
+        return done.info.run_id
     result, evaluations = run_training(cfg, pipeline_path=PIPELINES[arm.pipeline])
     run_id = result.run_id
     if run_id is None:
         raise SystemExit("the ablation needs MLflow tracking (tracking.enabled: true)")
-    extra: dict[str, float] = {"ablation/steps": float(result.steps_done)}
-    if cfg.metrics.lesion_metrics and "test" in evaluations:
-        with open(evaluations["test"]["lesions_csv"], newline="") as f:
-            rows = list(csv.DictReader(f))
-        extra.update({f"test/{k}": v for k, v in group_metrics(rows, lesion_groups(cfg)).items()})
-    for k, v in extra.items():
-        client.log_metric(run_id, k, v)
+    client.log_metric(run_id, "ablation/steps", float(result.steps_done))
+    log_arm_metrics(client, run_id, cfg, evaluations)
     client.log_text(run_id, "\n".join(overrides), "ablation/overrides.txt")
     for k, v in {"ablation_pipeline": arm.pipeline, "ablation_variant": arm.variant,
-                 "ablation_seed": str(arm.seed)}.items():
+                 "ablation_seed": str(arm.seed), "ablation_calibration": calibration_key(cfg)}.items():
         client.set_tag(run_id, k, v)
     client.set_tag(run_id, "ablation_key", arm.key)  # last: only a complete arm is ever skipped
     return run_id

@@ -69,6 +69,17 @@ def _candidates(cfg: Config) -> list[tuple[list[float] | None, float]]:
     return [(t, m) for t in thresholds for m in sizes]
 
 
+def grid_edge(threshold: list[float] | None, grid: list[float]) -> str | None:
+    """``"smallest"`` / ``"largest"`` when the chosen threshold is at that end of a grid of 3+ values, else None.
+
+    A best value at the end of the grid means the search stopped short: the optimum may lie beyond.
+    """
+    if not threshold or len(grid) < 3:
+        return None
+    t = threshold[0]
+    return "smallest" if t <= min(grid) else "largest" if t >= max(grid) else None
+
+
 def _better(a: float, b: float | None, mode: str) -> bool:
     if not math.isfinite(a):
         return False
@@ -86,8 +97,10 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
         write: store the point in the checkpoint and the run folder's ``config.yaml``.
 
     Returns:
-        ``{"threshold", "min_object_mm2", "metric", "score", "argmax_score", "grid", "checkpoint"}``;
-        ``grid`` holds one ``{"threshold", "min_object_mm2", <metric>}`` row per candidate.
+        ``{"threshold", "min_object_mm2", "metric", "score", "argmax_score", "grid", "checkpoint",
+        "at_grid_edge"}``; ``grid`` holds one ``{"threshold", "min_object_mm2", <metric>}`` row per
+        candidate; ``at_grid_edge`` is true (and a warning is logged) when the chosen threshold is the
+        grid's smallest or largest value.
     """
     from medseg.transforms import build_transforms
 
@@ -137,6 +150,12 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
               "score": best_value, "argmax_score": argmax, "grid": grid, "checkpoint": str(ckpt_path)}
     log.info("operating point on %s: threshold %s, min object %.1f mm² → %s %.4f (argmax %.4f)", SPLIT,
              result["threshold"], min_mm2, c.metric, best_value if best_value is not None else math.nan, argmax)
+    edge = grid_edge(threshold, [float(t) for t in c.thresholds])
+    result["at_grid_edge"] = edge is not None
+    if edge is not None:
+        log.warning("calibrate: the best threshold %g is the %s value of calibration.thresholds %s — the best "
+                    "operating point may lie beyond it: widen the grid (--set calibration.thresholds=[...]) "
+                    "and calibrate again", threshold[0] if threshold else math.nan, edge, list(c.thresholds))
     if write:
         store_operating_point(ckpt_path, result)
     if tracker is not None:

@@ -183,6 +183,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"\noperating point (val split): threshold {result['threshold'] or 'argmax'}, "
           f"min object {result['min_object_mm2']:g} mm² → {result['metric']} {result['score']:.4f} "
           f"(argmax, no size filter: {result['argmax_score']:.4f})")
+    if result.get("at_grid_edge"):
+        print("warning:      the chosen threshold is at the end of calibration.thresholds; the best point may "
+              "lie beyond it: widen the grid and calibrate again")
     print(f"stored in:    {result['checkpoint']} (and its run's config.yaml); override with --set "
           f"inference.threshold=... / inference.min_object_mm2=...")
     return 0

@@ -218,7 +218,7 @@ class CalibrationConfig:
     metric: str = "dice"
     mode: Literal["max", "min"] = "max"
     #: foreground probability thresholds tried (the same for every foreground class)
-    thresholds: list[float] = field(default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(13)])
+    thresholds: list[float] = field(default_factory=lambda: [round(0.1 + 0.05 * i, 2) for i in range(17)])
     #: minimum object sizes tried, in mm²
     min_object_mm2: list[float] = field(default_factory=lambda: [0.0, 10.0, 25.0, 50.0, 100.0])
 

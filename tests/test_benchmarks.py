@@ -183,6 +183,19 @@ def test_ablation_arms_table_and_resume_key() -> None:
     assert "| neither | 2 | 0.500 ± 0.141 | 0.200 ± 0.000 | – | +0.250 ± 0.112 | 125 ± 7 |" in text
 
 
+def test_ablation_recalibrates_when_the_calibration_grid_changes() -> None:
+    ablation = _bench("ablation")
+    cfg, overrides = ablation.arm_config(ablation.arms_for("cells", ["full"], [0], 8.0, [])[0], Path("out"))
+    assert "train.evaluate_splits=[test]" in overrides or "test" in cfg.train.evaluate_splits
+    key = ablation.calibration_key(cfg)
+    assert key == ablation.calibration_key(cfg)  # stable: a finished arm on the same grid is left alone
+    cfg.calibration.thresholds = [*cfg.calibration.thresholds, 0.95]
+    assert ablation.calibration_key(cfg) != key  # a widened grid: the arm is recalibrated, not retrained
+    cfg.calibration.thresholds = cfg.calibration.thresholds[:-1]
+    cfg.calibration.metric = "pixel_error"
+    assert ablation.calibration_key(cfg) != key
+
+
 def test_cells_benchmark_registers_monai_arm(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 

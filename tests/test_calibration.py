@@ -115,3 +115,14 @@ def test_stored_operating_point_is_applied_identically_by_evaluate_and_predictor
                  "--set", "calibration.min_object_mm2=[0]", *[a for o in eval_ov for a in ("--set", o)]]) == 0
     assert "operating point (val split): threshold [0.7]" in capsys.readouterr().out
     assert torch.load(result.best_checkpoint, weights_only=False)["operating_point"]["threshold"] == [0.7]
+
+
+def test_a_best_threshold_at_the_end_of_the_grid_is_flagged() -> None:
+    from medseg.calibration import grid_edge
+
+    grid = [0.2, 0.3, 0.4, 0.5]
+    assert grid_edge([0.2], grid) == "smallest"
+    assert grid_edge([0.5, 0.5], grid) == "largest"
+    assert grid_edge([0.3], grid) is None and grid_edge([0.4], grid) is None
+    assert grid_edge([], grid) is None  # argmax chosen: nothing to widen
+    assert grid_edge([0.5], [0.5, 0.6]) is None  # a grid of two values has no inside to compare with
