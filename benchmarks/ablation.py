@@ -19,7 +19,9 @@ calibrated and evaluated, the run gets the tags ``ablation_pipeline``, ``ablatio
 ``ablation_seed`` and, last, ``ablation_key`` (a hash of pipeline, variant, seed, budget and extra
 overrides). A rerun of the same command skips every arm whose key has a FINISHED run, so an
 interrupted ablation resumes where it stopped; the table is built from MLflow alone
-(``--table-only``). Rows give mean ± standard deviation over seeds (n = seeds found) and, for the
+(``--table-only``). A finished arm is recalibrated and re-evaluated from its checkpoint, not retrained,
+when the pipeline's calibration grid has changed since it ran, or with ``--refresh`` (after a measure
+was added). Rows give mean ± standard deviation over seeds (n = seeds found) and, for the
 pipeline's main measure, the difference to ``full`` with its standard error — a difference smaller
 than about two standard errors is not one the runs can tell from seed noise.
 
@@ -68,6 +70,7 @@ COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
                    ("test/hd95", "HD95 (mm)", True)],
     "cells": [("test/rand_error", "Rand error", True),
               ("test/pixel_error", "pixel error", True),
+              ("test/split_merge_error", "split/merge error", True),
               ("test/dice", "cell Dice", False)],
 }
 
@@ -225,11 +228,12 @@ def recalibrate(client: Any, run: Any, cfg: Any) -> bool:
     return True
 
 
-def run_arm(arm: Arm, output_dir: Path) -> str:
+def run_arm(arm: Arm, output_dir: Path, refresh: bool = False) -> str:
     """Train, calibrate and evaluate one arm (unless already finished); returns its MLflow run id.
 
     A finished arm whose operating point was chosen on another calibration grid than the
-    pipeline's current one is recalibrated (:func:`recalibrate`), not retrained.
+    pipeline's current one — or every finished arm with ``refresh`` (``--refresh``: e.g. after a
+    measure was added) — is recalibrated and re-evaluated (:func:`recalibrate`), not retrained.
     """
     from mlflow.tracking import MlflowClient
 
@@ -240,7 +244,7 @@ def run_arm(arm: Arm, output_dir: Path) -> str:
     done = finished_run(client, arm.key)
     if done is not None:
         print(f"   already done: run {done.info.run_id[:8]}", flush=True)
-        if done.data.tags.get("ablation_calibration") != calibration_key(cfg):
+        if refresh or done.data.tags.get("ablation_calibration") != calibration_key(cfg):
             recalibrate(client, done, cfg)
         return done.info.run_id
     result, evaluations = run_training(cfg, pipeline_path=PIPELINES[arm.pipeline])
@@ -349,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=str(ROOT / "outputs" / "ablation"))
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (train.threads)")
     p.add_argument("--table-only", action="store_true", help="only rebuild the table from MLflow")
+    p.add_argument("--refresh", action="store_true",
+                   help="recalibrate and re-evaluate every finished arm from its checkpoint (no retraining)")
     p.add_argument("--out", default=None, help="also write the table(s) to this markdown file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for every arm (part of the arm's identity)")
@@ -373,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.table_only:
             for i, arm in enumerate(arms, 1):  # one after another: arms never share the CPU
                 print(f"== {pipeline} {arm.variant} seed {arm.seed} ({i}/{len(arms)})", flush=True)
-                run_arm(arm, out_dir)
+                run_arm(arm, out_dir, refresh=args.refresh)
         budget = f"{args.budget_min} min" if args.budget_min is not None else "the pipeline's time limit"
         texts.append(f"### {pipeline} (budget {budget} per arm, seeds {args.seeds})\n\n"
                      + markdown(pipeline, collect(out_dir, arms)))

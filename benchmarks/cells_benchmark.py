@@ -14,15 +14,18 @@ learning rate at the budget) with ``--seeds`` (default 0, 1, 2), one arm after a
   elastic deformation; DiceCE ignores the weight map), calibrated and evaluated the same way.
 
 Every arm is chosen an operating point on the val split (``calibration.after_training``) and scored
-on the test images with pixel error and Rand error (the ISBI 2012 measures; lower is better). Runs
-are found again in MLflow by their ``ablation_key`` tag (see ``ablation.py``), so the command
-resumes where it stopped and ``--table-only`` rebuilds the table.
+on the test images with pixel error and Rand error (the ISBI 2012 measures; lower is better) and the
+split/merge error (the Rand error over the pixels both call cell: fused or cut cells only, blind to
+membrane width; ``medseg.em_metrics``). Runs are found again in MLflow by their ``ablation_key`` tag
+(see ``ablation.py``), so the command resumes where it stopped, ``--table-only`` rebuilds the table
+and ``--refresh`` recalibrates and re-evaluates the finished runs without retraining.
 
 Usage::
 
     python benchmarks/cells_benchmark.py                      # 3 arms × 3 seeds × 8 min ≈ 1.5 h
     python benchmarks/cells_benchmark.py --budget-min 0.33 --seeds 0    # a smoke run
     python benchmarks/cells_benchmark.py --table-only
+    python benchmarks/cells_benchmark.py --refresh      # new measures / grid on the trained runs, ≈ 5 min
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default=str(ablation.ROOT / "outputs" / "ablation"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--refresh", action="store_true",
+                   help="recalibrate and re-evaluate every finished arm from its checkpoint (no retraining)")
     p.add_argument("--out", default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [a for runs in plan.values() for a in runs]
         for i, arm in enumerate(todo, 1):
             print(f"== cells {arm.variant} seed {arm.seed} ({i}/{len(todo)})", flush=True)
-            ablation.run_arm(arm, out_dir)
+            ablation.run_arm(arm, out_dir, refresh=args.refresh)
     found = {label: ablation.collect(out_dir, runs).get(runs[0].variant, []) for label, runs in plan.items()}
     text = (f"### cells: {args.budget_min} min per run, seeds {args.seeds}\n\n"
             + ablation.markdown("cells", found, reference="medseg cells pipeline"))

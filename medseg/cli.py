@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         m = ev["metrics"]
         print(f"{split}: " + ", ".join(_with_interval(m, k) for k in ("dice", "lesion_dice", "lesion_sensitivity",
                                                                       "roi_dice", "froc_sens_fp1", "pixel_error",
-                                                                      "rand_error") if k in m))
+                                                                      "rand_error", "split_merge_error") if k in m))
     print(f"run folder:   {result.run_dir}")
     print(f"checkpoint:   {result.best_checkpoint or result.last_checkpoint}")
     if result.run_id:

@@ -1,6 +1,6 @@
 """The ISBI 2012 (EM segmentation challenge) measures: pixel error and Rand error.
 
-``metrics.segmentation_errors: true`` adds two keys to validation and ``medseg evaluate``:
+``metrics.segmentation_errors: true`` adds three keys to validation and ``medseg evaluate``:
 
 * ``pixel_error`` — the fraction of pixels whose class is wrong (1 − pixel accuracy, over all
   images' pixels together);
@@ -8,8 +8,15 @@
   F-score) between the true instances (each cell its own id; true background / membrane pixels
   are ignored, as in the challenge) and the predicted objects, the connected components of the
   predicted foreground (``metrics.connectivity``); one value per image, averaged over images.
+  Every predicted-membrane pixel inside a true cell belongs to one segment, the predicted
+  background, so membranes drawn a pixel too wide raise it as if cells were merged;
+* ``split_merge_error`` — the same adapted Rand error over only the pixels that both the truth and
+  the prediction call foreground: it counts merged and split cells and is blind to how wide the
+  predicted membranes are (the two measures apart tell "cells fused" from "membranes too thick").
+  Not a measure to choose an operating point by alone: less predicted foreground leaves it fewer
+  pixels to be wrong on.
 
-Both are errors: lower is better (``train.monitor_mode: min``, ``calibration.mode: min``).
+All three are errors: lower is better (``train.monitor_mode: min``, ``calibration.mode: min``).
 
 Example:
     >>> errors = SegmentationErrors(connectivity=1)
@@ -26,9 +33,9 @@ from scipy import ndimage
 
 from medseg.runtime import dist_ready
 
-__all__ = ["ERROR_NAMES", "SegmentationErrors", "rand_error"]
+__all__ = ["ERROR_NAMES", "SegmentationErrors", "rand_error", "split_merge_error"]
 
-ERROR_NAMES = ("pixel_error", "rand_error")
+ERROR_NAMES = ("pixel_error", "rand_error", "split_merge_error")
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -46,6 +53,24 @@ def rand_error(pred: np.ndarray, true_instance: np.ndarray, connectivity: int = 
     if not (true > 0).any():
         return float("nan")
     return float(adapted_rand_error(true, objects.astype(np.int64), ignore_labels=(0,))[0])
+
+
+def split_merge_error(pred: np.ndarray, true_instance: np.ndarray, connectivity: int = 2) -> float:
+    """Adapted Rand error over the pixels both maps call foreground: merges and splits, not membrane width.
+
+    The predicted objects are the components of ``pred > 0`` as in :func:`rand_error`; pixels the
+    prediction calls background are left out as well as those the truth does. NaN when no pixel is
+    foreground in both.
+    """
+    from skimage.metrics import adapted_rand_error
+
+    structure = ndimage.generate_binary_structure(2, connectivity)
+    objects, _ = ndimage.label(np.asarray(pred) > 0, structure=structure)
+    true = np.asarray(true_instance).astype(np.int64)
+    both = (true > 0) & (objects > 0)
+    if not both.any():
+        return float("nan")
+    return float(adapted_rand_error(true[both], objects[both].astype(np.int64), ignore_labels=())[0])
 
 
 class SegmentationErrors:
@@ -69,6 +94,7 @@ class SegmentationErrors:
         self._wrong = 0
         self._pixels = 0
         self._rand: list[float] = []
+        self._split_merge: list[float] = []
 
     def update(self, pred: Any, label: Any, instance: Any | None = None) -> None:
         """Add a batch: ``(B, H, W)`` predicted classes, true classes and (optional) true instances."""
@@ -81,6 +107,9 @@ class SegmentationErrors:
             value = rand_error(p[b], true, self.connectivity)
             if np.isfinite(value):
                 self._rand.append(value)
+            value = split_merge_error(p[b], true, self.connectivity)
+            if np.isfinite(value):
+                self._split_merge.append(value)
 
     def reduce_across_ranks(self) -> None:
         """Combine every rank's counts (DDP); a no-op otherwise."""
@@ -89,16 +118,19 @@ class SegmentationErrors:
         import torch.distributed as dist
 
         parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (self._wrong, self._pixels, self._rand))
+        dist.all_gather_object(parts, (self._wrong, self._pixels, self._rand, self._split_merge))
         self._wrong = sum(p[0] for p in parts)
         self._pixels = sum(p[1] for p in parts)
         self._rand = [v for p in parts for v in p[2]]
+        self._split_merge = [v for p in parts for v in p[3]]
 
     def compute(self) -> dict[str, float]:
-        """``pixel_error`` and ``rand_error`` (keys present only where defined)."""
+        """``pixel_error``, ``rand_error`` and ``split_merge_error`` (keys present only where defined)."""
         out: dict[str, float] = {}
         if self._pixels:
             out["pixel_error"] = self._wrong / self._pixels
         if self._rand:
             out["rand_error"] = float(np.mean(self._rand))
+        if self._split_merge:
+            out["split_merge_error"] = float(np.mean(self._split_merge))
         return out

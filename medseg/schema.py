@@ -240,7 +240,7 @@ class MetricsConfig:
     connectivity: Literal[1, 2] = 2
     #: surface Dice tolerance in mm
     nsd_tolerance_mm: float = 2.0
-    #: also report the ISBI 2012 EM measures pixel_error and rand_error (medseg.em_metrics)
+    #: also report the ISBI 2012 EM measures pixel_error and rand_error, and split_merge_error (medseg.em_metrics)
     segmentation_errors: bool = False
     #: the lesion-ROI protocol (``roi_*`` keys, :mod:`medseg.lesion_eval`) beside the whole-slice one
     roi_protocol: bool = True

@@ -13,7 +13,7 @@ from medseg.cli import main
 from medseg.config import DataConfig
 from medseg.data.cells import generate_cells_data
 from medseg.data.folder import FolderDataset
-from medseg.em_metrics import SegmentationErrors, rand_error
+from medseg.em_metrics import SegmentationErrors, rand_error, split_merge_error
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,24 @@ def test_rand_and_pixel_error() -> None:
     errors.update(merged[None], label[None], true[None])
     out = errors.compute()
     assert out["pixel_error"] == pytest.approx(8 / 1600) and out["rand_error"] > 0.3
+    # two equal cells (a = 576 px each) fused into one object; pairs of distinct pixels:
+    # precision = 2a(a-1) / 2a(2a-1), recall 1 -> error = 1 - 2P / (P + 1)
+    a = 16 * 36
+    precision = 2 * a * (a - 1) / (2 * a * (2 * a - 1))
+    assert out["split_merge_error"] == pytest.approx(1 - 2 * precision / (precision + 1))
+
+
+def test_thick_membranes_raise_the_rand_error_but_not_the_split_merge_error() -> None:
+    true = np.zeros((40, 40), np.int64)
+    true[2:18, 2:38], true[22:38, 2:38] = 1, 2
+    thick = (true > 0).astype(np.int64)
+    thick[16:18], thick[22:24] = 0, 0  # the predicted membrane 4 px wider, every cell still apart
+    assert rand_error(thick, true, connectivity=1) > 0.05  # the membrane pixels inside cells: one segment
+    assert split_merge_error(thick, true, connectivity=1) == pytest.approx(0.0)
+    split = (true > 0).astype(np.int64)
+    split[2:18, 20] = 0  # a false membrane cuts cell 1 in two halves
+    assert split_merge_error(split, true, connectivity=1) > 0.1
+    assert np.isnan(split_merge_error(np.zeros_like(true), true))
 
 
 @pytest.mark.slow
