@@ -180,7 +180,7 @@ def test_ablation_arms_table_and_resume_key() -> None:
                          {"test/rand_error": 0.6, "test/pixel_error": 0.2, "ablation/steps": 130.0}]}
     text = ablation.markdown("cells", found)
     assert "| full | 2 | 0.250 ± 0.071 |" in text
-    assert "| neither | 2 | 0.500 ± 0.141 | 0.200 ± 0.000 | – | +0.250 ± 0.112 | 125 ± 7 |" in text
+    assert "| neither | 2 | 0.500 ± 0.141 | 0.200 ± 0.000 | – | – | +0.250 ± 0.112 | 125 ± 7 |" in text
 
 
 def test_ablation_recalibrates_when_the_calibration_grid_changes() -> None:
