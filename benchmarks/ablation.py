@@ -264,6 +264,10 @@ def run_arm(arm: Arm, output_dir: Path, refresh: bool = False) -> str:
 # ----------------------------------------------------------------------------- the table
 
 
+#: columns whose values are too small for three decimals
+DIGITS = {"test/split_merge_error": 4}
+
+
 def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None for fewer than two values)."""
     m = statistics.fmean(values)
@@ -320,7 +324,7 @@ def markdown(pipeline: str, found: dict[str, list[dict[str, float]]], reference:
     rows = []
     for name, runs in found.items():
         row = {"arm": name, "seeds": str(len(runs))}
-        row.update({title: fmt([m[key] for m in runs if key in m]) for key, title, _ in cols})
+        row.update({title: fmt([m[key] for m in runs if key in m], DIGITS.get(key, 3)) for key, title, _ in cols})
         vals = [m[main_key] for m in runs if main_key in m]
         row[delta] = "–" if name == reference else diff_with_se(vals, ref_vals)
         row["steps"] = fmt([m["ablation/steps"] for m in runs if "ablation/steps" in m], 0)
