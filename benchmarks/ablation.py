@@ -67,7 +67,7 @@ COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
                    ("test/dice", "pixel Dice", False),
                    ("test/lesion_sensitivity", "sensitivity", False),
                    ("test/fp_per_image", "FP / image", True),
-                   ("test/hd95", "HD95 (mm)", True)],
+                   ("test/lesion_hd95", "lesion HD95 (mm)", True)],
     "cells": [("test/rand_error", "Rand error", True),
               ("test/pixel_error", "pixel error", True),
               ("test/split_merge_error", "split/merge error", True),
