@@ -213,9 +213,10 @@ def recalibrate(client: Any, run: Any, cfg: Any) -> bool:
     from medseg.tracking import build_tracker
 
     run_id = run.info.run_id
-    run_dir = Path(run.data.tags.get("medseg.run_dir", ""))
-    if not run.data.tags.get("medseg.run_dir") or not run_dir.is_dir():
-        print(f"   run {run_id[:8]}: its folder {run_dir} is gone; kept its old operating point", flush=True)
+    tag = run.data.tags.get("medseg.run_dir")
+    run_dir = Path(tag) if tag else None
+    if run_dir is None or not run_dir.is_dir():
+        print(f"   run {run_id[:8]}: its folder {tag} is gone; kept its old operating point", flush=True)
         return False
     ckpt = checkpoint_path(run_dir)
     tracker = build_tracker(True, cfg.tracking.uri, cfg.output_dir)

@@ -43,16 +43,32 @@ def _numpy(x: Any) -> np.ndarray:
     return a[:, 0] if a.ndim == 4 else a
 
 
-def rand_error(pred: np.ndarray, true_instance: np.ndarray, connectivity: int = 2) -> float:
-    """Adapted Rand error of one image: predicted objects = components of ``pred > 0``; true 0 ignored."""
+def _objects(pred: np.ndarray, connectivity: int) -> np.ndarray:
+    """The predicted objects: connected components of ``pred > 0`` (int64 ids, 0 = background)."""
+    structure = ndimage.generate_binary_structure(2, connectivity)
+    return ndimage.label(np.asarray(pred) > 0, structure=structure)[0].astype(np.int64)
+
+
+def _rand(true: np.ndarray, objects: np.ndarray) -> float:
     from skimage.metrics import adapted_rand_error
 
-    structure = ndimage.generate_binary_structure(2, connectivity)
-    objects, _ = ndimage.label(np.asarray(pred) > 0, structure=structure)
-    true = np.asarray(true_instance).astype(np.int64)
     if not (true > 0).any():
         return float("nan")
-    return float(adapted_rand_error(true, objects.astype(np.int64), ignore_labels=(0,))[0])
+    return float(adapted_rand_error(true, objects, ignore_labels=(0,))[0])
+
+
+def _split_merge(true: np.ndarray, objects: np.ndarray) -> float:
+    from skimage.metrics import adapted_rand_error
+
+    both = (true > 0) & (objects > 0)
+    if not both.any():
+        return float("nan")
+    return float(adapted_rand_error(true[both], objects[both], ignore_labels=())[0])
+
+
+def rand_error(pred: np.ndarray, true_instance: np.ndarray, connectivity: int = 2) -> float:
+    """Adapted Rand error of one image: predicted objects = components of ``pred > 0``; true 0 ignored."""
+    return _rand(np.asarray(true_instance).astype(np.int64), _objects(pred, connectivity))
 
 
 def split_merge_error(pred: np.ndarray, true_instance: np.ndarray, connectivity: int = 2) -> float:
@@ -62,15 +78,7 @@ def split_merge_error(pred: np.ndarray, true_instance: np.ndarray, connectivity:
     prediction calls background are left out as well as those the truth does. NaN when no pixel is
     foreground in both.
     """
-    from skimage.metrics import adapted_rand_error
-
-    structure = ndimage.generate_binary_structure(2, connectivity)
-    objects, _ = ndimage.label(np.asarray(pred) > 0, structure=structure)
-    true = np.asarray(true_instance).astype(np.int64)
-    both = (true > 0) & (objects > 0)
-    if not both.any():
-        return float("nan")
-    return float(adapted_rand_error(true[both], objects[both].astype(np.int64), ignore_labels=())[0])
+    return _split_merge(np.asarray(true_instance).astype(np.int64), _objects(pred, connectivity))
 
 
 class SegmentationErrors:
@@ -104,12 +112,10 @@ class SegmentationErrors:
         inst = _numpy(instance) if instance is not None else None
         for b in range(len(p)):
             true = inst[b] if inst is not None else ndimage.label(y[b] > 0)[0]
-            value = rand_error(p[b], true, self.connectivity)
-            if np.isfinite(value):
-                self._rand.append(value)
-            value = split_merge_error(p[b], true, self.connectivity)
-            if np.isfinite(value):
-                self._split_merge.append(value)
+            true, objects = np.asarray(true).astype(np.int64), _objects(p[b], self.connectivity)  # labelled once
+            for values, value in ((self._rand, _rand(true, objects)), (self._split_merge, _split_merge(true, objects))):
+                if np.isfinite(value):
+                    values.append(value)
 
     def reduce_across_ranks(self) -> None:
         """Combine every rank's counts (DDP); a no-op otherwise."""
