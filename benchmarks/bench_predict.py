@@ -146,19 +146,18 @@ def sliding_benchmark(cases: list[tuple[int, float]], device: str, tile_batch: i
                     labels[variant] = np.load(out)
             same = float((labels["medseg"] == labels["monai"]).mean())
             # time: interleaved repeats in this process, the fastest of each (robust to other load)
-            model, image = make_model(device), make_image(size, device)
-            call_variant("floor", model, image[..., :512, :512], overlap, tile_batch)  # warm-up
-            times: dict[str, list[float]] = {v: [] for v in res}
-            for _ in range(repeats if size <= 2048 else min(repeats, 1)):  # --repeats 0: the child's run only
-                for variant in ("floor", "medseg", "monai"):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    call_variant(variant, model, image, overlap, tile_batch)
-                    _sync(device)
-                    times[variant].append(time.perf_counter() - t0)
-            for v in res:
-                res[v]["seconds"] = min(times[v] + [res[v]["seconds"]])
-            del model, image
+            n_repeats = repeats if size <= 2048 else min(repeats, 1)  # --repeats 0: the child's run only
+            if n_repeats:
+                model, image = make_model(device), make_image(size, device)
+                call_variant("floor", model, image[..., :512, :512], overlap, tile_batch)  # warm-up
+                for _ in range(n_repeats):
+                    for variant in ("floor", "medseg", "monai"):
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        call_variant(variant, model, image, overlap, tile_batch)
+                        _sync(device)
+                        res[variant]["seconds"] = min(res[variant]["seconds"], time.perf_counter() - t0)
+                del model, image
             m, r, f = res["medseg"], res["monai"], res["floor"]
             rows.append({"size": size, "overlap": overlap, "medseg_s": m["seconds"], "monai_s": r["seconds"],
                          "floor_s": f["seconds"], "medseg_mib": m["peak_mib"], "monai_mib": r["peak_mib"],
