@@ -208,8 +208,8 @@ def recalibrate(client: Any, run: Any, cfg: Any) -> bool:
     into the arm's MLflow run (the newest value of each metric is what the table reads). Returns False
     (and says why) when the run's folder is gone.
     """
-    from medseg.calibration import calibrate_run, checkpoint_path
-    from medseg.evaluation import evaluate_after_training
+    from medseg.evaluation.calibrate import calibrate_run, checkpoint_path
+    from medseg.evaluation.evaluate import evaluate_after_training
     from medseg.tracking import build_tracker
 
     run_id = run.info.run_id
@@ -238,7 +238,7 @@ def run_arm(arm: Arm, output_dir: Path, refresh: bool = False) -> str:
     """
     from mlflow.tracking import MlflowClient
 
-    from medseg.engine import run_training
+    from medseg.training.trainer import run_training
 
     client = MlflowClient(tracking_uri=tracking_uri(output_dir))
     cfg, overrides = arm_config(arm, output_dir)
@@ -315,7 +315,7 @@ def markdown(pipeline: str, found: dict[str, list[dict[str, float]]], reference:
     The table is rendered by :func:`medseg.compare.markdown_table`, the builder ``medseg compare`` and
     ``compare_models.py`` use; its cells are the mean ± SD texts.
     """
-    from medseg.compare import Column, markdown_table
+    from medseg.evaluation.compare import Column, markdown_table
 
     cols = columns or COLUMNS[pipeline]
     main_key, main_title, lower = cols[0]

@@ -31,7 +31,7 @@ import torch
 from common import THREADS, median, repeat, report, set_threads
 
 from medseg.config import Config
-from medseg.inference import predict_logits
+from medseg.inference.predictor import predict_logits
 from medseg.models import build_model
 
 MODEL = ("unet", 3, 2, {"base_channels": 16, "depth": 4})

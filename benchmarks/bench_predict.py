@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medseg.inference import sliding_window, tile_starts  # noqa: E402
+from medseg.inference.window import sliding_window, tile_starts  # noqa: E402
 from medseg.models import build_model  # noqa: E402
 
 MODEL = ("unet", 3, 2, {"base_channels": 16, "depth": 4})
@@ -211,7 +211,7 @@ def write_series(root: Path, n_series: int, n_slices: int, size: int = 512) -> N
 def dicom_benchmark(device: str, n_series: int, n_slices: int, repeats: int = 2) -> dict[str, Any]:
     """Slices/s end to end (with and without overlapped reading) vs the model forward pass alone."""
     from medseg.config import load_config, to_dict
-    from medseg.inference import Predictor
+    from medseg.inference.predictor import Predictor
     from medseg.predict import run_predict
     from medseg.predict.readers import discover, load_case
 

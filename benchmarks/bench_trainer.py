@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 def _trainer(out: Path, quick: bool, device: str) -> Any:
     from medseg.config import load_config
     from medseg.data.synthetic import generate_demo_data
-    from medseg.engine import Trainer
+    from medseg.training.trainer import Trainer
 
     root = generate_demo_data(out / "demo", patients=4 if quick else 8, seed=0, progress=False,
                               image_size=128 if quick else 256)
@@ -52,7 +52,7 @@ def _bare_loop(trainer: Any, batches: list[dict[str, Any]]) -> tuple[Any, Any]:
     opt = type(trainer.optimizer)(model.parameters(), **trainer.optimizer.defaults)
     opt.load_state_dict(trainer.optimizer.state_dict())
     t = trainer.cfg.train
-    from medseg.optim import lr_factor
+    from medseg.training.optim import lr_factor
 
     total = trainer.total_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(t.schedule, s, total, t.poly_power))

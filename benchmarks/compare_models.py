@@ -61,8 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.compare import Column
-from medseg.compare import markdown_table as table
+from medseg.evaluation.compare import Column
+from medseg.evaluation.compare import markdown_table as table
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "model-zoo"
@@ -219,7 +219,7 @@ def inference_ms(model: Any, cfg: Any, in_channels: int = 3, size: int = INFER_S
     """
     import torch
 
-    from medseg.inference import predict_logits
+    from medseg.inference.predictor import predict_logits
     from medseg.runtime import resolve_device
 
     device = resolve_device(cfg.train.device)
@@ -262,10 +262,10 @@ def run_model(
     import torch
     from mlflow.tracking import MlflowClient
 
-    from medseg.checkpoint import load_model
     from medseg.config import load_config
-    from medseg.engine import run_training
+    from medseg.models.checkpoint import load_model
     from medseg.tracking import build_tracker, resolve_tracking_uri
+    from medseg.training.trainer import run_training
 
     pipeline = ROOT / model.pipeline
     cfg = load_config(pipeline, overrides)
@@ -431,7 +431,7 @@ def build_table(
     rebuild: str = "python benchmarks/compare_models.py --table-only",
 ) -> str:
     """Read the latest zoo runs from MLflow, format the table and (atomically) write it to ``out``."""
-    from medseg.checkpoint import atomic_write_text
+    from medseg.io import atomic_write_text
 
     rows = table_rows(latest_zoo_runs(tracking_uri, experiment))
     if not rows:

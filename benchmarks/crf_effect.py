@@ -67,8 +67,8 @@ def base_config(
     Raises:
         ValueError: an MLflow model URI without ``config`` (such a model carries no medseg config).
     """
-    from medseg.checkpoint import load_model
     from medseg.config import apply_override, load_config, to_dict
+    from medseg.models.checkpoint import load_model
 
     if config is not None:
         data = to_dict(load_config(config))
@@ -104,10 +104,11 @@ def slice_times(model_ref: str, cfg_off: Any, cfg_on: Any, split: str, max_slice
     """
     import torch
 
-    from medseg.checkpoint import load_model
     from medseg.data import build_dataset, collate
     from medseg.data.loading import TransformedDataset
-    from medseg.inference import postprocess, predict_logits
+    from medseg.inference.postprocess import postprocess
+    from medseg.inference.predictor import predict_logits
+    from medseg.models.checkpoint import load_model
     from medseg.runtime import resolve_device
     from medseg.transforms import build_transforms
 
@@ -147,7 +148,7 @@ def slice_times(model_ref: str, cfg_off: Any, cfg_on: Any, split: str, max_slice
 
 def _evaluate(cfg: Any, model_ref: str, split: str, out_dir: Path) -> dict[str, Any]:
     """:func:`medseg.evaluation.evaluate` with its per-lesion CSV written under ``out_dir``."""
-    from medseg.evaluation import evaluate
+    from medseg.evaluation.evaluate import evaluate
 
     cfg = dataclasses.replace(cfg, output_dir=str(out_dir))
     return evaluate(cfg, model_ref, split)
@@ -381,9 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison, write and print the table."""
-    from medseg.checkpoint import atomic_write_text
     from medseg.config import ConfigError
     from medseg.data.base import DataError
+    from medseg.io import atomic_write_text
     from medseg.runtime import TrainingError
     from medseg.tracking import resolve_tracking_uri
 

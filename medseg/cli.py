@@ -92,8 +92,8 @@ def _with_interval(m: dict[str, float], k: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """``medseg train``."""
     from medseg.config import load_config
-    from medseg.engine import run_training
     from medseg.tracking import resolve_tracking_uri
+    from medseg.training.trainer import run_training
 
     cfg = load_config(args.config, [] if args.resume else args.overrides)
     result, evaluations = run_training(cfg, pipeline_path=args.config, resume=args.resume,
@@ -123,7 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``medseg evaluate``."""
     from medseg.config import load_config
     from medseg.data.prepare import prepare_data
-    from medseg.evaluation import evaluate
+    from medseg.evaluation.evaluate import evaluate
     from medseg.tracking import build_tracker
 
     cfg = load_config(args.config, args.overrides)
@@ -142,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise
     finally:
         tracker.end(status)  # the MLflow run never stays RUNNING
-    from medseg.evaluation import format_report
+    from medseg.evaluation.evaluate import format_report
 
     print(json.dumps(result["metrics"], indent=2, sort_keys=True))
     print(format_report(result["metrics"], result["intervals"]))
@@ -170,9 +170,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``medseg calibrate``."""
-    from medseg.calibration import calibrate
     from medseg.config import load_config
     from medseg.data.prepare import prepare_data
+    from medseg.evaluation.calibrate import calibrate
 
     cfg = load_config(args.config, args.overrides)
     prepare_data(cfg.data)
@@ -193,7 +193,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``medseg compare``."""
-    from medseg.compare import CompareError, compare_runs
+    from medseg.evaluation.compare import CompareError, compare_runs
     from medseg.tracking import resolve_tracking_uri
 
     if bool(args.run_ids) == bool(args.experiment):

@@ -13,7 +13,7 @@ import yaml
 from medseg.cli import main
 from medseg.config import ConfigError, load_config
 from medseg.data import build_dataset
-from medseg.operating_point import remove_small_objects, resolve_operating_point, threshold_labels
+from medseg.inference.postprocess import remove_small_objects, resolve_operating_point, threshold_labels
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +58,10 @@ def test_the_model_point_applies_unless_the_config_sets_one() -> None:
 def test_stored_operating_point_is_applied_identically_by_evaluate_and_predictor(
     demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from medseg.calibration import store_operating_point
-    from medseg.engine import run_training
-    from medseg.evaluation import evaluate
-    from medseg.inference import Predictor
+    from medseg.evaluation.calibrate import store_operating_point
+    from medseg.evaluation.evaluate import evaluate
+    from medseg.inference.predictor import Predictor
+    from medseg.training.trainer import run_training
     from medseg.transforms import build_transforms
 
     # train, then calibrate on val after training (a grid that cannot pick plain argmax)
@@ -118,7 +118,7 @@ def test_stored_operating_point_is_applied_identically_by_evaluate_and_predictor
 
 
 def test_a_best_threshold_at_the_end_of_the_grid_is_flagged() -> None:
-    from medseg.calibration import grid_edge
+    from medseg.evaluation.calibrate import grid_edge
 
     grid = [0.2, 0.3, 0.4, 0.5]
     assert grid_edge([0.2], grid) == "smallest"

@@ -8,17 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from medseg.checkpoint import (
-    CHECKPOINT_VERSION,
-    atomic_torch_save,
-    find_resume_point,
-    load_model,
-    read_checkpoint,
-    write_rows_csv,
-)
 from medseg.config import load_config, to_dict
+from medseg.io import atomic_torch_save, write_rows_csv
 from medseg.models import build_model
+from medseg.models.checkpoint import CHECKPOINT_VERSION, load_model, read_checkpoint
 from medseg.runtime import TrainingError
+from medseg.training.resume import find_resume_point
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +76,7 @@ def test_write_rows_csv(tmp_path: Path) -> None:
 
 
 def test_load_pretrained_takes_a_state_dict_or_a_checkpoint(tmp_path: Path) -> None:
-    from medseg.checkpoint import load_pretrained
+    from medseg.models.checkpoint import load_pretrained
 
     ckpt = _save(tmp_path / "run.pt", epoch=1)
     torch.save(ckpt["model"], tmp_path / "bare.pt")

@@ -105,7 +105,7 @@ def test_demo_data_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.stem)
 def test_every_pipeline_trains_two_steps(pipeline: Path, demo_root: Path, tmp_path: Path) -> None:
     """Each shipped pipeline, with its own model and loss, trains 2 steps on generated data."""
-    from medseg.engine import run_training
+    from medseg.training.trainer import run_training
 
     cfg = load_config(pipeline, tiny_overrides(demo_root, tmp_path, **{"tracking.enabled": False}))
     result, _ = run_training(cfg)
@@ -129,7 +129,7 @@ def test_failure_in_evaluate_leaves_its_mlflow_run_failed(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    import medseg.evaluation
+    import medseg.evaluation.evaluate
     from medseg.runtime import TrainingError
 
     exc = {"TrainingError": TrainingError, "RuntimeError": RuntimeError}[error]
@@ -137,7 +137,7 @@ def test_failure_in_evaluate_leaves_its_mlflow_run_failed(
     def broken(ref: object, device: object) -> None:
         raise exc("checkpoint unreadable")
 
-    monkeypatch.setattr(medseg.evaluation, "load_model", broken)
+    monkeypatch.setattr(medseg.evaluation.evaluate, "load_model", broken)
     out = tmp_path / "out"
     args = ["evaluate", str(ROOT / "pipelines" / "quickstart.yaml"), "--model", str(tmp_path / "x.pt"),
             *_sets(tiny_overrides(demo_root, out))]

@@ -163,10 +163,10 @@ def _biased_checkpoint(run_dir: Path, dest: Path) -> Path:
 
     A 2-step model predicts no lesion at all, which would make every Dice below 0 = 0.
     """
-    from medseg.checkpoint import load_model
     from medseg.config import from_dict
     from medseg.data import build_dataset
-    from medseg.inference import predict_logits
+    from medseg.inference.predictor import predict_logits
+    from medseg.models.checkpoint import load_model
     from medseg.transforms import build_transforms
 
     model, info = load_model(run_dir)
@@ -185,11 +185,11 @@ def _biased_checkpoint(run_dir: Path, dest: Path) -> Path:
 
 def _dice_by_hand(ref: Path, crf: bool) -> tuple[float, int]:
     """Lesion-class pixel Dice over the test split with NumPy (argmax or crf_labels), and lesion pixels predicted."""
-    from medseg.checkpoint import load_model
     from medseg.config import CRFConfig, from_dict
-    from medseg.crf import crf_labels
     from medseg.data import build_dataset
-    from medseg.inference import predict_logits
+    from medseg.inference.crf import crf_labels
+    from medseg.inference.predictor import predict_logits
+    from medseg.models.checkpoint import load_model
     from medseg.transforms import build_transforms
 
     model, info = load_model(ref)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from medseg.cli import main
-from medseg.compare import Column, csv_table, higher_is_better, markdown_table, paired_lesion_test
+from medseg.evaluation.compare import Column, csv_table, higher_is_better, markdown_table, paired_lesion_test
 
 
 def test_markdown_table_formats_values_intervals_and_gaps() -> None:

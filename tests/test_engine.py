@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 import torch
 
-from medseg.checkpoint import atomic_torch_save
 from medseg.config import load_config
 from medseg.data.loading import EpochSampler
-from medseg.engine import Trainer, run_training
-from medseg.optim import lr_factor
+from medseg.io import atomic_torch_save
 from medseg.registry import LOSSES
 from medseg.runtime import TrainingError, sample_seed
 from medseg.tracking import build_tracker
+from medseg.training.optim import lr_factor
+from medseg.training.trainer import Trainer, run_training
 from tests.conftest import tiny_overrides
 from tests.mlflow_server import free_port
 
@@ -325,12 +325,12 @@ def test_failure_in_evaluate_after_training_ends_the_mlflow_run(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    import medseg.evaluation
+    import medseg.evaluation.evaluate
 
     def broken(*args: object, **kwargs: object) -> None:
         raise TrainingError("evaluation broke")
 
-    monkeypatch.setattr(medseg.evaluation, "evaluate", broken)  # what evaluate_after_training calls
+    monkeypatch.setattr(medseg.evaluation.evaluate, "evaluate", broken)  # what evaluate_after_training calls
     cfg = load_config(QUICK, tiny_overrides(demo_root, tmp_path, **{
         "train.max_steps": 1, "train.evaluate_splits": ["test"], "model.params.base_channels": 8,
         "train.amp": "off"}))
@@ -346,20 +346,20 @@ def test_failure_in_evaluate_after_training_ends_the_mlflow_run(
 
 def _validate_both_splits(trainer: Trainer) -> dict[str, tuple[dict[str, float], list[dict]]]:
     """``Trainer.validate`` on its val split and on the whole data set (17 slices: uneven shards)."""
-    import medseg.engine
+    import medseg.training.trainer
     from medseg.data import build_dataset
     from medseg.data.loading import TransformedDataset
-    from medseg.evaluation import eval_loader
+    from medseg.evaluation.evaluate import eval_loader
     from medseg.transforms import build_transforms
 
     captured = []
-    evaluate_loader = medseg.engine.evaluate_loader
+    evaluate_loader = medseg.training.trainer.evaluate_loader
 
     def capture(*args: object, **kwargs: object) -> object:
         captured.append(evaluate_loader(*args, **kwargs))  # type: ignore[arg-type]
         return captured[-1]
 
-    medseg.engine.evaluate_loader = capture  # type: ignore[assignment]
+    medseg.training.trainer.evaluate_loader = capture  # type: ignore[assignment]
     try:
         out = {}
         for split in ("val", "all"):
@@ -371,7 +371,7 @@ def _validate_both_splits(trainer: Trainer) -> dict[str, tuple[dict[str, float],
             metrics, _ = trainer.validate()
             out[split] = (metrics, captured[-1].rows, len(trainer.val_loader.sampler))
     finally:
-        medseg.engine.evaluate_loader = evaluate_loader  # type: ignore[assignment]
+        medseg.training.trainer.evaluate_loader = evaluate_loader  # type: ignore[assignment]
     return out
 
 
@@ -430,7 +430,7 @@ def test_two_process_validation_equals_one_process(demo_root: Path, tmp_path: Pa
             for key in ("lesion_count", "fp_per_image", "lesion_merges", "hd95_one_empty"):
                 assert r[split][0][key] == expected[split][0][key], key
 def test_budget_converts_once_into_steps() -> None:
-    from medseg.budget import StepBudget, steps_for_budget
+    from medseg.training.budget import StepBudget, steps_for_budget
 
     # 100 s budget, 10 s spent on 10 steps (1 s each) and a 2 s validation every 2 epochs of 5 steps
     assert steps_for_budget(100.0, 10.0, 10, 1.0, 2.0, 5, 2) == 10 + int((100 - 10 - 2) / (1 + 2 / 10))
@@ -485,7 +485,7 @@ def test_kill_and_resume_of_a_time_budget_run_is_identical(
     assert resumed.steps_done == budget
 
     # reference: one uninterrupted run whose probe measured the same step count
-    from medseg.budget import StepBudget
+    from medseg.training.budget import StepBudget
 
     def same_count(self: StepBudget, step: int, val_s: float, steps_per_epoch: int, val_every: int, cap: int) -> int:
         self.steps = budget

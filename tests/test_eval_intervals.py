@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from medseg.config import MetricsConfig
-from medseg.eval_suite import EvaluationSuite
-from medseg.stats import resample_counts
+from medseg.metrics.stats import resample_counts
+from medseg.metrics.suite import EvaluationSuite
 
 
 def _batch() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:

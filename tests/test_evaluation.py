@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-import medseg.losses  # noqa: F401  (registers the losses)
+import medseg.training.losses  # noqa: F401  (registers the losses)
 from medseg.config import load_config
 from medseg.data import build_dataset
 from medseg.data.loading import TransformedDataset
-from medseg.evaluation import eval_loader, evaluate, evaluate_loader, validation_metric_names
+from medseg.evaluation.evaluate import eval_loader, evaluate, evaluate_loader, validation_metric_names
 from medseg.models import build_model
 from medseg.registry import LOSSES
 from medseg.transforms import build_transforms
@@ -91,12 +91,12 @@ class _Oracle(nn.Module):
 def test_saved_predictions_lie_on_the_source_slice(
     spacing_mm: float, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import medseg.evaluation
+    import medseg.evaluation.evaluate
 
     cfg = load_config(QUICK, tiny_overrides(demo_root, tmp_path, **{"data.spacing_mm": spacing_mm}))
     data = build_dataset(cfg.data, "all")
     oracle = _Oracle(TransformedDataset(data, build_transforms(cfg.transforms, train=False), cfg.train.seed))
-    monkeypatch.setattr(medseg.evaluation, "load_model", lambda ref, device: (oracle, {"source": str(ref)}))
+    monkeypatch.setattr(medseg.evaluation.evaluate, "load_model", lambda ref, device: (oracle, {"source": str(ref)}))
 
     out = tmp_path / "pred"
     result = evaluate(cfg, "oracle", "all", save_predictions=out)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from medseg.froc import FrocMetrics, froc_candidates, froc_curve, froc_summary, sensitivity_at
+from medseg.metrics.froc import FrocMetrics, froc_candidates, froc_curve, froc_summary, sensitivity_at
 
 
 def test_froc_on_a_hand_computed_list_with_unreached_rates() -> None:

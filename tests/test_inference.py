@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-import medseg.crf
-from medseg.checkpoint import CHECKPOINT_VERSION, atomic_torch_save
+import medseg.inference.crf
 from medseg.config import load_config, to_dict
-from medseg.inference import Predictor, postprocess, predict_logits
+from medseg.inference.postprocess import postprocess
+from medseg.inference.predictor import Predictor, predict_logits
+from medseg.io import atomic_torch_save
 from medseg.models import build_model
+from medseg.models.checkpoint import CHECKPOINT_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "pipelines" / "quickstart.yaml"
@@ -61,7 +63,7 @@ def test_crf_receives_every_context_channel_and_each_images_spacing(monkeypatch:
         seen.append((probs.shape, image.copy(), spacing))
         return probs.argmax(0)
 
-    monkeypatch.setattr(medseg.crf, "crf_labels", record)
+    monkeypatch.setattr(medseg.inference.crf, "crf_labels", record)
     logits = torch.randn(2, 2, 16, 20)
     image = torch.rand(2, 3, 16, 20)
     assert torch.equal(postprocess(logits, image, _cfg()), logits.argmax(1))  # CRF off: argmax

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from medseg.lesion_eval import RoiLesionMetrics, lesion_box, roi_window
+from medseg.metrics.roi import RoiLesionMetrics, lesion_box, roi_window
 
 
 def _dice(p: np.ndarray, t: np.ndarray) -> float:

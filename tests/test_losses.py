@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.losses import LOSSES, build_loss, weighted_ce
 from medseg.registry import RegistryError
+from medseg.training.losses import LOSSES, build_loss, weighted_ce
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,8 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medseg.config import Config
-from medseg.inference import SlidingWindow, iter_sliding_window, predict_logits, sliding_window, tile_starts
+from medseg.inference.predictor import predict_logits
+from medseg.inference.window import SlidingWindow, iter_sliding_window, sliding_window, tile_starts
 from medseg.models import build_model
 
 

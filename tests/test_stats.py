@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from medseg.stats import (
+from medseg.metrics.stats import (
     bootstrap_mean_ci,
     encode_units,
     paired_test,

@@ -29,7 +29,7 @@ from scipy import ndimage
 from skimage.draw import polygon as draw_polygon
 
 from medseg.data.base import DataError
-from medseg.measure import measure_recist
+from medseg.lesion import measure_recist
 
 log = logging.getLogger("medseg.data")
 

@@ -46,13 +46,10 @@ from tqdm.auto import tqdm
 
 from medseg.data.base import DataError
 from medseg.data.deeplesion import COLUMNS, HU_OFFSET
-from medseg.measure import measure_recist
+from medseg.lesion import LESION_TYPES, measure_recist
 
 log = logging.getLogger("medseg.data")
 
-#: DeepLesion coarse lesion type codes
-LESION_TYPES = {"bone": 1, "abdomen": 2, "mediastinum": 3, "liver": 4, "lung": 5, "kidney": 6,
-                "soft_tissue": 7, "pelvis": 8}  # fmt: skip
 
 _INCOMPLETE = ".medseg_demo_incomplete"
 #: fast zlib level with run-length matching: the smallest and quickest of OpenCV's options on noisy CT

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from medseg.measure import axes_mm, measure_recist
+from medseg.lesion import axes_mm, measure_recist
 
 __all__ = ["COLUMNS", "lesion_table", "slice_extents"]
 

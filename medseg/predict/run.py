@@ -32,7 +32,9 @@ import torch
 from medseg import __version__
 from medseg.data.base import apply_window, to_source_grid
 from medseg.data.folder import normalise_2d
-from medseg.inference import Predictor, SlidingWindow, postprocess
+from medseg.inference.postprocess import postprocess
+from medseg.inference.predictor import Predictor
+from medseg.inference.window import SlidingWindow
 from medseg.predict.lesions import lesion_table, slice_extents
 from medseg.predict.manifest import Manifest, manifest_name, merge_manifests
 from medseg.predict.readers import Case, Loaded, discover, load_case

@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 
 from medseg import __version__
-from medseg.checkpoint import atomic_write_bytes, atomic_write_text, write_rows_csv
 from medseg.data.base import DataError
+from medseg.io import atomic_write_bytes, atomic_write_text, write_rows_csv
 from medseg.predict.lesions import COLUMNS
 
 __all__ = ["nifti_affine", "write_csv", "write_json", "write_nifti", "write_overlays", "write_png_mask", "write_seg"]

@@ -13,7 +13,7 @@ from medseg.cli import main
 from medseg.config import DataConfig
 from medseg.data.cells import generate_cells_data
 from medseg.data.folder import FolderDataset
-from medseg.em_metrics import SegmentationErrors, rand_error, split_merge_error
+from medseg.metrics.em import SegmentationErrors, rand_error, split_merge_error
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ def test_read_counter_sees_reads_in_persistent_workers(
 def test_cache_is_filled_before_workers_start_and_no_epoch_reads_again(
     demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from medseg.engine import Trainer
+    from medseg.training.trainer import Trainer
 
     log = tmp_path / "reads.log"
     ov = tiny_overrides(demo_root, tmp_path / "out", **{

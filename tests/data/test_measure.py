@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.draw import disk, ellipse, polygon
 
-from medseg.measure import RecistAxes, axes_mm, measure_recist
+from medseg.lesion import RecistAxes, axes_mm, measure_recist
 
 
 def _disc(d: float, size: int = 96) -> np.ndarray:

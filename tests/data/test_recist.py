@@ -18,7 +18,7 @@ from medseg.data.recist import (
     recist_polygon,
     recist_to_masks,
 )
-from medseg.measure import measure_recist
+from medseg.lesion import measure_recist
 
 # Measurement_coordinates (1-based, as in the file) and Lesion_diameters_Pixel_ of the real rows in
 # the public DL_info.csv sample (shared/data/DL_info_sample.csv), copied verbatim.

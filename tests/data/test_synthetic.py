@@ -14,8 +14,8 @@ import pytest
 
 from medseg.data.base import DataError
 from medseg.data.synthetic import generate_demo_data
-from medseg.measure import measure_recist
-from medseg.visualize import render_preview
+from medseg.evaluation.plots import render_preview
+from medseg.lesion import measure_recist
 
 # The real header, written out here independently of the module's constant.
 REAL_HEADER = (

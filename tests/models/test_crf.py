@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from medseg.config import CRFConfig
-from medseg.crf import crf_labels, dense_crf
+from medseg.inference.crf import crf_labels, dense_crf
 
 
 def _random_probs(k: int, h: int, w: int, seed: int = 1) -> np.ndarray:

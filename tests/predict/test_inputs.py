@@ -13,7 +13,7 @@ import pytest
 import tifffile
 
 from medseg.config import Config
-from medseg.inference import Predictor
+from medseg.inference.predictor import Predictor
 from medseg.predict import run_predict
 from medseg.predict.manifest import merge_manifests
 from medseg.predict.readers import discover, load_case

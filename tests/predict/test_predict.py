@@ -29,7 +29,7 @@ import pytest
 from scipy import ndimage
 
 from medseg.cli import main
-from medseg.measure import axes_mm, measure_recist
+from medseg.lesion import axes_mm, measure_recist
 from tests.predict import builders as B
 
 ROOT = Path(__file__).resolve().parents[2]

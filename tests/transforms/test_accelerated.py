@@ -133,7 +133,7 @@ def test_device_flips_and_intensity_are_drawn_per_sample(demo_root: Path) -> Non
 
 def test_trainer_trains_with_device_augmentation(demo_root: Path, tmp_path: Path) -> None:
     from medseg.config import load_config
-    from medseg.engine import Trainer
+    from medseg.training.trainer import Trainer
     from tests.conftest import tiny_overrides
 
     cfg = load_config(QUICK, tiny_overrides(demo_root, tmp_path, **{"transforms.accelerator": True,

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.checkpoint import atomic_write_bytes, atomic_write_text
-from medseg.stats import PairedResult, paired_test
+from medseg.io import atomic_write_bytes, atomic_write_text
+from medseg.metrics.stats import PairedResult, paired_test
 
 __all__ = ["Column", "CompareError", "CompareResult", "Paired", "compare_runs", "csv_table", "higher_is_better",
            "markdown_table"]

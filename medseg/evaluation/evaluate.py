@@ -27,16 +27,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medseg.checkpoint import atomic_write_bytes, load_model, write_rows_csv
 from medseg.config import Config, ConfigError
 from medseg.data import build_dataset
 from medseg.data.base import to_source_grid
 from medseg.data.loading import ShardSampler, TransformedDataset, make_loader
-from medseg.em_metrics import ERROR_NAMES, SegmentationErrors
-from medseg.eval_suite import EvaluationSuite, Intervals
-from medseg.inference import foreground_probability, postprocess, predict_logits
+from medseg.inference.postprocess import postprocess, resolve_operating_point
+from medseg.inference.predictor import foreground_probability, predict_logits
+from medseg.io import atomic_write_bytes, write_rows_csv
 from medseg.metrics import FROC_FP_RATES, _gather_objects, froc_key, metric_names
-from medseg.operating_point import resolve_operating_point
+from medseg.metrics.em import ERROR_NAMES, SegmentationErrors
+from medseg.metrics.suite import EvaluationSuite, Intervals
+from medseg.models.checkpoint import load_model
 from medseg.runtime import TrainingError, resolve_device
 from medseg.tracking import Tracker, reopened_run
 
@@ -257,7 +258,7 @@ def evaluate(
     write_rows_csv(result.rows, lesions_csv)
     plot_paths: list[Path] = []
     if plots:
-        from medseg.visualize import save_evaluation_plots
+        from medseg.evaluation.plots import save_evaluation_plots
 
         plot_paths = save_evaluation_plots(result.rows, report_dir, froc=result.froc, worst=result.worst,
                                            title=f"{cfg.name} · {split}", suffix=f"_{split}")
@@ -332,7 +333,7 @@ def evaluate_after_training(cfg: Config, ref: str | Path, run_dir: Path, run_id:
     """
     import json
 
-    from medseg.checkpoint import atomic_write_text
+    from medseg.io import atomic_write_text
 
     evaluations: dict[str, Any] = {}
     for split in cfg.train.evaluate_splits:

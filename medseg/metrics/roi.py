@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from medseg.measure import axes_mm, measure_recist
+from medseg.lesion import axes_mm, measure_recist
 from medseg.metrics import (
     ROI_GROUPED_KEYS,
     SIZE_STRATA,

@@ -29,7 +29,8 @@ from scipy import ndimage
 
 from medseg.config import Config, ConfigError
 
-__all__ = ["check_operating_point", "remove_small_objects", "resolve_operating_point", "threshold_labels"]
+__all__ = ["check_operating_point", "postprocess", "remove_small_objects", "resolve_operating_point",
+           "threshold_labels"]
 
 
 def check_operating_point(threshold: Sequence[float] | None, min_object_mm2: float | None, num_classes: int) -> None:
@@ -107,3 +108,32 @@ def resolve_operating_point(cfg: Config, model_config: Mapping[str, Any] | None)
         out.inference.min_object_mm2 = float(inf["min_object_mm2"])
     check_operating_point(out.inference.threshold, out.inference.min_object_mm2, out.data.num_classes)
     return out
+
+
+def postprocess(
+    logits: torch.Tensor, image: torch.Tensor, cfg: Config, spacing: Sequence[Sequence[float]] | None = None
+) -> torch.Tensor:
+    """Class map ``(B, H, W)`` (int64, on the logits' device) from logits, at the configured operating point.
+
+    ``argmax``, the per-class probability thresholds ``inference.threshold`` (see
+    :mod:`medseg.operating_point`), or the dense CRF when ``inference.crf.enabled``: it sees every
+    context channel of the image (as a multi-channel bilateral feature) and, with ``spacing`` (per
+    image ``(sy, sx)`` mm/px), measures its kernels in millimetres. Then components smaller than
+    ``inference.min_object_mm2`` (mm² with ``spacing``) become background.
+    """
+    inf = cfg.inference
+    if inf.crf.enabled:
+        from medseg.inference.crf import crf_labels
+
+        probs = torch.softmax(logits, 1).cpu().numpy()
+        img = image.cpu().numpy()
+        out = [crf_labels(probs[b], img[b], inf.crf, spacing[b] if spacing is not None else None)
+               for b in range(len(probs))]
+        labels = torch.as_tensor(np.stack(out)).long().to(logits.device)
+    elif inf.threshold:
+        labels = threshold_labels(torch.softmax(logits, 1), inf.threshold)
+    else:
+        labels = logits.argmax(1)
+    if inf.min_object_mm2:
+        labels = remove_small_objects(labels, inf.min_object_mm2, spacing, cfg.metrics.connectivity)
+    return labels

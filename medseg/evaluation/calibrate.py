@@ -24,14 +24,16 @@ from typing import Any
 import torch
 import yaml
 
-from medseg.checkpoint import atomic_torch_save, atomic_write_text, load_model, read_checkpoint
 from medseg.config import Config, ConfigError
 from medseg.data import build_dataset
 from medseg.data.loading import TransformedDataset
-from medseg.em_metrics import SegmentationErrors
-from medseg.evaluation import eval_loader, eval_target, validation_metric_names
-from medseg.inference import postprocess, predict_logits
+from medseg.evaluation.evaluate import eval_loader, eval_target, validation_metric_names
+from medseg.inference.postprocess import postprocess
+from medseg.inference.predictor import predict_logits
+from medseg.io import atomic_torch_save, atomic_write_text
 from medseg.metrics import MetricSuite
+from medseg.metrics.em import SegmentationErrors
+from medseg.models.checkpoint import load_model, read_checkpoint
 from medseg.runtime import TrainingError, resolve_device
 from medseg.tracking import Tracker, reopened_run
 

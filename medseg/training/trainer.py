@@ -26,24 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-import medseg.losses  # noqa: F401  (registers the losses)
-from medseg.budget import StepBudget
-from medseg.checkpoint import (
-    atomic_torch_save,
-    atomic_write_text,
-    config_from_run,
-    find_resume_point,
-    load_pretrained,
-    new_run_dir,
-    read_checkpoint,
-    restore_trainer,
-    trainer_state,
-)
+import medseg.training.losses  # noqa: F401  (registers the losses)
 from medseg.config import Config, from_dict, save_config
 from medseg.data import build_dataset
 from medseg.data.loading import EpochSampler, TransformedDataset, cache_dataset, first_readable, make_loader
-from medseg.evaluation import check_monitor, eval_loader, evaluate_after_training, evaluate_loader
-from medseg.optim import build_optimizer, lr_factor
+from medseg.evaluation.evaluate import check_monitor, eval_loader, evaluate_after_training, evaluate_loader
+from medseg.evaluation.plots import save_overlay_grid
+from medseg.io import atomic_torch_save, atomic_write_text
+from medseg.models.checkpoint import load_pretrained, read_checkpoint
 from medseg.registry import LOSSES
 from medseg.runtime import (
     TrainingError,
@@ -57,8 +47,16 @@ from medseg.runtime import (
     use_amp,
 )
 from medseg.tracking import Tracker, start_training_run
+from medseg.training.budget import StepBudget
+from medseg.training.optim import build_optimizer, lr_factor
+from medseg.training.resume import (
+    config_from_run,
+    find_resume_point,
+    new_run_dir,
+    restore_trainer,
+    trainer_state,
+)
 from medseg.transforms.accelerated import DeviceAugment
-from medseg.visualize import save_overlay_grid
 
 log = logging.getLogger("medseg.engine")
 
@@ -483,7 +481,7 @@ def run_training(
     result = trainer.fit(resume=ckpt)
     evaluations: dict[str, Any] = {}
     if cfg.calibration.after_training and rank == 0:  # the operating point, chosen on val, before any test
-        from medseg.calibration import calibrate_run
+        from medseg.evaluation.calibrate import calibrate_run
 
         result.operating_point = calibrate_run(cfg, result.best_checkpoint or result.last_checkpoint,
                                                    result.run_dir, result.run_id, tracker)

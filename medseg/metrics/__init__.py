@@ -34,7 +34,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from medseg.measure import axes_mm, measure_recist
+from medseg.lesion import COARSE_LESION_TYPES, axes_mm, measure_recist
 
 __all__ = [
     "COARSE_LESION_TYPES",
@@ -64,18 +64,6 @@ MatchRule = Literal["overlap", "iou"]
 #: size strata of the true long axis, as in the literature: < 10 mm, 10–30 mm, > 30 mm
 SIZE_STRATA: tuple[str, ...] = ("lt10", "10to30", "gt30")
 
-#: DeepLesion ``Coarse_lesion_type`` codes → names used in metric keys
-COARSE_LESION_TYPES: dict[int, str] = {
-    -1: "unlabelled",
-    1: "bone",
-    2: "abdomen",
-    3: "mediastinum",
-    4: "liver",
-    5: "lung",
-    6: "kidney",
-    7: "soft_tissue",
-    8: "pelvis",
-}
 
 
 def _numpy(x: ArrayLike) -> np.ndarray:

@@ -16,8 +16,8 @@ import numpy as np
 
 from medseg.data.base import DataError
 from medseg.data.deeplesion import HU_OFFSET, LesionRecord, png_to_hu, read_dl_info
-from medseg.data.synthetic import LESION_TYPES
-from medseg.metrics import COARSE_LESION_TYPES, FROC_FP_RATES
+from medseg.lesion import COARSE_LESION_TYPES, LESION_TYPES
+from medseg.metrics import FROC_FP_RATES
 
 __all__ = ["plot_dice_by_type", "plot_froc", "plot_long_axis", "plot_worst_lesions", "render_preview",
            "save_evaluation_plots", "save_overlay_grid"]

@@ -27,8 +27,8 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
 
-# the schema (DataConfig, ..., Config) lives in medseg.schema; re-exported here
-from medseg.schema import (  # noqa: E402
+# the schema (DataConfig, ..., Config) lives in medseg.config.schema; re-exported here
+from medseg.config.schema import (  # noqa: E402
     CalibrationConfig,
     Config,
     CRFConfig,

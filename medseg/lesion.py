@@ -1,4 +1,5 @@
-"""RECIST measurement of a segmented lesion: the long axis and the perpendicular short axis.
+"""Facts about a lesion used across the pipeline: DeepLesion's lesion type codes (the one table) and the
+RECIST measurement of a segmented lesion: the long axis and the perpendicular short axis.
 
 Coordinates are 0-based ``(x, y)`` with pixel ``(r, c)`` centred at ``(c, r)``. Lengths include the
 end pixels' own extent, so a shape of continuous diameter *D* rasterised by pixel centres measures
@@ -29,6 +30,22 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from scipy import ndimage
+
+#: DeepLesion ``Coarse_lesion_type`` codes → names (metric keys, plots, the generated release); -1 = unlabelled
+COARSE_LESION_TYPES: dict[int, str] = {
+    -1: "unlabelled",
+    1: "bone",
+    2: "abdomen",
+    3: "mediastinum",
+    4: "liver",
+    5: "lung",
+    6: "kidney",
+    7: "soft_tissue",
+    8: "pelvis",
+}
+
+#: the same table by name → code, for the labelled types (what the generator writes)
+LESION_TYPES: dict[str, int] = {name: code for code, name in COARSE_LESION_TYPES.items() if code > 0}
 
 #: finest spacing (px) between sampled perpendicular lines and between samples along each line
 _LINE_STEP = 0.5

@@ -30,8 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from medseg.froc import FrocMetrics, froc_curve, froc_summary
-from medseg.lesion_eval import RoiLesionMetrics
 from medseg.metrics import (
     FROC_FP_RATES,
     ROI_KEYS,
@@ -41,7 +39,9 @@ from medseg.metrics import (
     label_components,
     pixel_metrics,
 )
-from medseg.stats import encode_units, percentile_interval, ratio_samples, resample_counts, unit_sums
+from medseg.metrics.froc import FrocMetrics, froc_curve, froc_summary
+from medseg.metrics.roi import RoiLesionMetrics
+from medseg.metrics.stats import encode_units, percentile_interval, ratio_samples, resample_counts, unit_sums
 
 __all__ = ["HEADLINE_KEYS", "EvaluationSuite", "Intervals", "UNITS"]
 
