@@ -9,7 +9,8 @@ without ``.nii.gz``, ``.nii``, ``.png``, ``.tif`` or ``.tiff``)::
 
 Masks hold 0 = background and 1..K−1 the classes (``K = data.num_classes``); a binary mask stored
 as 0/255 is read as 0/1. ``instance`` is the connected components of each class (8-connected),
-numbered uniquely across classes (:func:`label_instances`). Neither dataset has an official
+numbered uniquely across classes (:func:`~medseg.data.base.label_instances`). Files are read with
+:mod:`medseg.data.images`. Neither dataset has an official
 split: cases (stems) are assigned by :func:`medseg.data.base.split_cases` with
 ``data.val_fraction``, ``data.test_fraction`` and ``data.split_seed``.
 
@@ -42,31 +43,33 @@ from medseg.data.base import (
     split_cases,
     stack_context,
 )
+from medseg.data.images import (
+    SUFFIXES_2D,
+    SUFFIXES_3D,
+    file_stem,
+    image_shape,
+    is_nifti,
+    load_canonical,
+    nifti_2d,
+    normalise_2d,
+    read_image_2d,
+    read_mask_2d,
+)
 from medseg.registry import DATASETS
 
 if TYPE_CHECKING:
     from medseg.config import DataConfig
 
+__all__ = ["WINDOWS", "FolderDataset", "NiftiDataset", "pair_files"]
+
 log = logging.getLogger("medseg.data")
 
-#: suffixes stripped to form a case stem (longest first, so ``.nii.gz`` wins over ``.gz``)
-SUFFIXES_2D = (".nii.gz", ".nii", ".png", ".tiff", ".tif")
-SUFFIXES_3D = (".nii.gz", ".nii")
 WINDOWS = ("dicom", "fixed")
 #: canonical NIfTI volumes kept in memory per dataset (per DataLoader worker)
 _VOLUME_CACHE = 2
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-def file_stem(name: str, suffixes: tuple[str, ...]) -> str | None:
-    """The case stem of a file name, or None when its suffix is not one of ``suffixes``."""
-    low = name.lower()
-    for suf in suffixes:
-        if low.endswith(suf):
-            return name[: -len(suf)]
-    return None
 
 
 def pair_files(root: str | Path, suffixes: tuple[str, ...]) -> list[tuple[str, Path, Path]]:
@@ -122,170 +125,6 @@ def _check_window(cfg: DataConfig) -> None:
     """Reject an unknown ``data.window``."""
     if cfg.window not in WINDOWS:
         raise DataError(f"data.window = {cfg.window!r}; expected one of {', '.join(WINDOWS)}")
-
-
-# ----------------------------------------------------------------------------- 2-D readers
-
-
-def _is_nifti(path: Path) -> bool:
-    """True for ``.nii`` / ``.nii.gz``."""
-    return path.name.lower().endswith((".nii", ".nii.gz"))
-
-
-def _nifti_2d_axes(shape: tuple[int, ...], path: Path) -> list[int]:
-    """The two axes of a 2-D NIfTI (extra axes must be singletons, e.g. ``(H, W, 1)``)."""
-    axes = [0, 1] if len(shape) == 2 else [a for a, s in enumerate(shape) if s != 1]
-    if len(axes) != 2 or (len(shape) > 2 and axes[1] > 2):
-        raise DataError(
-            f"{path}: NIfTI of shape {tuple(shape)} is not a 2-D image; 3-D volumes belong to data.name: nifti"
-        )
-    return axes
-
-
-def _nifti_2d(path: Path) -> tuple[np.ndarray, list[float]]:
-    """A 2-D NIfTI's array (as stored, scaled by the header) and its spacing along both axes."""
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    axes = _nifti_2d_axes(img.shape, path)
-    arr = np.asanyarray(img.dataobj).reshape([img.shape[a] for a in axes])
-    zooms = [float(z) for z in img.header.get_zooms()]
-    return arr, [zooms[a] if a < len(zooms) else 1.0 for a in axes]
-
-
-def image_shape(path: Path) -> tuple[int, int]:
-    """``(H, W)`` of a 2-D image from its header only (PNG, TIFF, NIfTI)."""
-    try:
-        if _is_nifti(path):
-            import nibabel as nib
-
-            shape = tuple(int(s) for s in nib.load(str(path)).shape)
-            a, b = _nifti_2d_axes(shape, path)
-            return shape[a], shape[b]
-        if path.suffix.lower() == ".png":
-            from PIL import Image
-
-            with Image.open(path) as im:
-                w, h = im.size
-            return h, w
-        import tifffile
-
-        with tifffile.TiffFile(path) as tf:
-            series = tf.series[0]
-            axes, shape = series.axes, series.shape
-        return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path}: cannot read the image header ({type(e).__name__}: {e}); "
-                        f"expected a 2-D PNG, TIFF or NIfTI file") from None
-
-
-def read_image_2d(path: Path) -> tuple[np.ndarray, bool]:
-    """Read a 2-D image in its stored dtype; colour is converted to grayscale (BT.601 luma).
-
-    Returns:
-        ``(array (H, W), was_colour)``.
-
-    Raises:
-        DataError: unreadable file or not a 2-D image.
-    """
-    import cv2
-
-    arr = _read_raw_2d(path)
-    if arr.ndim == 2:
-        return arr, False
-    c = arr.shape[-1]
-    if c == 2:  # gray + alpha: the alpha is not an intensity
-        return arr[..., 0], False
-    code = cv2.COLOR_RGB2GRAY if c == 3 else cv2.COLOR_RGBA2GRAY
-    if arr.dtype in (np.uint8, np.uint16, np.float32):
-        return cv2.cvtColor(np.ascontiguousarray(arr), code), True
-    w = np.array([0.299, 0.587, 0.114])
-    return (arr[..., :3].astype(np.float64) @ w).astype(np.float32), True
-
-
-def _read_raw_2d(path: Path) -> np.ndarray:
-    """``(H, W)`` or ``(H, W, C)`` (RGB order) array of a PNG / TIFF / NIfTI file."""
-    try:
-        if _is_nifti(path):
-            return _nifti_2d(path)[0]
-        if path.suffix.lower() == ".png":
-            import cv2
-
-            # imdecode (not imread) so that non-ASCII paths work; UNCHANGED keeps 16 bit and
-            # never expands grayscale to three channels
-            buf = np.fromfile(path, dtype=np.uint8)
-            arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-            if arr is None:
-                raise DataError(f"{path}: not a readable PNG image")
-            if arr.ndim == 3:  # OpenCV gives BGR(A)
-                arr = arr[..., [2, 1, 0] + ([3] if arr.shape[-1] == 4 else [])]
-            return arr
-        import tifffile
-
-        arr = tifffile.imread(path)
-        while arr.ndim > 2 and arr.shape[0] == 1:  # leading page / sample axes of length 1
-            arr = arr[0]
-        if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
-            arr = np.moveaxis(arr, 0, -1)  # planar RGB
-        if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (2, 3, 4)):
-            return arr
-        raise DataError(f"{path}: TIFF of shape {arr.shape} is not one 2-D (grayscale or RGB) image")
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e}); "
-                        f"expected a 2-D PNG, TIFF or NIfTI file") from None
-
-
-def read_mask_2d(path: Path, num_classes: int) -> np.ndarray:
-    """Read a 2-D mask as a class map (see :func:`mask_to_classes`); a colour mask must be gray.
-
-    Raises:
-        DataError: unreadable, colour with differing channels, or bad values (names the file).
-    """
-    if path.suffix.lower() == ".png":
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                palette = im.mode == "P"
-                # palette PNGs (VOC-style masks) store the class as the palette index; decoding
-                # them to colours would lose it
-                arr = np.array(im) if palette else None
-        except Exception as e:
-            raise DataError(f"{path}: cannot read the mask ({type(e).__name__}: {e}); expected a PNG") from None
-        if arr is not None:
-            return mask_to_classes(arr, num_classes, path)
-    arr = _read_raw_2d(path)
-    if arr.ndim == 3:
-        rgb = arr[..., :3]
-        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-            raise DataError(f"{path}: colour mask; expected a single-channel label image (0 = background, 1..K)")
-        arr = rgb[..., 0]
-    return mask_to_classes(arr, num_classes, path)
-
-
-def normalise_2d(arr: np.ndarray, window: str, window_range: list[float]) -> np.ndarray:
-    """Intensities → [0, 1]: ``window_range`` when ``window == "fixed"``, else the dtype's range.
-
-    Integer images map their dtype's full range (uint8 0..255, uint16 0..65535, int16
-    −32768..32767) to [0, 1]; float images (no dtype range) use their own min..max.
-    """
-    if window == "fixed":
-        return apply_window(arr, window_range[0], window_range[1])
-    if arr.dtype == bool:
-        return arr.astype(np.float32)
-    if np.issubdtype(arr.dtype, np.integer):
-        info = np.iinfo(arr.dtype)
-        lo, hi = float(info.min), float(info.max)
-    else:
-        finite = arr[np.isfinite(arr)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        if hi <= lo:
-            return np.zeros(arr.shape, np.float32)
-    return apply_window(np.nan_to_num(arr.astype(np.float64)), lo, hi)
 
 
 # ----------------------------------------------------------------------------- folder dataset
@@ -365,7 +204,7 @@ class FolderDataset(Dataset):
         label = read_mask_2d(mask_path, self.cfg.num_classes)
         if label.shape != arr.shape:
             raise DataError(f"mask {mask_path} has size {label.shape} but its image {img_path} is {arr.shape}")
-        spacing = _nifti_2d(img_path)[1] if _is_nifti(img_path) else [1.0, 1.0]
+        spacing = nifti_2d(img_path)[1] if is_nifti(img_path) else [1.0, 1.0]
         sample = {
             "image": normalise_2d(arr, self.cfg.window, self.cfg.window_range)[None],
             "label": label[None].astype(np.int64),
@@ -396,22 +235,6 @@ class _Case:
     shape: tuple[int, int, int]
     zooms: tuple[float, float, float]
     labels: dict[int, np.ndarray]
-
-
-def _load_canonical(path: Path, what: str) -> Any:
-    """``nib.as_closest_canonical(nib.load(path))`` with a clear error."""
-    import nibabel as nib
-
-    try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
-    except Exception as e:
-        raise DataError(f"{path}: cannot read the NIfTI {what} ({type(e).__name__}: {e}); "
-                        f"expected a 3-D .nii or .nii.gz volume") from None
-    if len(img.shape) == 4 and img.shape[3] == 1:
-        img = img.slicer[..., 0]
-    if len(img.shape) != 3:
-        raise DataError(f"{path}: NIfTI {what} of shape {img.shape}; expected a 3-D volume")
-    return img
 
 
 @DATASETS.register("nifti")
@@ -459,8 +282,8 @@ class NiftiDataset(Dataset):
         for stem, img_path, mask_path in pairs:
             if split != "all" and assign[stem] != split:
                 continue
-            img = _load_canonical(img_path, "image")
-            msk = _load_canonical(mask_path, "mask")
+            img = load_canonical(img_path, "image")
+            msk = load_canonical(mask_path, "mask")
             if img.shape != msk.shape:
                 raise DataError(
                     f"mask {mask_path} has shape {tuple(msk.shape)} but its image {img_path} has shape "
@@ -494,7 +317,7 @@ class NiftiDataset(Dataset):
             return self._cache[ci]
         case = self.cases[ci]
         try:
-            vol = _load_canonical(case.image, "image").get_fdata(dtype=np.float32)
+            vol = load_canonical(case.image, "image").get_fdata(dtype=np.float32)
         except Exception as e:  # zlib, EOF, OS errors...: one broken file must not stop an epoch
             log.warning("cannot read %s: %s", case.image, e)
             return None

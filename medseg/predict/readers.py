@@ -6,8 +6,9 @@ a folder may mix them. Every file that is not used is reported with its reason.
 
 Pre-processing repeats what the model's training dataset did (the model's own config):
 
-* intensity: ``data.window: dicom`` → each DICOM series' first WindowCenter / WindowWidth pair
-  (as DeepLesion rows carry); ``fixed`` (and NIfTI input) → ``data.window_range``; PNG / TIFF →
+* intensity: a DICOM series by :func:`medseg.data.dicom.dicom_window`, the ``dicom`` dataset's rule
+  (``data.window: dicom`` → the series' first WindowCenter / WindowWidth pair, as DeepLesion rows
+  carry; ``fixed`` → ``data.window_range``); NIfTI input → ``data.window_range``; PNG / TIFF →
   the ``folder`` dataset's rule (dtype range, or ``window_range`` when fixed);
 * 2.5-D: ``data.context_slices`` channels ``data.slice_offset_mm`` apart, interpolated between the
   real slice positions (uneven spacing and gaps honoured) and clamped at the stack's ends;
@@ -29,8 +30,15 @@ import numpy as np
 
 from medseg.config import Config
 from medseg.data.base import DataError, apply_window, context_indices, resample_sample, stack_context
-from medseg.data.dicom import SeriesGeometry, SeriesInfo, find_series, read_series_hu, series_geometry
-from medseg.data.folder import SUFFIXES_2D, SUFFIXES_3D, file_stem, normalise_2d, read_image_2d
+from medseg.data.dicom import (
+    SeriesGeometry,
+    SeriesInfo,
+    dicom_window,
+    find_series,
+    read_series_hu,
+    series_geometry,
+)
+from medseg.data.images import SUFFIXES_2D, SUFFIXES_3D, file_stem, normalise_2d, read_image_2d
 
 __all__ = ["Case", "Loaded", "discover", "load_case", "model_inputs", "safe_name"]
 
@@ -206,17 +214,6 @@ def model_inputs(values: np.ndarray, z_mm: np.ndarray, spacing: tuple[float, flo
     return np.stack(out).astype(np.float32), meta
 
 
-def _dicom_window(geom: SeriesGeometry, cfg: Config, warnings: list[str]) -> tuple[float, float]:
-    """The series' window: its first WindowCenter / WindowWidth pair (``data.window: dicom``) or the fixed range."""
-    if cfg.data.window == "dicom":
-        pair = next((w for w in geom.windows if w is not None), None)
-        if pair is not None:
-            c, w = pair
-            return c - w / 2, c + w / 2
-        warnings.append(f"no WindowCenter / WindowWidth in the series: using data.window_range {cfg.data.window_range}")
-    return float(cfg.data.window_range[0]), float(cfg.data.window_range[1])
-
-
 def load_case(case: Case, cfg: Config) -> Loaded:
     """Read a case and build its model inputs (runs in the prefetch thread).
 
@@ -229,7 +226,9 @@ def load_case(case: Case, cfg: Config) -> Loaded:
         geom = series_geometry(case.info)
         values = read_series_hu(geom)
         warnings = list(geom.warnings)
-        window = _dicom_window(geom, cfg, warnings)
+        window, note = dicom_window(cfg.data, geom.windows)
+        if note:
+            warnings.append(note)
         spacing = (float(geom.spacing[1]), float(geom.spacing[2]))
         images, meta = model_inputs(values, geom.slice_positions, spacing, [window], cfg)
         loaded = Loaded(case, values, images, meta, spacing, geom=geom, warnings=warnings,

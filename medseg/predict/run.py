@@ -31,7 +31,8 @@ import torch
 
 from medseg import __version__
 from medseg.data.base import apply_window, to_source_grid
-from medseg.data.folder import normalise_2d
+from medseg.data.dicom import header_window
+from medseg.data.images import normalise_2d
 from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import Predictor
 from medseg.inference.window import SlidingWindow
@@ -123,10 +124,8 @@ def _display(loaded: Loaded, cfg: Any) -> np.ndarray:
     WindowCenter / WindowWidth pair) where it has one, else as the model saw them."""
     if loaded.case.kind == "image":
         return normalise_2d(loaded.values[0], cfg.data.window, cfg.data.window_range)[None]
-    low, high = loaded.info["window"]
-    pair = next((w for w in loaded.geom.windows if w is not None), None) if loaded.geom is not None else None
-    if pair is not None:
-        low, high = pair[0] - pair[1] / 2, pair[0] + pair[1] / 2
+    own = header_window(loaded.geom.windows) if loaded.geom is not None else None
+    low, high = own if own is not None else loaded.info["window"]
     return apply_window(loaded.values, low, high)
 
 

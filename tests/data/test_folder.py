@@ -13,8 +13,7 @@ import tifffile
 
 from medseg.config import DataConfig
 from medseg.data import build_dataset
-from medseg.data.base import DataError, apply_window, split_cases
-from medseg.data.folder import label_instances
+from medseg.data.base import DataError, apply_window, label_instances, split_cases
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -28,10 +28,10 @@ from pydicom.uid import (
 )
 
 import medseg.data.dicom  # noqa: F401  (registers medseg's decoder plugin)
-from medseg.data.decoders import DECODER_TABLE
 from medseg.data.dicom import read_instance_hu
+from medseg.data.dicom.decoders import DECODER_TABLE
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _file(name: str) -> str:

@@ -20,7 +20,7 @@ pylibjpeg-libjpeg (the usual JPEG plugin of pylibjpeg) is GPL-3.0 and is deliber
 pydicom's GDCM and Pillow plugins refuse 12-bit JPEG Extended (the GDCM wheel is built without
 12-bit libjpeg); :func:`register_decoders` adds a small plugin built on imagecodecs, whose
 libjpeg-turbo 3 decodes 12-bit and lossless JPEG, after pydicom's own plugins. It is registered
-when :mod:`medseg.data.dicom` is imported.
+when :mod:`medseg.data.dicom` (its :mod:`~medseg.data.dicom.series` module) is imported.
 """
 
 from __future__ import annotations
@@ -95,5 +95,5 @@ def register_decoders() -> None:
     for ts in DECODER_DEPENDENCIES:
         dec = get_decoder(ts)
         if _LABEL not in dec._available and _LABEL not in dec._unavailable:
-            dec.add_plugin(_LABEL, ("medseg.data.decoders", "decode_frame"))
+            dec.add_plugin(_LABEL, ("medseg.data.dicom.decoders", "decode_frame"))
     _registered = True
