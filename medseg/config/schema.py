@@ -31,7 +31,8 @@ class DataConfig:
     context_slices: int = 3
     #: physical distance between neighbouring context slices, in mm (DeepLesion / DICOM / NIfTI)
     slice_offset_mm: float = 2.0
-    #: "dicom" uses each row's DICOM window (DeepLesion); "fixed" uses window_range
+    #: "dicom": DeepLesion rows' DICOM_windows, a DICOM series' first WindowCenter/WindowWidth (training and
+    #: predict alike; window_range where a series has none); "fixed": window_range everywhere
     window: Literal["dicom", "fixed"] = "dicom"
     window_range: list[float] = field(default_factory=lambda: [-1024.0, 3071.0])
     #: resample in-plane to this mm/px (None keeps the native spacing)
