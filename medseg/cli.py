@@ -218,7 +218,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     """``medseg demo-data``."""
     if args.kind == "cells":
-        from medseg.data.cells import CELLS_IMAGES, generate_cells_data
+        from medseg.data.synthetic import CELLS_IMAGES, generate_cells_data
 
         out = generate_cells_data(args.out_dir, images=args.images or CELLS_IMAGES, seed=args.seed)
         print(f"EM-like cell images (images/ + masks/, 0 = membrane, 255 = cell) written to {out}")

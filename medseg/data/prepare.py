@@ -36,7 +36,7 @@ def prepare_data(cfg: DataConfig) -> None:
         log.info("generating DeepLesion-format demo data in %s", root)
         generate_demo_data(root, patients=cfg.demo_patients, seed=cfg.demo_seed)
     if cfg.name == "folder" and cfg.generate_if_missing and not (root / "images").is_dir():
-        from medseg.data.cells import generate_cells_data
+        from medseg.data.synthetic import generate_cells_data
 
         log.info("generating EM-like cell images in %s", root)
         generate_cells_data(root, seed=cfg.demo_seed)

@@ -13,7 +13,7 @@ import torch
 
 from medseg.config import load_config
 from medseg.data import build_dataset
-from medseg.data.deeplesion import DeepLesionDataset, _ImageSource
+from medseg.data.deeplesion import DeepLesionDataset, ImageSource
 from medseg.data.loading import (
     EpochSampler,
     ShardSampler,
@@ -36,7 +36,7 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
     The patch is on the classes, so forked DataLoader workers inherit it; each line is one
     ``O_APPEND`` write, so lines from several processes never interleave.
     """
-    read, read_truth = _ImageSource.read, DeepLesionDataset._read_truth
+    read, read_truth = ImageSource.read, DeepLesionDataset._read_truth
 
     def note(what: str) -> None:
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -53,7 +53,7 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
         note(f"Masks_png/{series}/{n:03d}.png")
         return read_truth(self, series, n, shape)
 
-    monkeypatch.setattr(_ImageSource, "read", counted_read)
+    monkeypatch.setattr(ImageSource, "read", counted_read)
     monkeypatch.setattr(DeepLesionDataset, "_read_truth", counted_truth)
 
 

@@ -168,7 +168,7 @@ def _lesion_maps(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
 def test_device_weight_map_equals_the_cpu_map(w0: float, class_balance: bool) -> None:
     """Exact distances from boundary pixels on the device = the CPU's windowed EDTs (touching lesions,
     densely packed cells, one object, none); the CPU drops terms below BORDER_TOLERANCE."""
-    from medseg.data.cells import render_cells
+    from medseg.data.synthetic import render_cells
     from medseg.transforms.accelerated import border_weight_map_torch
     from medseg.transforms.functional import BORDER_TOLERANCE, border_weight_map
 

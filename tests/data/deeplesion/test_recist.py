@@ -1,4 +1,4 @@
-"""RECIST → mask conversion (medseg.data.recist): MULAN ellipse, GrabCut, and per-slice masks."""
+"""RECIST → mask conversion (medseg.data.deeplesion.recist): MULAN ellipse, GrabCut, and per-slice masks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from skimage.draw import ellipse as sk_ellipse
 
 from medseg.data.base import DataError
-from medseg.data.recist import (
+from medseg.data.deeplesion.recist import (
     ellipse_mask,
     grabcut_mask,
     recist_centre,
@@ -206,7 +206,7 @@ def test_recist_to_masks_grabcut_uses_the_image() -> None:
 
 
 def test_candidate_score_penalises_masks_off_the_diameters() -> None:
-    from medseg.data.recist import _candidate_score
+    from medseg.data.deeplesion.recist import _candidate_score
 
     coords = np.array([10.0, 30.0, 50.0, 30.0, 30.0, 20.0, 30.0, 40.0])
     ell = ellipse_mask(coords, (64, 64))

@@ -190,7 +190,7 @@ def grabcut_mask(
     ``iterations`` (the model is refined in place, so later counts continue earlier ones); each is
     reduced to its component overlapping the sure foreground with holes filled, and the one that
     best matches the RECIST wins: lowest mean relative error of its measured axes
-    (:func:`medseg.measure.measure_recist`) against the diameters, plus the fraction of the
+    (:func:`medseg.lesion.measure_recist`) against the diameters, plus the fraction of the
     diameters' inner 80 % it leaves out.
 
     Args:

@@ -17,7 +17,7 @@ from medseg.config import DataConfig
 from medseg.data import build_dataset
 from medseg.data.base import DataError, collate
 from medseg.data.deeplesion import COLUMNS, DeepLesionDataset, png_to_hu, read_dl_info
-from medseg.data.recist import ellipse_mask
+from medseg.data.deeplesion.recist import ellipse_mask
 
 HEADER = ",".join(COLUMNS)
 
@@ -478,19 +478,32 @@ def test_resampling_scales_image_masks_and_coordinates(tmp_path: Path) -> None:
     assert cy == pytest.approx((33.0 - 1 + 0.5) * sy - 0.5, abs=1.0)
 
 
-def test_grabcut_mode_runs_on_the_slice(tmp_path: Path) -> None:
+def test_grabcut_mode_runs_on_the_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = _make(tmp_path)
-    # a bright square lesion on the key slice; RECIST marks its extent
+    # a bright lesion on the key slice whose RECIST is LES_A's: the rhombus its two diameters span
+    # (the ellipse drawn through their ends covers ~1.5 × its area, so GrabCut has something to win)
+    ends = (np.array(LES_A).reshape(4, 2) - 1)[[0, 2, 1, 3]]  # long-1, short-1, long-2, short-2, 0-based
     hu = np.full((SIZE, SIZE), 0, np.int32)
-    hu[26:40, 20:42] = 200
+    cv2.fillPoly(hu, [np.round(ends * 16).astype(np.int32)], 200, shift=4)
     _write_png16(root / "Images_png/000001_01_01/010.png", hu)
+    calls = []
+    grabcut = cv2.grabCut
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(args[0].shape)
+        return grabcut(*args, **kwargs)
+
+    monkeypatch.setattr(cv2, "grabCut", spy)
     s = DeepLesionDataset(_cfg(root, recist_mask="grabcut", context_slices=1), "train")[0]
     lesion = s["instance"][0] == 1
     truth = hu > 0
     ell = DeepLesionDataset(_cfg(root, context_slices=1), "train")[0]["instance"][0] == 1
+    # GrabCut ran on the slice and its mask was kept: not the ellipse it falls back to
+    assert calls
+    assert not np.array_equal(lesion, ell)
     dice = 2 * (lesion & truth).sum() / (lesion.sum() + truth.sum())
     dice_ell = 2 * (ell & truth).sum() / (ell.sum() + truth.sum())
-    assert dice >= dice_ell
+    assert dice > dice_ell
 
 
 def test_fingerprint_is_stable_and_sensitive(tmp_path: Path) -> None:

@@ -29,9 +29,11 @@ import os
 import shutil
 from pathlib import Path
 
-import cv2
 import numpy as np
 from scipy import ndimage
+
+from medseg.data.synthetic.release import write_png
+from medseg.io import atomic_write_bytes, fsync_dir
 
 __all__ = ["CELLS_IMAGES", "generate_cells_data", "render_cells"]
 
@@ -182,8 +184,9 @@ def render_cells(rng: np.random.Generator, size: int = 512) -> tuple[np.ndarray,
 def generate_cells_data(out_dir: str | Path, images: int = CELLS_IMAGES, seed: int = 0, size: int = 512) -> Path:
     """Write ``images`` EM-like images and cell masks to ``out_dir/images`` and ``out_dir/masks``.
 
-    The folder is first written next to ``out_dir`` and renamed into place, so an interrupted run
-    never leaves a half-written dataset under ``out_dir``.
+    Every file is written through :func:`medseg.io.atomic_write_bytes` (complete and on
+    disk) into a staging folder next to ``out_dir``, whose ``images/`` and ``masks/`` are then
+    renamed into place: an interrupted run never leaves a half-written dataset under ``out_dir``.
 
     Args:
         out_dir: the dataset root (``data.root`` of ``pipelines/cells.yaml``).
@@ -201,21 +204,24 @@ def generate_cells_data(out_dir: str | Path, images: int = CELLS_IMAGES, seed: i
     root = Path(out_dir)
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    (tmp / "masks").mkdir(parents=True)
-    (tmp / _INCOMPLETE).touch()
+    atomic_write_bytes(tmp / _INCOMPLETE, b"")
     rng = np.random.default_rng(seed)
     for i in range(images):
         image, cells = render_cells(rng, size)
-        cv2.imwrite(str(tmp / "images" / f"cells_{i:03d}.png"), image)
-        cv2.imwrite(str(tmp / "masks" / f"cells_{i:03d}.png"), np.where(cells > 0, 255, 0).astype(np.uint8))
+        write_png(tmp / "images" / f"cells_{i:03d}.png", image, params=())
+        mask = np.where(cells > 0, 255, 0).astype(np.uint8)
+        write_png(tmp / "masks" / f"cells_{i:03d}.png", mask, params=())
     (tmp / _INCOMPLETE).unlink()
+    # the staged folders are complete and durable: move them into place (a rename each)
     root.parent.mkdir(parents=True, exist_ok=True)
     if root.exists():
         for sub in ("images", "masks"):
             shutil.rmtree(root / sub, ignore_errors=True)
             os.replace(tmp / sub, root / sub)
         shutil.rmtree(tmp, ignore_errors=True)
+        fsync_dir(root)
     else:
         os.replace(tmp, root)
+    fsync_dir(root.parent)
     return root
+

@@ -11,8 +11,8 @@ from scipy import ndimage
 
 from medseg.cli import main
 from medseg.config import DataConfig
-from medseg.data.cells import generate_cells_data
 from medseg.data.folder import FolderDataset
+from medseg.data.synthetic import generate_cells_data
 from medseg.metrics.em import SegmentationErrors, rand_error, split_merge_error
 
 
@@ -59,35 +59,84 @@ def test_folder_dataset_reads_the_cells(cells_root: Path) -> None:
     assert s["instance"].max() == n  # one instance per cell
 
 
-def test_rand_and_pixel_error() -> None:
+def _two_cells() -> np.ndarray:
+    """Two true cells of 16 × 36 = 576 px each, a 4 px membrane between them (40 × 40)."""
     true = np.zeros((40, 40), np.int64)
-    true[2:18, 2:38], true[22:38, 2:38] = 1, 2  # two cells, a membrane between
+    true[2:18, 2:38], true[22:38, 2:38] = 1, 2
+    return true
+
+
+def _pair_rand_error(pred: np.ndarray, true: np.ndarray, connectivity: int) -> float:
+    """The adapted Rand error counted pair by pair, independently of the implementation under test.
+
+    Over the ordered pairs of distinct pixels the truth calls cell: F = 2·(pairs in one true cell and
+    one predicted segment) / (pairs in one true cell + pairs in one predicted segment), error = 1 − F;
+    predicted segments are the components of ``pred > 0``, predicted background is one more segment.
+    """
+    objects = ndimage.label(pred > 0, structure=ndimage.generate_binary_structure(2, connectivity))[0]
+    keep = true > 0
+    t, o = true[keep], objects[keep]
+    same_t, same_o = t[:, None] == t[None, :], o[:, None] == o[None, :]
+    n = len(t)
+    both = int((same_t & same_o).sum()) - n
+    return 1.0 - 2.0 * both / ((int(same_t.sum()) - n) + (int(same_o.sum()) - n))
+
+
+def _predictions() -> dict[str, np.ndarray]:
+    true = _two_cells()
     label = (true > 0).astype(np.int64)
-    assert rand_error(label, true) == pytest.approx(0.0)
     merged = label.copy()
     merged[18:22, 10:12] = 1  # a gap in the predicted membrane merges the two cells
-    assert rand_error(merged, true) > 0.3
+    thick = label.copy()
+    thick[16:18], thick[22:24] = 0, 0  # the predicted membrane 4 px wider, every cell still apart
+    split = label.copy()
+    split[2:18, 20] = 0  # a false membrane cuts cell 1 in two halves
+    noisy = (np.random.default_rng(0).random(true.shape) < 0.7).astype(np.int64)
+    return {"perfect": label, "merged": merged, "thick": thick, "split": split, "noisy": noisy}
+
+
+@pytest.mark.parametrize("case", ["perfect", "merged", "thick", "split", "noisy"])
+@pytest.mark.parametrize("connectivity", [1, 2])
+def test_rand_error_matches_pair_counting(case: str, connectivity: int) -> None:
+    pred, true = _predictions()[case], _two_cells()
+    expected = _pair_rand_error(pred, true, connectivity)
+    assert rand_error(pred, true, connectivity=connectivity) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_rand_and_pixel_error() -> None:
+    true = _two_cells()
+    preds = _predictions()
+    label, merged = preds["perfect"], preds["merged"]
+    assert rand_error(label, true) == pytest.approx(0.0)
+    # one predicted object holds both cells (a = 576 px each): of the pairs in one predicted segment,
+    # 2a(2a-1), only those within a cell, 2a(a-1), are in one true cell -> 1 - 4a(a-1) / (2a(a-1) + 2a(2a-1))
+    a = 16 * 36
+    fused = a / (3 * a - 2)
+    assert rand_error(merged, true) == pytest.approx(fused, rel=1e-9)
     errors = SegmentationErrors(connectivity=1)
     errors.update(merged[None], label[None], true[None])
     out = errors.compute()
-    assert out["pixel_error"] == pytest.approx(8 / 1600) and out["rand_error"] > 0.3
-    # two equal cells (a = 576 px each) fused into one object; pairs of distinct pixels:
-    # precision = 2a(a-1) / 2a(2a-1), recall 1 -> error = 1 - 2P / (P + 1)
-    a = 16 * 36
+    assert out["pixel_error"] == pytest.approx(8 / 1600) and out["rand_error"] == pytest.approx(fused, rel=1e-9)
+    # the same fusion over the pixels both call foreground: precision = 2a(a-1) / 2a(2a-1), recall 1
     precision = 2 * a * (a - 1) / (2 * a * (2 * a - 1))
     assert out["split_merge_error"] == pytest.approx(1 - 2 * precision / (precision + 1))
 
 
 def test_thick_membranes_raise_the_rand_error_but_not_the_split_merge_error() -> None:
-    true = np.zeros((40, 40), np.int64)
-    true[2:18, 2:38], true[22:38, 2:38] = 1, 2
-    thick = (true > 0).astype(np.int64)
-    thick[16:18], thick[22:24] = 0, 0  # the predicted membrane 4 px wider, every cell still apart
-    assert rand_error(thick, true, connectivity=1) > 0.05  # the membrane pixels inside cells: one segment
+    true = _two_cells()
+    preds = _predictions()
+    thick, split = preds["thick"], preds["split"]
+    # each cell: 504 px in its own predicted object, 72 px in the one predicted-background segment
+    same_true = 2 * 576 * 575
+    same_pred = 2 * 504 * 503 + 144 * 143
+    same_both = 2 * 504 * 503 + 2 * 72 * 71
+    expected = 1 - 2 * same_both / (same_true + same_pred)  # ≈ 0.131
+    assert rand_error(thick, true, connectivity=1) == pytest.approx(expected, rel=1e-9)
     assert split_merge_error(thick, true, connectivity=1) == pytest.approx(0.0)
-    split = (true > 0).astype(np.int64)
-    split[2:18, 20] = 0  # a false membrane cuts cell 1 in two halves
-    assert split_merge_error(split, true, connectivity=1) > 0.1
+    # the split: over the pixels both call foreground, cell 1 is two objects (288 + 272 px)
+    split_merge = _pair_rand_error(split, true * (split > 0), 1)
+    assert split_merge > 0.1
+    assert split_merge_error(split, true, connectivity=1) == pytest.approx(split_merge, rel=1e-9)
     assert np.isnan(split_merge_error(np.zeros_like(true), true))
 
 
