@@ -20,8 +20,8 @@ import torch
 
 __all__ = [
     "TrainingError", "amp_dtype", "barrier", "broadcast_buffers", "broadcast_object", "dist_ready",
-    "environment_info", "init_distributed", "resolve_device", "rng_state", "sample_seed", "seed_everything",
-    "set_rng_state", "use_amp",
+    "environment_info", "gather_objects", "init_distributed", "resolve_device", "rng_state", "sample_seed",
+    "seed_everything", "set_rng_state", "use_amp",
 ]
 
 
@@ -92,6 +92,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     shared = [obj]
     dist.broadcast_object_list(shared, src=src)
     return shared[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` (picklable) from every rank, in rank order; ``[obj]`` outside a process group.
+
+    The one all-gather of Python objects (per-lesion rows, per-image records, counts) that every
+    accumulator's ``reduce_across_ranks`` uses. Inside a process group every rank must call it.
+
+    Example:
+        >>> parts = gather_objects((rows, n_images))       # [(rows of rank 0, n), (rows of rank 1, n), ...]
+        >>> rows = [r for p in parts for r in p[0]]
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

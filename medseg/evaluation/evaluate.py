@@ -34,11 +34,11 @@ from medseg.data.loading import ShardSampler, TransformedDataset, make_loader
 from medseg.inference.postprocess import postprocess, resolve_operating_point
 from medseg.inference.predictor import foreground_probability, predict_logits
 from medseg.io import atomic_write_bytes, write_rows_csv
-from medseg.metrics import FROC_FP_RATES, _gather_objects, froc_key, metric_names
+from medseg.metrics import FROC_FP_RATES, froc_key, metric_names
 from medseg.metrics.em import ERROR_NAMES, SegmentationErrors
 from medseg.metrics.suite import EvaluationSuite, Intervals
 from medseg.models.checkpoint import load_model
-from medseg.runtime import TrainingError, resolve_device
+from medseg.runtime import TrainingError, gather_objects, resolve_device
 from medseg.tracking import Tracker, reopened_run
 
 log = logging.getLogger("medseg.evaluation")
@@ -174,7 +174,7 @@ def evaluate_loader(
         suite.reduce_across_ranks()
         if errors is not None:
             errors.reduce_across_ranks()
-        parts = _gather_objects((n, losses))
+        parts = gather_objects((n, losses))
     n = sum(p[0] for p in parts)
     if n == 0:
         return EvalResult({}, [], 0, examples)

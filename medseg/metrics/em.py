@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from medseg.runtime import dist_ready
+from medseg.runtime import dist_ready, gather_objects
 
 __all__ = ["ERROR_NAMES", "SegmentationErrors", "rand_error", "split_merge_error"]
 
@@ -121,10 +121,7 @@ class SegmentationErrors:
         """Combine every rank's counts (DDP); a no-op otherwise."""
         if not dist_ready():
             return
-        import torch.distributed as dist
-
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (self._wrong, self._pixels, self._rand, self._split_merge))
+        parts = gather_objects((self._wrong, self._pixels, self._rand, self._split_merge))
         self._wrong = sum(p[0] for p in parts)
         self._pixels = sum(p[1] for p in parts)
         self._rand = [v for p in parts for v in p[2]]

@@ -11,7 +11,7 @@ that threshold and on the lesion's size (a large lesion has proportionally less 
 confident pixel is what a reader looking at the map would call a finding.
 
 A candidate **hits** a true lesion under the run's matching rule (``metrics.match_rule``: shared
-pixels or IoU, :func:`medseg.metrics.match_lesions`); a lesion is found at score ``s`` when a
+pixels or IoU, :func:`medseg.metrics.matching.match_lesions`); a lesion is found at score ``s`` when a
 candidate with score ≥ ``s`` hits it (several hits on one lesion count once); a candidate that
 hits no lesion is a false positive. Sweeping ``s`` from high to low traces the curve. An FP rate
 beyond the largest one the sweep reaches (all candidates kept) is **not reached**: it is left out
@@ -35,15 +35,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from medseg.metrics import (
-    FROC_FP_RATES,
-    MatchRule,
-    _gather_objects,
-    _mask2d,
-    froc_key,
-    label_components,
-    match_lesions,
-)
+from medseg.metrics.keys import FROC_FP_RATES, froc_key
+from medseg.metrics.matching import MatchRule, label_components, match_lesions
+from medseg.metrics.pixel import mask2d
+from medseg.runtime import gather_objects
 
 __all__ = ["FrocCurve", "FrocMetrics", "froc_candidates", "froc_curve", "froc_summary", "sensitivity_at"]
 
@@ -53,7 +48,7 @@ _EPS = 1e-9
 
 def froc_candidates(prob: Any, threshold: float, connectivity: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Candidates of one probability map: their ``(H, W)`` label map (1..N) and ``(N,)`` max scores."""
-    p = _mask2d(prob, "prob").astype(np.float64)
+    p = mask2d(prob, "prob").astype(np.float64)
     labels = label_components(p > threshold, connectivity)
     n = int(labels.max(initial=0))
     scores = np.asarray(ndimage.maximum(p, labels, index=np.arange(1, n + 1)), dtype=np.float64) if n else np.zeros(0)
@@ -151,7 +146,7 @@ class FrocMetrics:
 
     Args:
         threshold: ``metrics.froc_threshold``, the probability that makes a pixel part of a candidate.
-        rule, iou_threshold, min_overlap_px: the hit rule (:func:`medseg.metrics.match_lesions`).
+        rule, iou_threshold, min_overlap_px: the hit rule (:func:`medseg.metrics.matching.match_lesions`).
         connectivity: of the candidate components (2 = 8-connected).
         rates: FP-per-image operating points.
     """
@@ -176,7 +171,7 @@ class FrocMetrics:
 
     def update(self, prob: Any, true_instance: Any, image_id: str | None = None) -> None:
         """Add one image: ``prob`` ``(H, W)`` foreground probability, ``true_instance`` ``(H, W)`` lesion ids."""
-        true = _mask2d(true_instance, "true_instance").astype(np.int64)
+        true = mask2d(true_instance, "true_instance").astype(np.int64)
         labels, scores = froc_candidates(prob, self.threshold, self.connectivity)
         if labels.shape != true.shape:
             raise ValueError(f"prob {labels.shape} and true_instance {true.shape} differ in shape")
@@ -192,7 +187,7 @@ class FrocMetrics:
 
     def reduce_across_ranks(self) -> None:
         """Gather every rank's candidates; a no-op outside DDP."""
-        parts = _gather_objects((self._lesions, self._fps, self._images))
+        parts = gather_objects((self._lesions, self._fps, self._images))
         if len(parts) > 1:
             self._lesions = [v for p in parts for v in p[0]]
             self._fps = [v for p in parts for v in p[1]]

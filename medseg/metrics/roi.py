@@ -1,6 +1,6 @@
 """The lesion-ROI protocol: each annotated lesion scored inside a crop around its box.
 
-Whole-slice lesion metrics (:class:`medseg.metrics.LesionMetrics`) mix two things: how well a
+Whole-slice lesion metrics (:class:`medseg.metrics.lesion.LesionMetrics`) mix two things: how well a
 lesion is outlined and whether false-positive components appear elsewhere on the slice. The
 DeepLesion segmentation literature — weakly-supervised RECIST-slice segmentation (Cai et al., MICCAI
 2018, "Accurate weakly-supervised deep lesion segmentation using large-scale clinical annotations:
@@ -23,7 +23,7 @@ protocol beside the whole-slice one (keys ``roi_…``):
   inside the crop: Dice, IoU, HD95 and surface Dice (mm). Predicted pixels on *another* true
   lesion in the same crop count as false positives (``roi_other_lesions: background``, the
   single-lesion crop protocol) or are left out (``ignore``).
-* **RECIST** — long / short axis (:func:`medseg.measure.measure_recist`) of the largest predicted
+* **RECIST** — long / short axis (:func:`medseg.lesion.measure_recist`) of the largest predicted
   component in the crop, against the axes measured on the lesion's whole true mask
   (``roi_long_error_mm`` …, as the whole-slice ``diameter_error_mm``) and, where the data has
   them, the annotated RECIST diameters (``roi_recist_…``); mm error and ULS23 SAPE.
@@ -47,19 +47,12 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg.lesion import axes_mm, measure_recist
-from medseg.metrics import (
-    ROI_GROUPED_KEYS,
-    SIZE_STRATA,
-    _gather_objects,
-    _mask2d,
-    _mean,
-    _recist_mm,
-    _sape,
-    _type_name,
-    boundary_metrics,
-    label_components,
-    size_stratum,
-)
+from medseg.metrics.boundary import boundary_metrics
+from medseg.metrics.keys import ROI_GROUPED_KEYS
+from medseg.metrics.lesion import finite_mean, recist_mm, sape, type_name
+from medseg.metrics.matching import SIZE_STRATA, label_components, size_stratum
+from medseg.metrics.pixel import mask2d
+from medseg.runtime import gather_objects
 
 __all__ = ["RoiLesionMetrics", "lesion_box", "roi_window", "score_roi"]
 
@@ -226,8 +219,8 @@ class RoiLesionMetrics:
             image: ``(C, H, W)`` the input, for the worst-lesion crops (only with ``keep_worst``).
         """
         meta = meta or {}
-        pred = _mask2d(pred_mask, "pred_mask") != 0
-        true = _mask2d(true_instance, "true_instance").astype(np.int64)
+        pred = mask2d(pred_mask, "pred_mask") != 0
+        true = mask2d(true_instance, "true_instance").astype(np.int64)
         if pred.shape != true.shape:
             raise ValueError(f"pred_mask {pred.shape} and true_instance {true.shape} differ in shape")
         image_id = str(meta.get("id", f"image{len(self._rows)}"))
@@ -241,7 +234,7 @@ class RoiLesionMetrics:
             s = score_roi(pred, t_mask, window, spacing, (true > 0) & ~t_mask, self.nsd_tolerance_mm,
                           self.connectivity, self.other_lesions)
             t_long, t_short = axes_mm(measure_recist(t_mask), spacing)  # type: ignore[arg-type]
-            r_long, r_short = _recist_mm(info, spacing) if "coords" in info else (math.nan, math.nan)
+            r_long, r_short = recist_mm(info, spacing) if "coords" in info else (math.nan, math.nan)
             p_long, p_short, hit = s["roi_pred_long_mm"], s["roi_pred_short_mm"], s["roi_pred_px"] > 0
             row = {
                 "image_id": image_id,
@@ -255,12 +248,12 @@ class RoiLesionMetrics:
                 **s,
                 "roi_long_error_mm": abs(p_long - t_long) if hit else math.nan,
                 "roi_short_error_mm": abs(p_short - t_short) if hit else math.nan,
-                "roi_sape_long": _sape(p_long, t_long) if hit else 1.0,
-                "roi_sape_short": _sape(p_short, t_short) if hit else 1.0,
+                "roi_sape_long": sape(p_long, t_long) if hit else 1.0,
+                "roi_sape_short": sape(p_short, t_short) if hit else 1.0,
                 "roi_recist_long_error_mm": abs(p_long - r_long) if hit else math.nan,
                 "roi_recist_short_error_mm": abs(p_short - r_short) if hit else math.nan,
-                "roi_recist_sape_long": (_sape(p_long, r_long) if hit else 1.0) if math.isfinite(r_long) else math.nan,
-                "roi_recist_sape_short": (_sape(p_short, r_short) if hit else 1.0) if math.isfinite(r_short)
+                "roi_recist_sape_long": (sape(p_long, r_long) if hit else 1.0) if math.isfinite(r_long) else math.nan,
+                "roi_recist_sape_short": (sape(p_short, r_short) if hit else 1.0) if math.isfinite(r_short)
                 else math.nan,
             }
             self._rows.append(row)
@@ -298,7 +291,7 @@ class RoiLesionMetrics:
 
     def reduce_across_ranks(self) -> None:
         """Gather every rank's rows and kept crops; a no-op outside DDP."""
-        parts = _gather_objects((self._rows, self._worst))
+        parts = gather_objects((self._rows, self._worst))
         if len(parts) == 1:
             return
         self._rows = [r for p in parts for r in p[0]]
@@ -324,16 +317,16 @@ class RoiLesionMetrics:
         for key in ("roi_dice", "roi_iou", "roi_hd95", "roi_surface_dice", "roi_long_error_mm", "roi_short_error_mm",
                     "roi_sape_long", "roi_sape_short", "roi_recist_long_error_mm", "roi_recist_short_error_mm",
                     "roi_recist_sape_long", "roi_recist_sape_short"):
-            v = _mean([r[key] for r in rows])
+            v = finite_mean([r[key] for r in rows])
             if v is not None:
                 out[key] = v
         groups: list[tuple[str, list[dict[str, Any]]]] = [
             (g, [r for r in rows if r["size_stratum"] == g]) for g in SIZE_STRATA]
-        types = sorted({_type_name(r["lesion_type"]) for r in rows} - {None})  # type: ignore[type-var]
-        groups += [(t, [r for r in rows if _type_name(r["lesion_type"]) == t]) for t in types]  # type: ignore[misc]
+        types = sorted({type_name(r["lesion_type"]) for r in rows} - {None})  # type: ignore[type-var]
+        groups += [(t, [r for r in rows if type_name(r["lesion_type"]) == t]) for t in types]  # type: ignore[misc]
         for g, sub in groups:
             for key in ROI_GROUPED_KEYS:
-                v = _mean([r[key] for r in sub]) if sub else None
+                v = finite_mean([r[key] for r in sub]) if sub else None
                 if v is not None:
                     out[f"{key}_{g}"] = v
         return out

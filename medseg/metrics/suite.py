@@ -2,10 +2,10 @@
 
 :class:`EvaluationSuite` feeds one batch at a time to
 
-* :class:`medseg.metrics.MetricSuite` — pixel and boundary metrics and the whole-slice lesion
+* :class:`medseg.metrics.slice_suite.MetricSuite` — pixel and boundary metrics and the whole-slice lesion
   metrics (keys unchanged: ``dice``, ``lesion_dice``, …);
-* :class:`medseg.lesion_eval.RoiLesionMetrics` — the lesion-ROI protocol (``roi_…``);
-* :class:`medseg.froc.FrocMetrics` — FROC on whole slices (``froc_…``), from the foreground
+* :class:`medseg.metrics.roi.RoiLesionMetrics` — the lesion-ROI protocol (``roi_…``);
+* :class:`medseg.metrics.froc.FrocMetrics` — FROC on whole slices (``froc_…``), from the foreground
   probabilities;
 
 and merges their per-lesion rows into one table (one row per true lesion). :meth:`intervals`
@@ -13,7 +13,7 @@ adds a seeded bootstrap confidence interval to every headline metric (:data:`HEA
 resampling **patients** where the data names them (DeepLesion's ``Patient_index``), else
 **series**, else **images** (``metrics.bootstrap_unit`` forces one): a resample draws as many units
 as there are, with replacement, and recomputes each metric from the drawn units' images and
-lesions (:mod:`medseg.stats`). Metric-level definitions are unchanged, so the point estimate is the
+lesions (:mod:`medseg.metrics.stats`). Metric-level definitions are unchanged, so the point estimate is the
 plain value and the interval its sampling uncertainty over units.
 
 Example:
@@ -30,18 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from medseg.metrics import (
-    FROC_FP_RATES,
-    ROI_KEYS,
-    MetricSuite,
-    _gather_objects,
-    froc_key,
-    label_components,
-    pixel_metrics,
-)
 from medseg.metrics.froc import FrocMetrics, froc_curve, froc_summary
+from medseg.metrics.keys import FROC_FP_RATES, ROI_KEYS, froc_key
+from medseg.metrics.matching import label_components
+from medseg.metrics.pixel import pixel_metrics
 from medseg.metrics.roi import RoiLesionMetrics
+from medseg.metrics.slice_suite import MetricSuite
 from medseg.metrics.stats import encode_units, percentile_interval, ratio_samples, resample_counts, unit_sums
+from medseg.runtime import gather_objects
 
 __all__ = ["HEADLINE_KEYS", "EvaluationSuite", "Intervals", "UNITS"]
 
@@ -145,7 +141,7 @@ class EvaluationSuite:
         """Add a batch.
 
         Args:
-            pred, label, instance, spacing, meta: as :meth:`medseg.metrics.MetricSuite.update`.
+            pred, label, instance, spacing, meta: as :meth:`medseg.metrics.slice_suite.MetricSuite.update`.
             fg_prob: ``(B, H, W)`` foreground probability (1 − P(background)); needed for FROC.
             image: ``(B, C, H, W)`` inputs, for the worst-lesion crops.
         """
@@ -177,7 +173,7 @@ class EvaluationSuite:
         for acc in (self.roi, self.froc):
             if acc is not None:
                 acc.reduce_across_ranks()
-        parts = _gather_objects(self._units)
+        parts = gather_objects(self._units)
         if len(parts) > 1:
             self._units = {k: v for p in parts for k, v in p.items()}
 
@@ -234,7 +230,7 @@ class EvaluationSuite:
         return [{k: r.get(k) for k in keys} for r in out]
 
     def worst_lesions(self) -> list[dict[str, Any]]:
-        """The kept lowest-ROI-Dice crops (see :meth:`medseg.lesion_eval.RoiLesionMetrics.worst`)."""
+        """The kept lowest-ROI-Dice crops (see :meth:`medseg.metrics.roi.RoiLesionMetrics.worst`)."""
         return self.roi.worst() if self.roi is not None else []
 
     def froc_points(self) -> tuple[np.ndarray, np.ndarray] | None:

@@ -1,4 +1,4 @@
-"""medseg.stats: the cluster bootstrap covers the truth, the paired test finds real differences only."""
+"""medseg.metrics.stats: the cluster bootstrap covers the truth, the paired test finds real differences only."""
 
 from __future__ import annotations
 
