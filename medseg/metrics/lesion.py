@@ -78,7 +78,7 @@ class LesionMetrics:
     merged component counts whole for each lesion it touches, so merges cost Dice). Diameters are
     measured with :func:`medseg.lesion.measure_recist` on both the true and the predicted mask
     (so the error isolates the segmentation). Where ``meta["lesions"][id - 1]`` (lesion ``i`` of
-    the row order has instance id ``i + 1``, as :func:`medseg.data.recist.recist_to_masks` assigns)
+    the row order has instance id ``i + 1``, as :func:`medseg.data.deeplesion.recist.recist_to_masks` assigns)
     carries the RECIST ``coords`` (8 floats, in pixels of the returned arrays, as the DeepLesion
     dataset stores them), the annotated diameters are reported too (``recist_*`` columns); its
     ``type`` gives the coarse lesion type.
