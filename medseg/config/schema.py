@@ -1,7 +1,7 @@
 """The config schema: one dataclass per section of the typed config tree (:class:`Config` is the root).
 
-Every field has a default; comments above a field are its documentation (the README's config
-reference lists every key, and a test checks that it does). Loading, ``--set`` overrides and type
+Every field has a default; comments above a field are its documentation (docs/configuration.md's config
+reference table lists every key, and a test checks that it does). Loading, ``--set`` overrides and type
 checks live in :mod:`medseg.config`, which re-exports these classes.
 """
 
