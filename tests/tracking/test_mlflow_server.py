@@ -15,7 +15,7 @@ import pytest
 from medseg.cli import main
 from tests.conftest import tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sets(overrides: list[str]) -> list[str]:
