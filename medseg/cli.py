@@ -22,6 +22,14 @@ def _add_set(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-model", action="store_true",
+        help="load model files that need more than weights and plain data (a pickled object, a pickled MLflow model "
+             "logged by an earlier medseg): this RUNS the code the file carries — only for files you trust",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``medseg`` command."""
     parser = argparse.ArgumentParser(prog="medseg", description="Medical-image lesion segmentation.")
@@ -34,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--resume", metavar="RUN_OR_DIR",
                    help="continue a run: its folder, a checkpoint file or its MLflow run id")
+    _add_trust(p)
 
     p = sub.add_parser("evaluate", help="score a trained model on a split")
     p.add_argument("config", help="pipeline YAML (data, transforms and inference settings)")
@@ -42,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--save-predictions", metavar="DIR", help="write predicted masks as DIR/<series>/<slice>.png, on each source slice's pixel grid")
     _add_set(p)
+    _add_trust(p)
 
     p = sub.add_parser("predict", help="batch inference over DICOM series, NIfTI volumes or PNG/TIFF images")
     p.add_argument("--model", required=True,
@@ -53,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present, else the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_set(p)
+    _add_trust(p)
 
     p = sub.add_parser("calibrate", help="choose the operating point (thresholds, min object size) on the val split")
     p.add_argument("config", help="pipeline YAML (data, transforms, metrics and calibration settings)")
     p.add_argument("--model", required=True, help="checkpoint file or medseg train output folder (updated in place)")
     _add_set(p)
+    _add_trust(p)
 
     p = sub.add_parser("compare", help="compare MLflow runs: metrics with intervals, differing params, paired test")
     p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="the runs to compare (or --experiment)")
@@ -246,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "calibrate": cmd_calibrate,
                 "compare": cmd_compare, "demo-data": cmd_demo_data}
+    from medseg.models.checkpoint import trust_model_files
+
     try:
-        return handlers[args.command](args)
+        with trust_model_files(getattr(args, "trust_model", False)):  # --trust-model: for every load below
+            return handlers[args.command](args)
     except (ConfigError, DataError, TrainingError, RegistryError) as e:
         print(f"medseg {args.command}: error: {e}", file=sys.stderr)
         return 2

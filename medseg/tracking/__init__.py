@@ -63,8 +63,10 @@ class Tracker:
         evaluation view can filter). MLflow records every table in one run tag limited to 5,000
         characters: log one table per evaluation, not one per slice."""
 
-    def log_model(self, model: Any, name: str) -> None:
-        """Log a PyTorch model in MLflow's model format."""
+    def log_model(self, model_dir: str | Path, name: str) -> None:
+        """Log an MLflow model folder (``MLmodel`` inside, as
+        :func:`medseg.models.checkpoint.save_mlflow_model` writes it) as the run's artifacts under
+        ``name``, so that ``runs:/<run_id>/<name>`` loads it."""
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags."""
@@ -158,19 +160,13 @@ class MLflowTracker(Tracker):
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
-    def log_model(self, model: Any, name: str) -> None:
+    def log_model(self, model_dir: str | Path, name: str) -> None:
         import mlflow
-        import mlflow.pytorch
 
+        # files, not a pickled module: the folder is weights + JSON (no code runs when it is loaded);
+        # the global URI lets this process load runs:/ URIs from the same store
         mlflow.set_tracking_uri(self.uri)
-        import torch
-
-        reqs = [f"torch=={torch.__version__.split('+')[0]}", "medseg"]
-        # MLflow warns about pickle on every call; the choice is deliberate (see below)
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        with mlflow.start_run(run_id=self.run_id):
-            # "pickle": medseg models take any input size; a traced pt2 graph would fix one
-            mlflow.pytorch.log_model(model, name=name, pip_requirements=reqs, serialization_format="pickle")
+        self.client.log_artifacts(self.run_id, str(model_dir), name)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

@@ -5,6 +5,11 @@ counters) written and restored.
 A run folder holds ``config.yaml`` (the resolved config), ``checkpoints/{last,best}.pt``,
 ``history.json``, ``overlays/`` and the evaluation outputs; the checkpoint format itself is
 :mod:`medseg.models.checkpoint`.
+
+A checkpoint holds data only (it is read with ``torch.load(weights_only=True)``): the RNG states are
+stored as tensors, tuples and numbers — NumPy's legacy state ``("MT19937", keys, pos, has_gauss,
+cached_gaussian)`` with its 624 keys as an int64 tensor (:func:`plain_rng_state`). Checkpoints written
+before that hold the keys as a NumPy array; :func:`restore_trainer` accepts both.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medseg.config import Config
 from medseg.models.checkpoint import CHECKPOINT_VERSION
 from medseg.runtime import TrainingError
 
-__all__ = ["config_from_run", "find_resume_point", "new_run_dir", "restore_trainer", "trainer_state"]
+__all__ = ["config_from_run", "find_resume_point", "new_run_dir", "plain_rng_state", "restore_trainer",
+           "rng_state_from_plain", "trainer_state"]
 
 
 
@@ -71,6 +79,25 @@ def find_resume_point(ref: str | Path, cfg_uri: str | None = None, output_dir: s
 # ----------------------------------------------------------------------------- the format
 
 
+def plain_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """:func:`medseg.runtime.rng_state` as data a weights-only load reads: NumPy's key array → an int64
+    tensor (Python's state is a tuple of ints already; torch's and CUDA's are tensors)."""
+    import torch
+
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    return {**state, "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                               float(cached))}
+
+
+def rng_state_from_plain(state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`plain_rng_state`; a state with NumPy's keys still an array (an older
+    checkpoint) passes unchanged."""
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    if isinstance(keys, np.ndarray):
+        return state
+    return {**state, "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)}
+
+
 def trainer_state(trainer: Any, counters: tuple[str, ...], **extra: Any) -> dict[str, Any]:
     """A checkpoint dict of a :class:`~medseg.engine.Trainer`: version, weights, optimizer, scheduler,
     scaler, RNG states, config, in/out channels, the ``counters`` attributes and ``extra``."""
@@ -83,7 +110,7 @@ def trainer_state(trainer: Any, counters: tuple[str, ...], **extra: Any) -> dict
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(),
-        "rng": rng_state(),
+        "rng": plain_rng_state(rng_state()),
         **{name: getattr(trainer, name) for name in counters},
         **extra,
         "config": to_dict(trainer.cfg),
@@ -100,7 +127,7 @@ def restore_trainer(trainer: Any, ckpt: dict[str, Any], counters: tuple[str, ...
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
     trainer.scheduler.load_state_dict(ckpt["scheduler"])
     trainer.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    set_rng_state(rng_state_from_plain(ckpt["rng"]))
     for name in counters:
         setattr(trainer, name, ckpt[name])
     return ckpt

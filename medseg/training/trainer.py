@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from medseg.data.loading import EpochSampler, TransformedDataset, cache_dataset,
 from medseg.evaluation.evaluate import check_monitor, eval_loader, evaluate_after_training, evaluate_loader
 from medseg.evaluation.plots import save_overlay_grid
 from medseg.io import atomic_torch_save, atomic_write_text
-from medseg.models.checkpoint import load_pretrained, read_checkpoint
+from medseg.models.checkpoint import load_pretrained, read_checkpoint, save_mlflow_model
 from medseg.registry import LOSSES
 from medseg.runtime import (
     TrainingError,
@@ -437,10 +438,12 @@ class Trainer:
             self.tracker.log_artifact(self.run_dir / "history.json")
         if self.best_metric is not None:
             self.tracker.log_metrics({f"best/{self.cfg.train.monitor}": self.best_metric}, self.step)
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
-        self.net.load_state_dict(state)
-        self.tracker.log_model(self.net.cpu().eval(), "model")
-        self.net.to(self.device)
+        best_ckpt = read_checkpoint(ckpt)  # read as data, like every model file
+        self.net.load_state_dict(best_ckpt["model"])
+        self.net.eval()
+        if self.tracker.run_id is not None:  # the MLflow model: weights + JSON, no pickle
+            with tempfile.TemporaryDirectory() as tmp:
+                self.tracker.log_model(save_mlflow_model(Path(tmp) / "model", best_ckpt), "model")
 
 
 # ----------------------------------------------------------------------------- entry point
