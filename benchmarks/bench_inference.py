@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -175,11 +176,18 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
         )
     )
     per = (size // slice_size) ** 2
+    # "same pixels": ``per`` slices cover the whole image exactly, and both sides ran the same model
+    # on the same thread count to finite logits
+    covered = per * slice_size**2
+    same_pixels = covered == size**2
+    timed = all(math.isfinite(t) and t > 0 for t in (t_model, w["seconds"]))
     rows.append(
         report(
             f"model only: one {slice_size}² slice vs 1/{per} of a whole {size}² pass (same pixels)",
             t_model * 1e3, w["seconds"] / per * 1e3, "ms",
-            check=f"{THREADS} torch thread(s)", ok=True,
+            check=f"{per} × {slice_size}² = {covered} px vs {size}² = {size**2} px; logits finite: "
+                  f"{bool(torch.isfinite(ref).all()) and w['finite']}; {THREADS} torch thread(s)",
+            ok=same_pixels and timed and bool(torch.isfinite(ref).all()) and w["finite"],
         )
     )
     return rows

@@ -87,7 +87,7 @@ def _verdict(ratio: float, unit: str) -> str:
     return f"{factor:.2f}× {'faster' if better else 'slower'}"
 
 
-def report(name: str, ours: float, reference: float, unit: str, check: str = "", ok: bool = True) -> dict[str, Any]:
+def report(name: str, ours: float, reference: float, unit: str, check: str, *, ok: bool) -> dict[str, Any]:
     """Print one result row and return it.
 
     Args:
@@ -96,8 +96,10 @@ def report(name: str, ours: float, reference: float, unit: str, check: str = "",
         reference: the reference's number, measured in the same run.
         unit: the numbers' unit; ``samples/s`` (and the other :data:`HIGHER_IS_BETTER_UNITS`) are
             higher-is-better, everything else lower-is-better.
-        check: how the two sides' outputs were checked to agree (e.g. ``"max |Δ| = 2e-07"``).
-        ok: False when that check failed (the row is still reported).
+        check: how the two sides' outputs were checked to agree (e.g. ``"max |Δ| = 2e-07"``), in
+            words with the number measured; a claim the benchmark does not compute does not belong here.
+        ok: the result of that check, computed by the caller; required (no default that passes
+            silently). False marks the row ``FAILED`` (the row is still reported).
 
     Returns:
         ``{"benchmark", "ours", "reference", "unit", "ratio", "verdict", "check", "ok"}`` with

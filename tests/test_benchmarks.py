@@ -1,6 +1,7 @@
 """Smoke tests of benchmarks/: every benchmark runs at its ``--quick`` size and reports finite ratios
-with passing agreement checks; the helpers compute ratios, verdicts and tables correctly; the
-benchmark's own weight-map reference matches brute force. No timing is asserted anywhere."""
+with passing agreement checks (computed by the benchmark: a row has no ``ok`` by default); the
+helpers compute ratios, verdicts and tables correctly; the benchmark's own weight-map reference
+matches brute force. No timing is asserted anywhere."""
 
 from __future__ import annotations
 
@@ -28,15 +29,35 @@ def _bench(name: str) -> ModuleType:
 
 def test_report_ratio_and_verdict() -> None:
     common = _bench("common")
-    r = common.report("t", 2.0, 8.0, "ms", check="same")
+    r = common.report("t", 2.0, 8.0, "ms", check="same", ok=True)
     assert r["ratio"] == 0.25 and r["verdict"] == "4.00× faster" and r["ok"] and r["check"] == "same"
-    r = common.report("s", 30.0, 60.0, "samples/s")  # higher is better: half the throughput
+    r = common.report("s", 30.0, 60.0, "samples/s", "", ok=True)  # higher is better: half the throughput
     assert r["ratio"] == 0.5 and r["verdict"] == "2.00× slower"
     r = common.report("m", 300.0, 100.0, "MiB", check="x", ok=False)
     assert r["ratio"] == 3.0 and r["verdict"] == "3.00× more memory"
     assert not r["ok"] and r["check"] == "FAILED: x"
-    r = common.report("z", 1.0, 0.0, "ms")
+    r = common.report("z", 1.0, 0.0, "ms", "", ok=True)
     assert math.isnan(r["ratio"]) and r["verdict"] == "n/a"
+
+
+def test_report_has_no_passing_default() -> None:
+    """A row's ``ok`` is what its benchmark computed: leaving it out is an error, not a pass."""
+    common = _bench("common")
+    with pytest.raises(TypeError, match="ok"):
+        common.report("t", 1.0, 1.0, "ms", "claimed, never checked")
+    with pytest.raises(TypeError):
+        common.report("t", 1.0, 1.0, "ms", ok=True)  # nor without saying what was checked
+
+
+def test_augment_checks_fail_on_disagreeing_outputs() -> None:
+    """The augment benchmark's row checks are computed: a NaN or a wrong-size crop fails them."""
+    import torch
+
+    bench = _bench("bench_augment")
+    good = {"image": torch.zeros(3, 8, 8), "weight": torch.ones(1, 8, 8)}
+    assert bench._finite_crop(good, 8)
+    assert not bench._finite_crop(good, 16)
+    assert not bench._finite_crop({**good, "weight": torch.full((1, 8, 8), float("nan"))}, 8)
 
 
 def test_time_pair_interleaves_calls() -> None:
@@ -51,7 +72,7 @@ def test_time_pair_interleaves_calls() -> None:
 
 def test_markdown_table_escapes_pipes() -> None:
     common = _bench("common")
-    rows = [common.report("a|b", 1.0, 2.0, "ms", check="max |d| = 0")]
+    rows = [common.report("a|b", 1.0, 2.0, "ms", check="max |d| = 0", ok=True)]
     table = common.markdown_table(rows).splitlines()
     assert len(table) == 3 and table[0].count("|") == table[1].count("|") == len(common.COLUMNS) + 1
     assert table[2].startswith("| a\\|b | 1 | 2 | ms | 0.5 | 2.00× faster | max \\|d\\| = 0 |")
@@ -120,7 +141,8 @@ def test_confusion_references_agree_on_hand_counts() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["bench_weight_map", "bench_metrics", "bench_data", pytest.param("bench_inference", marks=pytest.mark.slow)],
+    ["bench_weight_map", "bench_metrics", "bench_data", pytest.param("bench_inference", marks=pytest.mark.slow),
+     pytest.param("bench_augment", marks=pytest.mark.slow)],
 )
 def test_quick_benchmark_reports_finite_ratios(name: str) -> None:
     rows = _bench(name).main(quick=True)
@@ -202,7 +224,7 @@ def test_cells_benchmark_registers_monai_arm(monkeypatch: pytest.MonkeyPatch) ->
     from medseg.registry import LOSSES, MODELS
 
     # the registrations go into copies of the registries, restored after this test: the benchmark's
-    # MONAI arm must not leak into the library's registries (tests/test_losses.py checks every loss)
+    # MONAI arm must not leak into the library's registries (tests/training/test_losses.py checks every loss)
     monkeypatch.setattr(LOSSES, "_entries", dict(LOSSES._entries))
     monkeypatch.setattr(MODELS, "_entries", dict(MODELS._entries))
     cells = _bench("cells_benchmark")

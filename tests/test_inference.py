@@ -61,7 +61,7 @@ def test_crf_receives_every_context_channel_and_each_images_spacing(monkeypatch:
 
     def record(probs: np.ndarray, image: np.ndarray, cfg: object, spacing: object = None) -> np.ndarray:
         seen.append((probs.shape, image.copy(), spacing))
-        return probs.argmax(0)
+        return 1 - probs.argmax(0)  # unlike argmax everywhere: the answer must come from here
 
     monkeypatch.setattr(medseg.inference.crf, "crf_labels", record)
     logits = torch.randn(2, 2, 16, 20)
@@ -69,20 +69,31 @@ def test_crf_receives_every_context_channel_and_each_images_spacing(monkeypatch:
     assert torch.equal(postprocess(logits, image, _cfg()), logits.argmax(1))  # CRF off: argmax
     assert not seen
     out = postprocess(logits, image, _cfg("inference.crf.enabled=true"), [[0.7, 0.7], [1.2, 0.9]])
-    assert torch.equal(out, logits.argmax(1)) and out.dtype == torch.int64
+    assert torch.equal(out, 1 - logits.argmax(1)) and out.dtype == torch.int64  # CRF on: the CRF's labels
     assert [s[0] for s in seen] == [(2, 16, 20)] * 2
     assert all(np.array_equal(s[1], image[b].numpy()) for b, s in enumerate(seen))  # all 3 channels
     assert [s[2] for s in seen] == [[0.7, 0.7], [1.2, 0.9]]
 
 
 def test_crf_postprocess_runs_the_real_crf() -> None:
-    logits = torch.zeros(1, 2, 24, 24)
-    logits[0, 0] = 2.0
-    logits[0, :, 6:18, 6:18] = torch.tensor([0.0, 2.0])[:, None, None]
-    image = torch.zeros(1, 3, 24, 24)
-    image[0, :, 6:18, 6:18] = 1.0
+    """A bright square (class 1) on a dark background, its probability map sprinkled with isolated
+    pixels that mildly favour the wrong class: argmax keeps every speckle, the CRF's smoothness and
+    appearance kernels remove them all and give back the clean square."""
+    clean = torch.zeros(32, 32, dtype=torch.long)
+    clean[8:24, 8:24] = 1
+    speckle = torch.zeros(32, 32, dtype=torch.bool)
+    speckle[2:30:4, 2:30:4] = True  # 49 isolated pixels, inside and outside the square
+    logits = torch.zeros(1, 2, 32, 32)
+    logits[0, 1] = torch.where(clean.bool(), 2.0, -2.0)
+    logits[0, 1][speckle] = torch.where(clean[speckle].bool(), -0.5, 0.5)  # the wrong class, by a little
+    image = torch.zeros(1, 3, 32, 32)
+    image[0, :, 8:24, 8:24] = 1.0
+    argmax = logits.argmax(1)[0]
+    assert torch.equal(argmax != clean, speckle)  # plain argmax: every speckle survives
     out = postprocess(logits, image, _cfg("inference.crf.enabled=true"), [[0.8, 0.8]])
-    assert out.shape == (1, 24, 24) and out[0, 12, 12] == 1 and out[0, 0, 0] == 0
+    assert out.shape == (1, 32, 32) and out.dtype == torch.int64
+    assert torch.equal(out[0], clean)  # the CRF removes them: it changes the answer exactly at the speckles
+    assert torch.equal(out[0] != argmax, speckle)
 
 
 def test_predictor_from_a_checkpoint_uses_the_models_own_config(tmp_path: Path) -> None:

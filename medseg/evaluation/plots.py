@@ -7,7 +7,7 @@ type (both protocols), the measured vs annotated long axis and the worst lesions
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from medseg.data.base import DataError
 from medseg.data.deeplesion import HU_OFFSET, LesionRecord, png_to_hu, read_dl_info
+from medseg.io import atomic_write_bytes
 from medseg.lesion import COARSE_LESION_TYPES, LESION_TYPES
 from medseg.metrics import FROC_FP_RATES
 
@@ -24,12 +25,11 @@ __all__ = ["plot_dice_by_type", "plot_froc", "plot_long_axis", "plot_worst_lesio
 
 
 def _save(fig: Any, path: Path, **kwargs: Any) -> Path:
-    """``fig.savefig`` to a temp file beside ``path``, then rename."""
+    """Render ``fig`` in memory (format from ``path``'s suffix, PNG by default) and write it atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, **kwargs)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=kwargs.pop("format", path.suffix.lstrip(".").lower() or "png"), **kwargs)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -57,8 +57,27 @@ def first_conv(model: nn.Module, x: torch.Tensor) -> nn.Conv2d:
     return seen[0]
 
 
-def test_registry_has_models() -> None:
-    assert "unet" in MODELS.names()
+def test_registered_name_builds_the_model_its_params_describe() -> None:
+    """``build_model("unet", ...)`` is the U-Net class built with exactly those params: same layers,
+    same weights from the same seed, same logits (params passed through, none dropped or renamed)."""
+    params = {"base_channels": 8, "depth": 2, "dropout": 0.0}
+    torch.manual_seed(0)
+    built = build_model("unet", 3, 2, params).eval()
+    torch.manual_seed(0)
+    direct = UNet(in_channels=3, num_classes=2, **params).eval()
+    assert type(built) is UNet and built.depth == 2 and len(built.down) == 2
+    x = torch.randn(1, 3, 40, 44)
+    conv = first_conv(built, x)
+    assert (conv.in_channels, conv.out_channels) == (3, 8)  # base_channels reached the first layer
+    assert (built.head.in_channels, built.head.out_channels) == (8, 2)
+    assert built.state_dict().keys() == direct.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), direct.state_dict().values()))
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), direct(x))
+    torch.manual_seed(0)
+    deeper = build_model("unet", 3, 2, {**params, "depth": 3})
+    assert len(deeper.down) == 3 and sum(p.numel() for p in deeper.parameters()) > sum(
+        p.numel() for p in built.parameters())
 
 
 def test_unknown_model_lists_valid_names() -> None:

@@ -22,7 +22,7 @@ from medseg.registry import LOSSES
 from medseg.transforms import build_transforms
 from tests.conftest import tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "pipelines" / "quickstart.yaml"
 
 

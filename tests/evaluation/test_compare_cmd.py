@@ -122,11 +122,20 @@ def test_compare_a_run_with_itself_and_a_whole_experiment(tiny_runs: dict[str, A
     assert "no difference larger than noise" in line and "p = 1 " in line and "difference +0.000" in line
     assert "Parameters that differ:\n\n(none)" in printed
 
+    # the experiment holds exactly the two runs: both in the table, oldest first, and (two runs) a paired
+    # test of each per-lesion metric, the same verdict as naming the two runs
+    a, b = tiny_runs["run_ids"]
     assert main(["compare", "--experiment", "tiny", "--tracking-uri", uri, "--split", "all",
                  "--out", str(tmp_path / "exp")]) == 0
     printed = capsys.readouterr().out
-    assert all(r[:8] in printed for r in tiny_runs["run_ids"])
-    assert "Paired test" not in printed or "- **" in printed
+    assert printed.startswith("# Comparison of 2 runs on the all split")
+    rows = [x for x in printed.split("Parameters that differ")[0].splitlines() if x.startswith("| ") and "(" in x]
+    assert [r.split("(")[1][:8] for r in rows] == [a[:8], b[:8]]
+    assert "Paired test over lesions" in printed
+    verdicts = [x for x in printed.splitlines() if x.startswith("- **")]
+    assert [v.split("**")[1] for v in verdicts] == ["roi_dice", "dice"]
+    assert main(["compare", a, b, "--tracking-uri", uri, "--split", "all", "--out", str(tmp_path / "ab")]) == 0
+    assert verdicts == [x for x in capsys.readouterr().out.splitlines() if x.startswith("- **")]
 
 
 def test_compare_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -18,7 +18,7 @@ from medseg.config import (
     to_dict,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(path: Path, data: dict) -> Path:

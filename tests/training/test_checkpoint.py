@@ -15,7 +15,7 @@ from medseg.models.checkpoint import CHECKPOINT_VERSION, load_model, read_checkp
 from medseg.runtime import TrainingError
 from medseg.training.resume import find_resume_point
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _save(path: Path, epoch: int, **extra: object) -> dict:

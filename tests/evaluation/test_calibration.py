@@ -16,7 +16,7 @@ from medseg.data import build_dataset
 from medseg.inference.postprocess import remove_small_objects, resolve_operating_point, threshold_labels
 from tests.conftest import tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "pipelines" / "quickstart.yaml"
 
 

@@ -26,7 +26,7 @@ from medseg.training.trainer import Trainer, run_training
 from tests.conftest import tiny_overrides
 from tests.mlflow_server import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "pipelines" / "quickstart.yaml"
 
 
@@ -397,7 +397,7 @@ def _ddp_rank(rank: int, world: int, port: int, overrides: list[str], weights: s
 def test_two_process_validation_equals_one_process(demo_root: Path, tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    from tests.test_evaluation import assert_same_evaluation
+    from tests.evaluation.test_evaluation import assert_same_evaluation
 
     ov = tiny_overrides(demo_root, tmp_path, **{
         "tracking.enabled": False, "train.overlay_count": 1, "train.cache_samples": False,
