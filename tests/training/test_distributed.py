@@ -13,7 +13,7 @@ import torch
 from tests.conftest import tiny_overrides
 from tests.mlflow_server import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "pipelines" / "quickstart.yaml"
 
 
