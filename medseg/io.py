@@ -4,12 +4,16 @@ Every file medseg writes (checkpoints, run configs, evaluation tables, predict o
 generated datasets) goes through :func:`atomic_write_bytes` or a helper built on it: the bytes go to a
 temporary file in the same folder, are flushed and ``fsync``'d, then renamed over the target name, and
 the folder itself is ``fsync``'d so the rename survives a power cut. A process killed at any moment
-leaves either the old file or the new one, never a half-written one.
+leaves either the old file or the new one, never a half-written one. A folder of outputs that must
+appear whole or not at all (a ``medseg predict`` case) is filled under a temporary name and renamed
+into place by :func:`atomic_dir`.
 
 Example:
     >>> atomic_write_text(Path("out/config.yaml"), text)
     >>> with atomic_path(Path("out/mask.nii.gz")) as tmp:   # for writers that want a file name
     ...     nib.save(img, tmp)
+    >>> with atomic_dir(Path("out/study-1/series-2")) as folder:   # a whole folder, all or nothing
+    ...     atomic_write_text(folder / "series.json", text)
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import contextlib
 import csv
 import io
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "tmp_name",
+__all__ = ["atomic_dir", "atomic_path", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "tmp_name",
            "write_rows_csv"]
 
 
@@ -64,6 +69,37 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, tmp: Path | None = None) -> Iterator[Path]:
+    """A temporary folder to fill; on success it is renamed to ``path``, on failure removed.
+
+    A folder already at ``path`` (an earlier, superseded result) is removed just before the rename, so
+    ``path`` holds the old folder, nothing, or the whole new folder — never part of one. Files
+    written inside should themselves go through :func:`atomic_write_bytes` (fsync'd).
+
+    Args:
+        path: the folder to create or replace.
+        tmp: the temporary folder (default: a hidden per-process name beside ``path``); on the same
+            file system as ``path``. A folder left there by a killed process is removed first.
+    """
+    path = Path(path)
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, path)
     fsync_dir(path.parent)
 
 

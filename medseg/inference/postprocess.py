@@ -2,10 +2,19 @@
 
 Class balancing and the U-Net border term move a network's decision boundary, so argmax is not
 always the best place to cut. An operating point is chosen on the validation split
-(:mod:`medseg.calibration`, ``medseg calibrate``), stored in the checkpoint and the run's config
-(``inference.threshold``, ``inference.min_object_mm2``), and applied by
-:func:`medseg.inference.postprocess` — so validation, ``medseg evaluate`` and the ``Predictor``
-apply it the same way.
+(:mod:`medseg.evaluation.calibrate`, ``medseg calibrate``), stored in the checkpoint and the run's
+config (``inference.threshold``, ``inference.min_object_mm2``), and applied in two steps, the same
+for every caller (validation, ``medseg evaluate``, calibration, the ``Predictor``, ``medseg predict``):
+
+1. :func:`pixel_labels` — per pixel: argmax, or the thresholds on the softmax probabilities
+   (:func:`threshold_labels`). Per pixel, so the sliding window applies it band by band
+   (:func:`medseg.inference.window.sliding_window` with ``output="labels"``) and never holds the
+   per-class maps of a large image; the result equals the whole-image one pixel for pixel.
+2. :func:`object_labels` — on the whole class map: components smaller than ``min_object_mm2``
+   become background (:func:`remove_small_objects`).
+
+:func:`postprocess` is both steps on whole-image logits (with the dense CRF in place of step 1 when
+``inference.crf.enabled``: the CRF needs the probabilities of the whole image).
 
 ``None`` in the config means "not set here": the model's stored operating point applies when it
 has one (:func:`resolve_operating_point`), else argmax / no size filter. An empty threshold list
@@ -15,6 +24,7 @@ inference.min_object_mm2=0`` keeps every object.
 Example:
     >>> labels = threshold_labels(probs, [0.7])              # (B, H, W) from (B, 2, H, W)
     >>> labels = remove_small_objects(labels, 20.0, [[0.8, 0.8]] * len(labels))
+    >>> labels = postprocess(logits, image, cfg, spacing)    # both steps at cfg's operating point
 """
 
 from __future__ import annotations
@@ -29,8 +39,8 @@ from scipy import ndimage
 
 from medseg.config import Config, ConfigError
 
-__all__ = ["check_operating_point", "postprocess", "remove_small_objects", "resolve_operating_point",
-           "threshold_labels"]
+__all__ = ["check_operating_point", "object_labels", "pixel_labels", "postprocess", "remove_small_objects",
+           "resolve_operating_point", "threshold_labels"]
 
 
 def check_operating_point(threshold: Sequence[float] | None, min_object_mm2: float | None, num_classes: int) -> None:
@@ -57,6 +67,39 @@ def threshold_labels(probs: torch.Tensor, threshold: Sequence[float]) -> torch.T
     masked = torch.where(ok, fg, torch.full_like(fg, -1.0))
     best = masked.argmax(1)
     return torch.where(ok.any(1), best + 1, torch.zeros_like(best))
+
+
+def pixel_labels(logits: torch.Tensor, threshold: Sequence[float] | None, probabilities: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step 1 of the operating point, per pixel: class map ``(B, H, W)`` from logits ``(B, K, H, W)``.
+
+    ``threshold`` (one per foreground class, see :func:`threshold_labels`) or, when None / empty,
+    argmax. Each pixel's label depends on that pixel's logits only, so a band of rows gives the
+    rows of the whole image's answer.
+
+    Returns:
+        ``(labels int64, probability float32 or None)``: with ``probabilities``, the softmax
+        probability of each pixel's label, else None.
+    """
+    if threshold:
+        probs = torch.softmax(logits.float(), 1)
+        labels = threshold_labels(probs, threshold)
+        prob = probs.gather(1, labels[:, None]).squeeze(1) if probabilities else None
+        return labels, prob
+    if probabilities:
+        prob, labels = torch.softmax(logits.float(), 1).max(1)
+        return labels, prob
+    return logits.max(1).indices, None  # = argmax (first maximum); torch's CPU argmax over dim 1 is ~16× slower
+
+
+def object_labels(labels: torch.Tensor, cfg: Config, spacing: Sequence[Sequence[float]] | None = None
+                  ) -> torch.Tensor:
+    """Step 2 of the operating point, on whole class maps ``(B, H, W)``: components smaller than
+    ``inference.min_object_mm2`` (mm² with ``spacing``, per image ``(sy, sx)``) become background
+    (``metrics.connectivity``); unchanged when it is unset or 0."""
+    if cfg.inference.min_object_mm2:
+        return remove_small_objects(labels, cfg.inference.min_object_mm2, spacing, cfg.metrics.connectivity)
+    return labels
 
 
 def remove_small_objects(
@@ -113,13 +156,12 @@ def resolve_operating_point(cfg: Config, model_config: Mapping[str, Any] | None)
 def postprocess(
     logits: torch.Tensor, image: torch.Tensor, cfg: Config, spacing: Sequence[Sequence[float]] | None = None
 ) -> torch.Tensor:
-    """Class map ``(B, H, W)`` (int64, on the logits' device) from logits, at the configured operating point.
+    """Class map ``(B, H, W)`` (int64, on the logits' device) from whole-image logits, at the configured
+    operating point: :func:`pixel_labels` then :func:`object_labels`.
 
-    ``argmax``, the per-class probability thresholds ``inference.threshold`` (see
-    :mod:`medseg.operating_point`), or the dense CRF when ``inference.crf.enabled``: it sees every
-    context channel of the image (as a multi-channel bilateral feature) and, with ``spacing`` (per
-    image ``(sy, sx)`` mm/px), measures its kernels in millimetres. Then components smaller than
-    ``inference.min_object_mm2`` (mm² with ``spacing``) become background.
+    With ``inference.crf.enabled`` the dense CRF replaces :func:`pixel_labels`: it sees every context
+    channel of the image (as a multi-channel bilateral feature) and, with ``spacing`` (per image
+    ``(sy, sx)`` mm/px), measures its kernels in millimetres.
     """
     inf = cfg.inference
     if inf.crf.enabled:
@@ -130,10 +172,6 @@ def postprocess(
         out = [crf_labels(probs[b], img[b], inf.crf, spacing[b] if spacing is not None else None)
                for b in range(len(probs))]
         labels = torch.as_tensor(np.stack(out)).long().to(logits.device)
-    elif inf.threshold:
-        labels = threshold_labels(torch.softmax(logits, 1), inf.threshold)
     else:
-        labels = logits.argmax(1)
-    if inf.min_object_mm2:
-        labels = remove_small_objects(labels, inf.min_object_mm2, spacing, cfg.metrics.connectivity)
-    return labels
+        labels, _ = pixel_labels(logits, inf.threshold)
+    return object_labels(labels, cfg, spacing)

@@ -1,7 +1,16 @@
 """Predicting with a trained model: logits for a batch (whole slice or sliding window, with test-time
-augmentation), the foreground probability map, and :class:`Predictor` — a loaded model, its config and
-its stored operating point. Evaluation, validation, calibration and ``medseg predict`` all call these,
-so a metric and a saved prediction always come from the same computation.
+augmentation), class maps at the operating point, the foreground probability map, and
+:class:`Predictor` — a loaded model, its config and its stored operating point. Evaluation,
+validation, calibration and ``medseg predict`` all call these, so a metric and a saved prediction
+always come from the same computation.
+
+Two routes to a class map, one operating point (:mod:`medseg.inference.postprocess`):
+
+* :func:`predict_logits` + :func:`~medseg.inference.postprocess.postprocess` — the whole image's
+  logits (evaluation keeps them for the loss and FROC);
+* :func:`predict_labels` — what ``medseg predict`` and :class:`Predictor` use: in sliding mode (CRF
+  off) the window reduces each band to labels at the thresholds as it finishes, memory bounded by a
+  band, then the size filter runs on the class map; else the first route. Both give the same map.
 
 Example:
     >>> predictor = Predictor.from_ref("outputs/quickstart/unet-20261130-101500")
@@ -10,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +28,19 @@ import torch
 from torch import nn
 
 from medseg.config import Config, from_dict
-from medseg.inference.postprocess import postprocess, resolve_operating_point
+from medseg.inference.postprocess import object_labels, pixel_labels, postprocess, resolve_operating_point
 from medseg.inference.window import SlidingWindow, predict_tiles
 from medseg.models.checkpoint import load_model
 from medseg.runtime import TrainingError, amp_dtype, resolve_device, use_amp
 
-__all__ = ["Predictor", "foreground_probability", "predict_logits"]
+__all__ = ["Predictor", "foreground_probability", "predict_labels", "predict_logits"]
+
+
+def _autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """float16 autocast on CUDA; on the CPU inference stays float32: bfloat16 autocast, which speeds up
+    training steps on small crops, made a whole 299² slice 31x slower than float32 on this CPU."""
+    amp = device.type == "cuda" and use_amp(cfg.train.amp, device)
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp)
 
 
 @torch.no_grad()
@@ -38,10 +55,7 @@ def predict_logits(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
     """
     image = image.to(device)
     inf = cfg.inference
-    # float16 autocast on CUDA; on the CPU inference stays float32: bfloat16 autocast, which speeds up
-    # training steps on small crops, made a whole 299² slice 31x slower than float32 on this CPU
-    amp = device.type == "cuda" and use_amp(cfg.train.amp, device)
-    with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+    with _autocast(cfg, device):
         if inf.mode == "whole":
             out = predict_tiles(model, image, inf.tta_flips, inf.tta_scales)
         elif inf.mode == "sliding":
@@ -50,6 +64,45 @@ def predict_logits(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
             raise TrainingError(f"inference.mode must be whole or sliding, got {inf.mode!r}")
     return out.float()
 
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, image: torch.Tensor, cfg: Config, device: torch.device,
+                   spacing: Sequence[Sequence[float]] | None = None, probabilities: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class maps ``(B, H, W)`` (on the CPU) at the operating point for images ``(B, C, H, W)``.
+
+    ``inference.mode = "sliding"`` with the CRF off: the window turns each finished band into labels
+    (:func:`~medseg.inference.postprocess.pixel_labels` at ``inference.threshold``) and never holds
+    the per-class maps of the whole image; then
+    :func:`~medseg.inference.postprocess.object_labels` (``inference.min_object_mm2``) runs on the
+    class map. Otherwise (whole-slice mode, or the CRF, which needs the whole image's
+    probabilities): :func:`predict_logits` then :func:`~medseg.inference.postprocess.postprocess`.
+    Both give the class map of ``postprocess(predict_logits(...))``.
+
+    Args:
+        spacing: per image ``(sy, sx)`` mm/px, for the size filter and the CRF.
+        probabilities: also return each pixel's softmax probability of its label before the size
+            filter (with the CRF: of its final label) — on every lesion pixel, the probability of
+            its class — float32 ``(B, H, W)`` on the CPU; else None.
+
+    Returns:
+        ``(labels, probability or None)``; labels are uint8 (int64 above 256 classes) in sliding
+        mode and int64 otherwise.
+    """
+    inf = cfg.inference
+    if inf.mode == "sliding" and not inf.crf.enabled:
+        with _autocast(cfg, device):
+            labels, prob = SlidingWindow.from_config(inf, device)(image, model, output="labels",
+                                                                  probabilities=probabilities, threshold=inf.threshold)
+        return object_labels(labels, cfg, spacing), prob
+    logits = predict_logits(model, image, cfg, device)
+    labels = postprocess(logits, image, cfg, spacing)
+    prob = None
+    if probabilities and inf.crf.enabled:
+        prob = torch.softmax(logits, 1).gather(1, labels[:, None].to(logits.device)).squeeze(1)
+    elif probabilities:
+        _, prob = pixel_labels(logits, inf.threshold, probabilities=True)
+    return labels.cpu(), prob.float().cpu() if prob is not None else None
 
 
 def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -100,6 +153,12 @@ class Predictor:
         """Logits ``(B, K, H, W)`` for ``(B, C, H, W)`` images."""
         return predict_logits(self.model, image, self.cfg, self.device)
 
+    def labels(self, image: torch.Tensor, spacing: Sequence[Sequence[float]] | None = None,
+               probabilities: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class maps at the operating point and, with ``probabilities``, each label's probability
+        (see :func:`predict_labels`)."""
+        return predict_labels(self.model, image, self.cfg, self.device, spacing, probabilities)
+
     def __call__(self, image: torch.Tensor, spacing: Sequence[Sequence[float]] | None = None) -> torch.Tensor:
-        """Class maps ``(B, H, W)`` (on the CPU) for ``(B, C, H, W)`` images."""
-        return postprocess(self.logits(image), image, self.cfg, spacing).cpu()
+        """Class maps ``(B, H, W)`` (int64, on the CPU) for ``(B, C, H, W)`` images."""
+        return self.labels(image, spacing)[0].long()

@@ -2,11 +2,15 @@
 rows from :func:`iter_sliding_window`; same tiles and Gaussian weights as MONAI's
 ``sliding_window_inference``) and :class:`SlidingWindow`, its settings from ``cfg.inference``.
 
+With ``output="labels"`` each finished band is reduced to labels at once by
+:func:`medseg.inference.postprocess.pixel_labels` (argmax, or the operating point's thresholds): the
+per-pixel step of the operating point, so the band-wise class map equals the whole-image one.
+
 Test-time augmentation of a batch of tiles (flips, scales) is :func:`predict_tiles`, shared with the
 whole-slice path of :mod:`medseg.inference.predictor`.
 
 Example:
-    >>> labels = sliding_window(image, model, tile=(256, 256), overlap=0.25, output="labels")
+    >>> labels, _ = sliding_window(image, model, (256, 256), 0.25, output="labels", threshold=[0.7])
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import torch
 
+from medseg.inference.postprocess import pixel_labels
 from medseg.runtime import TrainingError
 
 __all__ = ["SlidingWindow", "iter_sliding_window", "predict_tiles", "sliding_window", "tile_starts"]
@@ -196,14 +201,18 @@ def sliding_window(
     device: torch.device | str | None = None,
     output: str = "logits",
     probabilities: bool = False,
+    threshold: Sequence[float] | None = None,
 ) -> Any:
     """Sliding-window inference over ``(B, C, H, W)`` images (see :func:`iter_sliding_window`).
 
     Args:
         output: ``"logits"`` → float32 ``(B, K, H, W)`` on ``device`` (the whole map: for slices);
             ``"labels"`` → ``(labels uint8/int64 (B, H, W), probability float32 (B, H, W) or None)``
-            on the CPU, built band by band — the winning class and, with ``probabilities``, its
+            on the CPU, built band by band by :func:`~medseg.inference.postprocess.pixel_labels` —
+            each pixel's class (argmax, or at ``threshold``) and, with ``probabilities``, that class's
             softmax probability; never the per-class maps of the whole image.
+        threshold: ``output="labels"`` only: one probability threshold per foreground class
+            (``inference.threshold``); None / empty = argmax.
 
     Example:
         >>> labels, prob = sliding_window(img, model, (256, 256), 0.25, output="labels", probabilities=True)
@@ -226,11 +235,9 @@ def sliding_window(
             labels = torch.empty(b, h, w, dtype=torch.uint8 if band.shape[1] <= 256 else torch.int64,
                                  pin_memory=cuda is not None)
             prob = torch.empty(b, h, w, dtype=torch.float32, pin_memory=cuda is not None) if probabilities else None
-        if prob is not None:
-            p, lab = torch.softmax(band, 1).max(1)
+        lab, p = pixel_labels(band, threshold, probabilities)
+        if prob is not None and p is not None:
             prob[:, y0:y1].copy_(p, non_blocking=cuda is not None)
-        else:
-            lab = band.max(1).indices  # torch's CPU argmax over a non-inner dim is ~16× slower
         labels[:, y0:y1].copy_(lab.to(labels.dtype), non_blocking=cuda is not None)
     if cuda is not None:
         torch.cuda.current_stream(cuda).synchronize()
@@ -258,5 +265,7 @@ class SlidingWindow:
                    inf.tta_scales, device)
 
     def __call__(self, image: torch.Tensor, predictor: TilePredictor, output: str = "logits",
-                 probabilities: bool = False) -> Any:
-        return sliding_window(image, predictor, output=output, probabilities=probabilities, **self.kwargs)
+                 probabilities: bool = False, threshold: Sequence[float] | None = None) -> Any:
+        """:func:`sliding_window` with these settings (``threshold`` applies to ``output="labels"``)."""
+        return sliding_window(image, predictor, output=output, probabilities=probabilities, threshold=threshold,
+                              **self.kwargs)

@@ -33,9 +33,8 @@ from medseg import __version__
 from medseg.data.base import apply_window, to_source_grid
 from medseg.data.dicom import header_window
 from medseg.data.images import normalise_2d
-from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import Predictor
-from medseg.inference.window import SlidingWindow
+from medseg.io import atomic_dir
 from medseg.predict.lesions import lesion_table, slice_extents
 from medseg.predict.manifest import Manifest, manifest_name, merge_manifests
 from medseg.predict.readers import Case, Loaded, discover, load_case
@@ -49,7 +48,6 @@ from medseg.predict.writers import (
     write_png_mask,
     write_seg,
 )
-from medseg.runtime import amp_dtype, use_amp
 
 __all__ = ["PredictResult", "model_fingerprint", "run_predict", "shard_of"]
 
@@ -96,24 +94,17 @@ def _first_line(e: BaseException) -> str:
 
 @torch.no_grad()
 def _predict(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class map and the predicted class's probability, ``(Z, H, W)`` each, on the source grid."""
-    cfg, dev = predictor.cfg, predictor.device
+    """Class map and each label's probability, ``(Z, H, W)`` each, on the source grid, at the operating
+    point (:meth:`Predictor.labels`: the same class map as ``medseg evaluate``; in sliding mode the
+    window reduces rows to labels as they are finished, memory bounded by a band)."""
     images = torch.from_numpy(loaded.images)
     labs, probs = [], []
-    amp = use_amp(cfg.train.amp, dev)
     for i in range(0, len(images), batch_size):
         x = images[i: i + batch_size]
-        if cfg.inference.mode == "sliding" and not cfg.inference.crf.enabled:
-            # memory-bounded: rows are reduced to labels and probabilities as they are finished
-            with torch.autocast(dev.type, dtype=amp_dtype(dev), enabled=amp):
-                lab, prob = SlidingWindow.from_config(cfg.inference, dev)(x, predictor.model, output="labels",
-                                                                          probabilities=True)
-        else:
-            logits = predictor.logits(x)
-            lab = postprocess(logits, x, cfg, [loaded.meta["spacing"]] * len(x))
-            prob = torch.softmax(logits, 1).gather(1, lab[:, None].to(logits.device)).squeeze(1)
-        labs.append(lab.cpu().numpy().astype(np.uint8))
-        probs.append(prob.float().cpu().numpy())
+        lab, prob = predictor.labels(x, [loaded.meta["spacing"]] * len(x), probabilities=True)
+        assert prob is not None
+        labs.append(lab.numpy().astype(np.uint8))
+        probs.append(prob.numpy())
     labels = to_source_grid(np.concatenate(labs), loaded.meta)
     prob = to_source_grid(np.concatenate(probs).astype(np.float32), loaded.meta)
     return labels, prob
@@ -166,53 +157,47 @@ def process_case(loaded: Loaded, predictor: Predictor, out_dir: Path, tmp_root: 
     t0 = time.perf_counter()
     labels, prob = _predict(loaded, predictor, cfg.predict.batch_size)
     t1 = time.perf_counter()
-    tmp = tmp_root / case.key
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    info: dict[str, Any] = {"kind": case.kind, "key": case.key, "output": case.out_rel, "medseg_version": __version__,
-                            "model": {"name": cfg.model.name, "fingerprint": fingerprint},
-                            "input": {**loaded.info, "files": len(case.files)}, "warnings": loaded.warnings,
-                            "shape": list(labels.shape), "spacing_yx": list(loaded.spacing)}
-    num_classes = int(cfg.data.num_classes)
-    if case.kind == "dicom":
-        g = loaded.geom
-        assert g is not None
-        affine, err = nifti_affine(g.positions, g.direction, g.spacing, g.slice_thickness)
-        write_nifti(tmp / "mask.nii.gz", labels, affine)
-        tilted = any("gantry tilt" in w for w in g.warnings)
-        info["geometry"] = {"spacing_zyx": list(g.spacing), "origin_lps": g.origin.tolist(),
-                            "direction": g.direction.tolist(), "slice_positions_lps": g.positions.tolist(),
-                            "sop_instance_uids": list(g.sop_instance_uids),
-                            "frames": [f for f in g.frames] if any(f is not None for f in g.frames) else None}
-        info["nifti"] = {"affine_ras": affine.tolist(), "max_error_mm": err, "exact": err < 0.01,
-                         "holds": "the acquired slices; " + (
-                             "affine exact" if err < 0.01 and not tilted else
-                             "sheared affine following the tilted slice positions" if err < 0.01 else
-                             "irregular slice positions: the slice axis steps by the mean interval "
-                             "(seg.dcm is exact)")}
-        if cfg.predict.write_seg:
-            info["seg"] = write_seg(tmp / "seg.dcm", labels, g, num_classes, fingerprint, cfg.model.name)
-    elif case.kind == "nifti":
-        assert loaded.nifti is not None
-        write_nifti_like(tmp / "mask.nii.gz", labels, loaded.nifti)
-        info["nifti"] = {"affine": np.asarray(loaded.nifti["affine"]).tolist(), "holds": "the input's affine"}
-    else:
-        write_png_mask(tmp / f"{case.name.rsplit('-', 1)[0]}.png", labels[0])
-    rows = lesion_table(labels, prob, loaded.values, loaded.spacing, _extents(loaded), _world(loaded),
-                        cfg.predict.connectivity)
-    write_csv(tmp / "lesions.csv", rows)
-    if cfg.predict.overlays and rows:
-        info["overlays"] = write_overlays(tmp / "overlays", _display(loaded, cfg), labels, rows)
-    t2 = time.perf_counter()
-    info["lesions"] = len(rows)
-    info["timings_s"] = {"read": round(loaded.read_s, 4), "predict": round(t1 - t0, 4), "write": round(t2 - t1, 4)}
-    write_json(tmp / "series.json", info)
-    final = out_dir / case.out_rel
-    if final.exists():  # a previous run renamed it but was killed before the manifest said done
-        shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, final)
+    # the case's folder appears whole or not at all; one already there (renamed by a run killed before
+    # its manifest said done) is replaced
+    with atomic_dir(out_dir / case.out_rel, tmp_root / case.key) as tmp:
+        info: dict[str, Any] = {"kind": case.kind, "key": case.key, "output": case.out_rel, "medseg_version": __version__,
+                                "model": {"name": cfg.model.name, "fingerprint": fingerprint},
+                                "input": {**loaded.info, "files": len(case.files)}, "warnings": loaded.warnings,
+                                "shape": list(labels.shape), "spacing_yx": list(loaded.spacing)}
+        num_classes = int(cfg.data.num_classes)
+        if case.kind == "dicom":
+            g = loaded.geom
+            assert g is not None
+            affine, err = nifti_affine(g.positions, g.direction, g.spacing, g.slice_thickness)
+            write_nifti(tmp / "mask.nii.gz", labels, affine)
+            tilted = any("gantry tilt" in w for w in g.warnings)
+            info["geometry"] = {"spacing_zyx": list(g.spacing), "origin_lps": g.origin.tolist(),
+                                "direction": g.direction.tolist(), "slice_positions_lps": g.positions.tolist(),
+                                "sop_instance_uids": list(g.sop_instance_uids),
+                                "frames": [f for f in g.frames] if any(f is not None for f in g.frames) else None}
+            info["nifti"] = {"affine_ras": affine.tolist(), "max_error_mm": err, "exact": err < 0.01,
+                             "holds": "the acquired slices; " + (
+                                 "affine exact" if err < 0.01 and not tilted else
+                                 "sheared affine following the tilted slice positions" if err < 0.01 else
+                                 "irregular slice positions: the slice axis steps by the mean interval "
+                                 "(seg.dcm is exact)")}
+            if cfg.predict.write_seg:
+                info["seg"] = write_seg(tmp / "seg.dcm", labels, g, num_classes, fingerprint, cfg.model.name)
+        elif case.kind == "nifti":
+            assert loaded.nifti is not None
+            write_nifti_like(tmp / "mask.nii.gz", labels, loaded.nifti)
+            info["nifti"] = {"affine": np.asarray(loaded.nifti["affine"]).tolist(), "holds": "the input's affine"}
+        else:
+            write_png_mask(tmp / f"{case.name.rsplit('-', 1)[0]}.png", labels[0])
+        rows = lesion_table(labels, prob, loaded.values, loaded.spacing, _extents(loaded), _world(loaded),
+                            cfg.predict.connectivity)
+        write_csv(tmp / "lesions.csv", rows)
+        if cfg.predict.overlays and rows:
+            info["overlays"] = write_overlays(tmp / "overlays", _display(loaded, cfg), labels, rows)
+        t2 = time.perf_counter()
+        info["lesions"] = len(rows)
+        info["timings_s"] = {"read": round(loaded.read_s, 4), "predict": round(t1 - t0, 4), "write": round(t2 - t1, 4)}
+        write_json(tmp / "series.json", info)
     return {"n_slices": int(labels.shape[0]), "n_lesions": len(rows), "predict_s": t1 - t0, "write_s": t2 - t1}
 
 

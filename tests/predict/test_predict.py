@@ -21,15 +21,24 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from scipy import ndimage
 
 from medseg.cli import main
+from medseg.config import Config, to_dict
+from medseg.data.folder import normalise_2d
+from medseg.evaluation.calibrate import store_operating_point
+from medseg.inference.postprocess import postprocess
+from medseg.inference.predictor import Predictor, predict_logits
 from medseg.lesion import axes_mm, measure_recist
+from medseg.predict import run_predict
+from medseg.registry import MODELS
 from tests.predict import builders as B
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -316,3 +325,84 @@ def test_kill_9_mid_run_then_restart_gives_identical_outputs(hospital: dict, run
     assert rc == 0
     assert _digest(out) == _digest(run["out"])
     assert not list(out.glob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------- the operating point, sliding
+
+
+class Graded(torch.nn.Module):
+    """Lesion logit ``scale·(x − centre)`` of each pixel's key channel: a graded probability, so a stored
+    threshold above 0.5 moves the boundary and speckle survives argmax."""
+
+    def __init__(self, in_channels: int, num_classes: int, scale: float = 10.0, centre: float = 0.5) -> None:
+        super().__init__()
+        self.key = (in_channels - 1) - (in_channels - 1) // 2
+        self.scale, self.centre, self.num_classes = scale, centre, num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], self.num_classes, *x.shape[-2:], dtype=x.dtype, device=x.device)
+        out[:, 1] = self.scale * (x[:, self.key] - self.centre)
+        return out
+
+
+def test_sliding_predict_applies_the_stored_operating_point_as_evaluate_does(tmp_path: Path) -> None:
+    """A 2-D image larger than the tile, ``inference.mode=sliding``, a calibrated threshold and min size:
+    ``medseg predict`` writes the class map evaluate's path (predict_logits + postprocess) computes."""
+    if "test_graded" not in MODELS:
+        MODELS.register("test_graded")(Graded)
+    try:
+        cfg = Config()
+        cfg.model.name, cfg.model.params = "test_graded", {}
+        cfg.data.window, cfg.data.context_slices, cfg.data.spacing_mm = "dicom", 1, None
+        cfg.inference.mode, cfg.inference.tile_size, cfg.inference.overlap = "sliding", [64, 64], 0.25
+        cfg.train.threads, cfg.train.device, cfg.train.amp = 1, "cpu", "off"
+        cfg.tracking.enabled = False
+        ckpt = tmp_path / "model" / "best.pt"
+        ckpt.parent.mkdir()
+        torch.save({"version": 1, "model": Graded(1, 2).state_dict(), "config": to_dict(cfg), "in_channels": 1,
+                    "num_classes": 2}, ckpt)
+        store_operating_point(ckpt, {"threshold": [0.8], "min_object_mm2": 20.0, "metric": "dice", "split": "val",
+                                     "score": 0.0, "argmax_score": 0.0})
+        rng = np.random.default_rng(5)
+        img = rng.integers(0, 175, (200, 170)).astype(np.uint8)  # speckle with p₁ up to 0.8: argmax keeps it
+        img[40:90, 30:100] = 240  # a lesion under any operating point (p₁ ≈ 0.99)
+        img[120:160, 60:120] = 150  # p₁ ≈ 0.71: lesion for argmax, background at the threshold 0.8
+        for y, x in [(20, 140), (110, 20), (180, 150)]:  # 3×3 = 9 px² objects: below min_object_mm2
+            img[y: y + 3, x: x + 3] = 240
+        (tmp_path / "imgs").mkdir()
+        cv2.imwrite(str(tmp_path / "imgs" / "large.png"), img)
+
+        res = run_predict(ckpt, tmp_path / "imgs", tmp_path / "out", progress=False)
+        assert res.failed == {} and len(res.processed) == 1
+        (png,) = list((tmp_path / "out" / "images").glob("*/large.png"))
+        got = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+
+        predictor = Predictor.from_ref(ckpt, device="cpu")  # evaluate's path: the model's stored point
+        assert predictor.cfg.inference.threshold == [0.8] and predictor.cfg.inference.min_object_mm2 == 20.0
+        x = torch.from_numpy(normalise_2d(img, "dicom", [0.0, 1.0]))[None, None]
+        logits = predict_logits(predictor.model, x, predictor.cfg, torch.device("cpu"))
+        expected = postprocess(logits, x, predictor.cfg, [[1.0, 1.0]])[0].numpy().astype(np.uint8)
+        assert not np.array_equal(expected, logits.argmax(1)[0].numpy())  # the point changes this image
+        assert expected[60, 60] == 1 and expected[140, 90] == 0 and expected[21, 141] == 0
+        np.testing.assert_array_equal(got, expected)
+    finally:
+        MODELS._entries.pop("test_graded", None)
+
+
+def test_a_case_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    """``medseg.io.atomic_dir``, which ``process_case`` writes each case through: a failure leaves the old
+    folder and no temporary one; success replaces the old folder with the whole new one."""
+    from medseg.io import atomic_dir, atomic_write_text
+
+    final, tmp = tmp_path / "out" / "study-1" / "series-1", tmp_path / "out" / ".tmp-part0" / "k"
+    final.mkdir(parents=True)
+    atomic_write_text(final / "series.json", "old")
+    with pytest.raises(RuntimeError), atomic_dir(final, tmp) as d:
+        atomic_write_text(d / "mask.png", "half")
+        raise RuntimeError("killed mid-case")
+    assert not tmp.exists() and sorted(p.name for p in final.iterdir()) == ["series.json"]
+    with atomic_dir(final, tmp) as d:
+        atomic_write_text(d / "series.json", "new")
+        atomic_write_text(d / "lesions.csv", "")
+        assert (final / "series.json").read_text() == "old"  # nothing visible until the rename
+    assert not tmp.exists() and (final / "series.json").read_text() == "new" and (final / "lesions.csv").is_file()

@@ -18,7 +18,7 @@ from medseg.io import atomic_torch_save
 from medseg.models import build_model
 from medseg.models.checkpoint import CHECKPOINT_VERSION
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "pipelines" / "quickstart.yaml"
 CPU = torch.device("cpu")
 

@@ -8,6 +8,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medseg.config import Config
+from medseg.inference.postprocess import pixel_labels, threshold_labels
 from medseg.inference.predictor import predict_logits
 from medseg.inference.window import SlidingWindow, iter_sliding_window, sliding_window, tile_starts
 from medseg.models import build_model
@@ -128,3 +129,25 @@ def test_predict_logits_uses_the_config_and_the_thin_class() -> None:
     torch.testing.assert_close(out, ref)
     mon = sliding_window_inference(x, (32, 32), 4, net, overlap=0.5, mode="gaussian")
     torch.testing.assert_close(out, mon, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("quantile", [None, 0.5, 0.9])
+def test_band_wise_threshold_equals_the_whole_image_threshold(quantile: float | None) -> None:
+    """The operating point's thresholds are per pixel: applied to each band as the window finishes it,
+    they give exactly the whole image's class map (and each label's probability)."""
+    net = _net(k=3)
+    x = torch.rand(2, 3, 150, 90)
+    logits = sliding_window(x, net, (32, 32), 0.25)
+    probs = torch.softmax(logits, 1)
+    # thresholds inside this untrained model's probability range (None = argmax)
+    threshold = [float(probs[:, k].quantile(quantile)) for k in (1, 2)] if quantile is not None else []
+    whole = threshold_labels(probs, threshold) if threshold else logits.argmax(1)
+    labels, prob = sliding_window(x, net, (32, 32), 0.25, output="labels", probabilities=True, threshold=threshold)
+    assert torch.equal(labels.long(), whole)
+    # softmax of a band and of the whole map may differ in the last bit (vectorised tails): labels do not
+    torch.testing.assert_close(prob, probs.gather(1, whole[:, None]).squeeze(1), rtol=0, atol=1e-6)
+    ref, _ = pixel_labels(logits, threshold)  # the one per-pixel function, on the whole logits
+    assert torch.equal(labels.long(), ref)
+    if quantile is not None:  # the thresholds do move this model's boundary, to every class
+        assert not torch.equal(whole, logits.argmax(1)) and set(whole.unique().tolist()) == {0, 1, 2}
