@@ -201,7 +201,7 @@ class InferenceConfig:
     tta_flips: bool = False
     #: test-time augmentation: average over tiles resized by these factors (DeepLab's multi-scale inputs)
     tta_scales: list[float] = field(default_factory=lambda: [1.0])
-    #: the operating point (medseg.operating_point): one probability threshold per foreground
+    #: the operating point (medseg.inference.postprocess): one probability threshold per foreground
     #: class; None = the model's calibrated one if it has one, else argmax; [] = argmax
     threshold: list[float] | None = None
     #: connected components smaller than this (mm²) become background; None = the model's calibrated
@@ -241,16 +241,16 @@ class MetricsConfig:
     connectivity: Literal[1, 2] = 2
     #: surface Dice tolerance in mm
     nsd_tolerance_mm: float = 2.0
-    #: also report the ISBI 2012 EM measures pixel_error and rand_error, and split_merge_error (medseg.em_metrics)
+    #: also report the ISBI 2012 EM measures pixel_error and rand_error, and split_merge_error (medseg.metrics.em)
     segmentation_errors: bool = False
-    #: the lesion-ROI protocol (``roi_*`` keys, :mod:`medseg.lesion_eval`) beside the whole-slice one
+    #: the lesion-ROI protocol (``roi_*`` keys, :mod:`medseg.metrics.roi`) beside the whole-slice one
     roi_protocol: bool = True
     #: ROI = the lesion's box enlarged on each side by this fraction of the box's width / height
     roi_margin: float = 0.5
     #: predicted pixels on another true lesion inside a ROI: "background" = they count as false
     #: positives of this lesion (the single-lesion crop protocol); "ignore" = left out of the score
     roi_other_lesions: Literal["background", "ignore"] = "background"
-    #: FROC on whole slices (``froc_*`` keys, :mod:`medseg.froc`)
+    #: FROC on whole slices (``froc_*`` keys, :mod:`medseg.metrics.froc`)
     froc: bool = True
     #: FROC candidates: connected components of the foreground probability above this (low) value
     froc_threshold: float = 0.1

@@ -3,14 +3,14 @@
 :func:`evaluate_loader` runs a model over a loader of whole slices in batches
 (``evaluation.batch_size``; slices of different sizes go in separate batches, never padded, so a
 batched evaluation equals a one-at-a-time one) and scores it with the :class:`~medseg.metrics.MetricSuite`
-the ``metrics`` config section states, through :class:`~medseg.eval_suite.EvaluationSuite`: the
+the ``metrics`` config section states, through :class:`~medseg.metrics.suite.EvaluationSuite`: the
 whole-slice metrics, the lesion-ROI protocol and FROC (from the foreground probabilities of
 :func:`~medseg.inference.foreground_probability`), and on request bootstrap confidence intervals.
 Under DDP each rank scores its own shard (no sample repeated) and the confusion matrix, boundary
 distances, lesion rows, candidates and losses are combined across ranks.
 
 :func:`evaluate` is what ``medseg evaluate`` runs: a trained model on a split, with intervals, the
-per-lesion table (CSV, and in MLflow as a table), the plots of :mod:`medseg.visualize`, optionally
+per-lesion table (CSV, and in MLflow as a table), the plots of :mod:`medseg.evaluation.plots`, optionally
 every predicted mask written on its source slice's grid. :func:`format_report` is its printout.
 """
 
@@ -227,8 +227,8 @@ def evaluate(
     Per-lesion rows go to ``<DIR or output_dir>/lesions_<split>.csv``.
 
     The metrics carry bootstrap intervals (``<key>_ci_low`` / ``_ci_high``, see
-    :class:`~medseg.eval_suite.EvaluationSuite`); with ``evaluation.plots`` the PNG plots of
-    :func:`medseg.visualize.save_evaluation_plots` go beside the CSV (``froc_<split>.png``, …).
+    :class:`~medseg.metrics.suite.EvaluationSuite`); with ``evaluation.plots`` the PNG plots of
+    :func:`medseg.evaluation.plots.save_evaluation_plots` go beside the CSV (``froc_<split>.png``, …).
     With a tracker: the metrics as ``<split>/<key>``, the tag ``medseg.<split>.ci_unit``, the
     per-lesion CSV and table (``evaluation/lesions_<split>.csv`` / ``.json``, the latter through
     ``mlflow.log_table``) and the plots (``evaluation/plots/``).

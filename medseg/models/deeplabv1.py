@@ -8,7 +8,7 @@ Registered as ``deeplabv1``. Differences from VGG-16, as in the published protot
   fc7 a 1×1 convolution with 1024 channels, each followed by ReLU and dropout 0.5;
 * a 1×1 classifier gives the stride-8 score map, upsampled bilinearly to the input size.
 
-The fully-connected CRF of the paper is post-processing (:mod:`medseg.crf`,
+The fully-connected CRF of the paper is post-processing (:mod:`medseg.inference.crf`,
 ``inference.crf.enabled``), not part of the network.
 """
 

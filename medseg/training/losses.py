@@ -12,7 +12,7 @@ arguments are the YAML ``loss.params`` (type-hinted, checked by the registry). E
 in float32 with autocast switched off, so it is safe under mixed precision.
 
 Example:
-    >>> from medseg.losses import build_loss
+    >>> from medseg.training.losses import build_loss
     >>> loss_fn = build_loss("weighted_ce_dice", {"dice_weight": 0.5})
     >>> loss = loss_fn(logits, batch["label"], batch.get("weight"))
 """

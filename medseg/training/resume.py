@@ -99,7 +99,7 @@ def rng_state_from_plain(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def trainer_state(trainer: Any, counters: tuple[str, ...], **extra: Any) -> dict[str, Any]:
-    """A checkpoint dict of a :class:`~medseg.engine.Trainer`: version, weights, optimizer, scheduler,
+    """A checkpoint dict of a :class:`~medseg.training.trainer.Trainer`: version, weights, optimizer, scheduler,
     scaler, RNG states, config, in/out channels, the ``counters`` attributes and ``extra``."""
     from medseg.config import to_dict
     from medseg.runtime import rng_state

@@ -3,8 +3,8 @@
 One :class:`Trainer`, configured by the :class:`~medseg.config.Config` tree — never subclassed.
 :meth:`Trainer.fit` reads top to bottom: an epoch loop that trains, validates, checkpoints and
 decides whether to stop. Device and RNG live in :mod:`medseg.runtime`, loaders in
-:mod:`medseg.data.loading`, checkpoints in :mod:`medseg.checkpoint`, the validation loop in
-:mod:`medseg.evaluation`, figures in :mod:`medseg.visualize`, the LR schedule in :mod:`medseg.optim`.
+:mod:`medseg.data.loading`, checkpoints in :mod:`medseg.models.checkpoint`, the validation loop in
+:mod:`medseg.evaluation.evaluate`, figures in :mod:`medseg.evaluation.plots`, the LR schedule in :mod:`medseg.training.optim`.
 
 Reproducibility: every random choice in an epoch is a function of ``(train.seed, epoch, index)``
 (see :mod:`medseg.data.loading`), and torch's RNG (dropout) is saved in each checkpoint. So a run
@@ -77,7 +77,7 @@ class TrainResult:
     steps_done: int
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_reason: str = "completed"
-    #: what ``calibration.after_training`` chose (see :func:`medseg.calibration.calibrate`)
+    #: what ``calibration.after_training`` chose (see :func:`medseg.evaluation.calibrate.calibrate`)
     operating_point: dict[str, Any] | None = None
 
 
@@ -207,7 +207,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    #: the counters a checkpoint stores beside the weights and states (medseg.checkpoint.trainer_state)
+    #: the counters a checkpoint stores beside the weights and states (medseg.training.resume.trainer_state)
     COUNTERS = ("epoch", "step", "batch_in_epoch", "best_metric", "stale", "history", "run_id")
 
     def state_dict(self) -> dict[str, Any]:

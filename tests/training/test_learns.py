@@ -30,7 +30,7 @@ BUDGET_MIN = 0.25
 @pytest.fixture(scope="module")
 def cells_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 generated 128² cell images (train / val / test split by the folder dataset)."""
-    from medseg.data.cells import generate_cells_data
+    from medseg.data.synthetic import generate_cells_data
 
     return generate_cells_data(tmp_path_factory.mktemp("cells") / "cells", images=8, seed=0, size=128)
 
