@@ -104,13 +104,13 @@ def _with_interval(m: dict[str, float], k: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """``medseg train``."""
     from medseg.config import load_config
-    from medseg.tracking import resolve_tracking_uri
+    from medseg.tracking.connect import is_remote
     from medseg.training.trainer import run_training
 
     cfg = load_config(args.config, [] if args.resume else args.overrides)
     result, evaluations = run_training(cfg, pipeline_path=args.config, resume=args.resume,
                                        overrides=args.overrides)
-    uri = resolve_tracking_uri(cfg.tracking.uri, cfg.output_dir)
+    uri = result.tracking_uri  # credentials redacted
     print(f"\ntraining {result.stopped_reason}: {result.epochs_done} epochs, {result.steps_done} steps")
     if result.best_metric is not None:
         print(f"best val {cfg.train.monitor}: {result.best_metric:.4f}")
@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"checkpoint:   {result.best_checkpoint or result.last_checkpoint}")
     if result.run_id:
         print(f"MLflow run:   {result.run_id}")
-        print(f"MLflow UI:    mlflow ui --backend-store-uri {uri}")
+        print(f"MLflow UI:    {uri}" if is_remote(uri) else f"MLflow UI:    mlflow ui --backend-store-uri {uri}")
     return 0
 
 
@@ -139,8 +139,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medseg.tracking import build_tracker
 
     cfg = load_config(args.config, args.overrides)
+    t = cfg.tracking  # a tracking server that does not answer stops here, in seconds (tracking.offline)
+    tracker = build_tracker(t.enabled, t.uri, cfg.output_dir, t.offline)
     prepare_data(cfg.data)
-    tracker = build_tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.output_dir)
     run_id = None
     status = "FAILED"
     try:
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.data.base import DataError
     from medseg.registry import RegistryError
     from medseg.runtime import TrainingError
+    from medseg.tracking.connect import TrackingError
 
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "calibrate": cmd_calibrate,
                 "compare": cmd_compare, "demo-data": cmd_demo_data}
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with trust_model_files(getattr(args, "trust_model", False)):  # --trust-model: for every load below
             return handlers[args.command](args)
-    except (ConfigError, DataError, TrainingError, RegistryError) as e:
+    except (ConfigError, DataError, TrainingError, RegistryError, TrackingError) as e:
         print(f"medseg {args.command}: error: {e}", file=sys.stderr)
         return 2
 
