@@ -1,6 +1,6 @@
 """The ``medseg`` command: a thin argparse layer over library functions.
 
-Commands: ``train``, ``evaluate``, ``predict``, ``calibrate``, ``compare``, ``demo-data``. Each ends by printing
+Commands: ``train``, ``evaluate``, ``predict``, ``calibrate``, ``compare``, ``track sync``, ``demo-data``. Each ends by printing
 where its results are.
 """
 
@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/compare", help="folder for comparison.md / .csv / .png")
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples of the paired test")
     p.add_argument("--seed", type=int, default=0, help="seed of the paired test")
+
+    p = sub.add_parser("track", help="tracking maintenance: track sync RUN_DIR sends what a run's journal holds")
+    track = p.add_subparsers(dest="track_command", required=True)
+    p = track.add_parser("sync", help="send the metrics, params, tags and status a run folder's tracking journal "
+                                      "holds beyond what the store has (a run that ended while the store was away)")
+    p.add_argument("run_dir", help="a medseg train run folder (holds tracking/journal.jsonl)")
+    p.add_argument("--tracking-uri", help="the store to send to (default: the one the run recorded into; "
+                                          "credentials from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
 
     p = sub.add_parser("demo-data", help="write generated data: DeepLesion-format CT or EM-like cell images")
     p.add_argument("out_dir")
@@ -228,6 +236,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_track(args: argparse.Namespace) -> int:
+    """``medseg track sync``."""
+    from medseg.runtime import redact_uri
+    from medseg.tracking import resolve_tracking_uri
+    from medseg.tracking.connect import TrackingError, choose_uri
+    from medseg.tracking.journal import read_journal, sync
+
+    try:
+        header, records, sent = read_journal(args.run_dir)
+    except FileNotFoundError as e:
+        raise TrackingError(str(e)) from None
+    uri = choose_uri(resolve_tracking_uri(args.tracking_uri or header["uri"], args.run_dir), False, args.run_dir)
+    try:
+        res = sync(args.run_dir, uri)
+    except Exception as e:  # noqa: BLE001 — the store refused: what it acknowledged is kept, one line
+        raise TrackingError(f"{redact_uri(uri)}: {e.__class__.__name__} while sending the journal of "
+                            f"{args.run_dir} ({sent} of {len(records)} records were acknowledged before)") from None
+    print(f"run {res['run_id']}: {res['sent']} journal records sent to {redact_uri(uri)} "
+          f"({len(records)} in all, {sent} sent before)")
+    return 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     """``medseg demo-data``."""
     if args.kind == "cells":
@@ -259,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.tracking.connect import TrackingError
 
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "calibrate": cmd_calibrate,
-                "compare": cmd_compare, "demo-data": cmd_demo_data}
+                "compare": cmd_compare, "track": cmd_track, "demo-data": cmd_demo_data}
     from medseg.models.checkpoint import trust_model_files
 
     try:

@@ -27,6 +27,7 @@ from typing import Any
 from medseg.config import Config, flatten, public_dict
 from medseg.runtime import redact_uri
 from medseg.tracking.connect import TrackingError, choose_uri, connect_uri, quiet_http_client
+from medseg.tracking.journal import Journal, journal_path
 
 log = logging.getLogger("medseg.tracking")
 
@@ -38,6 +39,10 @@ _MAX_PARAM = 6000
 
 #: after a failed tracking call, calls are dropped (never waited on) for this many seconds, then retried
 RETRY_AFTER_S = 30.0
+#: how long ending a run waits for the journal to reach a store that answers
+END_WAIT_S = 15.0
+#: the calls that go through a run's journal once it has one
+_JOURNALED = frozenset({"start", "log_params", "log_metrics", "set_tags", "end"})
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -110,6 +115,10 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run finished / failed / killed."""
 
+    def attach_journal(self, run_dir: Path, run_id: str) -> None:
+        """From now on, record metrics, params, tags and status changes of run ``run_id`` through the
+        journal in ``run_dir`` (:mod:`medseg.tracking.journal`)."""
+
 
 NullTracker = Tracker
 
@@ -139,38 +148,57 @@ class MLflowTracker(Tracker):
         self.down_since: float | None = None  # the outage in progress (monotonic time it began)
         self.retry_at = 0.0
         self.dropped = 0  # calls not recorded (failed, or dropped during an outage)
+        self.journal: Journal | None = None
+        self.hinted = False  # the `medseg track sync` hint of this outage is printed
+
+    def _failed(self, e: Exception, what: str) -> None:
+        """Count a failed call; the first of an outage is one warning."""
+        self.retry_at = time.monotonic() + RETRY_AFTER_S
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            detail = _redact_text(str(e).strip().splitlines()[0] if str(e).strip() else "")[:200]
+            kept = "kept in the run's journal and sent when it answers" if self.journal else "dropped"
+            log.warning("tracking store %s failed (%s in %s: %s); the work goes on and its folder is the record: "
+                        "metrics, params and tags are %s (other tracking calls are dropped, retried every %.0f s)",
+                        self.shown_uri, e.__class__.__name__, what, detail, kept, RETRY_AFTER_S)
+
+    def _recovered(self) -> None:
+        if self.down_since is not None:
+            log.info("tracking store %s answers again after %.0f s (%d tracking calls were dropped)",
+                     self.shown_uri, time.monotonic() - self.down_since, self.dropped)
+            self.down_since, self.hinted = None, False
 
     def _guard(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call ``method``; a failure (or a call during an outage, before :data:`RETRY_AFTER_S` has
-        passed) returns None and is counted; one warning when an outage starts, one line when it ends."""
+        """Call ``method``; a failure (or, for a call the journal does not take, one during an outage before
+        :data:`RETRY_AFTER_S` has passed) returns None and is counted (:meth:`_failed`)."""
         if method.__name__ != "start" and self.run_id is None:
             return None
-        if self.down_since is not None and time.monotonic() < self.retry_at:
+        journaled = self.journal is not None and method.__name__ in _JOURNALED
+        if not journaled and self.down_since is not None and time.monotonic() < self.retry_at:
             self.dropped += 1
             return None
         try:
             out = method(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 — tracking never stops the work it records
             self.dropped += 1
-            self.retry_at = time.monotonic() + RETRY_AFTER_S
-            if self.down_since is None:
-                self.down_since = time.monotonic()
-                detail = _redact_text(str(e).strip().splitlines()[0] if str(e).strip() else "")[:200]
-                log.warning("tracking store %s failed (%s in %s: %s); the work goes on and its folder is the "
-                            "record: tracking calls are dropped until the store answers again (retried every "
-                            "%.0f s)", self.shown_uri, e.__class__.__name__, method.__name__, detail, RETRY_AFTER_S)
+            self._failed(e, method.__name__)
             return None
-        if self.down_since is not None:
-            log.info("tracking store %s answers again after %.0f s (%d tracking calls were not recorded)",
-                     self.shown_uri, time.monotonic() - self.down_since, self.dropped)
-            self.down_since = None
+        if not journaled:
+            self._recovered()
         return out
+
+    def attach_journal(self, run_dir: Path, run_id: str) -> None:
+        if self.journal is None or self.journal.path != journal_path(run_dir):
+            self.journal = Journal(run_dir, run_id, self.client, self.shown_uri, self._failed, self._recovered)
 
     @_guarded
     def start(self, experiment: str, run_name: str, run_id: str | None = None) -> str:
         if run_id is not None:
             self.run_id = run_id  # later calls go to this run even when reopening it fails
-            self.client.update_run(run_id, status="RUNNING")
+            if self.journal is not None:
+                self.journal.append("status", status="RUNNING", ts=int(time.time() * 1000))
+            else:
+                self.client.update_run(run_id, status="RUNNING")
             return run_id
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -188,6 +216,9 @@ class MLflowTracker(Tracker):
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
+        if self.journal is not None:
+            self.journal.append("params", data={k: str(v)[:_MAX_PARAM] for k, v in params.items()})
+            return
         existing = self.client.get_run(self.run_id).data.params
         items = [
             Param(k, str(v)[:_MAX_PARAM]) for k, v in params.items() if k not in existing
@@ -200,6 +231,9 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
+        if self.journal is not None:
+            self.journal.append("metrics", step=step, ts=ts, data=metrics)
+            return
         items = [
             Metric(k, float(v), ts, step)
             for k, v in metrics.items()
@@ -231,6 +265,9 @@ class MLflowTracker(Tracker):
 
     @_guarded
     def set_tags(self, tags: dict[str, str]) -> None:
+        if self.journal is not None:
+            self.journal.append("tags", data={k: str(v) for k, v in tags.items()})
+            return
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
@@ -245,6 +282,16 @@ class MLflowTracker(Tracker):
 
     @_guarded
     def end(self, status: str = "FINISHED") -> None:
+        if self.journal is not None:
+            self.journal.append("status", status=status, ts=int(time.time() * 1000))
+            if not self.journal.drain(END_WAIT_S) and not self.hinted:
+                self.hinted = True
+                run_dir = self.journal.path.parent.parent
+                log.warning("tracking store %s does not have all of run %s yet: the rest is in %s and is sent "
+                            "when the store answers (in this process), by `medseg track sync %s`, or by "
+                            "`medseg train --resume %s`", self.shown_uri, self.run_id, self.journal.path, run_dir,
+                            run_dir)
+            return
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
 
@@ -267,7 +314,11 @@ def start_training_run(
     from medseg.runtime import environment_info
 
     resumed = run_id is not None
+    if resumed:  # what the earlier process left in the journal is sent first
+        tracker.attach_journal(run_dir, run_id)
     run_id = tracker.start(cfg.tracking.experiment or cfg.name, run_dir.name, run_id=run_id)
+    if run_id and not resumed:
+        tracker.attach_journal(run_dir, run_id)
     if resumed:
         tracker.set_tags({"medseg.resumed_at_step": str(step)})
         return run_id
