@@ -189,12 +189,13 @@ class Journal:
                     self.cond.wait(RETRY_S)
                 continue
             away_since = None
+            # the count first: whoever sees the records gone sees them counted (only this thread writes it)
+            atomic_write_text(self.path.with_name("sent"), str(self.sent + len(batch)))
             with self.cond:
                 del self.pending[: len(batch)]
                 self.sent += len(batch)
                 self.failing = False
                 self.cond.notify_all()
-            atomic_write_text(self.path.with_name("sent"), str(self.sent))
             self.on_success()
 
     def drain(self, timeout_s: float) -> bool:

@@ -144,3 +144,41 @@ def test_a_failing_store_never_raises(tmp_path: Path, caplog: pytest.LogCaptureF
     assert calls == ["get_run"]  # the first call failed; the others were dropped, not tried
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
     assert tracker.dropped == 7
+
+
+def test_a_resumed_run_sends_what_its_journal_holds_first(tmp_path: Path) -> None:
+    """What a process left unsent (the store was away until it ended) goes first when the run is
+    resumed (``start_training_run`` attaches the journal before reopening the run), in order."""
+    from mlflow.tracking import MlflowClient
+
+    from medseg.tracking import MLflowTracker
+    from medseg.tracking.journal import read_journal
+
+    uri, run_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run"
+    first = MLflowTracker(uri)
+    run_id = first.start("e", "r")
+
+    class Away:
+        def __getattr__(self, name: str) -> Any:
+            def fail(*a: Any, **k: Any) -> None:
+                raise ConnectionError("server gone")
+
+            return fail
+
+    first.client = Away()
+    first.attach_journal(run_dir, run_id)
+    for step in (1, 2, 3):
+        first.log_metrics({"train/loss": 1.0 / step}, step)
+    first.end("KILLED")
+    assert read_journal(run_dir)[2] == 0  # nothing reached the store
+
+    second = MLflowTracker(uri)
+    second.attach_journal(run_dir, run_id)
+    second.start("", "", run_id=run_id)
+    second.log_metrics({"train/loss": 0.2}, 4)
+    second.end("FINISHED")
+    _, records, sent = read_journal(run_dir)
+    assert sent == len(records) == 7  # 3 metrics, KILLED, RUNNING, 1 metric, FINISHED
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
+    assert client.get_run(run_id).info.status == "FINISHED"
