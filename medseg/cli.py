@@ -1,6 +1,6 @@
 """The ``medseg`` command: a thin argparse layer over library functions.
 
-Commands: ``train``, ``evaluate``, ``predict``, ``calibrate``, ``compare``, ``demo-data``. Each ends by printing
+Commands: ``train``, ``evaluate``, ``predict``, ``calibrate``, ``compare``, ``track sync``, ``demo-data``. Each ends by printing
 where its results are.
 """
 
@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples of the paired test")
     p.add_argument("--seed", type=int, default=0, help="seed of the paired test")
 
+    p = sub.add_parser("track", help="tracking maintenance: track sync RUN_DIR sends what a run's journal holds")
+    track = p.add_subparsers(dest="track_command", required=True)
+    p = track.add_parser("sync", help="send the metrics, params, tags and status a run folder's tracking journal "
+                                      "holds beyond what the store has (a run that ended while the store was away)")
+    p.add_argument("run_dir", help="a medseg train run folder (holds tracking/journal.jsonl)")
+    p.add_argument("--tracking-uri", help="the store to send to (default: the one the run recorded into; "
+                                          "credentials from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
+
     p = sub.add_parser("demo-data", help="write generated data: DeepLesion-format CT or EM-like cell images")
     p.add_argument("out_dir")
     p.add_argument("--kind", choices=["deeplesion", "cells"], default="deeplesion",
@@ -104,13 +112,13 @@ def _with_interval(m: dict[str, float], k: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """``medseg train``."""
     from medseg.config import load_config
-    from medseg.tracking import resolve_tracking_uri
+    from medseg.tracking.connect import is_remote
     from medseg.training.trainer import run_training
 
     cfg = load_config(args.config, [] if args.resume else args.overrides)
     result, evaluations = run_training(cfg, pipeline_path=args.config, resume=args.resume,
                                        overrides=args.overrides)
-    uri = resolve_tracking_uri(cfg.tracking.uri, cfg.output_dir)
+    uri = result.tracking_uri  # credentials redacted
     print(f"\ntraining {result.stopped_reason}: {result.epochs_done} epochs, {result.steps_done} steps")
     if result.best_metric is not None:
         print(f"best val {cfg.train.monitor}: {result.best_metric:.4f}")
@@ -127,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"checkpoint:   {result.best_checkpoint or result.last_checkpoint}")
     if result.run_id:
         print(f"MLflow run:   {result.run_id}")
-        print(f"MLflow UI:    mlflow ui --backend-store-uri {uri}")
+        print(f"MLflow UI:    {uri}" if is_remote(uri) else f"MLflow UI:    mlflow ui --backend-store-uri {uri}")
     return 0
 
 
@@ -139,8 +147,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medseg.tracking import build_tracker
 
     cfg = load_config(args.config, args.overrides)
+    t = cfg.tracking  # a tracking server that does not answer stops here, in seconds (tracking.offline)
+    tracker = build_tracker(t.enabled, t.uri, cfg.output_dir, t.offline)
     prepare_data(cfg.data)
-    tracker = build_tracker(cfg.tracking.enabled, cfg.tracking.uri, cfg.output_dir)
     run_id = None
     status = "FAILED"
     try:
@@ -227,6 +236,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_track(args: argparse.Namespace) -> int:
+    """``medseg track sync``."""
+    from medseg.runtime import redact_uri
+    from medseg.tracking import resolve_tracking_uri
+    from medseg.tracking.connect import TrackingError, choose_uri
+    from medseg.tracking.journal import read_journal, sync
+
+    try:
+        header, records, sent = read_journal(args.run_dir)
+    except FileNotFoundError as e:
+        raise TrackingError(str(e)) from None
+    uri = choose_uri(resolve_tracking_uri(args.tracking_uri or header["uri"], args.run_dir), False, args.run_dir)
+    try:
+        res = sync(args.run_dir, uri)
+    except Exception as e:  # noqa: BLE001 — the store refused: what it acknowledged is kept, one line
+        raise TrackingError(f"{redact_uri(uri)}: {e.__class__.__name__} while sending the journal of "
+                            f"{args.run_dir} ({sent} of {len(records)} records were acknowledged before)") from None
+    print(f"run {res['run_id']}: {res['sent']} journal records sent to {redact_uri(uri)} "
+          f"({len(records)} in all, {sent} sent before)")
+    return 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     """``medseg demo-data``."""
     if args.kind == "cells":
@@ -255,15 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.data.base import DataError
     from medseg.registry import RegistryError
     from medseg.runtime import TrainingError
+    from medseg.tracking.connect import TrackingError
 
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "calibrate": cmd_calibrate,
-                "compare": cmd_compare, "demo-data": cmd_demo_data}
+                "compare": cmd_compare, "track": cmd_track, "demo-data": cmd_demo_data}
     from medseg.models.checkpoint import trust_model_files
 
     try:
         with trust_model_files(getattr(args, "trust_model", False)):  # --trust-model: for every load below
             return handlers[args.command](args)
-    except (ConfigError, DataError, TrainingError, RegistryError) as e:
+    except (ConfigError, DataError, TrainingError, RegistryError, TrackingError) as e:
         print(f"medseg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

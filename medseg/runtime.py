@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import torch
 
 __all__ = [
     "TrainingError", "amp_dtype", "barrier", "broadcast_buffers", "broadcast_object", "dist_ready",
-    "environment_info", "gather_objects", "init_distributed", "resolve_device", "rng_state", "sample_seed",
+    "environment_info", "gather_objects", "init_distributed", "redact_uri", "resolve_device", "rng_state",
+    "sample_seed",
     "seed_everything", "set_rng_state", "use_amp",
 ]
 
@@ -197,3 +199,44 @@ def environment_info() -> dict[str, Any]:
         "git_commit": commit,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
     }
+
+
+# ----------------------------------------------------------------------------- credentials
+
+#: query parameters whose value is a secret (``?password=...``, ``?token=...``, ``?sig=...``)
+_SECRET_QUERY = re.compile(r"(?i)^(.*pass.*|.*secret.*|.*token.*|.*key.*|sig|signature|credential.*)$")
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """``uri`` with its credentials replaced by ``***``: the password of the user-info
+    (``http://user:pw@host`` → ``http://user:***@host``, ``postgresql://u:pw@db/x`` → ``postgresql://u:***@db/x``),
+    a user-info without a password (a token used as the user name) as a whole (``https://tok@host`` →
+    ``https://***@host``) and secret-looking query values (``?password=``, ``?token=``, ``?sig=``).
+    Anything else (paths, ``sqlite:///...``, ``None``) is returned unchanged. What medseg writes or prints
+    of a URI goes through this function.
+
+    Example:
+        >>> redact_uri("http://alice:s3cret@mlflow.lab:5000")
+        'http://alice:***@mlflow.lab:5000'
+    """
+    if not uri or "://" not in uri:
+        return uri
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # not parseable as a URL: hide everything between the scheme and the host
+        return re.sub(r"://[^/@]*@", "://***@", uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, sep, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if sep else f"***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_QUERY.match(k) for k, _ in pairs):
+            query = urlencode([(k, "***" if _SECRET_QUERY.match(k) else v) for k, v in pairs], safe="*")
+    if netloc == parts.netloc and query == parts.query:
+        return uri
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -46,8 +46,8 @@ from medseg.config.schema import (  # noqa: E402
     WeightMapConfig,
 )
 
-__all__ = ["ConfigError", "apply_override", "deep_merge", "flatten", "from_dict", "load_config", "read_yaml",
-           "save_config", "to_dict", "CRFConfig", "CalibrationConfig", "Config", "DataConfig", "ElasticConfig", "EvaluationConfig", "InferenceConfig", "LossConfig", "MetricsConfig", "ModelConfig", "PredictConfig", "TrackingConfig", "TrainConfig", "TransformsConfig", "WeightMapConfig"]
+__all__ = ["ConfigError", "apply_override", "deep_merge", "flatten", "from_dict", "load_config", "public_dict",
+           "read_yaml", "save_config", "to_dict", "CRFConfig", "CalibrationConfig", "Config", "DataConfig", "ElasticConfig", "EvaluationConfig", "InferenceConfig", "LossConfig", "MetricsConfig", "ModelConfig", "PredictConfig", "TrackingConfig", "TrainConfig", "TransformsConfig", "WeightMapConfig"]
 
 # ----------------------------------------------------------------------------- conversion
 
@@ -146,6 +146,16 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def public_dict(cfg: Config) -> dict[str, Any]:
+    """:func:`to_dict` with credentials removed (``tracking.uri`` through :func:`medseg.runtime.redact_uri`):
+    what medseg writes anywhere — ``config.yaml``, the config inside checkpoints, MLflow params."""
+    from medseg.runtime import redact_uri
+
+    data = to_dict(cfg)
+    data["tracking"]["uri"] = redact_uri(data["tracking"]["uri"])
+    return data
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists stay values)."""
     out: dict[str, Any] = {}
@@ -234,4 +244,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(public_dict(cfg), sort_keys=False))

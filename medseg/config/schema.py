@@ -303,10 +303,26 @@ class PredictConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow tracking. ``uri`` None = a local store at ``<output_dir>/mlruns``."""
+    """MLflow tracking. ``uri`` None = a local SQLite store, ``<output_dir>/mlflow.db``.
+
+    A remote ``uri`` (``http(s)://``) is probed at the start of ``train`` / ``evaluate`` / ``calibrate``
+    (a few seconds at most). ``offline`` says what happens when it does not answer:
+
+    - ``false`` (the default): stop with one line naming the URI and the ways forward. A server that is
+      configured but does not answer is most often a typo or a server not started yet; recording
+      somewhere else without being asked would leave the run where nobody looks for it.
+    - ``"auto"``: warn in one line and record into the local store instead.
+    - ``true``: never contact the server; record into the local store.
+
+    Credentials belong in ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (or
+    ``MLFLOW_TRACKING_TOKEN``); a password given in ``uri`` is moved there for the process and
+    redacted (``***``) wherever medseg writes or prints the URI (docs/tracking.md).
+    """
 
     enabled: bool = True
     uri: str | None = None
+    #: false / "auto" / true: what an unreachable remote ``uri`` means (see above)
+    offline: bool | Literal["auto"] = False
     #: experiment name (None = the pipeline file's stem)
     experiment: str | None = None
 

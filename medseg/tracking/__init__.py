@@ -3,24 +3,46 @@
 ``mlflow`` is imported only inside :class:`MLflowTracker`. The default store is a SQLite database
 under the output folder (``sqlite:///<output_dir>/mlflow.db``) with artifacts beside it, which
 ``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`` opens.
+
+Tracking never stops the work it records: every :class:`MLflowTracker` call that fails (a server gone,
+a full store) is dropped with one warning per outage, later calls are dropped without waiting until
+a retry (every :data:`RETRY_AFTER_S`) succeeds; the run folder and its checkpoints are the record, the
+tracking store a copy. Reaching a store (credentials, the start-up probe, ``tracking.offline``) is
+:mod:`medseg.tracking.connect`; what medseg writes or prints of a URI goes through
+:func:`medseg.runtime.redact_uri`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
-import os
-from collections.abc import Iterator
+import re
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from medseg.config import Config, flatten, to_dict
+from medseg.config import Config, flatten, public_dict
+from medseg.runtime import redact_uri
+from medseg.tracking.connect import TrackingError, choose_uri, connect_uri, quiet_http_client
+from medseg.tracking.journal import Journal, journal_path
 
 log = logging.getLogger("medseg.tracking")
 
+__all__ = ["MLflowTracker", "NullTracker", "RETRY_AFTER_S", "Tracker", "TrackingError", "build_tracker",
+           "default_tracking_uri", "reopened_run", "resolve_tracking_uri", "run_params", "start_training_run"]
+
 #: MLflow limits a param value to 6000 characters
 _MAX_PARAM = 6000
+
+#: after a failed tracking call, calls are dropped (never waited on) for this many seconds, then retried
+RETRY_AFTER_S = 30.0
+#: how long ending a run waits for the journal to reach a store that answers
+END_WAIT_S = 15.0
+#: the calls that go through a run's journal once it has one
+_JOURNALED = frozenset({"start", "log_params", "log_metrics", "set_tags", "end"})
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -29,18 +51,37 @@ def default_tracking_uri(output_dir: str | Path) -> str:
 
 
 def resolve_tracking_uri(uri: str | None, output_dir: str | Path) -> str:
-    """``uri`` or the local default; a bare path becomes a SQLite store inside it."""
+    """``uri`` or the local default; a bare path becomes a SQLite store inside it. Credentials in
+    ``uri`` move out of it (:func:`medseg.tracking.connect.connect_uri`): the result is what MLflow's
+    client is given."""
     if uri is None:
         return default_tracking_uri(output_dir)
     if "://" not in uri and not uri.startswith("sqlite:") and not uri.startswith("file:"):
         return default_tracking_uri(uri)
-    return uri
+    return connect_uri(uri)
+
+
+def _redact_text(text: str) -> str:
+    """``text`` with every URI in it through :func:`redact_uri` (exception messages)."""
+    return re.sub(r"[A-Za-z][\w+.-]*://\S+", lambda m: redact_uri(m.group(0)) or "", text)
+
+
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a tracker call through :meth:`MLflowTracker._guard` (a failure never reaches the caller)."""
+
+    @functools.wraps(method)
+    def call(self: MLflowTracker, *args: Any, **kwargs: Any) -> Any:
+        return self._guard(method, *args, **kwargs)
+
+    return call
 
 
 class Tracker:
     """The tracking interface (also the null tracker: every call does nothing)."""
 
     run_id: str | None = None
+    #: the store, credentials redacted (None: nothing is recorded)
+    shown_uri: str | None = None
 
     def start(self, experiment: str, run_name: str, run_id: str | None = None) -> str | None:
         """Start (or, with ``run_id``, reopen) a run; returns its id."""
@@ -74,6 +115,10 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run finished / failed / killed."""
 
+    def attach_journal(self, run_dir: Path, run_id: str) -> None:
+        """From now on, record metrics, params, tags and status changes of run ``run_id`` through the
+        journal in ``run_dir`` (:mod:`medseg.tracking.journal`)."""
+
 
 NullTracker = Tracker
 
@@ -81,26 +126,79 @@ NullTracker = Tracker
 class MLflowTracker(Tracker):
     """Log to an MLflow tracking store through ``MlflowClient`` (explicit run ids, no global run).
 
+    Every call is guarded (:meth:`_guard`): a failure is a warning, never an exception.
+
     Args:
-        uri: tracking URI (``sqlite:///...``, ``http://host:5000``, ...).
+        uri: tracking URI (``sqlite:///...``, ``http://host:5000``, ...), credentials already moved out
+            (:func:`resolve_tracking_uri`).
         artifact_root: where new experiments store artifacts (local stores only).
     """
 
     def __init__(self, uri: str, artifact_root: str | Path | None = None) -> None:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        quiet_http_client()
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        self.shown_uri = redact_uri(uri)
         self.artifact_root = Path(artifact_root) if artifact_root else None
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = None
+        self.down_since: float | None = None  # the outage in progress (monotonic time it began)
+        self.retry_at = 0.0
+        self.dropped = 0  # calls not recorded (failed, or dropped during an outage)
+        self.journal: Journal | None = None
+        self.hinted = False  # the `medseg track sync` hint of this outage is printed
 
+    def _failed(self, e: Exception, what: str) -> None:
+        """Count a failed call; the first of an outage is one warning."""
+        self.retry_at = time.monotonic() + RETRY_AFTER_S
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            detail = _redact_text(str(e).strip().splitlines()[0] if str(e).strip() else "")[:200]
+            kept = "kept in the run's journal and sent when it answers" if self.journal else "dropped"
+            log.warning("tracking store %s failed (%s in %s: %s); the work goes on and its folder is the record: "
+                        "metrics, params and tags are %s (other tracking calls are dropped, retried every %.0f s)",
+                        self.shown_uri, e.__class__.__name__, what, detail, kept, RETRY_AFTER_S)
+
+    def _recovered(self) -> None:
+        if self.down_since is not None:
+            log.info("tracking store %s answers again after %.0f s (%d tracking calls were dropped)",
+                     self.shown_uri, time.monotonic() - self.down_since, self.dropped)
+            self.down_since, self.hinted = None, False
+
+    def _guard(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``method``; a failure (or, for a call the journal does not take, one during an outage before
+        :data:`RETRY_AFTER_S` has passed) returns None and is counted (:meth:`_failed`)."""
+        if method.__name__ != "start" and self.run_id is None:
+            return None
+        journaled = self.journal is not None and method.__name__ in _JOURNALED
+        if not journaled and self.down_since is not None and time.monotonic() < self.retry_at:
+            self.dropped += 1
+            return None
+        try:
+            out = method(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 — tracking never stops the work it records
+            self.dropped += 1
+            self._failed(e, method.__name__)
+            return None
+        if not journaled:
+            self._recovered()
+        return out
+
+    def attach_journal(self, run_dir: Path, run_id: str) -> None:
+        if self.journal is None or self.journal.path != journal_path(run_dir):
+            self.journal = Journal(run_dir, run_id, self.client, self.shown_uri, self._failed, self._recovered)
+
+    @_guarded
     def start(self, experiment: str, run_name: str, run_id: str | None = None) -> str:
         if run_id is not None:
-            self.client.update_run(run_id, status="RUNNING")
-            self.run_id = run_id
+            self.run_id = run_id  # later calls go to this run even when reopening it fails
+            if self.journal is not None:
+                self.journal.append("status", status="RUNNING", ts=int(time.time() * 1000))
+            else:
+                self.client.update_run(run_id, status="RUNNING")
             return run_id
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -114,9 +212,13 @@ class MLflowTracker(Tracker):
         self.run_id = run.info.run_id
         return self.run_id
 
+    @_guarded
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
+        if self.journal is not None:
+            self.journal.append("params", data={k: str(v)[:_MAX_PARAM] for k, v in params.items()})
+            return
         existing = self.client.get_run(self.run_id).data.params
         items = [
             Param(k, str(v)[:_MAX_PARAM]) for k, v in params.items() if k not in existing
@@ -124,12 +226,14 @@ class MLflowTracker(Tracker):
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    @_guarded
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
+        if self.journal is not None:
+            self.journal.append("metrics", step=step, ts=ts, data=metrics)
+            return
         items = [
             Metric(k, float(v), ts, step)
             for k, v in metrics.items()
@@ -138,12 +242,15 @@ class MLflowTracker(Tracker):
         if items:
             self.client.log_batch(self.run_id, metrics=items)
 
+    @_guarded
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_guarded
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    @_guarded
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         import pandas as pd
 
@@ -156,10 +263,15 @@ class MLflowTracker(Tracker):
         frame = pd.DataFrame([{k: cell(v) for k, v in r.items()} for r in rows])
         self.client.log_table(self.run_id, data=frame, artifact_file=artifact_file)
 
+    @_guarded
     def set_tags(self, tags: dict[str, str]) -> None:
+        if self.journal is not None:
+            self.journal.append("tags", data={k: str(v) for k, v in tags.items()})
+            return
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
+    @_guarded
     def log_model(self, model_dir: str | Path, name: str) -> None:
         import mlflow
 
@@ -168,14 +280,26 @@ class MLflowTracker(Tracker):
         mlflow.set_tracking_uri(self.uri)
         self.client.log_artifacts(self.run_id, str(model_dir), name)
 
+    @_guarded
     def end(self, status: str = "FINISHED") -> None:
+        if self.journal is not None:
+            self.journal.append("status", status=status, ts=int(time.time() * 1000))
+            if not self.journal.drain(END_WAIT_S) and not self.hinted:
+                self.hinted = True
+                run_dir = self.journal.path.parent.parent
+                log.warning("tracking store %s does not have all of run %s yet: the rest is in %s and is sent "
+                            "when the store answers (in this process), by `medseg track sync %s`, or by "
+                            "`medseg train --resume %s`", self.shown_uri, self.run_id, self.journal.path, run_dir,
+                            run_dir)
+            return
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
 
 
 def run_params(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
-    """The params a training run logs: its resolved config flattened (``train.lr``, ...), then ``extra``."""
-    return {**flatten(to_dict(cfg)), **extra}
+    """The params a training run logs: its resolved config flattened (``train.lr``, ...; credentials
+    redacted: :func:`medseg.config.public_dict`), then ``extra``."""
+    return {**flatten(public_dict(cfg)), **extra}
 
 
 def start_training_run(
@@ -190,7 +314,11 @@ def start_training_run(
     from medseg.runtime import environment_info
 
     resumed = run_id is not None
+    if resumed:  # what the earlier process left in the journal is sent first
+        tracker.attach_journal(run_dir, run_id)
     run_id = tracker.start(cfg.tracking.experiment or cfg.name, run_dir.name, run_id=run_id)
+    if run_id and not resumed:
+        tracker.attach_journal(run_dir, run_id)
     if resumed:
         tracker.set_tags({"medseg.resumed_at_step": str(step)})
         return run_id
@@ -221,11 +349,18 @@ def reopened_run(tracker: Tracker, run_id: str | None) -> Iterator[None]:
             tracker.end(status)
 
 
-def build_tracker(enabled: bool, uri: str | None, output_dir: str | Path) -> Tracker:
-    """An :class:`MLflowTracker` for ``uri`` (or the local default), or the null tracker."""
+def build_tracker(enabled: bool, uri: str | None, output_dir: str | Path, offline: bool | str = False) -> Tracker:
+    """An :class:`MLflowTracker` for ``uri`` (or the local default), or the null tracker.
+
+    A remote ``uri`` is probed first (seconds); ``offline`` is ``tracking.offline``
+    (:func:`medseg.tracking.connect.choose_uri`).
+
+    Raises:
+        TrackingError: a remote ``uri`` that does not answer, with ``offline`` false.
+    """
     if not enabled:
         return Tracker()
-    resolved = resolve_tracking_uri(uri, output_dir)
+    resolved = choose_uri(resolve_tracking_uri(uri, output_dir), offline, output_dir)
     root = None
     if resolved.startswith("sqlite:///"):
         root = Path(resolved[len("sqlite:///") :]).parent / "mlartifacts"

@@ -101,7 +101,7 @@ def rng_state_from_plain(state: dict[str, Any]) -> dict[str, Any]:
 def trainer_state(trainer: Any, counters: tuple[str, ...], **extra: Any) -> dict[str, Any]:
     """A checkpoint dict of a :class:`~medseg.training.trainer.Trainer`: version, weights, optimizer, scheduler,
     scaler, RNG states, config, in/out channels, the ``counters`` attributes and ``extra``."""
-    from medseg.config import to_dict
+    from medseg.config import public_dict
     from medseg.runtime import rng_state
 
     return {
@@ -113,7 +113,7 @@ def trainer_state(trainer: Any, counters: tuple[str, ...], **extra: Any) -> dict
         "rng": plain_rng_state(rng_state()),
         **{name: getattr(trainer, name) for name in counters},
         **extra,
-        "config": to_dict(trainer.cfg),
+        "config": public_dict(trainer.cfg),  # credentials redacted: a checkpoint travels
         "in_channels": trainer.in_channels,
         "num_classes": trainer.num_classes,
     }

@@ -79,6 +79,8 @@ class TrainResult:
     stopped_reason: str = "completed"
     #: what ``calibration.after_training`` chose (see :func:`medseg.evaluation.calibrate.calibrate`)
     operating_point: dict[str, Any] | None = None
+    #: the tracking store the run went to (credentials redacted), None without tracking
+    tracking_uri: str | None = None
 
 
 class Trainer:
@@ -476,12 +478,15 @@ def run_training(
         cfg = from_dict(data)
     check_monitor(cfg)  # before the data is prepared (generating the demo data takes minutes)
     rank, world, _ = init_distributed()  # under torchrun only rank 0 prepares data and logs
+    # a tracking server that does not answer stops here, in seconds (tracking.offline)
+    t = cfg.tracking
+    tracker = build_tracker(t.enabled and rank == 0, t.uri, cfg.output_dir, t.offline)
     if rank == 0:
         prepare_data(cfg.data)
     barrier(world)
-    tracker = build_tracker(cfg.tracking.enabled and rank == 0, cfg.tracking.uri, cfg.output_dir)
     trainer = Trainer(cfg, tracker, run_dir=run_dir, pipeline_path=pipeline_path)
     result = trainer.fit(resume=ckpt)
+    result.tracking_uri = tracker.shown_uri
     evaluations: dict[str, Any] = {}
     if cfg.calibration.after_training and rank == 0:  # the operating point, chosen on val, before any test
         from medseg.evaluation.calibrate import calibrate_run

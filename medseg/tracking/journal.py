@@ -1,0 +1,229 @@
+"""The local tracking journal of a training run and the background sender that drains it to MLflow.
+
+A training run records its metrics, params, tags and run-status changes first into an append-only
+JSON-lines file in its folder, ``<run_dir>/tracking/journal.jsonl`` (flushed and fsync'd at every
+logging call, i.e. at the log interval), and a daemon thread sends the records, in order, to the
+tracking store with ``MlflowClient.log_batch`` — with their original timestamps and steps — and
+``update_run`` / ``set_terminated`` for status records. Training never waits on the network: a store
+that is away makes the journal grow (one warning per outage, the sender retries every
+:data:`RETRY_S`), and when it answers again the rest is sent. How many records the store has is kept
+in ``<run_dir>/tracking/sent`` (written atomically after each acknowledged batch), so a process that
+ends while the store is away leaves the rest for ``medseg track sync RUN_DIR`` (:func:`sync`) or for
+``medseg train --resume``, whose tracker sends it first.
+
+Format: the first line is ``{"kind": "run", "run_id": ..., "uri": <redacted URI>}``; then one record
+per call: ``{"kind": "metrics", "step": 3, "ts": 1733450000000, "data": {"train/loss": 0.5}}``,
+``{"kind": "params", "data": {...}}``, ``{"kind": "tags", "data": {...}}``,
+``{"kind": "status", "status": "FINISHED", "ts": ...}``.
+
+Example:
+    >>> sync("outputs/quickstart/unet-20261206-101500", "http://mlflow.lab:5000")
+    {'run_id': '1d80…', 'sent': 42}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from medseg.io import atomic_write_text
+
+log = logging.getLogger("medseg.tracking")
+
+__all__ = ["Journal", "RETRY_S", "journal_path", "read_journal", "send_records", "sync"]
+
+#: seconds between tries of the sender while the store is away
+RETRY_S = 5.0
+#: a sender whose run has ended stops trying after this long away (the journal stays for ``track sync``)
+GIVE_UP_S = 300.0
+#: MLflow's limits per log_batch call
+_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
+_MAX_PARAM = 6000
+
+
+def journal_path(run_dir: str | Path) -> Path:
+    """``<run_dir>/tracking/journal.jsonl``."""
+    return Path(run_dir) / "tracking" / "journal.jsonl"
+
+
+def read_journal(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """(header, records, how many records the store has) of a run folder's journal; a torn last line
+    (a process killed mid-write) is ignored."""
+    path = journal_path(run_dir)
+    lines = path.read_text().splitlines() if path.is_file() else []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    if not rows or rows[0].get("kind") != "run":
+        raise FileNotFoundError(f"{run_dir}: no tracking journal ({path})")
+    sent_file = path.with_name("sent")
+    sent = int(sent_file.read_text()) if sent_file.is_file() else 0
+    return rows[0], rows[1:], sent
+
+
+def _batches(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Consecutive data records grouped within MLflow's per-call limits; a status record alone."""
+    out: list[list[dict[str, Any]]] = []
+    counts = dict.fromkeys(_LIMITS, 0)
+    for rec in records:
+        kind = rec["kind"]
+        n = len(rec.get("data") or {})
+        if kind == "status" or not out or out[-1][0]["kind"] == "status" or counts[kind] + n > _LIMITS[kind]:
+            out.append([])
+            counts = dict.fromkeys(_LIMITS, 0)
+        out[-1].append(rec)
+        if kind in counts:
+            counts[kind] += n
+    return out
+
+
+def send_records(client: Any, run_id: str, batch: list[dict[str, Any]]) -> None:
+    """Send one batch of :func:`_batches` (raises what the client raises)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    if batch[0]["kind"] == "status":
+        rec = batch[0]
+        if rec["status"] == "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        else:
+            client.set_terminated(run_id, status=rec["status"], end_time=rec.get("ts"))
+        return
+    metrics = [Metric(k, float(v), r["ts"], r["step"]) for r in batch if r["kind"] == "metrics"
+               for k, v in r["data"].items()]
+    params = [Param(k, str(v)[:_MAX_PARAM]) for r in batch if r["kind"] == "params" for k, v in r["data"].items()]
+    tags = [RunTag(k, str(v)) for r in batch if r["kind"] == "tags" for k, v in r["data"].items()]
+    if metrics or params or tags:
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+
+
+class Journal:
+    """The journal of one run folder and its sender thread.
+
+    Args:
+        run_dir: the run folder (``tracking/`` is created in it).
+        run_id: the MLflow run the records belong to.
+        client: an ``MlflowClient``.
+        shown_uri: the store, credentials redacted (journal header, messages).
+        on_failure / on_success: called by the sender after a failed / successful send (the tracker's
+            one-warning-per-outage bookkeeping).
+    """
+
+    def __init__(self, run_dir: str | Path, run_id: str, client: Any, shown_uri: str | None,
+                 on_failure: Callable[[Exception, str], None], on_success: Callable[[], None]) -> None:
+        self.path = journal_path(run_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.run_id, self.client = run_id, client
+        self.on_failure, self.on_success = on_failure, on_success
+        if self.path.is_file():  # a resumed run: what the earlier process did not send goes first
+            header, records, self.sent = read_journal(run_dir)
+            self.pending = records[self.sent:]
+            self.total = len(records)
+            self._rewrite_if_torn(header, records)
+        else:
+            self.sent, self.pending, self.total = 0, [], 0
+            atomic_write_text(self.path, json.dumps({"kind": "run", "run_id": run_id, "uri": shown_uri}) + "\n")
+        self.failing = False
+        self.cond = threading.Condition()
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — open for the run's lifetime
+        self.thread: threading.Thread | None = None
+        self._wake()
+
+    def _wake(self) -> None:
+        """Start the sender thread unless it runs (it ends when the run has ended and all is sent)."""
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._run, name="medseg-tracking-sender", daemon=True)
+            self.thread.start()
+
+    def _rewrite_if_torn(self, header: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        text = self.path.read_text()
+        if text and not text.endswith("\n") or len(text.splitlines()) != len(records) + 1:
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in [header, *records]))
+
+    def append(self, kind: str, **fields: Any) -> None:
+        """Append one record (flushed and fsync'd) and wake the sender; never waits on the network."""
+        rec = {"kind": kind, **fields}
+        if kind == "metrics":
+            rec["data"] = {k: float(v) for k, v in rec["data"].items() if v is not None and math.isfinite(float(v))}
+            if not rec["data"]:
+                return
+        with self.cond:
+            self.file.write(json.dumps(rec, default=str) + "\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.pending.append(rec)
+            self.total += 1
+            self.cond.notify_all()
+        self._wake()
+
+    def _ended(self) -> bool:
+        return bool(self.pending) and self.pending[-1]["kind"] == "status" and self.pending[-1]["status"] != "RUNNING"
+
+    def _run(self) -> None:
+        away_since: float | None = None
+        while True:
+            with self.cond:
+                while not self.pending:
+                    if not self.cond.wait(RETRY_S * 6):  # idle: the thread ends, the next append starts one
+                        return
+                batch = _batches(self.pending)[0]
+            try:
+                send_records(self.client, self.run_id, batch)
+            except Exception as e:  # noqa: BLE001 — the store is away: keep the records, try again
+                self.failing = True
+                away_since = away_since or time.monotonic()
+                self.on_failure(e, "sending the journal")
+                with self.cond:
+                    self.cond.notify_all()
+                    if self._ended() and time.monotonic() - away_since > GIVE_UP_S:
+                        return  # the journal stays for medseg track sync
+                    self.cond.wait(RETRY_S)
+                continue
+            away_since = None
+            # the count first: whoever sees the records gone sees them counted (only this thread writes it)
+            atomic_write_text(self.path.with_name("sent"), str(self.sent + len(batch)))
+            with self.cond:
+                del self.pending[: len(batch)]
+                self.sent += len(batch)
+                self.failing = False
+                self.cond.notify_all()
+            self.on_success()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the store to have every record (not at all while it is away)."""
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while self.pending and not self.failing and time.monotonic() < deadline:
+                self.cond.wait(min(0.2, max(deadline - time.monotonic(), 0.0)))
+            return not self.pending
+
+
+def sync(run_dir: str | Path, uri: str) -> dict[str, Any]:
+    """Send what a run folder's journal holds beyond what the store acknowledged (``medseg track sync``);
+    ``uri`` as :func:`medseg.tracking.resolve_tracking_uri` returns it. Returns the run id and how many
+    records were sent.
+
+    Raises:
+        FileNotFoundError: no journal in ``run_dir``.
+        Exception: what the client raises when the store refuses (the acknowledged count is kept).
+    """
+    from mlflow.tracking import MlflowClient
+
+    header, records, sent = read_journal(run_dir)
+    client = MlflowClient(tracking_uri=uri)
+    done = 0
+    sent_file = journal_path(run_dir).with_name("sent")
+    for batch in _batches(records[sent:]):
+        send_records(client, header["run_id"], batch)
+        done += len(batch)
+        atomic_write_text(sent_file, str(sent + done))
+    return {"run_id": header["run_id"], "sent": done}
