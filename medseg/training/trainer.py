@@ -53,6 +53,7 @@ from medseg.training.optim import build_optimizer, lr_factor
 from medseg.training.resume import (
     config_from_run,
     find_resume_point,
+    lock_run_dir,
     new_run_dir,
     restore_trainer,
     trainer_state,
@@ -476,19 +477,21 @@ def run_training(
         cfg = from_dict(data)
     check_monitor(cfg)  # before the data is prepared (generating the demo data takes minutes)
     rank, world, _ = init_distributed()  # under torchrun only rank 0 prepares data and logs
-    if rank == 0:
-        prepare_data(cfg.data)
-    barrier(world)
-    tracker = build_tracker(cfg.tracking.enabled and rank == 0, cfg.tracking.uri, cfg.output_dir)
-    trainer = Trainer(cfg, tracker, run_dir=run_dir, pipeline_path=pipeline_path)
-    result = trainer.fit(resume=ckpt)
-    evaluations: dict[str, Any] = {}
-    if cfg.calibration.after_training and rank == 0:  # the operating point, chosen on val, before any test
-        from medseg.evaluation.calibrate import calibrate_run
+    run_dir = run_dir or Path(broadcast_object(str(new_run_dir(cfg))))  # named here: locked before any work
+    with lock_run_dir(run_dir, rank):  # one training per run folder: a second --resume refuses
+        if rank == 0:
+            prepare_data(cfg.data)
+        barrier(world)
+        tracker = build_tracker(cfg.tracking.enabled and rank == 0, cfg.tracking.uri, cfg.output_dir)
+        trainer = Trainer(cfg, tracker, run_dir=run_dir, pipeline_path=pipeline_path)
+        result = trainer.fit(resume=ckpt)
+        evaluations: dict[str, Any] = {}
+        if cfg.calibration.after_training and rank == 0:  # the operating point, chosen on val, before any test
+            from medseg.evaluation.calibrate import calibrate_run
 
-        result.operating_point = calibrate_run(cfg, result.best_checkpoint or result.last_checkpoint,
+            result.operating_point = calibrate_run(cfg, result.best_checkpoint or result.last_checkpoint,
                                                    result.run_dir, result.run_id, tracker)
-    if rank == 0:
-        evaluations = evaluate_after_training(cfg, result.best_checkpoint or result.last_checkpoint, result.run_dir,
-                                              result.run_id, tracker)
+        if rank == 0:
+            evaluations = evaluate_after_training(cfg, result.best_checkpoint or result.last_checkpoint,
+                                                  result.run_dir, result.run_id, tracker)
     return result, evaluations
