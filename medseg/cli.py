@@ -310,10 +310,12 @@ def _write_failure(e: BaseException) -> WriteError | None:
     found = None
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        found = write_error_of(cur) or found  # the earliest in the chain wins
-        if isinstance(cur, WriteError) and cur.__cause__ is not None:
-            cur = cur.__cause__  # the OSError it wraps: already said, go on before it
-            seen.add(id(cur))
+        we = write_error_of(cur)
+        if we is not None:
+            found = we  # the earliest in the chain wins
+            while cur.__cause__ is not None:  # what it wraps (the OSError, a temporary's name): already said
+                cur = cur.__cause__
+                seen.add(id(cur))
         cur = cur.__context__
     return found
 

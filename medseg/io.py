@@ -182,8 +182,14 @@ def atomic_dir(path: Path, tmp: Path | None = None) -> Iterator[Path]:
     try:
         with _writing(path):
             yield tmp
-    except BaseException:
+    except WriteError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # frees what the failed case took
+        inside = Path(str(e.filename))
+        if inside.is_relative_to(tmp):  # name the file as the user will look for it
+            raise WriteError(path / inside.relative_to(tmp), e.errno, e.needed) from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(tmp)
     if path.exists():

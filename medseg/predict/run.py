@@ -8,8 +8,8 @@ SQLite manifest (:mod:`medseg.predict.manifest`) records every input file and ev
 skips finished cases and retries failed ones.
 
 One writer per output folder (per part with ``--num-parts``): the run holds an ``flock`` on
-``OUTPUT_DIR/.<manifest name>.lock`` (:func:`medseg.io.exclusive_lock`) from before it loads the model
-to its end; a second run on the same folder and part refuses at once with :class:`medseg.io.FolderBusy`
+``OUTPUT_DIR/manifest.lock`` (a part: ``manifest-partK-of-N.lock``; :func:`medseg.io.exclusive_lock`)
+from before it loads the model to its end; a second run on the same folder and part refuses at once with :class:`medseg.io.FolderBusy`
 naming the holder, and touches nothing. The working folder ``.tmp-part{K}`` (``-of-{N}`` with parts)
 is wiped only by the lock's holder: what is in it was left by a dead run. A full disk or a failing write
 (:class:`medseg.io.WriteError`) stops the run: the case being written is neither done nor failed (its
@@ -242,7 +242,7 @@ def run_predict(model: str | Path, input_path: str | Path, output_dir: str | Pat
         raise ValueError(f"--part-id must be in 0..{num_parts - 1}, got {part_id}")
     out = Path(output_dir)
     what = "medseg predict" + (f" of part {part_id} of {num_parts}" if num_parts > 1 else "")
-    with exclusive_lock(out / f".{manifest_name(num_parts, part_id)}.lock", what):  # before any work
+    with exclusive_lock(out / Path(manifest_name(num_parts, part_id)).with_suffix(".lock"), what):  # before any work
         return _run_locked(model, Path(input_path), out, overrides, num_parts, part_id, device, progress, world, start)
 
 

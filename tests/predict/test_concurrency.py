@@ -95,7 +95,7 @@ def test_two_predicts_on_one_folder_one_works_the_other_refuses(oracle: None, tm
 def test_a_lock_left_by_a_dead_process_does_not_block_a_rerun(oracle: None, tmp_path: Path) -> None:
     ckpt = B.write_checkpoint(tmp_path / "m.pt", window="dicom")
     inputs, out = _images(tmp_path / "in", 2), tmp_path / "out"
-    lock = out / ".manifest.sqlite.lock"
+    lock = out / "manifest.lock"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[2]); from medseg.io import exclusive_lock\n"
          "with exclusive_lock(sys.argv[1], 'medseg predict'):\n print('held', flush=True); time.sleep(120)",
@@ -125,7 +125,7 @@ def test_parts_lock_separately(oracle: None, tmp_path: Path) -> None:
     """``--num-parts`` parts run side by side by design: holding part 0 does not block part 1."""
     ckpt = B.write_checkpoint(tmp_path / "m.pt", window="dicom")
     inputs, out = _images(tmp_path / "in", 3), tmp_path / "out"
-    with exclusive_lock(out / ".manifest-part0-of-2.sqlite.lock", "medseg predict of part 0 of 2"):
+    with exclusive_lock(out / "manifest-part0-of-2.lock", "medseg predict of part 0 of 2"):
         with pytest.raises(FolderBusy):
             run_predict(ckpt, inputs, out, num_parts=2, part_id=0, progress=False)
         res = run_predict(ckpt, inputs, out, num_parts=2, part_id=1, progress=False)
