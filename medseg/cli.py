@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         we = _write_failure(e)
         if we is None:
             raise
-        print(f"medseg {args.command}: error: {we}; what was finished is kept — free space (or fix the "
+        # a newline first: it ends the progress bar the failure cut short
+        print(f"\nmedseg {args.command}: error: {we}; what was finished is kept — free space (or fix the "
               f"device) and run the same command again to complete the rest", file=sys.stderr)
         return WRITE_EXIT_CODES.get(we.errno, EXIT_IO_ERROR)
 

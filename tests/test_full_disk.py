@@ -132,7 +132,7 @@ def test_predict_on_a_real_full_filesystem(cases: dict[str, Path], tmp_path: Pat
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_a_checkpoint_save_on_a_full_disk_keeps_the_last_good_one(demo_root: Path, tmp_path: Path,
+def test_train_and_evaluate_on_a_full_disk_keep_the_last_good_checkpoint(demo_root: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
@@ -152,6 +152,18 @@ def test_a_checkpoint_save_on_a_full_disk_keeps_the_last_good_one(demo_root: Pat
     capsys.readouterr()
     assert main(["train", str(ROOT / "pipelines" / "quickstart.yaml"), "--resume", str(last.parent.parent)]) == 0
     assert torch.load(last, weights_only=True)["step"] == 2
+
+    # evaluate: a prediction or the lesion table on a full disk, the same one line; the rerun completes
+    preds = tmp_path / "preds"
+    args = ["evaluate", str(ROOT / "pipelines" / "quickstart.yaml"), "--model", str(last), "--split", "val",
+            "--save-predictions", str(preds)] + [a for o in ov for a in ("--set", o)]
+    _fail_writes(monkeypatch, preds, after=1)
+    capsys.readouterr()
+    assert main(args) == 28
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("medseg evaluate: error: no space left on device writing " + str(preds)), line
+    monkeypatch.undo()
+    assert main(args) == 0 and (preds / "lesions_val.csv").is_file()
 
 
 def test_the_first_failing_write_is_reported_when_a_clean_up_fails_again(monkeypatch: pytest.MonkeyPatch,
