@@ -88,6 +88,9 @@ class WriteError(OSError):
         self.needed = needed
         self.free = _free_bytes(Path(path)) if err in (errno.ENOSPC, errno.EDQUOT) else None
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (a worker's failure reaches its parent whole)
+        return (type(self), (self.filename, self.errno, self.needed))
+
     def __str__(self) -> str:
         space = [f"{_size(n)} {w}" for n, w in ((self.needed, "needed"), (self.free, "free")) if n is not None]
         return f"{self.strerror} writing {self.filename}" + (f" ({', '.join(space)})" if space else "")
