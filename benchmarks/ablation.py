@@ -238,7 +238,7 @@ def run_arm(arm: Arm, output_dir: Path, refresh: bool = False) -> str:
     """
     from mlflow.tracking import MlflowClient
 
-    from medseg.training.trainer import run_training
+    from medseg.training.run import run_training
 
     client = MlflowClient(tracking_uri=tracking_uri(output_dir))
     cfg, overrides = arm_config(arm, output_dir)

@@ -265,7 +265,7 @@ def run_model(
     from medseg.config import load_config
     from medseg.models.checkpoint import load_model
     from medseg.tracking import build_tracker, resolve_tracking_uri
-    from medseg.training.trainer import run_training
+    from medseg.training.run import run_training
 
     pipeline = ROOT / model.pipeline
     cfg = load_config(pipeline, overrides)

@@ -52,7 +52,7 @@ def _part(name: str, fn: Callable[[], dict[str, Any]]) -> None:
 def train_part(data: Path, out: Path, steps: int, accelerator: bool) -> dict[str, Any]:
     """``medseg train`` (quick-start pipeline) on the GPU with AMP for ``steps`` steps."""
     from medseg.config import load_config
-    from medseg.training.trainer import run_training
+    from medseg.training.run import run_training
 
     ov = [f"data.root={data}", "data.generate_if_missing=false", "tracking.enabled=false", f"output_dir={out}",
           "train.device=cuda", "train.amp=auto", "train.time_limit_min=null", "train.epochs=2",

@@ -2,6 +2,24 @@
 
 Commands: ``train``, ``evaluate``, ``predict``, ``calibrate``, ``compare``, ``track sync``, ``demo-data``. Each ends by printing
 where its results are.
+
+Exit codes (what a script or a scheduler can tell apart without reading the line printed before):
+
+====  =====================================================================================
+0     done
+1     ``predict``: done, but some cases failed (listed in the summary and the manifest)
+2     a usage, config, data, model-file or training error (one line)
+28    no space left on the device (``ENOSPC``) or the disk quota is exceeded (``EDQUOT``)
+30    a read-only file system (``EROFS``)
+74    any other failing write (``EIO``...)
+75    the output folder (or the ``--num-parts`` part) or the training run folder is in use by another
+      live medseg process, named in the line: nothing was done (try again once it has ended)
+====  =====================================================================================
+
+A full disk or a failing write ends the command with one line naming the path (and the space it
+needed, when known), no traceback: what was finished stays (every file is written atomically, the
+predict manifest and the last good checkpoint are intact) and the same command, run again once
+there is space, completes the rest.
 """
 
 from __future__ import annotations
@@ -13,6 +31,12 @@ import sys
 from pathlib import Path
 
 from medseg import __version__
+from medseg.io import FolderBusy, WriteError, write_error_of
+
+#: exit codes of a failing write, by errno (see the module doc); any other write failure is 74
+WRITE_EXIT_CODES = {28: 28, 122: 28, 30: 30}  # ENOSPC, EDQUOT (Linux), EROFS
+EXIT_IO_ERROR = 74
+EXIT_BUSY = 75
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -113,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``medseg train``."""
     from medseg.config import load_config
     from medseg.tracking.connect import is_remote
-    from medseg.training.trainer import run_training
+    from medseg.training.run import run_training
 
     cfg = load_config(args.config, [] if args.resume else args.overrides)
     result, evaluations = run_training(cfg, pipeline_path=args.config, resume=args.resume,
@@ -298,6 +322,35 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, TrainingError, RegistryError, TrackingError) as e:
         print(f"medseg {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FolderBusy as e:
+        print(f"medseg {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    except Exception as e:
+        we = _write_failure(e)
+        if we is None:
+            raise
+        # a newline first: it ends the progress bar the failure cut short
+        print(f"\nmedseg {args.command}: error: {we}; what was finished is kept — free space (or fix the "
+              f"device) and run the same command again to complete the rest", file=sys.stderr)
+        return WRITE_EXIT_CODES.get(we.errno, EXIT_IO_ERROR)
+
+
+def _write_failure(e: BaseException) -> WriteError | None:
+    """The failing write behind ``e`` — ``e`` itself, or one raised before it (a clean-up that then failed on
+    the same full disk raised again: the first failure is what the user needs) — or None."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    found = None
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        we = write_error_of(cur)
+        if we is not None:
+            found = we  # the earliest in the chain wins
+            while cur.__cause__ is not None:  # what it wraps (the OSError, a temporary's name): already said
+                cur = cur.__cause__
+                seen.add(id(cur))
+        cur = cur.__context__
+    return found
 
 
 if __name__ == "__main__":

@@ -8,27 +8,117 @@ leaves either the old file or the new one, never a half-written one. A folder of
 appear whole or not at all (a ``medseg predict`` case) is filled under a temporary name and renamed
 into place by :func:`atomic_dir`.
 
+A write that fails for a reason outside medseg — a full disk (``ENOSPC``, ``EDQUOT``), an I/O error
+(``EIO``), a read-only file system (``EROFS``) — raises :class:`WriteError` (an ``OSError``) naming the
+path, the reason and, where known, the bytes it needed and the bytes free; the old file stays, the
+temporary is removed, and ``medseg`` ends with that one line and its exit code (``medseg/cli.py``).
+
+One writer per folder: :func:`exclusive_lock` takes an ``flock`` on a lock file (the kernel releases
+it when its holder dies, even by ``kill -9``) and writes the holder (host, pid, start time, command)
+into it; a second taker gets :class:`FolderBusy` naming that holder. A lock file left by a dead
+process is free, so it never blocks a rerun.
+
 Example:
     >>> atomic_write_text(Path("out/config.yaml"), text)
     >>> with atomic_path(Path("out/mask.nii.gz")) as tmp:   # for writers that want a file name
     ...     nib.save(img, tmp)
     >>> with atomic_dir(Path("out/study-1/series-2")) as folder:   # a whole folder, all or nothing
     ...     atomic_write_text(folder / "series.json", text)
+    >>> with exclusive_lock(Path("out/.manifest.sqlite.lock"), "medseg predict"):   # FolderBusy if taken
+    ...     ...
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import fcntl
 import io
+import json
 import os
+import re
+import shlex
 import shutil
+import socket
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "tmp_name",
+__all__ = ["WRITE_ERRNOS", "FolderBusy", "WriteError", "atomic_dir", "atomic_path", "atomic_torch_save",
+           "atomic_write_bytes", "atomic_write_text", "exclusive_lock", "fsync_dir", "tmp_name", "write_error_of",
            "write_rows_csv"]
+
+#: the errnos of a write that failed for a reason outside medseg (what :class:`WriteError` stands for)
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EIO: "input/output error", errno.EROFS: "read-only file system"}
+_SQLITE_ERRNO = {13: errno.ENOSPC, 10: errno.EIO, 8: errno.EROFS}  # SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+class WriteError(OSError):
+    """A write that failed for a reason outside medseg: ``errno``, ``filename`` (the path), ``needed``
+    (the bytes it was writing, when known) and ``free`` (the bytes free there, when known).
+
+    ``str()`` is the one line ``medseg`` prints, e.g. ``no space left on device writing out/a/mask.nii.gz
+    (1.2 MB needed, 0.3 MB free)``.
+    """
+
+    def __init__(self, path: str | Path, err: int, needed: int | None = None) -> None:
+        super().__init__(err, WRITE_ERRNOS.get(err, os.strerror(err)), str(path))
+        self.needed = needed
+        self.free = _free_bytes(Path(path)) if err in (errno.ENOSPC, errno.EDQUOT) else None
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (a worker's failure reaches its parent whole)
+        return (type(self), (self.filename, self.errno, self.needed))
+
+    def __str__(self) -> str:
+        space = [f"{_size(n)} {w}" for n, w in ((self.needed, "needed"), (self.free, "free")) if n is not None]
+        return f"{self.strerror} writing {self.filename}" + (f" ({', '.join(space)})" if space else "")
+
+
+def write_error_of(e: BaseException, path: str | Path | None = None, needed: int | None = None) -> WriteError | None:
+    """``e`` as a :class:`WriteError` when it is one: an ``OSError`` with an errno of :data:`WRITE_ERRNOS`,
+    or an SQLite error "database or disk is full" / I/O / read-only (the path: ``path`` or the error's own)."""
+    if isinstance(e, WriteError):
+        return e
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        return WriteError(path or e.filename or "?", e.errno, needed)
+    code = getattr(e, "sqlite_errorcode", None)
+    if isinstance(code, int) and (code & 0xFF) in _SQLITE_ERRNO:
+        return WriteError(path or "an SQLite database", _SQLITE_ERRNO[code & 0xFF], needed)
+    return None
+
+
+@contextlib.contextmanager
+def _writing(path: Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a failing write's ``OSError`` (full disk, I/O error, read-only) into a :class:`WriteError` for ``path``."""
+    try:
+        yield
+    except OSError as e:
+        we = write_error_of(e, path, needed)
+        if we is None or we is e:
+            raise
+        raise we from e
 
 
 def tmp_name(path: Path) -> Path:
@@ -58,13 +148,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
     The temporary name keeps ``path``'s suffixes (``.nii.gz`` stays gzip for nibabel).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -89,31 +180,49 @@ def atomic_dir(path: Path, tmp: Path | None = None) -> Iterator[Path]:
     tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with _writing(tmp):
+        tmp.mkdir(parents=True)
     try:
-        yield tmp
+        with _writing(path):
+            yield tmp
+    except WriteError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what the failed case took
+        inside = Path(str(e.filename))
+        if inside.is_relative_to(tmp):  # name the file as the user will look for it
+            raise WriteError(path / inside.relative_to(tmp), e.errno, e.needed) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(tmp)
     if path.exists():
         shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: temporary file, fsync, rename, fsync of the folder."""
+    """Write ``data`` to ``path``: temporary file, fsync, rename, fsync of the folder.
+
+    Raises:
+        WriteError: the disk is full, an I/O error, a read-only file system (the old file is kept).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _writing(path, len(data)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                view = memoryview(data)
+                while view:  # os.write: the one system call every medseg file goes through
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -127,11 +236,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` of ``obj`` to ``path`` atomically (see :func:`atomic_path`)."""
+    """``torch.save`` of ``obj`` to ``path`` atomically (serialised in memory, then :func:`atomic_write_bytes`:
+    a full disk is a :class:`WriteError` and the old checkpoint stays)."""
     import torch
 
-    with atomic_path(Path(path)) as tmp:
-        torch.save(obj, tmp)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(Path(path), buf.getbuffer())
 
 
 def write_rows_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -142,3 +253,74 @@ def write_rows_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_text(Path(path), buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+
+
+class FolderBusy(RuntimeError):
+    """Another live process holds the lock: ``path`` (the lock file), ``what`` and ``holder`` (its line)."""
+
+    def __init__(self, path: Path, what: str, holder: str) -> None:
+        super().__init__(f"{path.parent} is in use by another {what} ({holder}); wait for it to end, "
+                         f"or use another folder")
+        self.path, self.what, self.holder = path, what, holder
+
+
+def _holder_line(fd: int) -> str:
+    """The holder's record in the lock file, as text (it may be a moment behind its flock)."""
+    for _ in range(20):
+        try:
+            h = json.loads(os.pread(fd, 65536, 0) or b"null")
+        except (OSError, ValueError):
+            h = None
+        if isinstance(h, dict):
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(h.get("started", 0))))
+            return f"host {h.get('host')}, pid {h.get('pid')}, started {started}, command: {h.get('command')}"
+        time.sleep(0.05)
+    return "holder unknown"
+
+
+def _command() -> str:
+    """This process's command line, with any URI user-info (``user:password@``) masked."""
+    argv = list(sys.argv)
+    if argv and (argv[0].endswith("__main__.py") or Path(argv[0]).name == "medseg"):
+        argv[0] = "medseg"
+    return re.sub(r"(://)[^/@\s]+@", r"\1***@", shlex.join(argv))[:500]
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on the lock file ``path`` for the ``with`` block (see the module doc).
+
+    The lock dies with the process (the kernel drops it, even on ``kill -9``); the file itself stays
+    (emptied on a clean exit): removing it would let a third process lock a new file while a second
+    still holds the old one.
+
+    Args:
+        path: the lock file (created with its folder).
+        what: the holder's kind for the refusal, e.g. ``"medseg predict"``.
+
+    Raises:
+        FolderBusy: a live process holds it; the message names its host, pid, start time and command.
+    """
+    path = Path(path)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(path, what, _holder_line(fd)) from None
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "command": _command()}
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, its record is empty
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)

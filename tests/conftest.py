@@ -63,7 +63,7 @@ def tiny_runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     """Two 2-step quick-start runs (seeds 0 and 1), each evaluated on every slice of ``demo_root``
     (split ``all``: 16 slices of 8 patients), logged to a SQLite MLflow store."""
     from medseg.config import load_config
-    from medseg.training.trainer import run_training
+    from medseg.training.run import run_training
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("tiny_runs")

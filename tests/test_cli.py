@@ -111,7 +111,7 @@ def test_demo_data_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.stem)
 def test_every_pipeline_trains_two_steps(pipeline: Path, demo_root: Path, tmp_path: Path) -> None:
     """Each shipped pipeline, with its own model and loss, trains 2 steps on generated data."""
-    from medseg.training.trainer import run_training
+    from medseg.training.run import run_training
 
     cfg = load_config(pipeline, tiny_overrides(demo_root, tmp_path, **{"tracking.enabled": False}))
     result, _ = run_training(cfg)

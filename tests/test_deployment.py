@@ -21,7 +21,7 @@ def test_train_and_evaluate_against_mlflow_server_on_postgres(demo_root: Path, t
     from mlflow.tracking import MlflowClient
 
     from medseg.config import load_config
-    from medseg.training.trainer import run_training
+    from medseg.training.run import run_training
 
     with postgres_server() as pg_uri:
         server = start_server(pg_uri, tmp_path / "server")  # the evaluation tests' server, on PostgreSQL

@@ -11,14 +11,22 @@ Two tables:
 A rerun skips ``done`` cases whose output folder exists and retries the rest. With ``--num-parts N``
 each part writes ``manifest-partK-of-N.sqlite``; :func:`merge_manifests` unites them into
 ``manifest.sqlite``. Paths are stored relative to INPUT; nothing from a header but hashed UIDs.
+
+Every update is one SQLite transaction: a full disk or an I/O error rolls it back (the manifest keeps
+its last committed state) and raises :class:`medseg.io.WriteError` naming the manifest, never a raw
+``sqlite3.OperationalError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from medseg.io import write_error_of
 
 __all__ = ["Manifest", "manifest_name", "merge_manifests"]
 
@@ -45,9 +53,21 @@ class Manifest:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        self.db.executescript(_SCHEMA)
+        with self._writing():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self.db.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A full disk / I/O error / read-only file system → :class:`medseg.io.WriteError` for the manifest."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as e:
+            we = write_error_of(e, self.path)
+            if we is None or we is e:
+                raise
+            raise we from e
 
     def close(self) -> None:
         self.db.close()
@@ -62,21 +82,24 @@ class Manifest:
         cols = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
         updates = ", ".join(f"{c} = excluded.{c}" for c in fields)
-        self.db.execute(f"INSERT INTO series (key, {cols}) VALUES (?, {marks}) ON CONFLICT(key) DO UPDATE SET {updates}",
-                        (key, *fields.values()))
+        with self._writing():
+            self.db.execute(f"INSERT INTO series (key, {cols}) VALUES (?, {marks}) ON CONFLICT(key) DO UPDATE SET {updates}",
+                            (key, *fields.values()))
 
     def set_files(self, rows: list[tuple[str, str | None, str, str | None]]) -> None:
         """``(path, series key, status, reason)`` rows, inserted or replaced in one transaction."""
-        with self.db:
+        with self._writing(), self.db:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT OR REPLACE INTO files (path, series, status, reason) VALUES (?, ?, ?, ?)", rows)
 
     def set_files_of(self, key: str, status: str, reason: str | None = None) -> None:
-        self.db.execute("UPDATE files SET status = ?, reason = ? WHERE series = ?", (status, reason, key))
+        with self._writing():
+            self.db.execute("UPDATE files SET status = ?, reason = ? WHERE series = ?", (status, reason, key))
 
     def set_run(self, **values: Any) -> None:
-        for k, v in values.items():
-            self.db.execute("INSERT OR REPLACE INTO run (key, value) VALUES (?, ?)", (k, str(v)))
+        with self._writing():
+            for k, v in values.items():
+                self.db.execute("INSERT OR REPLACE INTO run (key, value) VALUES (?, ?)", (k, str(v)))
 
     def rows(self, table: str) -> list[dict[str, Any]]:
         cur = self.db.execute(f"SELECT * FROM {table} ORDER BY 1")  # noqa: S608 — table names are ours

@@ -7,6 +7,14 @@ to a temporary folder, are re-read and checked, and the folder is renamed to
 SQLite manifest (:mod:`medseg.predict.manifest`) records every input file and every case; a rerun
 skips finished cases and retries failed ones.
 
+One writer per output folder (per part with ``--num-parts``): the run holds an ``flock`` on
+``OUTPUT_DIR/manifest.lock`` (a part: ``manifest-partK-of-N.lock``; :func:`medseg.io.exclusive_lock`)
+from before it loads the model to its end; a second run on the same folder and part refuses at once with :class:`medseg.io.FolderBusy`
+naming the holder, and touches nothing. The working folder ``.tmp-part{K}`` (``-of-{N}`` with parts)
+is wiped only by the lock's holder: what is in it was left by a dead run. A full disk or a failing write
+(:class:`medseg.io.WriteError`) stops the run: the case being written is neither done nor failed (its
+temporary folder is removed) and the rerun predicts it.
+
 Example:
     >>> result = run_predict("outputs/quickstart/unet-20261130-101500", "/data/export", "predictions")
     >>> print(result.summary)
@@ -34,7 +42,7 @@ from medseg.data.base import apply_window, to_source_grid
 from medseg.data.dicom import header_window
 from medseg.data.images import normalise_2d
 from medseg.inference.predictor import Predictor
-from medseg.io import atomic_dir
+from medseg.io import WriteError, atomic_dir, exclusive_lock, write_error_of
 from medseg.predict.lesions import lesion_table, slice_extents
 from medseg.predict.manifest import Manifest, manifest_name, merge_manifests
 from medseg.predict.readers import Case, Loaded, discover, load_case
@@ -226,20 +234,28 @@ def run_predict(model: str | Path, input_path: str | Path, output_dir: str | Pat
         device: ``cpu``, ``cuda``... (default: CUDA when present, else the CPU).
         progress: show a tqdm progress bar.
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if num_parts == 1 and world > 1:
         num_parts, part_id = world, int(os.environ.get("RANK", "0"))
     if not 0 <= part_id < num_parts:
         raise ValueError(f"--part-id must be in 0..{num_parts - 1}, got {part_id}")
+    out = Path(output_dir)
+    what = "medseg predict" + (f" of part {part_id} of {num_parts}" if num_parts > 1 else "")
+    with exclusive_lock(out / Path(manifest_name(num_parts, part_id)).with_suffix(".lock"), what):  # before any work
+        return _run_locked(model, Path(input_path), out, overrides, num_parts, part_id, device, progress, world, start)
+
+
+def _run_locked(model: str | Path, root: Path, out: Path, overrides: list[str] | None, num_parts: int, part_id: int,
+                device: str | None, progress: bool, world: int, start: float) -> PredictResult:
+    """:func:`run_predict` while holding the output folder's (part's) lock."""
+    from tqdm.auto import tqdm
+
     predictor = Predictor.from_ref(model, overrides=list(overrides or []), device=device)
     cfg = predictor.cfg
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     fingerprint = model_fingerprint(predictor.model)
-    root, out = Path(input_path), Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = root if root.is_dir() else root.parent
     cases, skipped = discover(root, cfg, exclude=[out])
@@ -260,8 +276,8 @@ def run_predict(model: str | Path, input_path: str | Path, output_dir: str | Pat
                                 reason=None)
         rows += [(_rel(p, base), c.key, "done" if done else "pending", None) for p in c.files]
     manifest.set_files(rows)
-    tmp_root = out / f".tmp-part{part_id}"
-    if tmp_root.exists():  # left by a killed run: never a finished output
+    tmp_root = out / (f".tmp-part{part_id}" + (f"-of-{num_parts}" if num_parts > 1 else ""))
+    if tmp_root.exists():  # left by a dead run (we hold the lock): never a finished output
         shutil.rmtree(tmp_root)
 
     q: queue.Queue = queue.Queue(maxsize=max(int(cfg.predict.prefetch), 1))
@@ -304,7 +320,12 @@ def run_predict(model: str | Path, input_path: str | Path, output_dir: str | Pat
                 manifest.set_files_of(case.key, "done")
                 result.processed.append(case.key)
                 result.slices += stats["n_slices"]
+            except WriteError:
+                raise  # a full disk stops the run (recording the case failed would write to it): the rerun does it
             except Exception as e:  # noqa: BLE001
+                we = write_error_of(e) if err is None else None  # an OSError ENOSPC from a writer not ours
+                if we is not None:
+                    raise we from e
                 msg = _first_line(e)
                 log.warning("case %s (%s) failed: %s", case.key, case.out_rel, msg)
                 manifest.set_series(case.key, status="failed", reason=msg)

@@ -10,23 +10,29 @@ A checkpoint holds data only (it is read with ``torch.load(weights_only=True)``)
 stored as tensors, tuples and numbers — NumPy's legacy state ``("MT19937", keys, pos, has_gauss,
 cached_gaussian)`` with its 624 keys as an int64 tensor (:func:`plain_rng_state`). Checkpoints written
 before that hold the keys as a NumPy array; :func:`restore_trainer` accepts both.
+
+One writer per run folder: a training (fresh or ``--resume``) holds an ``flock`` on
+``<run folder>/.medseg.lock`` (:func:`lock_run_dir`, rank 0 under ``torchrun``); a second ``--resume`` of
+the folder while it runs refuses in one line naming the holder (:class:`medseg.io.FolderBusy`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medseg.config import Config
+from medseg.io import exclusive_lock
 from medseg.models.checkpoint import CHECKPOINT_VERSION
 from medseg.runtime import TrainingError
 
-__all__ = ["config_from_run", "find_resume_point", "new_run_dir", "plain_rng_state", "restore_trainer",
+__all__ = ["config_from_run", "find_resume_point", "lock_run_dir", "new_run_dir", "plain_rng_state", "restore_trainer",
            "rng_state_from_plain", "trainer_state"]
-
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -39,6 +45,22 @@ def new_run_dir(cfg: Config) -> Path:
         n += 1
         run_dir = base / f"{cfg.model.name}-{stamp}-{n}"
     return run_dir
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | Path, rank: int = 0) -> Iterator[Path]:
+    """Hold the run folder's lock for the ``with`` block (created with the folder; only rank 0 takes it:
+    the ranks of one ``torchrun`` share their folder by design).
+
+    Raises:
+        medseg.io.FolderBusy: another live training holds it (its host, pid, start time and command).
+    """
+    run_dir = Path(run_dir)
+    if rank != 0:
+        yield run_dir
+        return
+    with exclusive_lock(run_dir / ".medseg.lock", "medseg train"):
+        yield run_dir
 
 
 def config_from_run(run_dir: str | Path) -> dict[str, Any]:

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 import medseg.training.losses  # noqa: F401  (registers the losses)
-from medseg.config import Config, from_dict, save_config
+from medseg.config import Config, save_config
 from medseg.data import build_dataset
 from medseg.data.loading import EpochSampler, TransformedDataset, cache_dataset, first_readable, make_loader
-from medseg.evaluation.evaluate import check_monitor, eval_loader, evaluate_after_training, evaluate_loader
+from medseg.evaluation.evaluate import check_monitor, eval_loader, evaluate_loader
 from medseg.evaluation.plots import save_overlay_grid
 from medseg.io import atomic_torch_save, atomic_write_text
 from medseg.models.checkpoint import load_pretrained, read_checkpoint, save_mlflow_model
@@ -51,8 +51,6 @@ from medseg.tracking import Tracker, start_training_run
 from medseg.training.budget import StepBudget
 from medseg.training.optim import build_optimizer, lr_factor
 from medseg.training.resume import (
-    config_from_run,
-    find_resume_point,
     new_run_dir,
     restore_trainer,
     trainer_state,
@@ -61,7 +59,7 @@ from medseg.transforms.accelerated import DeviceAugment
 
 log = logging.getLogger("medseg.engine")
 
-__all__ = ["TrainResult", "Trainer", "TrainingError", "run_training"]
+__all__ = ["TrainResult", "Trainer", "TrainingError"]
 
 
 @dataclass
@@ -446,54 +444,3 @@ class Trainer:
         if self.tracker.run_id is not None:  # the MLflow model: weights + JSON, no pickle
             with tempfile.TemporaryDirectory() as tmp:
                 self.tracker.log_model(save_mlflow_model(Path(tmp) / "model", best_ckpt), "model")
-
-
-# ----------------------------------------------------------------------------- entry point
-
-
-def run_training(
-    cfg: Config, pipeline_path: str | Path | None = None, resume: str | Path | None = None,
-    overrides: list[str] | None = None,
-) -> tuple[TrainResult, dict[str, Any]]:
-    """Train as configured (what ``medseg train`` runs), then evaluate ``train.evaluate_splits``.
-
-    With ``resume``, the run's saved config is the base and ``overrides`` apply on top of it
-    (e.g. ``train.epochs=20`` extends the schedule); training continues in the same run folder and
-    MLflow run.
-
-    Returns:
-        ``(TrainResult, {split: evaluation result})``.
-    """
-    from medseg.config import apply_override
-    from medseg.data.prepare import prepare_data
-    from medseg.tracking import build_tracker
-
-    ckpt = None
-    run_dir = None
-    if resume is not None:
-        run_dir, ckpt = find_resume_point(resume, cfg.tracking.uri, cfg.output_dir)
-        data = config_from_run(run_dir)
-        for ov in overrides or []:
-            data = apply_override(data, ov)
-        cfg = from_dict(data)
-    check_monitor(cfg)  # before the data is prepared (generating the demo data takes minutes)
-    rank, world, _ = init_distributed()  # under torchrun only rank 0 prepares data and logs
-    # a tracking server that does not answer stops here, in seconds (tracking.offline)
-    t = cfg.tracking
-    tracker = build_tracker(t.enabled and rank == 0, t.uri, cfg.output_dir, t.offline)
-    if rank == 0:
-        prepare_data(cfg.data)
-    barrier(world)
-    trainer = Trainer(cfg, tracker, run_dir=run_dir, pipeline_path=pipeline_path)
-    result = trainer.fit(resume=ckpt)
-    result.tracking_uri = tracker.shown_uri
-    evaluations: dict[str, Any] = {}
-    if cfg.calibration.after_training and rank == 0:  # the operating point, chosen on val, before any test
-        from medseg.evaluation.calibrate import calibrate_run
-
-        result.operating_point = calibrate_run(cfg, result.best_checkpoint or result.last_checkpoint,
-                                                   result.run_dir, result.run_id, tracker)
-    if rank == 0:
-        evaluations = evaluate_after_training(cfg, result.best_checkpoint or result.last_checkpoint, result.run_dir,
-                                              result.run_id, tracker)
-    return result, evaluations

@@ -61,7 +61,7 @@ def test_stored_operating_point_is_applied_identically_by_evaluate_and_predictor
     from medseg.evaluation.calibrate import store_operating_point
     from medseg.evaluation.evaluate import evaluate
     from medseg.inference.predictor import Predictor
-    from medseg.training.trainer import run_training
+    from medseg.training.run import run_training
     from medseg.transforms import build_transforms
 
     # train, then calibrate on val after training (a grid that cannot pick plain argmax)

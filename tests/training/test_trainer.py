@@ -22,7 +22,8 @@ from medseg.registry import LOSSES
 from medseg.runtime import TrainingError, sample_seed
 from medseg.tracking import build_tracker
 from medseg.training.optim import lr_factor
-from medseg.training.trainer import Trainer, run_training
+from medseg.training.run import run_training
+from medseg.training.trainer import Trainer
 from tests.conftest import tiny_overrides
 from tests.mlflow_server import free_port
 
