@@ -46,11 +46,11 @@ def run_training(
         cfg = from_dict(data)
     check_monitor(cfg)  # before the data is prepared (generating the demo data takes minutes)
     rank, world, _ = init_distributed()  # under torchrun only rank 0 prepares data and logs
+    # a tracking server that does not answer stops here, in seconds, before anything is written (tracking.offline)
+    t = cfg.tracking
+    tracker = build_tracker(t.enabled and rank == 0, t.uri, cfg.output_dir, t.offline)
     run_dir = run_dir or Path(broadcast_object(str(new_run_dir(cfg))))  # named here: locked before any work
     with lock_run_dir(run_dir, rank):  # one training per run folder: a second --resume refuses
-        # a tracking server that does not answer stops here, in seconds (tracking.offline)
-        t = cfg.tracking
-        tracker = build_tracker(t.enabled and rank == 0, t.uri, cfg.output_dir, t.offline)
         if rank == 0:
             prepare_data(cfg.data)
         barrier(world)
