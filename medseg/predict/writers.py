@@ -112,9 +112,10 @@ def write_png_mask(path: Path, labels: np.ndarray) -> None:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """``lesions.csv``: the header even when there is no lesion."""
+    """``lesions.csv``: the :data:`~medseg.predict.lesions.COLUMNS` of each row (the header even when there is
+    no lesion); a row's private keys (``_anchor_yx``) are not written."""
     if rows:
-        write_rows_csv(rows, path)
+        write_rows_csv([{k: r[k] for k in COLUMNS} for r in rows], path)
     else:
         atomic_write_text(path, ",".join(COLUMNS) + "\r\n")
 
@@ -124,15 +125,29 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True, default=float) + "\n")
 
 
+def _draw_id(rgb: np.ndarray, text: str, anchor_yx: tuple[float, float], scale: int) -> None:
+    """Draw a lesion id centred on ``anchor_yx`` (source pixels), kept inside the image."""
+    font, size, thick = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
+    (w, h), _base = cv2.getTextSize(text, font, size, thick)
+    cy, cx = (float(anchor_yx[0]) + 0.5) * scale, (float(anchor_yx[1]) + 0.5) * scale
+    x = int(min(max(round(cx - w / 2), 0), max(rgb.shape[1] - w, 0)))
+    y = int(min(max(round(cy + h / 2), h), rgb.shape[0] - 1))
+    cv2.putText(rgb, text, (x, y), font, size, (0, 255, 255), thick, cv2.LINE_AA)
+
+
 def write_overlays(folder: Path, images: np.ndarray, labels: np.ndarray, rows: list[dict[str, Any]]) -> list[str]:
     """``folder/slice_NNNN.png`` for every slice with a lesion: the windowed slice, lesion outlines, ids.
 
     Args:
         images: ``(Z, H, W)`` display intensities in [0, 1] on the source grid.
         labels: ``(Z, H, W)`` class map.
-        rows: the lesion table (ids are drawn at each lesion's largest slice).
+        rows: the lesion table: each id is drawn on the lesion's largest slice, centred on its pixel
+            centroid there (``_anchor_yx``, set by :func:`~medseg.predict.lesions.lesion_table`).
     """
     names = []
+    by_slice: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_slice.setdefault(int(r["largest_slice"]), []).append(r)
     for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1)):
         gray = (np.clip(images[k], 0, 1) * 255).astype(np.uint8)
         rgb = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
@@ -142,11 +157,8 @@ def write_overlays(folder: Path, images: np.ndarray, labels: np.ndarray, rows: l
         m = cv2.resize(labels[k].astype(np.uint8), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours((m > 0).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(rgb, contours, -1, _OVERLAY_COLOUR, 1)
-        for r in rows:
-            if int(r["largest_slice"]) == int(k):
-                ys, xs = np.nonzero(labels[k])
-                cv2.putText(rgb, str(r["lesion_id"]), (int(xs.max() * scale) + 3, int(ys.min() * scale) + 10),
-                            cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1, cv2.LINE_AA)
+        for r in by_slice.get(int(k), []):
+            _draw_id(rgb, str(r["lesion_id"]), r["_anchor_yx"], scale)
         name = f"slice_{int(k):04d}.png"
         ok, buf = cv2.imencode(".png", rgb)
         atomic_write_bytes(folder / name, buf.tobytes())
