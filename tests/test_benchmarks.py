@@ -154,6 +154,7 @@ def test_quick_benchmark_reports_finite_ratios(name: str) -> None:
         assert r["ratio"] == pytest.approx(r["ours"] / r["reference"])
 
 
+@pytest.mark.slow  # two interpreters importing torch and MONAI: ~15 s alone, ~30 s on a busy 2-core machine
 def test_predict_end_to_end_row_runs_both_processes() -> None:
     """``bench_predict.py``'s end-to-end row on a 256² image: both processes ran, masks agree."""
     row = _bench("bench_predict").e2e_benchmark(256)
