@@ -19,7 +19,20 @@
    same pre-processed slices; once with reading overlapped (``predict.prefetch = 2``) and once
    without (``prefetch = 0``).
 
-Run: ``python benchmarks/bench_predict.py [--device cuda] [--sizes 1024,4096,8192] [--quick]``.
+3. **End to end** — the ``medseg predict`` command (``python -m medseg predict``, its own process)
+   on one ``--e2e-size``² PNG (a 512² generated cell image, :func:`medseg.data.synthetic.cells.render_cells`,
+   tiled) against MONAI in its own process: read the PNG,
+   ``sliding_window_inference`` + argmax, write the mask PNG. The same checkpoint (a 1-channel
+   U-Net, 16 base channels, depth 4, random weights from a fixed seed, its last bias set so that ~70 % of
+   the image is foreground in many components), 256² tiles, overlap 0.25,
+   Gaussian blending, 4 tiles per forward pass, no TTA, every core on both. medseg predict also writes
+   what it always writes (lesion table, overlay, ``series.json``, manifest). Reported: wall time of
+   each process (start to exit, imports included), its peak resident set (``ru_maxrss`` of that child
+   from ``os.wait4``), the ratios (done-when: RSS ≤ 0.5 × MONAI, time ≤ 1.1 ×) and the agreement of
+   the two masks.
+
+Run: ``python benchmarks/bench_predict.py [--device cuda] [--sizes 1024,4096,8192] [--quick]
+[--e2e-size 2048] [--skip-e2e]``.
 """
 
 from __future__ import annotations
@@ -257,6 +270,107 @@ def dicom_benchmark(device: str, n_series: int, n_slices: int, repeats: int = 2)
     return out
 
 
+# ----------------------------------------------------------------------------- end to end
+
+E2E_OVERRIDES = ["inference.mode=sliding", "inference.tile_size=[256,256]", "inference.overlap=0.25",
+                 "inference.blend=gaussian", "inference.batch_size=4", "inference.tta_flips=false",
+                 "inference.tta_scales=[1.0]", "inference.threshold=[]", "inference.min_object_mm2=0",
+                 "model.name=unet", "train.device=cpu", "tracking.enabled=false"]
+
+
+def write_e2e_inputs(root: Path, size: int) -> tuple[Path, Path]:
+    """``root/in/cells.png`` (a 512² cell image tiled to ``size²``) and ``root/model.pt``."""
+    import cv2
+
+    from medseg.config import load_config, to_dict
+    from medseg.data.synthetic.cells import render_cells
+
+    tile, _ = render_cells(np.random.default_rng(0), 512)
+    reps = -(-size // 512)
+    (root / "in").mkdir(parents=True)
+    cv2.imwrite(str(root / "in" / "cells.png"), np.tile(tile, (reps, reps))[:size, :size])
+    cfg = load_config(ROOT / "pipelines" / "cells.yaml", E2E_OVERRIDES)
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, 1, 2, cfg.model.params).eval()
+    # random weights predict one class everywhere; shift the last layer's class-1 bias so that ~70 % of
+    # the cell image is foreground, in many components (a lesion table of thousands of rows, as cells give)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 2][-1]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(tile)[None, None].float() / 255.0)
+        last.bias[1] -= torch.quantile((logits[0, 1] - logits[0, 0]).flatten()[::7], 0.3)
+    ckpt = root / "model.pt"
+    torch.save({"version": 1, "model": model.state_dict(), "config": to_dict(cfg), "in_channels": 1,
+                "num_classes": 2}, ckpt)
+    return root / "in" / "cells.png", ckpt
+
+
+def e2e_monai(image: Path, ckpt: Path, out: Path, tile_batch: int = 4) -> None:
+    """The MONAI process: read the PNG, sliding window + argmax, write the mask PNG."""
+    import os
+
+    import cv2
+    from monai.inferers import sliding_window_inference
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    ck = torch.load(ckpt, weights_only=True)
+    model = build_model(ck["config"]["model"]["name"], ck["in_channels"], ck["num_classes"],
+                        ck["config"]["model"]["params"]).eval()
+    model.load_state_dict(ck["model"])
+    img = cv2.imread(str(image), cv2.IMREAD_UNCHANGED)
+    x = torch.from_numpy(img)[None, None].float().div_(255.0)
+    del img
+    with torch.inference_mode():
+        logits = sliding_window_inference(x, (TILE, TILE), tile_batch, model, overlap=0.25, mode="gaussian")
+        labels = logits.max(1).indices[0].to(torch.uint8).numpy()  # (argmax over dim 1 is slow on the CPU)
+    del logits
+    if not cv2.imwrite(str(out), labels):
+        raise RuntimeError(f"cannot write {out}")
+
+
+def _measured(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run ``cmd`` as a child: its wall seconds and peak resident set (MiB, ``ru_maxrss`` of that child)."""
+    import os
+
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def e2e_benchmark(size: int, repeats: int = 1) -> dict[str, Any]:
+    """``medseg predict`` vs MONAI + PNG write, each in its own process (see the module doc)."""
+    import cv2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        image, ckpt = write_e2e_inputs(t, size)
+        best: dict[str, list[float]] = {"medseg": [], "monai": []}
+        for rep in range(max(repeats, 1)):  # interleaved; the fastest time, the largest peak of each
+            out = t / f"medseg-{rep}"
+            best["medseg"].append(_measured([sys.executable, "-m", "medseg", "predict", "--model", str(ckpt),
+                                             str(image.parent), str(out), "--no-progress"], t / "medseg.log"))
+            best["monai"].append(_measured([sys.executable, __file__, "--e2e-child", str(image), "--e2e-ckpt",
+                                            str(ckpt), "--out", str(t / f"monai-{rep}.png")], t / "monai.log"))
+        (mask,) = list((t / "medseg-0").rglob("cells.png"))
+        ours = cv2.imread(str(mask), cv2.IMREAD_UNCHANGED)
+        ref = cv2.imread(str(t / "monai-0.png"), cv2.IMREAD_UNCHANGED)
+        (table,) = list((t / "medseg-0").rglob("lesions.csv"))
+        lesions = len(table.read_text().splitlines()) - 1
+    m_s, m_mib = min(s for s, _ in best["medseg"]), max(m for _, m in best["medseg"])
+    r_s, r_mib = min(s for s, _ in best["monai"]), max(m for _, m in best["monai"])
+    row = {"size": size, "medseg_s": m_s, "monai_s": r_s, "time_vs_monai": m_s / r_s,
+           "medseg_peak_rss_mib": m_mib, "monai_peak_rss_mib": r_mib, "rss_vs_monai": m_mib / r_mib,
+           "labels_equal": float((ours == ref).mean()), "foreground": float((ours > 0).mean()), "lesions": lesions,
+           "targets_met": {"rss<=0.5x": m_mib <= 0.5 * r_mib, "time<=1.1x": m_s <= 1.1 * r_s}}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -273,11 +387,19 @@ def main() -> None:
                     help="sliding window: the quick-start U-Net, or a 1×1 convolution to see stitching alone")
     ap.add_argument("--repeats", type=int, default=3,
                     help="interleaved timing repeats (sizes up to 2048; one above, none with 0)")
+    ap.add_argument("--e2e-size", type=int, default=2048, help="end to end: the PNG's size (default 2048)")
+    ap.add_argument("--e2e-repeats", type=int, default=1, help="end to end: interleaved runs of each process")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--e2e-child", help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--overlap", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.e2e_child:
+        e2e_monai(Path(args.e2e_child), Path(args.e2e_ckpt), Path(args.out))
+        return
     torch.set_num_threads(args.threads)
     MODEL_KIND["kind"] = args.model
     if args.child:
@@ -296,6 +418,8 @@ def main() -> None:
         results["sliding"] = sliding_benchmark(cases, args.device, args.tile_batch, args.repeats)
     if not args.skip_dicom:
         results["dicom"] = dicom_benchmark(args.device, 1 if args.quick else args.series, 4 if args.quick else args.slices)
+    if not args.skip_e2e:
+        results["e2e"] = e2e_benchmark(512 if args.quick else args.e2e_size, args.e2e_repeats)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -154,6 +154,16 @@ def test_quick_benchmark_reports_finite_ratios(name: str) -> None:
         assert r["ratio"] == pytest.approx(r["ours"] / r["reference"])
 
 
+@pytest.mark.slow  # two interpreters importing torch and MONAI: ~15 s alone, ~30 s on a busy 2-core machine
+def test_predict_end_to_end_row_runs_both_processes() -> None:
+    """``bench_predict.py``'s end-to-end row on a 256² image: both processes ran, masks agree."""
+    row = _bench("bench_predict").e2e_benchmark(256)
+    for key in ("medseg_s", "monai_s", "medseg_peak_rss_mib", "monai_peak_rss_mib", "time_vs_monai", "rss_vs_monai"):
+        assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+    assert row["rss_vs_monai"] == pytest.approx(row["medseg_peak_rss_mib"] / row["monai_peak_rss_mib"])
+    assert row["labels_equal"] > 0.99 and row["lesions"] > 0, row
+
+
 def test_run_all_cli_writes_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_all = _bench("run_all")
     monkeypatch.setattr(run_all, "BENCHMARKS", {"weight_map": _bench("bench_weight_map").main})

@@ -299,6 +299,8 @@ class PredictConfig:
     overlays: bool = True
     #: lesions: 3-D connectivity of voxels (1 = faces, 2 = + edges, 3 = + corners)
     connectivity: int = 3
+    #: torch CPU threads while predicting (None = every core this process may use); never ``train.threads``
+    threads: int | None = None
 
 
 @dataclass

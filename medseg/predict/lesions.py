@@ -13,16 +13,24 @@ volume_mm3           Σ area × slice extent (half the distance to each neighbou
 largest_slice        the slice where the lesion's area is largest
 largest_area_mm2     its area there
 recist_long_mm,      RECIST long axis and perpendicular short axis on the largest slice
-recist_short_mm      (:func:`medseg.measure.measure_recist`)
+recist_short_mm      (:func:`medseg.lesion.measure_recist`)
 mean_hu, max_hu      of the source values (HU for CT; stored values for other input)
 mean_probability     mean softmax probability of the predicted class over the lesion
 area_mm2_per_slice   ``slice:area`` pairs, ``;``-separated
 ==================== =====================================================================
+
+Each component is measured inside its bounding box from per-slice sums (no per-voxel coordinate
+arrays), so the table's memory does not grow with the foreground.
+
+Example:
+    >>> rows = lesion_table(labels, prob, hu, (0.8, 0.8), slice_extents(z_mm), to_world)
+    >>> rows[0]["volume_mm3"], rows[0]["_anchor_yx"]
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,8 +46,14 @@ COLUMNS = [
     "mean_probability", "area_mm2_per_slice",
 ]
 
-#: (slice, row, column) index arrays → (N, 3) world coordinates in mm
+#: (slice, row, column) index arrays → (N, 3) world coordinates in mm; slice indices are integers, rows
+#: and columns may be fractional. It must be affine in (row, column) on each slice (true of DICOM,
+#: NIfTI and pixel coordinates): the centroid is taken from per-slice mean rows and columns.
 ToWorld = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+#: pixels of one chunk of a component's bounding box: the table's temporaries stay this size whatever
+#: the foreground covers
+CHUNK_PIXELS = 1 << 20
 
 
 def slice_extents(z_mm: np.ndarray, thickness: float | None = None) -> np.ndarray:
@@ -58,9 +72,59 @@ def _fmt(v: float, nd: int = 2) -> str:
     return f"{v:.{nd}f}"
 
 
+@dataclass
+class _Sums:
+    """Per-slice counts and index sums of one component, and the sums of its values and probabilities."""
+
+    count: np.ndarray  # (nz,) voxels per slice of the box
+    sum_r: np.ndarray  # (nz,) Σ row index
+    sum_c: np.ndarray  # (nz,) Σ column index
+    first_row: np.ndarray  # (nz,) first row holding the component (−1: none)
+    value_sum: float = 0.0
+    value_max: float = -np.inf
+    prob_sum: float = 0.0
+
+
+def _component_sums(comp: np.ndarray, i: int, box: tuple[slice, ...], prob: np.ndarray, values: np.ndarray
+                    ) -> _Sums:
+    """Sums over component ``i`` inside its bounding box, in chunks of at most :data:`CHUNK_PIXELS`."""
+    (z0, z1), (r0, r1), (c0, c1) = ((b.start, b.stop) for b in box)
+    nz = z1 - z0
+    out = _Sums(np.zeros(nz, np.int64), np.zeros(nz), np.zeros(nz), np.full(nz, -1, np.int64))
+    rows = np.arange(r0, r1, dtype=np.float64)
+    cols = np.arange(c0, c1, dtype=np.float64)
+    step = max(1, CHUNK_PIXELS // (c1 - c0))
+    for j, z in enumerate(range(z0, z1)):
+        for a in range(r0, r1, step):
+            b = min(a + step, r1)
+            m = comp[z, a:b, c0:c1] == i
+            per_row = m.sum(1)
+            n = int(per_row.sum())
+            if n == 0:
+                continue
+            if out.first_row[j] < 0:
+                out.first_row[j] = a + int(np.argmax(per_row > 0))
+            out.count[j] += n
+            out.sum_r[j] += float(per_row @ rows[a - r0: b - r0])
+            out.sum_c[j] += float(m.sum(0) @ cols)
+            v = values[z, a:b, c0:c1][m]
+            out.value_sum += float(v.sum(dtype=np.float64))
+            out.value_max = max(out.value_max, float(v.max()))
+            out.prob_sum += float(prob[z, a:b, c0:c1][m].sum(dtype=np.float64))
+    return out
+
+
 def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spacing: tuple[float, float],
                  extents: np.ndarray, to_world: ToWorld, connectivity: int = 3) -> list[dict[str, Any]]:
     """One row per 3-D connected lesion of a ``(Z, H, W)`` class map (see the module doc for columns).
+
+    Each component is measured inside its bounding box (:func:`scipy.ndimage.find_objects`), a chunk
+    of rows at a time: centroids and means come from per-slice sums, so besides the inputs the table
+    holds one class mask and its component map (5 bytes a pixel), one chunk, and the largest slice's
+    box of the lesion being measured for RECIST — never arrays per foreground voxel.
+
+    Each row also carries ``_anchor_yx``: the ``(row, column)`` pixel centroid of the lesion on its
+    largest slice, where the overlays draw its id (not a ``lesions.csv`` column).
 
     Args:
         labels: ``(Z, H, W)`` integer class map, 0 = background.
@@ -68,30 +132,40 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
         values: ``(Z, H, W)`` source values (HU).
         spacing: ``(sy, sx)`` mm/px.
         extents: ``(Z,)`` slice extents (mm), see :func:`slice_extents`.
-        to_world: voxel indices → world mm.
+        to_world: voxel indices → world mm (see :data:`ToWorld`).
         connectivity: 1, 2 or 3 (faces, + edges, + corners).
     """
     sy, sx = float(spacing[0]), float(spacing[1])
     px_area = sy * sx
     structure = ndimage.generate_binary_structure(3, int(connectivity))
     rows: list[dict[str, Any]] = []
-    for cls in [int(c) for c in np.unique(labels) if c != 0]:
-        comp, n = ndimage.label(labels == cls, structure=structure)
+    top = int(labels.max()) if labels.size else 0
+    for cls in range(1, top + 1):
+        mask = labels == cls
+        if not mask.any():
+            continue
+        comp, _n = ndimage.label(mask, structure=structure)
+        del mask
         for i, box in enumerate(ndimage.find_objects(comp), start=1):
             if box is None:
                 continue
-            sub = comp[box] == i
+            s = _component_sums(comp, i, box, prob, values)
             z0 = box[0].start
-            counts = sub.reshape(sub.shape[0], -1).sum(1)
-            ks = [int(z0 + j) for j in np.flatnonzero(counts)]
-            areas = {k: float(counts[k - z0]) * px_area for k in ks}
-            zz, rr, cc = np.nonzero(sub)
-            zz, rr, cc = zz + z0, rr + box[1].start, cc + box[2].start
-            centroid = to_world(zz, rr, cc).mean(0)
+            present = np.flatnonzero(s.count)
+            ks = [int(z0 + j) for j in present]
+            areas = {k: float(s.count[k - z0]) * px_area for k in ks}
+            n_k = s.count[present].astype(np.float64)
+            r_k, c_k = s.sum_r[present] / n_k, s.sum_c[present] / n_k
+            centroid = (to_world(np.asarray(ks), r_k, c_k) * n_k[:, None]).sum(0) / n_k.sum()
             largest = max(ks, key=lambda k: (areas[k], -k))
-            ax = measure_recist(comp[largest] == i)
+            # one pixel of margin where the image has one: measure_recist samples a bilinear mask that
+            # is zero beyond the array's edge, so a crop flush with the lesion would cut its border
+            (r0, r1), (c0, c1) = (box[1].start, box[1].stop), (box[2].start, box[2].stop)
+            h, w = comp.shape[1:]
+            ax = measure_recist(comp[largest, max(r0 - 1, 0): min(r1 + 1, h), max(c0 - 1, 0): min(c1 + 1, w)] == i)
             long_mm, short_mm = axes_mm(ax, (sy, sx)) if ax is not None else (0.0, 0.0)
-            vals = values[zz, rr, cc]
+            n_all = float(n_k.sum())
+            j = largest - z0
             rows.append({
                 "lesion_id": 0, "class": cls, "first_slice": ks[0], "last_slice": ks[-1],
                 "centroid_x_mm": _fmt(centroid[0], 3), "centroid_y_mm": _fmt(centroid[1], 3),
@@ -99,11 +173,13 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
                 "volume_mm3": _fmt(sum(areas[k] * float(extents[k]) for k in ks)),
                 "largest_slice": largest, "largest_area_mm2": _fmt(areas[largest]),
                 "recist_long_mm": _fmt(long_mm), "recist_short_mm": _fmt(short_mm),
-                "mean_hu": _fmt(float(vals.mean()), 1), "max_hu": _fmt(float(vals.max()), 1),
-                "mean_probability": _fmt(float(prob[zz, rr, cc].mean()), 4),
+                "mean_hu": _fmt(s.value_sum / n_all, 1), "max_hu": _fmt(s.value_max, 1),
+                "mean_probability": _fmt(s.prob_sum / n_all, 4),
                 "area_mm2_per_slice": ";".join(f"{k}:{areas[k]:.2f}" for k in ks),
-                "_first": (ks[0], int(rr[zz == ks[0]].min()), cls),
+                "_anchor_yx": (s.sum_r[j] / s.count[j], s.sum_c[j] / s.count[j]),
+                "_first": (ks[0], int(s.first_row[ks[0] - z0]), cls),
             })
+        del comp
     rows.sort(key=lambda r: r.pop("_first"))
     for n, r in enumerate(rows, start=1):
         r["lesion_id"] = n

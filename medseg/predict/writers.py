@@ -32,6 +32,7 @@ from medseg.predict.lesions import COLUMNS
 __all__ = ["nifti_affine", "write_csv", "write_json", "write_nifti", "write_overlays", "write_png_mask", "write_seg"]
 
 _OVERLAY_COLOUR = (0, 0, 255)
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 #: patient / study attributes (type 2) a SEG copies from its source
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
           "AccessionNumber", "ReferringPhysicianName")
@@ -112,9 +113,10 @@ def write_png_mask(path: Path, labels: np.ndarray) -> None:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """``lesions.csv``: the header even when there is no lesion."""
+    """``lesions.csv``: the :data:`~medseg.predict.lesions.COLUMNS` of each row (the header even when there is
+    no lesion); a row's private keys (``_anchor_yx``) are not written."""
     if rows:
-        write_rows_csv(rows, path)
+        write_rows_csv([{k: r[k] for k in COLUMNS} for r in rows], path)
     else:
         atomic_write_text(path, ",".join(COLUMNS) + "\r\n")
 
@@ -124,29 +126,59 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True, default=float) + "\n")
 
 
+def _draw_id(rgb: np.ndarray, text: str, anchor_yx: tuple[float, float], scale: int) -> None:
+    """Draw a lesion id centred on ``anchor_yx`` (source pixels), kept inside the image."""
+    font, size, thick = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
+    (w, h), _base = cv2.getTextSize(text, font, size, thick)
+    cy, cx = (float(anchor_yx[0]) + 0.5) * scale, (float(anchor_yx[1]) + 0.5) * scale
+    x = int(min(max(round(cx - w / 2), 0), max(rgb.shape[1] - w, 0)))
+    y = int(min(max(round(cy + h / 2), h), rgb.shape[0] - 1))
+    cv2.putText(rgb, text, (x, y), font, size, (0, 255, 255), thick, cv2.LINE_AA)
+
+
+def _gray8(image: np.ndarray, chunk_rows: int = 256) -> np.ndarray:
+    """``(H, W)`` intensities in [0, 1] → uint8 (×255, truncated), a chunk of rows at a time (no float copy
+    of the whole slice)."""
+    out = np.empty(image.shape, np.uint8)
+    for a in range(0, image.shape[0], chunk_rows):
+        out[a: a + chunk_rows] = np.clip(image[a: a + chunk_rows], 0, 1) * 255
+    return out
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a 0/1 uint8 mask: foreground with a background 4-neighbour (beyond the edge
+    counts as background) — the pixels ``findContours`` traces, without its per-contour point lists."""
+    inner = cv2.erode(mask, _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return mask > inner
+
+
 def write_overlays(folder: Path, images: np.ndarray, labels: np.ndarray, rows: list[dict[str, Any]]) -> list[str]:
     """``folder/slice_NNNN.png`` for every slice with a lesion: the windowed slice, lesion outlines, ids.
 
     Args:
         images: ``(Z, H, W)`` display intensities in [0, 1] on the source grid.
         labels: ``(Z, H, W)`` class map.
-        rows: the lesion table (ids are drawn at each lesion's largest slice).
+        rows: the lesion table: each id is drawn on the lesion's largest slice, centred on its pixel
+            centroid there (``_anchor_yx``, set by :func:`~medseg.predict.lesions.lesion_table`).
     """
     names = []
+    by_slice: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_slice.setdefault(int(r["largest_slice"]), []).append(r)
     for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1)):
-        gray = (np.clip(images[k], 0, 1) * 255).astype(np.uint8)
+        gray = _gray8(images[k])
         rgb = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
-        scale = max(1, int(np.ceil(256 / max(gray.shape))))
+        del gray
+        scale = max(1, int(np.ceil(256 / max(rgb.shape[:2]))))
         if scale > 1:
             rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        m = cv2.resize(labels[k].astype(np.uint8), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
-        contours, _ = cv2.findContours((m > 0).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(rgb, contours, -1, _OVERLAY_COLOUR, 1)
-        for r in rows:
-            if int(r["largest_slice"]) == int(k):
-                ys, xs = np.nonzero(labels[k])
-                cv2.putText(rgb, str(r["lesion_id"]), (int(xs.max() * scale) + 3, int(ys.min() * scale) + 10),
-                            cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 255, 255), 1, cv2.LINE_AA)
+        m = (labels[k] > 0).view(np.uint8)
+        if scale > 1:
+            m = cv2.resize(m, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+        rgb[_outline(m)] = _OVERLAY_COLOUR
+        del m
+        for r in by_slice.get(int(k), []):
+            _draw_id(rgb, str(r["lesion_id"]), r["_anchor_yx"], scale)
         name = f"slice_{int(k):04d}.png"
         ok, buf = cv2.imencode(".png", rgb)
         atomic_write_bytes(folder / name, buf.tobytes())
