@@ -29,7 +29,7 @@ from medseg.data.base import DataError
 from medseg.io import atomic_write_bytes, atomic_write_text, write_rows_csv
 from medseg.predict.lesions import COLUMNS
 
-__all__ = ["nifti_affine", "write_csv", "write_json", "write_nifti", "write_overlays", "write_png_mask", "write_seg"]
+__all__ = ["nifti_affine", "outline", "write_csv", "write_json", "write_nifti", "write_overlays", "write_png_mask", "write_seg"]
 
 _OVERLAY_COLOUR = (0, 0, 255)
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
@@ -145,7 +145,7 @@ def _gray8(image: np.ndarray, chunk_rows: int = 256) -> np.ndarray:
     return out
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
+def outline(mask: np.ndarray) -> np.ndarray:
     """Boundary pixels of a 0/1 uint8 mask: foreground with a background 4-neighbour (beyond the edge
     counts as background) — the pixels ``findContours`` traces, without its per-contour point lists."""
     inner = cv2.erode(mask, _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
@@ -175,7 +175,7 @@ def write_overlays(folder: Path, images: np.ndarray, labels: np.ndarray, rows: l
         m = (labels[k] > 0).view(np.uint8)
         if scale > 1:
             m = cv2.resize(m, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
-        rgb[_outline(m)] = _OVERLAY_COLOUR
+        rgb[outline(m)] = _OVERLAY_COLOUR
         del m
         for r in by_slice.get(int(k), []):
             _draw_id(rgb, str(r["lesion_id"]), r["_anchor_yx"], scale)

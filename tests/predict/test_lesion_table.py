@@ -227,7 +227,7 @@ def test_run_predict_sets_predict_threads_not_train_threads(tmp_path: Path, monk
 
 def test_overlay_outline_is_the_traced_contour() -> None:
     """The outline drawn from an erosion is, pixel for pixel, what findContours + drawContours drew."""
-    from medseg.predict.writers import _outline
+    from medseg.predict.writers import outline
 
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -236,4 +236,4 @@ def test_overlay_outline_is_the_traced_contour() -> None:
         traced = np.zeros((*m.shape, 3), np.uint8)
         contours, _ = cv2.findContours(m, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(traced, contours, -1, (0, 0, 255), 1)
-        np.testing.assert_array_equal(_outline(m), traced[..., 2] > 0)
+        np.testing.assert_array_equal(outline(m), traced[..., 2] > 0)
