@@ -211,7 +211,9 @@ def normalise_2d(arr: np.ndarray, window: str, window_range: list[float]) -> np.
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         if hi <= lo:
             return np.zeros(arr.shape, np.float32)
-    return apply_window(np.nan_to_num(arr.astype(np.float64)), lo, hi)
+        # float32 at once (apply_window computes in float32 anyway): no float64 copy of a large image
+        arr = np.nan_to_num(arr.astype(np.float32), copy=False)
+    return apply_window(arr, lo, hi)
 
 
 
