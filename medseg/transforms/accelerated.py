@@ -41,6 +41,10 @@ __all__ = ["DeviceAugment", "border_weight_map_torch", "bspline_matrix", "dense_
            "seeded_normal", "two_nearest_distances_torch", "warp"]
 
 
+#: pass 1 of :func:`two_nearest_distances_torch` packs d² · 2³¹ + id (ids < 2³¹) into a float64, exact below 2⁵³
+SHIFT = 2.0**31
+
+
 def bspline_matrix(points: int, extent: int, offset: int, length: int) -> np.ndarray:
     """``(length, points)`` matrix: coarse displacements → dense displacements along one axis.
 
@@ -192,46 +196,60 @@ def _left_two_nearest(inst: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def two_nearest_distances_torch(instance: torch.Tensor, max_distance: float,
-                                chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def two_nearest_distances_torch(instance: torch.Tensor, max_distance: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched :func:`medseg.transforms.functional.two_nearest_distances` (``(B, H, W)``), a fixed number of kernels.
 
     Separable exact distances: along rows the two nearest distinct instances
     (:func:`_row_two_nearest`), then along columns ``d1² = min_y' (y − y')² + g1(y')²`` and, with
     ``I`` the nearest instance, ``d2² = min_y' (y − y')² + (g1(y') if id1(y') ≠ I else g2(y'))`` — exact,
     since the nearest pixel of another instance than ``I`` in row ``y'`` is the row's nearest when that
-    is not ``I``, else its second. The column minimum runs over ``|y − y'| ≤ max_distance`` in blocks
-    of ``chunk`` rows (``unfold`` views), so the kernels do not depend on the batch or the objects.
+    is not ``I``, else its second. Only ``d1 + d2 ≤ max_distance`` matters to the caller, so the first
+    column pass looks ``max_distance / 2`` rows up and down, the second ``max_distance``: one
+    elementwise sweep per row offset, whatever the batch or the objects (all sums are integers, exact).
 
     Returns:
-        float32 ``d1``, ``d2``: exact wherever ``d2 ≤ max_distance`` (as the CPU function with
-        ``max_distance``); elsewhere real distances to instance pixels ≥ the true ones, or ``inf``.
+        float32 ``d1``, ``d2`` (``inf`` = none within the window). Where the true ``d1 + d2 ≤ max_distance``
+        both are exact; elsewhere ``d1 + d2 > max_distance`` too (each is the distance to a pixel of
+        another instance, so ``d1 + d2 ≥ 2·d1_true``, and with ``d1_true`` within the first window
+        both are at least the true ones) — so the border term is exact wherever it is not negligible.
     """
-    g1, i1, g2, i2 = _row_two_nearest(instance.long())
-    h = instance.shape[-2]
-    r = int(min(math.ceil(max_distance), h - 1))
-    pad = (0, 0, r, r)
+    g1, i1, g2, _ = _row_two_nearest(instance.long())
+    b, h, w = instance.shape
+    dev = instance.device
+    m = int(min(math.ceil(max_distance), math.ceil(math.hypot(h, w))))  # no distance in the crop is longer
+    r, r1 = min(m, h - 1), min(int(math.ceil(m / 2)), h - 1)  # the two passes' row windows
+    far = float((m + 1) ** 2)  # a squared distance ≥ far: beyond max_distance, "none"
+    sq1, sq2 = (g.clamp_max(m + 1).square().transpose(1, 2).contiguous() for g in (g1, g2))  # (B, W, H)
+    ids = i1.transpose(1, 2).to(torch.int32).contiguous()
+    # pass 1: d1² and the nearest instance's id at once, as the minimum of d² · 2³¹ + id (float64: exact)
+    packed = F.pad(sq1.double() * SHIFT + ids.double(), (r1, r1), value=far * SHIFT)
+    best = torch.full((b, w, h), far * SHIFT, dtype=torch.float64, device=dev)
+    tmp = torch.empty_like(best)
+    for k in range(2 * r1 + 1):
+        torch.add(packed[..., k:k + h], float((k - r1) ** 2) * SHIFT, out=tmp)
+        torch.minimum(best, tmp, out=best)
+    d1sq = torch.floor(best * (1.0 / SHIFT))
+    near = (best - d1sq * SHIFT).to(torch.int32)
+    # pass 2: per row, the nearest pixel of another instance than ``near``
+    c1 = F.pad(sq1, (r, r), value=far)
+    diff = F.pad(sq2 - sq1, (r, r), value=0.0)
+    pid = F.pad(ids, (r, r), value=0)
+    best2 = torch.full((b, w, h), far, device=dev)
+    same = torch.empty_like(best2)
+    alt = torch.empty_like(best2)
+    for k in range(2 * r + 1):
+        torch.eq(pid[..., k:k + h], near, out=same)
+        torch.addcmul(c1[..., k:k + h], same, diff[..., k:k + h], out=alt)
+        alt.add_(float((k - r) ** 2))
+        torch.minimum(best2, alt, out=best2)
     inf = float("inf")
-    # (B, 2r + 1, W, H) views: [:, k, x, y] = row y + k − r
-    g1s, g2s = (F.pad(g * g, pad, value=inf).unfold(1, h, 1) for g in (g1, g2))
-    i1s = F.pad(i1, pad, value=0).unfold(1, h, 1)
-    dy2 = (torch.arange(-r, r + 1, device=instance.device, dtype=torch.float32) ** 2).view(1, -1, 1, 1)
-    best = torch.full(g1s[:, 0].shape, inf, device=instance.device)
-    near = torch.full(best.shape, 0, dtype=i1.dtype, device=instance.device)  # (zeros: no fill_ when calloc'd)
-    for s in range(0, 2 * r + 1, chunk):
-        cand, k = (g1s[:, s:s + chunk] + dy2[:, s:s + chunk]).min(1, keepdim=True)
-        ids = i1s[:, s:s + chunk].gather(1, k)[:, 0]
-        better = cand[:, 0] < best
-        best, near = torch.where(better, cand[:, 0], best), torch.where(better, ids, near)
-    best2 = torch.full_like(best, inf)
-    for s in range(0, 2 * r + 1, chunk):
-        alt = torch.where(i1s[:, s:s + chunk] != near[:, None], g1s[:, s:s + chunk], g2s[:, s:s + chunk])
-        best2 = torch.minimum(best2, (alt + dy2[:, s:s + chunk]).amin(1))
-    return best.sqrt().transpose(1, 2), best2.sqrt().transpose(1, 2)
+    d1 = torch.where(d1sq >= far, inf, d1sq.float().sqrt())
+    d2 = torch.where(best2 >= far, inf, best2.sqrt())
+    return d1.transpose(1, 2), d2.transpose(1, 2)
 
 
 def border_weight_map_torch(instance: torch.Tensor, label: torch.Tensor, w0: float = 10.0, sigma: float = 5.0,
-                            class_balance: bool = True, chunk: int = 16) -> torch.Tensor:
+                            class_balance: bool = True) -> torch.Tensor:
     """The U-Net border weight map of a batch on the batch's device: a fixed number of kernels, no host read.
 
     Same definition as :func:`medseg.transforms.functional.border_weight_map` (``w_c`` plus
@@ -245,7 +263,6 @@ def border_weight_map_torch(instance: torch.Tensor, label: torch.Tensor, w0: flo
         instance: ``(B, H, W)`` integer instance maps, 0 = background.
         label: ``(B, H, W)`` integer class maps.
         w0, sigma, class_balance: as in the CPU function.
-        chunk: rows per block of the column pass (memory: ``chunk × B × H × W`` floats).
 
     Returns:
         float32 ``(B, H, W)`` on the inputs' device.
@@ -254,7 +271,7 @@ def border_weight_map_torch(instance: torch.Tensor, label: torch.Tensor, w0: flo
     cutoff = border_cutoff(w0, sigma)
     if cutoff == 0.0 or instance.numel() == 0:
         return w
-    d1, d2 = two_nearest_distances_torch(instance, cutoff, chunk)
+    d1, d2 = two_nearest_distances_torch(instance, cutoff)
     s = d1 + d2
     term = w0 * torch.exp(-(s * s) / (2.0 * sigma * sigma))
     return w + torch.where((instance == 0) & (label == 0), term, 0.0)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 from torch.profiler import ProfilerActivity, profile
 
 from medseg.transforms.functional import spline_axis_weights
@@ -88,3 +89,50 @@ def test_border_weight_map_ops_do_not_grow_with_the_batch() -> None:
     small = op_counts(border_weight_map_torch, b4["instance"][:, 0], b4["label"][:, 0])
     large = op_counts(border_weight_map_torch, b32["instance"][:, 0], b32["label"][:, 0])
     assert small == large and small["aten::_local_scalar_dense"] == 0
+
+
+@pytest.mark.parametrize("seed,max_distance", [(0, 31.0), (1, 12.0), (2, 1000.0)])
+def test_two_nearest_distances_equal_the_cpu_edts(seed: int, max_distance: float) -> None:
+    """The batched separable transform against SciPy's per-instance EDTs: exact wherever d1 + d2 ≤ max_distance
+    (where the border term is not negligible), and above max_distance wherever the truth is."""
+    from medseg.transforms.accelerated import two_nearest_distances_torch
+    from medseg.transforms.functional import two_nearest_distances
+
+    inst = _batch(3, 8, crop=40, seed=seed)["instance"][:, 0]
+    inst[2] = 0
+    inst[2, 5:9, 30:33] = 4  # a lone object: no second distance anywhere
+    d1, d2 = (t.numpy() for t in two_nearest_distances_torch(inst, max_distance))
+    for i in range(len(inst)):
+        r1, r2 = two_nearest_distances(inst[i].numpy(), None)  # exact everywhere
+        ok = r1 + r2 <= max_distance
+        np.testing.assert_allclose(d1[i][ok], r1[ok], rtol=1e-6)
+        np.testing.assert_allclose(d2[i][ok], r2[ok], rtol=1e-6)
+        assert (d1[i] + d2[i] > max_distance)[~ok].all()
+        assert ok.any() == (i < 2)
+        assert (d1[i][inst[i].numpy() > 0] == 0).all()
+
+
+def test_class_balance_counts_each_sample() -> None:
+    from medseg.transforms.accelerated import border_weight_map_torch
+    from medseg.transforms.functional import class_balance_weights
+
+    label = torch.as_tensor(np.random.default_rng(0).integers(0, 4, (3, 9, 7)))
+    label[1] = 2  # one class: ones
+    label[2] = torch.where(label[2] == 1, 7, label[2])  # sparse ids
+    got = border_weight_map_torch(torch.zeros_like(label), label, 0.0).numpy()
+    for i in range(3):
+        np.testing.assert_allclose(got[i], class_balance_weights(label[i].numpy()), rtol=1e-6)
+
+
+def test_seeded_noise_is_per_sample_and_normal() -> None:
+    """A sample's noise depends on its seed only (not on the batch around it) and is standard normal."""
+    from medseg.transforms.accelerated import seeded_normal
+
+    seeds = torch.tensor([[5], [123456], [5], [2**31 - 2]])
+    z = seeded_normal(seeds, (3, 64, 64))
+    assert z.shape == (4, 3, 64, 64) and torch.equal(z[0], z[2]) and not torch.equal(z[0], z[1])
+    assert torch.equal(seeded_normal(seeds[1:2], (3, 64, 64))[0], z[1])
+    flat = z[1:].reshape(-1).double()
+    assert abs(flat.mean()) < 0.02 and abs(flat.std() - 1) < 0.02
+    assert abs(float(np.corrcoef(flat[:-1], flat[1:])[0, 1])) < 0.02  # neighbours independent
+    assert stats.kstest(flat.numpy(), "norm").pvalue > 1e-3
