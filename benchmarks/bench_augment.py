@@ -23,7 +23,7 @@ benchmark's batch (equal: nothing per sample) and its host reads (``aten::_local
 ``nonzero``/``unique``: 0). ``--train`` adds the end-to-end row: ``Trainer.fit`` on this device with the
 CPU chain in a DataLoader worker vs ``transforms.accelerator: true``, images/s in the steady state
 (from the end of an early step to the end of the last, data loading included). Run:
-``python benchmarks/bench_augment.py [--quick] [--device cuda] [--train]``. Target on CUDA: accelerator ≥ 5× cpu.
+``python benchmarks/bench_augment.py [--quick] [--device cuda] [--train [--trace DIR]]``. Target on CUDA: accelerator ≥ 5× cpu.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def op_counts(fn: Any, *args: Any) -> tuple[int, int]:
 
 
 def main(quick: bool = False, device: str = "cpu", root: Path | None = None,
-         train: bool = False) -> list[dict[str, Any]]:
+         train: bool = False, trace: Path | None = None) -> list[dict[str, Any]]:
     """Rows: accelerator vs cpu, accelerator vs monai (samples/s), and the device part's own cost."""
     from monai.transforms import Compose, Rand2DElasticd, RandFlipd, RandSpatialCropd
 
@@ -97,7 +97,7 @@ def main(quick: bool = False, device: str = "cpu", root: Path | None = None,
     repeats = 2 if quick else 5
     with tempfile.TemporaryDirectory() as tmp:
         samples, cfg = _samples(Path(tmp), quick, root)
-        train_rows = [train_row(Path(cfg.data.root), Path(tmp), quick, device)] if train else []
+        train_rows = [train_row(Path(cfg.data.root), Path(tmp), quick, device, trace)] if train else []
     crop = 128
     base = [f"transforms.crop_size=[{crop},{crop}]"]
     cpu_t = build_transforms(load_config(None, base).transforms, train=True)
@@ -218,10 +218,14 @@ def main(quick: bool = False, device: str = "cpu", root: Path | None = None,
     ]
 
 
-def train_row(data: Path, tmp: Path, quick: bool, device: str) -> dict[str, Any]:
+def train_row(data: Path, tmp: Path, quick: bool, device: str, trace: Path | None = None) -> dict[str, Any]:
     """``Trainer.fit`` end to end, the CPU chain (one DataLoader worker) vs ``transforms.accelerator``:
     images/s in the steady state (the time from the end of step ``skip`` to the end of the last step,
-    data loading and the device augmentation included); the same pipeline, model, crops and seeds."""
+    data loading and the device augmentation included); the same pipeline, model, crops and seeds.
+    ``trace``: a folder for a ``torch.profiler`` trace (CPU and, on CUDA, device activity) of three
+    steps of each side, for ``chrome://tracing`` / Perfetto."""
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
     from medseg.config import load_config
     from medseg.training.trainer import Trainer
 
@@ -231,10 +235,13 @@ def train_row(data: Path, tmp: Path, quick: bool, device: str) -> dict[str, Any]
         """The Trainer, with the time each step ends."""
 
         ends: list[float] = []
+        prof: Any = None
 
         def _train_step(self, b: dict[str, Any]) -> float:  # noqa: D102
             loss = super()._train_step(b)
             self.ends.append(time.perf_counter())
+            if self.prof is not None:
+                self.prof.step()
             return loss
 
     ov = [f"data.root={data}", "data.generate_if_missing=false", "data.spacing_mm=null", "tracking.enabled=false",
@@ -247,7 +254,14 @@ def train_row(data: Path, tmp: Path, quick: bool, device: str) -> dict[str, Any]
             *ov, f"output_dir={tmp / f'runs_{acc}'}", f"transforms.accelerator={str(acc).lower()}"])
         trainer = Timed(cfg)
         trainer.ends = []
-        trainer.fit()
+        if trace is None:
+            trainer.fit()
+        else:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+            with profile(activities=acts, schedule=schedule(wait=skip, warmup=1, active=3, repeat=1),
+                         on_trace_ready=tensorboard_trace_handler(str(trace), f"{'accelerator' if acc else 'cpu'}")
+                         ) as trainer.prof:
+                trainer.fit()
         rate[acc] = (len(trainer.ends) - skip) * batch / (trainer.ends[-1] - trainer.ends[skip - 1])
     return report(f"Trainer.fit end to end, quick-start U-Net (8 base channels), 96² crops, batch {batch}, one "
                   f"DataLoader worker ({device}): accelerator vs cpu chain", rate[True], rate[False], "samples/s",
@@ -303,5 +317,7 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--train", action="store_true", help="add the Trainer end-to-end row (both paths)")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="with --train: write a torch.profiler trace of three steps of each path to this folder")
     a = p.parse_args()
-    sys.exit(0 if all(r["ok"] for r in main(a.quick, a.device, train=a.train)) else 1)
+    sys.exit(0 if all(r["ok"] for r in main(a.quick, a.device, train=a.train, trace=a.trace)) else 1)

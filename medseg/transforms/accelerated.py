@@ -154,10 +154,11 @@ def _row_two_nearest(inst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     """Per pixel, along its row: the distance to the nearest instance pixel and its id, and the distance to
     the nearest pixel of another instance and its id (``inf`` / 0 where there is none). Exact, O(1) kernels.
 
-    To the left of ``x``: ``P`` = the last instance pixel ≤ x (a running maximum of positions); the
-    nearest pixel of another id is the instance pixel just before the run of equal ids that ends at
-    ``P`` (the run's start is the last "id changes here" position ≤ x, also a running maximum). The
-    right side is the same on the flipped row; the two sides give both distances exactly.
+    To the left of ``x``: the last instance pixel ≤ x is a running maximum of positions; the nearest
+    pixel of another id is the instance pixel just before the run of equal ids that pixel belongs to —
+    a running maximum too, since "the last instance pixel before p" never decreases with ``p``. Each
+    position travels with its id (``position · 2³¹ + id`` in a float64, exact), so nothing is gathered.
+    The right side is the same on the flipped row; the two sides give both distances exactly.
     """
     left = _left_two_nearest(inst)
     right = [t.flip(-1) for t in _left_two_nearest(inst.flip(-1))]
@@ -167,32 +168,29 @@ def _row_two_nearest(inst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     i1 = torch.where(from_left, a, c)
     # nearest of another id than i1: on i1's side the second candidate, on the other side the first
     # candidate unless it has i1's id (then that side's second)
-    other_l = torch.where(a != c, gr1, gr2), torch.where(a != c, c, d)
-    other_r = torch.where(a != c, gl1, gl2), torch.where(a != c, a, b)
-    ga = torch.where(from_left, gl2, gr2)
-    ia = torch.where(from_left, b, d)
-    gb = torch.where(from_left, other_l[0], other_r[0])
-    ib = torch.where(from_left, other_l[1], other_r[1])
+    differ = a != c
+    ga, ia = torch.where(from_left, gl2, gr2), torch.where(from_left, b, d)
+    gb = torch.where(from_left, torch.where(differ, gr1, gr2), torch.where(differ, gl1, gl2))
+    ib = torch.where(from_left, torch.where(differ, c, d), torch.where(differ, a, b))
     take_a = ga <= gb
     return g1, i1, torch.where(take_a, ga, gb), torch.where(take_a, ia, ib)
 
 
 def _left_two_nearest(inst: torch.Tensor) -> list[torch.Tensor]:
-    """:func:`_row_two_nearest` looking left only: ``[g1, id1, g2, id2]``."""
+    """:func:`_row_two_nearest` looking left only: ``[g1, id1, g2, id2]`` (float64 ids)."""
     w = inst.shape[-1]
-    x = torch.arange(w, device=inst.device).expand_as(inst)
-    none = torch.full_like(x, -1)
-    is_obj = inst > 0
-    last = torch.where(is_obj, x, none).cummax(-1).values  # last instance pixel ≤ x
-    before = F.pad(last[..., :-1], (1, 0), value=-1)  # last instance pixel < x
-    id_before = torch.where(before >= 0, inst.gather(-1, before.clamp_min(0)), 0)
-    run_start = torch.where(is_obj & (id_before != inst), x, none).cummax(-1).values
-    second = torch.where(run_start >= 0, before.gather(-1, run_start.clamp_min(0)), none)
+    ids = inst.double()
+    x = torch.arange(w, device=inst.device, dtype=torch.float64)
+    is_obj = ids > 0
+    last = torch.where(is_obj, x * SHIFT + ids, -1.0).cummax(-1).values  # last instance pixel ≤ x, packed
+    before = F.pad(last[..., :-1], (1, 0), value=-1.0)  # last instance pixel < x
+    id_before = before - torch.floor(before * (1.0 / SHIFT)) * SHIFT
+    second = torch.where(is_obj & (id_before != ids), before, -1.0).cummax(-1).values
     out = []
-    for pos in (last, second):
-        found = pos >= 0
-        out += [torch.where(found, (x - pos).float(), float("inf")),
-                torch.where(found, inst.gather(-1, pos.clamp_min(0)), 0)]
+    for packed in (last, second):
+        pos = torch.floor(packed * (1.0 / SHIFT))
+        found = packed >= 0
+        out += [torch.where(found, x - pos, float("inf")), torch.where(found, packed - pos * SHIFT, 0.0)]
     return out
 
 
@@ -213,13 +211,13 @@ def two_nearest_distances_torch(instance: torch.Tensor, max_distance: float) -> 
         another instance, so ``d1 + d2 ≥ 2·d1_true``, and with ``d1_true`` within the first window
         both are at least the true ones) — so the border term is exact wherever it is not negligible.
     """
-    g1, i1, g2, _ = _row_two_nearest(instance.long())
+    g1, i1, g2, _ = _row_two_nearest(instance)
     b, h, w = instance.shape
     dev = instance.device
     m = int(min(math.ceil(max_distance), math.ceil(math.hypot(h, w))))  # no distance in the crop is longer
     r, r1 = min(m, h - 1), min(int(math.ceil(m / 2)), h - 1)  # the two passes' row windows
     far = float((m + 1) ** 2)  # a squared distance ≥ far: beyond max_distance, "none"
-    sq1, sq2 = (g.clamp_max(m + 1).square().transpose(1, 2).contiguous() for g in (g1, g2))  # (B, W, H)
+    sq1, sq2 = (g.clamp_max(m + 1).square().float().transpose(1, 2).contiguous() for g in (g1, g2))  # (B, W, H)
     ids = i1.transpose(1, 2).to(torch.int32).contiguous()
     # pass 1: d1² and the nearest instance's id at once, as the minimum of d² · 2³¹ + id (float64: exact)
     packed = F.pad(sq1.double() * SHIFT + ids.double(), (r1, r1), value=far * SHIFT)
