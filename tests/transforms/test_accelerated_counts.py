@@ -136,3 +136,23 @@ def test_seeded_noise_is_per_sample_and_normal() -> None:
     assert abs(flat.mean()) < 0.02 and abs(flat.std() - 1) < 0.02
     assert abs(float(np.corrcoef(flat[:-1], flat[1:])[0, 1])) < 0.02  # neighbours independent
     assert stats.kstest(flat.numpy(), "norm").pvalue > 1e-3
+
+
+def test_a_samples_augmentation_does_not_depend_on_its_batch() -> None:
+    """Every draw travels with its sample (seeded per sample in the workers): a sample augmented in a batch of
+    five equals it augmented alone — warp, flips, intensity, noise and weight map."""
+    from medseg.transforms.accelerated import DeviceAugment, seeded_normal
+
+    aug = DeviceAugment(_cfg(noise=0.05))
+    batch = _batch(5, aug.margin, seed=7)
+    batch["device_aug"][3, :2] = 1.0  # both flips on sample 3
+    whole = aug(dict(batch))
+    alone = aug({k: (v[3:4] if torch.is_tensor(v) else v[3:4]) for k, v in batch.items()})
+    for key in ("image", "label", "instance", "truth", "weight"):
+        assert torch.equal(whole[key][3:4], alone[key]), key
+    # the noise is the seed's: without it (std 0) the image differs by exactly std · seeded_normal inside (0, 1)
+    plain = DeviceAugment(_cfg(noise=0.0))({k: (v[3:4] if torch.is_tensor(v) else v[3:4]) for k, v in batch.items()})
+    inside = (alone["image"] > 0) & (alone["image"] < 1) & (plain["image"] > 0) & (plain["image"] < 1)
+    noise = 0.05 * seeded_normal(batch["device_noise_seed"][3:4], alone["image"].shape[1:])
+    assert inside.float().mean() > 0.5
+    torch.testing.assert_close((alone["image"] - plain["image"])[inside], noise[inside], rtol=0, atol=1e-6)
