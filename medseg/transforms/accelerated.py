@@ -17,6 +17,11 @@ elastic deformation on a whole batch at once with ``torch.nn.functional.grid_sam
   B-spline for images: intensities differ slightly, geometry does not). Out-of-bounds positions are
   mirrored at the input's edge pixels (``mode="mirror"``, ``grid_sample``'s ``reflection`` with
   ``align_corners=True``).
+* **A fixed number of kernels.** :class:`DeviceAugment` runs the same operators for a batch of 4
+  and of 32, with no host read-back (no ``.item()``, ``nonzero``, ``unique``, generator per sample):
+  the border weight map by a batched exact distance transform (:func:`two_nearest_distances_torch`),
+  the noise from each sample's seed (:func:`seeded_normal`). ``tests/transforms/test_accelerated_counts.py``
+  counts them with ``torch.profiler``.
 
 Example:
     >>> disp = torch.randn(B, 2, 3, 3) * 10                           # pixels of the training grid
@@ -42,7 +47,7 @@ __all__ = ["DeviceAugment", "border_weight_map_torch", "bspline_matrix", "dense_
 
 
 #: pass 1 of :func:`two_nearest_distances_torch` packs d² · 2³¹ + id (ids < 2³¹) into a float64, exact below 2⁵³
-SHIFT = 2.0**31
+_SHIFT = 2.0**31
 
 
 def bspline_matrix(points: int, extent: int, offset: int, length: int) -> np.ndarray:
@@ -182,15 +187,15 @@ def _left_two_nearest(inst: torch.Tensor) -> list[torch.Tensor]:
     ids = inst.double()
     x = torch.arange(w, device=inst.device, dtype=torch.float64)
     is_obj = ids > 0
-    last = torch.where(is_obj, x * SHIFT + ids, -1.0).cummax(-1).values  # last instance pixel ≤ x, packed
+    last = torch.where(is_obj, x * _SHIFT + ids, -1.0).cummax(-1).values  # last instance pixel ≤ x, packed
     before = F.pad(last[..., :-1], (1, 0), value=-1.0)  # last instance pixel < x
-    id_before = before - torch.floor(before * (1.0 / SHIFT)) * SHIFT
+    id_before = before - torch.floor(before * (1.0 / _SHIFT)) * _SHIFT
     second = torch.where(is_obj & (id_before != ids), before, -1.0).cummax(-1).values
     out = []
     for packed in (last, second):
-        pos = torch.floor(packed * (1.0 / SHIFT))
+        pos = torch.floor(packed * (1.0 / _SHIFT))
         found = packed >= 0
-        out += [torch.where(found, x - pos, float("inf")), torch.where(found, packed - pos * SHIFT, 0.0)]
+        out += [torch.where(found, x - pos, float("inf")), torch.where(found, packed - pos * _SHIFT, 0.0)]
     return out
 
 
@@ -220,14 +225,14 @@ def two_nearest_distances_torch(instance: torch.Tensor, max_distance: float) -> 
     sq1, sq2 = (g.clamp_max(m + 1).square().float().transpose(1, 2).contiguous() for g in (g1, g2))  # (B, W, H)
     ids = i1.transpose(1, 2).to(torch.int32).contiguous()
     # pass 1: d1² and the nearest instance's id at once, as the minimum of d² · 2³¹ + id (float64: exact)
-    packed = F.pad(sq1.double() * SHIFT + ids.double(), (r1, r1), value=far * SHIFT)
-    best = torch.full((b, w, h), far * SHIFT, dtype=torch.float64, device=dev)
+    packed = F.pad(sq1.double() * _SHIFT + ids.double(), (r1, r1), value=far * _SHIFT)
+    best = torch.full((b, w, h), far * _SHIFT, dtype=torch.float64, device=dev)
     tmp = torch.empty_like(best)
     for k in range(2 * r1 + 1):
-        torch.add(packed[..., k:k + h], float((k - r1) ** 2) * SHIFT, out=tmp)
+        torch.add(packed[..., k:k + h], float((k - r1) ** 2) * _SHIFT, out=tmp)
         torch.minimum(best, tmp, out=best)
-    d1sq = torch.floor(best * (1.0 / SHIFT))
-    near = (best - d1sq * SHIFT).to(torch.int32)
+    d1sq = torch.floor(best * (1.0 / _SHIFT))
+    near = (best - d1sq * _SHIFT).to(torch.int32)
     # pass 2: per row, the nearest pixel of another instance than ``near``
     c1 = F.pad(sq1, (r, r), value=far)
     diff = F.pad(sq2 - sq1, (r, r), value=0.0)
