@@ -151,7 +151,7 @@ class VolumeMetrics:
             pids = m.pred_ids[m.matched[i]]
             p_mask = np.isin(comps, pids) if len(pids) else np.zeros_like(t_mask)
             zs = np.nonzero(t_mask.any((1, 2)))[0]
-            self._rows.append({"volume": volume_id, "unit": unit, "lesion_id": int(tid), "voxels": int(t_mask.sum()),
+            self._rows.append({"image_id": volume_id, "unit": unit, "lesion_id": int(tid), "voxels": int(t_mask.sum()),
                                "slices": len(zs), "on_key_slice": bool(key[zs].any()), "detected": bool(len(pids)),
                                "dice_3d": _dice(t_mask, p_mask), "n_pred_components": len(pids)})
         fg = truth > 0
@@ -176,7 +176,7 @@ class VolumeMetrics:
             self._froc_fps += cs[~mc.matched.any(0)].tolist()
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per true lesion: volume, id, voxels, slices, detected, ``dice_3d``."""
+        """One row per true lesion: ``image_id`` (the volume), ``unit``, ``lesion_id``, voxels, slices, detected, ``dice_3d``."""
         return [dict(r) for r in self._rows]
 
     def slice_rows(self) -> list[dict[str, Any]]:

@@ -159,9 +159,15 @@ class DeepLesionDataset(Dataset):
         keys = [(s.series, s.key) for s in self.samples]
         return fingerprint_files([str(self.csv_path), *self.images.files(keys)], extra=extra)
 
-    def _read_truth(self, series: str, n: int, shape: tuple[int, int]) -> np.ndarray | None:
-        """The true instance map ``(1, H, W)`` int32 from ``Masks_png``, or None when absent."""
+    def read_truth(self, series: str, n: int, shape: tuple[int, int], empty_if_absent: bool = False) -> np.ndarray | None:
+        """The true instance map ``(1, H, W)`` int32 of slice ``n`` from ``Masks_png``, or None when absent.
+
+        ``empty_if_absent``: a missing file is an empty map (generated releases write masks only on the
+        slices a lesion shows on); an unreadable one is still None.
+        """
         path = self.masks_dir / series / f"{n:03d}.png"
+        if empty_if_absent and not path.exists():
+            return np.zeros((1, *shape), np.int32)
         m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if m is None:
             if path.is_file():
@@ -220,9 +226,7 @@ class DeepLesionDataset(Dataset):
         image = apply_window(hu, window[0], window[1])
 
         shape = (int(key_hu.shape[0]), int(key_hu.shape[1]))
-        truth = self._read_truth(s.series, n, shape) if self.has_masks else None
-        if truth is None and self.has_masks and n != s.key and not (self.masks_dir / s.series / f"{n:03d}.png").exists():
-            truth = np.zeros((1, *shape), np.int32)  # generated releases write masks only where lesions show
+        truth = self.read_truth(s.series, n, shape, empty_if_absent=n != s.key) if self.has_masks else None
         if n == s.key:
             lesions = [{"coords": r.coords, "bbox": r.bbox} for r in s.rows]
             gc_image = apply_window(key_hu, *rec.window) if self.cfg.recist_mask == "grabcut" else None
