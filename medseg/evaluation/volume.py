@@ -40,7 +40,7 @@ from medseg.inference.predictor import foreground_probability, predict_logits
 from medseg.io import atomic_write_bytes
 from medseg.metrics.volume import VolumeMetrics
 
-__all__ = ["PROTOCOLS", "PredictedVolume", "VolumeResult", "evaluate_volumes", "predicted_volumes",
+__all__ = ["PROTOCOLS", "PredictedVolume", "VolumeResult", "class_maps", "evaluate_volumes", "predicted_volumes",
            "resolve_protocol", "score_volumes"]
 
 #: a callback that sees each volume and its class map (source grid)
@@ -97,8 +97,12 @@ class VolumeResult:
 
 @torch.no_grad()
 def predicted_volumes(model: nn.Module, dataset: Any, cfg: Config, device: torch.device,
-                      progress: str | None = None) -> Iterator[PredictedVolume]:
-    """Run ``model`` on every slice of every block of ``dataset``, ``evaluation.batch_size`` slices at a time."""
+                      progress: str | None = None, compact: bool = False) -> Iterator[PredictedVolume]:
+    """Run ``model`` on every slice of every block of ``dataset``, ``evaluation.batch_size`` slices at a time.
+
+    ``compact``: keep the logits as float16 and the images only when the dense CRF needs them (for
+    calibration, which keeps every volume of the split in memory to try operating points on).
+    """
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -112,6 +116,9 @@ def predicted_volumes(model: nn.Module, dataset: Any, cfg: Config, device: torch
             spacing = [list(s["meta"]["spacing"]) for s in samples]
             logits = torch.cat([predict_logits(model, images[i: i + bs], cfg, device).cpu()
                                 for i in range(0, len(images), bs)])
+            if compact:
+                logits = logits.half()
+                images = images if cfg.inference.crf.enabled else images[:, :0]
             yield PredictedVolume(block, logits, images, spacing, samples[0]["meta"],
                                   np.stack([s["source_truth"] for s in samples]),
                                   np.array([bool(s["meta"]["key"]) for s in samples]))
@@ -121,8 +128,9 @@ def predicted_volumes(model: nn.Module, dataset: Any, cfg: Config, device: torch
 
 def class_maps(vol: PredictedVolume, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """Class map and foreground probability ``(Z, H, W)`` on the source grid at ``cfg``'s operating point."""
-    pred = postprocess(vol.logits, vol.images, cfg, vol.spacing).cpu().numpy()
-    prob = foreground_probability(vol.logits).cpu().numpy()
+    logits = vol.logits.float()
+    pred = postprocess(logits, vol.images, cfg, vol.spacing).cpu().numpy()
+    prob = foreground_probability(logits).cpu().numpy()
     return to_source_grid(pred, vol.meta), to_source_grid(prob, vol.meta)
 
 

@@ -42,14 +42,15 @@ LEVEL = {"fixed": 0.8, "dicom": 0.65}
 class ContextMean(nn.Module):
     """Lesion logit ``20 · (mean over the context channels − level)``; background 0."""
 
-    def __init__(self, in_channels: int, num_classes: int, level: float = 0.5) -> None:
+    def __init__(self, in_channels: int, num_classes: int, level: float = 0.5, slope: float = 20.0) -> None:
         super().__init__()
         self.register_buffer("level", torch.tensor(float(level)))
+        self.slope = slope
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape[0], self.num_classes, *x.shape[-2:], dtype=x.dtype)
-        out[:, 1] = 20.0 * (x.mean(1) - self.level)
+        out[:, 1] = self.slope * (x.mean(1) - self.level)
         return out
 
 
@@ -176,3 +177,28 @@ def test_predict_on_a_dicom_export_equals_the_volume_protocol(sentinel_root: Pat
         assert figures[k] == pytest.approx(m[k], abs=0.01), k
     rows = json.loads(json.dumps(res["volume"]))
     assert Path(rows["lesions_csv"]).is_file() and rows["n_volumes"] == len(blocks)
+
+
+@pytest.mark.slow
+def test_calibrate_chooses_the_operating_point_on_volumes(sentinel_root: Path, tmp_path: Path,
+                                                         context_mean: None) -> None:
+    from medseg.evaluation.calibrate import calibrate
+
+    cfg = _config(sentinel_root, tmp_path / "eval", "fixed")
+    cfg.model.params = {"level": 0.75, "slope": 4.0}  # soft probabilities: the threshold matters
+    cfg.inference.threshold, cfg.inference.min_object_mm2 = None, None
+    cfg.calibration.metric, cfg.calibration.thresholds, cfg.calibration.min_object_mm2 = "lesion_dice", [0.4, 0.5, 0.6], [0.0, 8.0]
+    cfg.evaluation.protocol = "auto"
+    ckpt = _checkpoint(cfg, tmp_path / "model" / "best.pt")
+    res = calibrate(cfg, ckpt, write=False)
+    assert res["protocol"] == "volume" and res["metric"] == "vol_lesion_dice"
+    values = [row["vol_lesion_dice"] for row in res["grid"]]
+    assert res["score"] == max(values) and len(set(np.round(values, 6))) > 1  # the grid differs; the best is kept
+    # independent: evaluate at the chosen point (float32 logits) gives the score calibration saw (float16 logits)
+    cfg.inference.threshold, cfg.inference.min_object_mm2 = res["threshold"], res["min_object_mm2"]
+    cfg.evaluation.protocol = "volume"
+    m = evaluate(cfg, ckpt, "val")["metrics"]
+    assert m["vol_lesion_dice"] == pytest.approx(res["score"], abs=0.01)
+    # the key-slice protocol when asked for
+    cfg.evaluation.protocol = "key"
+    assert calibrate(cfg, ckpt, write=False)["metric"] == "lesion_dice"
