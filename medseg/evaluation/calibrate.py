@@ -125,7 +125,8 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
     base = build_dataset(cfg.data, SPLIT)
     metric, volumes = volume_metric(cfg, base)
     if volumes:  # the operating point chosen on every slice of each series, as predict runs
-        kept_volumes = list(predicted_volumes(model, base, cfg, device, compact=True))
+        kept_volumes = list(predicted_volumes(model, base, cfg, device, progress=f"calibrate {SPLIT} volumes",
+                                              compact=True))
         if not kept_volumes:
             raise TrainingError(f"calibrate: the {SPLIT} split has no volumes")
     else:
