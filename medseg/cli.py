@@ -155,6 +155,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{split}: " + ", ".join(_with_interval(m, k) for k in ("dice", "lesion_dice", "lesion_sensitivity",
                                                                       "roi_dice", "froc_sens_fp1", "pixel_error",
                                                                       "rand_error", "split_merge_error") if k in m))
+        vol = [k for k in ("vol_lesion_dice", "vol_slice_dice_key", "vol_slice_dice_nonkey", "vol_fp_per_volume") if k in m]
+        if vol:  # the volume protocol (every slice of each series), where the data has true masks on every slice
+            print(f"{split} (every slice of each series): " + ", ".join(_with_interval(m, k) for k in vol))
     print(f"run folder:   {result.run_dir}")
     print(f"checkpoint:   {result.best_checkpoint or result.last_checkpoint}")
     if result.run_id:

@@ -273,6 +273,9 @@ class EvaluationConfig:
     plots: bool = True
     #: lesions in the worst-lesions overlay (lowest ROI Dice, else lowest lesion Dice)
     worst_lesions: int = 10
+    #: what evaluate / calibrate score: "key" slices (DeepLesion's protocol), every slice of each series
+    #: ("volume", needs true masks on every slice), "both", or "auto" = both where such masks exist, else key
+    protocol: Literal["auto", "key", "volume", "both"] = "auto"
 
 
 @dataclass
