@@ -295,6 +295,8 @@ class PredictConfig:
     prefetch: int = 2
     #: write the DICOM SEG (``seg.dcm``) for DICOM input
     write_seg: bool = True
+    #: write the TID 1500 measurement report (``sr.dcm``, one group per lesion) beside the SEG
+    write_sr: bool = True
     #: write overlay PNGs of the slices that hold lesions
     overlays: bool = True
     #: lesions: 3-D connectivity of voxels (1 = faces, 2 = + edges, 3 = + corners)
