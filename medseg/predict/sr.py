@@ -109,11 +109,17 @@ def write_sr(path: Path, rows: list[dict[str, Any]], seg_path: Path, source_file
                 sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID), segment_number=lid,
                 source_series=hd.sr.SourceSeriesForSegmentation(src_uid)),
             finding_type=codes.SCT.Lesion, algorithm_id=algo, measurements=measurements))
+    if not groups:  # no lesion: one group saying so (TID 1501: finding = "None", SCT 260413007)
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(src_uid, fingerprint, "no lesion"),
+                                                         identifier="no lesion"),
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                name=codes.DCM.Finding, value=hd.sr.CodedConcept("260413007", "SCT", "None"))]))
     procedure = codes.LN.CTUnspecifiedBodyRegion if modality == "CT" else hd.sr.CodedConcept(
         "25056-3", "LN", "MRI unspecified body region")
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
-        procedure_reported=procedure, imaging_measurements=groups or None)
+        procedure_reported=procedure, imaging_measurements=groups)
     seed = [src_uid, fingerprint, "sr"]
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*srcs, seg], content=report[0], series_instance_uid=_uid(*seed, "series"),
@@ -130,7 +136,7 @@ def write_sr(path: Path, rows: list[dict[str, Any]], seg_path: Path, source_file
     got = [{k: v for k, v in g.items() if k != "seg_sop_uid"} for g in back]
     if got != want or any(g["seg_sop_uid"] != str(seg.SOPInstanceUID) for g in back):
         raise DataError(f"{path}: the SR does not read back as lesions.csv")
-    return {"series_uid": str(sr.SeriesInstanceUID), "sop_uid": str(sr.SOPInstanceUID), "groups": len(groups)}
+    return {"series_uid": str(sr.SeriesInstanceUID), "sop_uid": str(sr.SOPInstanceUID), "lesions": len(rows)}
 
 
 def _fixed_dates(sr: Any, src: Any) -> None:

@@ -178,7 +178,8 @@ def test_seg_equals_the_mask_frame_by_frame_and_references_the_sources(hospital:
                 k = _slice_of_frame(b, int(src.ReferencedFrameNumber) - 1)
             else:
                 k = b.sop_uids.index(src.ReferencedSOPInstanceUID)
-            order.setdefault(int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber), []).append(k)
+            ident = item.get("SegmentIdentificationSequence") or raw.SharedFunctionalGroupsSequence[0].SegmentIdentificationSequence
+            order.setdefault(int(ident[0].ReferencedSegmentNumber), []).append(k)
             assert pix[f].any() and not (pix[f] > 0)[mask[k] == 0].any()
             covered[k] += pix[f] > 0
             pos = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
