@@ -75,6 +75,8 @@ class PredictResult:
     summary: str = ""
     seconds: float = 0.0
     slices: int = 0
+    #: the resolved config the run used (the model's, with the overrides)
+    config: Any = None
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -284,7 +286,7 @@ def _run_locked(model: str | Path, root: Path, out: Path, overrides: list[str] |
     manifest = Manifest(out / manifest_name(num_parts, part_id))
     manifest.set_run(model=str(model), model_fingerprint=fingerprint, num_parts=num_parts, part_id=part_id,
                      started=time.time(), finished="")
-    result = PredictResult(out, manifest.path)
+    result = PredictResult(out, manifest.path, config=cfg)
     todo: list[Case] = []
     rows: list[tuple[str, str | None, str, str | None]] = [(_rel(p, base), None, "skipped", r) for p, r in skipped]
     for c in mine:
