@@ -32,6 +32,6 @@ def quiet_third_party(log_file: Path) -> logging.Handler:
             lg.removeHandler(old)
             old.close()
         lg.addHandler(handler)
-        lg.setLevel(logging.DEBUG if name != "urllib3" else logging.INFO)
+        lg.setLevel(logging.DEBUG if name in ("highdicom", "py.warnings") else logging.INFO)
         lg.propagate = False
     return handler

@@ -36,22 +36,26 @@ def cstore_sender(ae_title: str, host: str, port: int, calling_ae_title: str = "
     """``(destination, send)``: C-STORE of the files to ``ae_title@host:port`` in one association."""
     from pydicom import dcmread
     from pynetdicom import AE
-    from pynetdicom.sop_class import ComprehensiveSRStorage, SegmentationStorage
 
     dest = f"dicom://{ae_title}@{host}:{port}"
 
     def send(files: list[Path]) -> StoreAnswer:
+        dss = [dcmread(p) for p in files]
         ae = AE(ae_title=calling_ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-        for sop in (SegmentationStorage, ComprehensiveSRStorage):
+        for sop in dict.fromkeys(str(ds.SOPClassUID) for ds in dss):
             ae.add_requested_context(sop)
         assoc = ae.associate(host, int(port), ae_title=ae_title)
         if not assoc.is_established:
             return False, f"no association with {dest} (refused, aborted or unreachable)"
         answers = []
         try:
-            for p in files:
-                status = assoc.send_c_store(dcmread(p))
+            for p, ds in zip(files, dss):
+                try:
+                    status = assoc.send_c_store(ds)
+                except (ValueError, RuntimeError) as e:  # the peer accepted no context for it
+                    answers.append(f"{p.name}: not sent ({str(e).splitlines()[0][:120]})")
+                    continue
                 code = int(status.Status) if status and "Status" in status else -1
                 answers.append(f"{p.name}: 0x{code:04X}" if code >= 0 else f"{p.name}: no answer")
         finally:
@@ -132,7 +136,7 @@ def store_back(out_dir: Path, manifest: Any, sender_for: Callable[[str], tuple[s
         text = ("ok: " if ok else "failed: ") + answer
         manifest.set_series(row["key"], stored=what, store_answer=text)
         if ok:
-            log.info("case %s stored back: %s", row["key"], answer)
+            log.debug("case %s stored back: %s", row["key"], answer)
         else:
             log.warning("case %s not stored back: %s (the local outputs stay)", row["key"], answer)
         done[row["key"]] = text
