@@ -80,7 +80,9 @@ def connect(url: str, ca_bundle: str | None = None) -> Any:
     elif os.environ.get("MEDSEG_DICOMWEB_USER"):
         session.auth = (os.environ["MEDSEG_DICOMWEB_USER"], os.environ.get("MEDSEG_DICOMWEB_PASSWORD", ""))
     session.verify = ca_bundle or os.environ.get("MEDSEG_DICOMWEB_CA_BUNDLE") or True
-    return DICOMwebClient(base.rstrip("/"), session=session)
+    client = DICOMwebClient(base.rstrip("/"), session=session)
+    client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)  # 429 / 503 / 504: briefly
+    return client
 
 
 def _call(url: str, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -146,6 +148,7 @@ def stage_series(client: Any, url: str, study: str, series: str, folder: Path, r
         requests.RequestException: the retrieve kept failing after ``retries`` attempts.
     """
     import requests
+    import urllib3
     from pydicom import dcmwrite
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +164,7 @@ def stage_series(client: Any, url: str, study: str, series: str, folder: Path, r
                 dcmwrite(buf, ds, enforce_file_format=True)
                 atomic_write_bytes(target, buf.getvalue())
             return n
-        except (requests.RequestException, ValueError, OSError) as e:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError, OSError) as e:
             if isinstance(e, PacsError) or attempt == retries:
                 raise
             log.debug("retrieve of a series broke (%s); attempt %d of %d", type(e).__name__, attempt + 1, retries)
@@ -172,7 +175,7 @@ def stage_series(client: Any, url: str, study: str, series: str, folder: Path, r
 def run_dicomweb(model: str | Path, url: str, output_dir: str | Path, studies: list[str] | None = None,
                  query: str | None = None, overrides: list[str] | None = None, store: bool = False,
                  ca_bundle: str | None = None, device: str | None = None, progress: bool = True,
-                 retries: int = RETRIES) -> PredictResult:
+                 retries: int = RETRIES, retry_wait_s: float = 1.0) -> PredictResult:
     """Pull the series of ``studies`` / ``query``, predict them as a folder, optionally STOW-RS the results back.
 
     Pulled series get manifest rows keyed ``dicomweb:<hash of the series UID>`` (status ``done`` once
@@ -199,7 +202,7 @@ def run_dicomweb(model: str | Path, url: str, output_dir: str | Path, studies: l
             continue
         folder = stage / _hash(st) / _hash(se)
         try:
-            n = stage_series(client, url, st, se, folder, retries)
+            n = stage_series(client, url, st, se, folder, retries, retry_wait_s)
         except PacsError:
             manifest.close()
             raise

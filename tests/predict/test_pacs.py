@@ -106,6 +106,9 @@ def test_dicomweb_pull_predict_store_back_once(orthanc: Orthanc, oracle: None, c
     assert _medseg_series(orthanc, study) == {"SEG": 1, "SR": 1}
     with sqlite3.connect(out / "manifest.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM series WHERE stored IS NOT NULL").fetchone()[0] == 1
+        # the study now holds our SEG and SR: not images, skipped with the reason
+        skipped = sorted(r for (r,) in db.execute("SELECT reason FROM series WHERE status = 'skipped'"))
+    assert skipped == ["not an image series (Modality SEG)", "not an image series (Modality SR)"]
     printed = capsys.readouterr()
     assert "0 case(s) predicted" in printed.out and PASSWORD not in printed.out + printed.err
     assert PASSWORD not in (out / "medseg-predict.log").read_text()
