@@ -229,17 +229,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medseg.predict.chatter import quiet_third_party
     from medseg.predict.dicomweb import is_dicomweb, run_dicomweb
 
-    quiet_third_party(Path(args.output_dir) / "medseg-predict.log")
-    if is_dicomweb(args.input):
-        result = run_dicomweb(args.model, args.input, args.output_dir, args.study, args.query, args.overrides,
-                              args.store_back, args.ca_bundle, args.device, progress=not args.no_progress)
-    else:
-        result = run_predict(args.model, args.input, args.output_dir, args.overrides, args.num_parts, args.part_id,
-                             args.device, progress=not args.no_progress)
-        if args.store_back:
-            from medseg.predict.listen import store_to_node
+    with quiet_third_party(Path(args.output_dir) / "medseg-predict.log"):
+        if is_dicomweb(args.input):
+            result = run_dicomweb(args.model, args.input, args.output_dir, args.study, args.query, args.overrides,
+                                  args.store_back, args.ca_bundle, args.device, progress=not args.no_progress)
+        else:
+            result = run_predict(args.model, args.input, args.output_dir, args.overrides, args.num_parts,
+                                 args.part_id, args.device, progress=not args.no_progress)
+            if args.store_back:
+                from medseg.predict.listen import store_to_node
 
-            store_to_node(result)
+                store_to_node(result)
     print(result.summary)
     print(f"outputs:  {result.output_dir}")
     print(f"manifest: {result.manifest}")
@@ -251,11 +251,11 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from medseg.predict.chatter import quiet_third_party
     from medseg.predict.listen import Listener, ListenOptions
 
-    quiet_third_party(Path(args.output_dir) / "medseg-listen.log")
     opts = ListenOptions(ae_title=args.ae_title, port=args.port, host=args.host, calling_aets=args.calling_aet,
                          quiet_s=args.quiet_s, max_instance_mb=args.max_instance_mb, min_free_mb=args.min_free_mb,
                          store_back=args.store_back, overrides=list(args.overrides or []), device=args.device)
-    Listener(args.model, args.output_dir, opts).serve_forever()
+    with quiet_third_party(Path(args.output_dir) / "medseg-listen.log"):
+        Listener(args.model, args.output_dir, opts).serve_forever()
     return 0
 
 
