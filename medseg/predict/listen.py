@@ -139,9 +139,12 @@ class Listener:
         lesions = sum(r["n_lesions"] or 0 for r in _rows(result) if r["key"] in keys)
         stored = ""
         if self.opts.store_back and keys:
-            answers = store_to_node(result, keys)
-            stored = "; stored back: " + (", ".join(sorted(set(a.split(":")[0] for a in answers.values())))
-                                          if answers else "already there")
+            try:
+                answers = store_to_node(result, keys)
+                stored = "; stored back: " + (", ".join(sorted(set(a.split(":")[0] for a in answers.values())))
+                                              if answers else "already there")
+            except Exception as e:  # noqa: BLE001 — the outputs stay; the manifest has no store row
+                stored = f"; not stored back: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
         if result.failed:
             log.warning("series %s: %d instances, %d case(s) failed: %s", folder.name, n, len(result.failed),
                         "; ".join(result.failed.values())[:300])
