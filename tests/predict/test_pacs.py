@@ -113,6 +113,12 @@ def test_dicomweb_pull_predict_store_back_once(orthanc: Orthanc, oracle: None, c
     assert "0 case(s) predicted" in printed.out and PASSWORD not in printed.out + printed.err
     assert PASSWORD not in (out / "medseg-predict.log").read_text()
     assert PASSWORD.encode() not in (out / "manifest.sqlite").read_bytes()
+    # a QIDO-RS query finds the study; another output folder stores the same UIDs again: Orthanc replaces them
+    other = tmp_path / "other"
+    assert main(["predict", "--model", str(ckpt), f"dicomweb+{orthanc.dicomweb}", str(other), "--query",
+                 f"StudyInstanceUID={study}&ModalitiesInStudy=CT", "--store-back", "--no-progress"]) == 0
+    assert len(list(other.glob("study-*/series-*/sr.dcm"))) == 1
+    assert _medseg_series(orthanc, study) == {"SEG": 1, "SR": 1}
 
 
 def test_unknown_study_and_non_image_series_are_recorded(orthanc: Orthanc, oracle: None, ckpt: Path, creds: None,
