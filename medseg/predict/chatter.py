@@ -20,18 +20,16 @@ THIRD_PARTY = ("highdicom", "pydicom", "pynetdicom", "dicomweb_client", "py.warn
 
 
 class _LogFile(logging.FileHandler):
-    """Opened at the first record (its folder made then): a run that logs nothing creates no file; a
-    record that cannot be written (a full disk) is dropped, never a traceback on the console."""
+    """Opened at the first record once the output folder exists (records before are dropped: a run that
+    stops before it writes anything leaves nothing behind); a record that cannot be written (a full
+    disk) is dropped, never a traceback on the console."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, encoding="utf-8", delay=True)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.stream is None:
-            try:
-                Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
-            except OSError:
-                return
+        if self.stream is None and not Path(self.baseFilename).parent.is_dir():
+            return
         super().emit(record)
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 — logging's name

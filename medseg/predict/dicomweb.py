@@ -185,9 +185,9 @@ def run_dicomweb(model: str | Path, url: str, output_dir: str | Path, studies: l
     if not studies and not query:
         raise PacsError("a DICOMweb input needs --study UID or --query")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     client = connect(url, ca_bundle)
-    pull, skipped = find_series(client, url, list(studies or []), query)
+    pull, skipped = find_series(client, url, list(studies or []), query)  # an unusable server: nothing written
+    out.mkdir(parents=True, exist_ok=True)
     stage = out / STAGING
     manifest = Manifest(out / manifest_name())
     failed: dict[str, str] = {}

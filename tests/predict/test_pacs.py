@@ -140,11 +140,13 @@ def test_unreachable_server_and_401_are_one_line_each(oracle: None, ckpt: Path, 
                "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "refused the credentials (HTTP 401)" in err[0] and "wrong-password" not in err[0]
+    assert not (tmp_path / "a").exists()
     port = free_port()
     rc = main(["predict", "--model", str(ckpt), f"dicomweb+http://127.0.0.1:{port}/dicom-web", str(tmp_path / "b"),
                "--study", "1.2.3", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and f"127.0.0.1:{port}/dicom-web is unreachable" in err[0]
+    assert not (tmp_path / "b").exists()
 
 
 # ----------------------------------------------------------------------------- push: medseg listen
