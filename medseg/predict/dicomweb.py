@@ -178,64 +178,90 @@ def run_dicomweb(model: str | Path, url: str, output_dir: str | Path, studies: l
                  retries: int = RETRIES, retry_wait_s: float = 1.0) -> PredictResult:
     """Pull the series of ``studies`` / ``query``, predict them as a folder, optionally STOW-RS the results back.
 
-    Pulled series get manifest rows keyed ``dicomweb:<hash of the series UID>`` (status ``done`` once
-    their case is committed, ``skipped`` / ``failed`` with the reason); the cases themselves are the
-    folder run's rows.
+    One study at a time: its series are staged, predicted (:func:`~medseg.predict.run.run_predict` over
+    the study's staging folder) and their staged files removed once committed, so the staging area
+    holds one study whatever the query matches. Pulled series get manifest rows keyed
+    ``dicomweb:<hash of the series UID>`` (``done`` once their case is committed, ``skipped`` /
+    ``failed`` with the reason); the cases themselves are the folder run's rows.
     """
     if not studies and not query:
         raise PacsError("a DICOMweb input needs --study UID or --query")
+    start = time.perf_counter()
     out = Path(output_dir)
     client = connect(url, ca_bundle)
     pull, skipped = find_series(client, url, list(studies or []), query)  # an unusable server: nothing written
     out.mkdir(parents=True, exist_ok=True)
     stage = out / STAGING
+    total = PredictResult(out, out / manifest_name())
     manifest = Manifest(out / manifest_name())
-    failed: dict[str, str] = {}
     for st, se, why in skipped:
         key = f"dicomweb:{_hash(se or st)}"
         manifest.set_series(key, kind="dicomweb", status="skipped", reason=why)
         log.info("series %s skipped: %s", key, why)
-    staged: dict[str, Path] = {}
-    for st, se, _mod in pull:
-        key = f"dicomweb:{_hash(se)}"
-        if manifest.status(key) == "done":
-            continue
-        folder = stage / _hash(st) / _hash(se)
-        try:
-            n = stage_series(client, url, st, se, folder, retries, retry_wait_s)
-        except PacsError:
-            manifest.close()
-            raise
-        except Exception as e:  # noqa: BLE001 — a series that cannot be retrieved is recorded, the rest go on
-            msg = f"retrieve failed after {retries} attempts: {type(e).__name__}"
-            manifest.set_series(key, kind="dicomweb", status="failed", reason=msg)
-            log.warning("series %s: %s", key, msg)
-            failed[key] = msg
-            continue
-        manifest.set_series(key, kind="dicomweb", status="pending", n_files=n, reason=None)
-        staged[key] = folder
     manifest.close()
-    stage.mkdir(parents=True, exist_ok=True)
-    result = run_predict(model, stage, out, overrides, device=device, progress=progress)
+    by_study: dict[str, list[str]] = {}
+    for st, se, _mod in pull:
+        by_study.setdefault(st, []).append(se)
+    for st, series in by_study.items():
+        _pull_study(model, client, url, out, stage / _hash(st), st, series, total, overrides, device, progress,
+                    retries, retry_wait_s)
+    if stage.is_dir() and not any(stage.iterdir()):
+        stage.rmdir()
+    manifest = Manifest(out / manifest_name())
+    if store:
+        wanted = set(by_study)
+        store_back(out, manifest, lambda study: stow_sender(client, study, public_url(url)) if study in wanted else None)
+    total.counts = manifest.counts()
+    total.seconds = time.perf_counter() - start
+    total.summary = summary_table(manifest, total)
+    manifest.close()
+    return total
+
+
+def _pull_study(model: str | Path, client: Any, url: str, out: Path, root: Path, study: str, series: list[str],
+                total: PredictResult, overrides: list[str] | None, device: str | None, progress: bool,
+                retries: int, retry_wait_s: float) -> None:
+    """Stage the not-yet-done series of one study under ``root``, predict them, record and clean up."""
+    manifest = Manifest(out / manifest_name())
+    staged: dict[str, Path] = {}
+    try:
+        for se in series:
+            key = f"dicomweb:{_hash(se)}"
+            if manifest.status(key) == "done":
+                continue
+            folder = root / _hash(se)
+            try:
+                n = stage_series(client, url, study, se, folder, retries, retry_wait_s)
+            except PacsError:
+                raise
+            except Exception as e:  # noqa: BLE001 — a series that cannot be retrieved is recorded, the rest go on
+                msg = f"retrieve failed after {retries} attempts: {type(e).__name__}"
+                manifest.set_series(key, kind="dicomweb", status="failed", reason=msg)
+                log.warning("series %s: %s", key, msg)
+                total.failed[key] = msg
+                continue
+            manifest.set_series(key, kind="dicomweb", status="pending", n_files=n, reason=None)
+            staged[key] = folder
+    finally:
+        manifest.close()
+    if not staged:
+        return
+    res = run_predict(model, root, out, overrides, device=device, progress=progress)
+    total.processed += res.processed
+    total.already_done += res.already_done
+    total.failed.update(res.failed)
+    total.slices += res.slices
+    total.config = res.config
     manifest = Manifest(out / manifest_name())
     files = manifest.rows("files")
     for key, folder in staged.items():
-        rel = str(folder.relative_to(stage))
-        mine = [f for f in files if f["path"].startswith(rel + "/")]
+        mine = [f for f in files if f["path"].startswith(folder.name + "/")]
         if mine and all(f["status"] == "done" for f in mine):
             manifest.set_series(key, status="done", reason=None)
             shutil.rmtree(folder, ignore_errors=True)  # committed: the staged copy goes
         else:
             why = next((f["reason"] for f in mine if f["reason"]), None) or "not predicted"
             manifest.set_series(key, status="failed", reason=why)
-    for parent in sorted(stage.glob("*"), reverse=True):
-        if parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
-    if store:
-        wanted = {st for st, _se, _m in pull}
-        store_back(out, manifest, lambda study: stow_sender(client, study, public_url(url)) if study in wanted else None)
-    result.failed.update(failed)
-    result.counts = manifest.counts()
-    result.summary = summary_table(manifest, result)
     manifest.close()
-    return result
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
