@@ -33,6 +33,9 @@ __all__ = ["lesion_tracking_uid", "nifti_affine", "outline", "segment_property",
 
 _OVERLAY_COLOUR = (0, 0, 255)
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+#: display colours of the SEG's lesion segments, in turn (viewers show each lesion in its own colour)
+_SEGMENT_RGB = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 #: patient / study attributes (type 2) a SEG copies from its source
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
           "AccessionNumber", "ReferringPhysicianName")
@@ -268,6 +271,7 @@ def write_seg(path: Path, labels: np.ndarray, geom: Any, num_classes: int, finge
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=segment_property(int(r["class"]), num_classes), algorithm_identification=algo,
             tracking_id=f"lesion {r['lesion_id']}", tracking_uid=lesion_tracking_uid(src_uid, fingerprint, r["lesion_id"]),
+            display_color=hd.color.CIELabColor.from_rgb(*_SEGMENT_RGB[(int(r["lesion_id"]) - 1) % len(_SEGMENT_RGB)]),
         ) for r in lesions or []] or [hd.seg.SegmentDescription(
             segment_number=1, segment_label="no lesion", algorithm_type="AUTOMATIC",
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
