@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -77,3 +78,53 @@ def test_console_is_quiet_and_chatter_goes_to_the_log_file(tmp_path: Path) -> No
     assert "highdicom" not in r.stderr + r.stdout and "Warning" not in r.stderr
     assert "highdicom" in (tmp_path / "out" / "medseg-predict.log").read_text()
     assert "1 case(s) predicted" in r.stdout
+
+
+def _send(port: int, files: list[Path], abort: bool = False) -> list[int]:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDSEG")
+    assert assoc.is_established
+    codes = [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in files]
+    assoc.abort() if abort else assoc.release()
+    return codes
+
+
+def test_listener_refuses_when_the_disk_would_fill(tmp_path: Path) -> None:
+    write_ct(tmp_path / "ct")
+    port = free_port()
+    lst = Listener("unused-model", tmp_path / "out", ListenOptions(port=port, calling_aets=["SENDER"],
+                                                                   min_free_mb=10**9))
+    lst.start()
+    try:
+        assert _send(port, sorted((tmp_path / "ct").iterdir())[:2]) == [0xA700, 0xA700]
+    finally:
+        lst.stop()
+    assert not list((tmp_path / "out" / ".incoming").rglob("*.dcm"))
+
+
+@pytest.mark.slow
+def test_an_aborted_association_is_predicted_after_the_quiet_time(tmp_path: Path) -> None:
+    B.register()
+    try:
+        write_ct(tmp_path / "ct")
+        ckpt = B.write_checkpoint(tmp_path / "m" / "best.pt")
+        port = free_port()
+        lst = Listener(ckpt, tmp_path / "out", ListenOptions(port=port, calling_aets=["SENDER"], quiet_s=1.0,
+                                                             min_free_mb=0))
+        lst.start()
+        try:
+            assert _send(port, sorted((tmp_path / "ct").iterdir()), abort=True) == [0] * 6
+            deadline = time.time() + 120
+            while not lst.predicted and time.time() < deadline:
+                time.sleep(0.2)
+        finally:
+            lst.stop()
+        assert len(lst.predicted) == 1
+        assert len(list((tmp_path / "out").glob("study-*/series-*/sr.dcm"))) == 1
+        assert not list((tmp_path / "out" / ".incoming").rglob("*.dcm"))
+    finally:
+        B.unregister()
