@@ -206,8 +206,17 @@ def write_seg_and_sr(folder: Path, labels: Any, rows: list[dict[str, Any]], geom
     why = seg_sr_blocker(files)
     if why is not None:
         return {"skipped": f"SEG/SR not written: {why}"}
-    out: dict[str, Any] = {"seg": write_seg(folder / "seg.dcm", labels, geom, num_classes, fingerprint, model_name,
-                                            lesions=rows, lesion_map=lesion_map(labels, rows, connectivity))}
-    if write_sr_too:
-        out["sr"] = write_sr(folder / "sr.dcm", rows, folder / "seg.dcm", files, fingerprint, model_name)
+    out: dict[str, Any] = {}
+    try:
+        out["seg"] = write_seg(folder / "seg.dcm", labels, geom, num_classes, fingerprint, model_name,
+                               lesions=rows, lesion_map=lesion_map(labels, rows, connectivity))
+        if write_sr_too:
+            out["sr"] = write_sr(folder / "sr.dcm", rows, folder / "seg.dcm", files, fingerprint, model_name)
+    except DataError:
+        raise  # written but not reading back as the mask / the table: a real failure of the case
+    except (ValueError, TypeError, AttributeError, KeyError) as e:  # highdicom refused the sources
+        for name in ("seg.dcm", "sr.dcm"):
+            (folder / name).unlink(missing_ok=True)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return {"skipped": f"SEG/SR not written: {type(e).__name__}: {first}"}
     return out
