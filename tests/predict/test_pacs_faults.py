@@ -4,6 +4,7 @@ a later run stores it)."""
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +28,9 @@ class Faults:
         self.break_retrieves = 0
         self.reject_stow = False
         self.retrieves = 0
+        #: a bearer token the proxy accepts in place of Orthanc's basic credentials (a token-checking gateway)
+        self.token = "medseg-test-token"
+        self.auth_seen: set[str] = set()
 
 
 def _proxy(target: str, faults: Faults) -> ThreadingHTTPServer:
@@ -42,6 +46,15 @@ def _proxy(target: str, faults: Faults) -> ThreadingHTTPServer:
                 self.end_headers()
                 return
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+            auth = self.headers.get("Authorization", "")
+            faults.auth_seen.add(auth.split(" ")[0])
+            if auth.startswith("Bearer "):
+                if auth != f"Bearer {faults.token}":
+                    self.send_response(403)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                headers["Authorization"] = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
             r = requests.request(method, target + self.path, headers=headers, data=body, timeout=60)
             data = r.content
             parts = self.path.split("?")[0].rstrip("/").split("/")
@@ -133,3 +146,29 @@ def test_a_stow_rejection_is_recorded_and_a_later_run_stores(setup: dict, tmp_pa
     run_dicomweb(setup["ckpt"], setup["url"], out, [study], store=True, progress=False)
     assert sorted(s["modality"] for s in o.series_of_study(study) if s["modality"] in ("SEG", "SR")) == ["SEG", "SR"]
     assert [a for _s, _r, a in _rows(out).values() if a] == ["ok: STOW-RS: 2 instance(s) stored"]
+
+
+def test_a_bearer_token_from_the_environment_authenticates(setup: dict, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    from medseg.cli import main
+
+    o: Orthanc = setup["orthanc"]
+    faults: Faults = setup["faults"]
+    _dss, study, _se = write_ct(tmp_path / "ct")
+    o.upload(sorted((tmp_path / "ct").iterdir()))
+    monkeypatch.delenv("MEDSEG_DICOMWEB_USER")
+    monkeypatch.setenv("MEDSEG_DICOMWEB_TOKEN", faults.token)
+    faults.auth_seen.clear()
+    res = run_dicomweb(setup["ckpt"], setup["url"], tmp_path / "a", [study], progress=False)
+    assert len(res.processed) == 1 and faults.auth_seen == {"Bearer"}
+    monkeypatch.setenv("MEDSEG_DICOMWEB_TOKEN", "not-the-token")
+    rc = main(["predict", "--model", str(setup["ckpt"]), setup["url"], str(tmp_path / "b"), "--study", study,
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "(HTTP 403)" in err[0] and "not-the-token" not in err[0]
+    # credentials in the URL are refused before anything is sent
+    url = setup["url"].replace("http://", f"http://{USER}:{PASSWORD}@")
+    rc = main(["predict", "--model", str(setup["ckpt"]), url, str(tmp_path / "c"), "--study", study, "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "credentials in the DICOMweb URL are refused" in err[0] and PASSWORD not in err[0]
