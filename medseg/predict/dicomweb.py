@@ -73,13 +73,22 @@ def connect(url: str, ca_bundle: str | None = None) -> Any:
     if parts.username or parts.password:
         raise PacsError("credentials in the DICOMweb URL are refused: set MEDSEG_DICOMWEB_TOKEN or "
                         "MEDSEG_DICOMWEB_USER / MEDSEG_DICOMWEB_PASSWORD")
-    session = requests.Session()
+    ca = ca_bundle or os.environ.get("MEDSEG_DICOMWEB_CA_BUNDLE")
+
+    class Session(requests.Session):
+        def merge_environment_settings(self, *args: Any, **kw: Any) -> dict[str, Any]:
+            merged = super().merge_environment_settings(*args, **kw)
+            if ca:  # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override session.verify: ours wins
+                merged["verify"] = ca
+            return merged
+
+    session = Session()
     token = os.environ.get("MEDSEG_DICOMWEB_TOKEN")
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
     elif os.environ.get("MEDSEG_DICOMWEB_USER"):
         session.auth = (os.environ["MEDSEG_DICOMWEB_USER"], os.environ.get("MEDSEG_DICOMWEB_PASSWORD", ""))
-    session.verify = ca_bundle or os.environ.get("MEDSEG_DICOMWEB_CA_BUNDLE") or True
+    session.verify = ca or True
     client = DICOMwebClient(base.rstrip("/"), session=session)
     client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)  # 429 / 503 / 504: briefly
     return client

@@ -33,7 +33,34 @@ class Faults:
         self.auth_seen: set[str] = set()
 
 
-def _proxy(target: str, faults: Faults) -> ThreadingHTTPServer:
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, made with ``cryptography``."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    import ipaddress
+
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    crt, pem = folder / "server.crt", folder / "server.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return crt, pem
+
+
+def _proxy(target: str, faults: Faults, tls: tuple[Path, Path] | None = None) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a: object) -> None:
             pass
@@ -81,6 +108,12 @@ def _proxy(target: str, faults: Faults) -> ThreadingHTTPServer:
             self._forward("POST")
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -172,3 +205,25 @@ def test_a_bearer_token_from_the_environment_authenticates(setup: dict, tmp_path
     rc = main(["predict", "--model", str(setup["ckpt"]), url, str(tmp_path / "c"), "--study", study, "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "credentials in the DICOMweb URL are refused" in err[0] and PASSWORD not in err[0]
+
+
+def test_tls_is_verified_and_a_ca_bundle_is_accepted(setup: dict, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    from medseg.cli import main
+
+    o: Orthanc = setup["orthanc"]
+    crt, key = _self_signed(tmp_path)
+    proxy = _proxy(o.url, Faults(), tls=(crt, key))
+    try:
+        _dss, study, _se = write_ct(tmp_path / "ct")
+        o.upload(sorted((tmp_path / "ct").iterdir()))
+        url = f"dicomweb+https://127.0.0.1:{proxy.server_port}/dicom-web"
+        rc = main(["predict", "--model", str(setup["ckpt"]), url, str(tmp_path / "a"), "--study", study, "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "TLS certificate is not trusted" in err[0]
+        assert not (tmp_path / "a").exists()
+        rc = main(["predict", "--model", str(setup["ckpt"]), url, str(tmp_path / "b"), "--study", study,
+                   "--ca-bundle", str(crt), "--no-progress"])
+        assert rc == 0 and len(list((tmp_path / "b").glob("study-*/series-*/sr.dcm"))) == 1
+    finally:
+        proxy.shutdown()
