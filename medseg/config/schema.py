@@ -279,6 +279,18 @@ class EvaluationConfig:
 
 
 @dataclass
+class StoreConfig:
+    """``medseg predict --store-back`` / ``medseg listen``: the DICOM node (C-STORE SCP) results are sent to."""
+
+    #: its AE title ("" = no C-STORE destination; DICOMweb input stores back by STOW-RS)
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    #: the AE title medseg calls it with
+    calling_ae_title: str = "MEDSEG"
+
+
+@dataclass
 class PredictConfig:
     """``medseg predict``: which series of an input folder to process and what to write for each."""
 
@@ -298,6 +310,10 @@ class PredictConfig:
     prefetch: int = 2
     #: write the DICOM SEG (``seg.dcm``) for DICOM input
     write_seg: bool = True
+    #: write the TID 1500 measurement report (``sr.dcm``, one group per lesion) beside the SEG
+    write_sr: bool = True
+    #: where --store-back sends the SEG and SR by C-STORE (docs/pacs.md)
+    store: StoreConfig = field(default_factory=StoreConfig)
     #: write overlay PNGs of the slices that hold lesions
     overlays: bool = True
     #: lesions: 3-D connectivity of voxels (1 = faces, 2 = + edges, 3 = + corners)
