@@ -15,16 +15,43 @@ intended reads from any other (``tests/training/test_host_sync.py`` counts the l
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-__all__ = ["HOST_CHECK_RANGE", "READ_RANGE", "BadLoss", "LossLog"]
+__all__ = ["HOST_CHECK_RANGE", "READ_RANGE", "SYNC_OPS", "BadLoss", "LossLog", "host_reads"]
 
 #: the profiler range around the one host read per log interval
 READ_RANGE = "medseg.train.read_losses"
 #: the profiler range around the label-range check of a batch still on the host (before its copy)
 HOST_CHECK_RANGE = "medseg.train.check_labels_on_host"
+#: the operators a host read of a tensor's value dispatches (``float(t)``, ``t.item()``, ``bool(t)``)
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
+
+
+def host_reads(events: Iterable[Any], allowed: Iterable[str] = (READ_RANGE, HOST_CHECK_RANGE),
+               skip_prefixes: Iterable[str] = ()) -> list[tuple[str, list[str]]]:
+    """The host reads in a ``torch.profiler`` event list outside the ``allowed`` ranges.
+
+    Returns one ``(operator, enclosing ranges)`` per ``aten::_local_scalar_dense`` (the kernel every
+    read ends in) that has no ancestor named in ``allowed`` nor starting with one of ``skip_prefixes``
+    (e.g. ``"Optimizer.step#"``: Adam's CPU step counter is host memory).
+    """
+    allowed, skip = set(allowed), tuple(skip_prefixes)
+    out = []
+    for e in events:
+        if e.name != "aten::_local_scalar_dense":
+            continue
+        up, q = [], e.cpu_parent
+        while q is not None:
+            up.append(q.name)
+            q = q.cpu_parent
+        if allowed.intersection(up) or (skip and any(n.startswith(skip) for n in up)):
+            continue
+        out.append((e.name, up))
+    return out
 
 
 @dataclass(frozen=True)
