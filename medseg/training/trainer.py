@@ -43,6 +43,7 @@ from medseg.runtime import (
     barrier,
     broadcast_buffers,
     broadcast_object,
+    compile_model,
     init_distributed,
     resolve_device,
     seed_everything,
@@ -153,6 +154,8 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids)
+        if t.compile:  # the training forward only; checkpoints and validation use self.net
+            self.model = compile_model(self.model, "train.compile")
         self.loss_fn = LOSSES.build(cfg.loss.name, cfg.loss.params)
         self.device_augment = DeviceAugment(cfg.transforms) if cfg.transforms.accelerator else None
         # fused on CUDA: the GradScaler hands it the found-inf flag on the device (no read-back per step)
