@@ -135,7 +135,9 @@ def main() -> int:
         import bench_augment
         import bench_trainer
 
-        _part(f"Trainer overhead vs bare loop ({dev})", lambda: bench_trainer.main(quick=smoke, device=dev)[0])
+        # the quick-start U-Net on 128² crops (as the 2026-11-30 H200 row); --smoke: bench_trainer's tiny default
+        sizes = {} if smoke else {"base_channels": 16, "crop": 128}
+        _part(f"Trainer overhead vs bare loop ({dev})", lambda: bench_trainer.main(quick=smoke, device=dev, **sizes)[0])
         _part(f"sample chain: accelerator vs cpu vs MONAI ({dev})",
               lambda: {"rows": bench_augment.main(quick=smoke, device=dev, root=data)})
         for extra in EXTRA_PARTS:
