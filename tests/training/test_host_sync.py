@@ -22,6 +22,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from medseg.config import load_config
+from medseg.registry import LOSSES
+from medseg.runtime import TrainingError
 from medseg.training.losslog import HOST_CHECK_RANGE, READ_RANGE
 from medseg.training.trainer import Trainer
 from tests.conftest import tiny_overrides
@@ -95,3 +97,35 @@ def test_no_device_to_host_copy_between_log_points_cuda(demo_root: Path, tmp_pat
     assert syncs == []
     dtoh = [e for e in events if "DtoH" in e.name or "Device -> Host" in e.name]
     assert len(dtoh) <= 4  # at most one copy per read
+
+
+class _NanAtThird(torch.nn.Module):
+    """Cross-entropy that turns NaN at its 3rd training call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += int(logits.requires_grad)
+        loss = torch.nn.functional.cross_entropy(logits, label[:, 0])
+        return loss * float("nan") if self.calls >= 3 else loss
+
+
+def test_non_finite_loss_found_at_the_interval_rolls_back(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 3 is non-finite but read only at step 4 (a checkpoint is due there; log_every is 10): step 4
+    already ran on NaN weights, so the trainer rolls back to the checkpoint of step 2, in memory too."""
+    monkeypatch.setitem(LOSSES._entries, "test_nan_at_third", _NanAtThird)
+    ov = tiny_overrides(demo_root, tmp_path, **{
+        "loss.name": "test_nan_at_third", "loss.params": {}, "train.max_steps": 6, "train.epochs": 1,
+        "train.steps_per_epoch": 6, "train.log_every": 10, "train.checkpoint_every_steps": 2,
+        "tracking.enabled": False, "transforms.crop_size": [32, 32], "model.params.base_channels": 4})
+    trainer = Trainer(load_config(QUICK, ov))
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at epoch 1, step 3;.*last good checkpoint"):
+        trainer.fit()
+    last = torch.load(trainer.ckpt_dir / "last.pt", weights_only=False)
+    assert last["step"] == 2 and trainer.step == 2
+    for name, p in trainer.net.named_parameters():
+        assert torch.isfinite(p).all() and torch.equal(p.detach(), last["model"][name]), name
