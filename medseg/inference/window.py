@@ -114,7 +114,7 @@ def iter_sliding_window(
       tiles resized by each factor (DeepLab's multi-scale inputs), logits resized back.
 
     Args:
-        image: ``(B, C, H, W)`` on any device (tiles are moved to ``device`` batch by batch).
+        image: ``(B, C, H, W)`` on any device (moved to ``device`` once, pinned from the host to CUDA).
         predictor: tiles ``(N, C, th, tw)`` → logits ``(N, K, th, tw)``.
         tile_size: ``(th, tw)``.
         overlap: fraction of a tile shared with its neighbour, in [0, 1).
