@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 
 import pytest
@@ -35,6 +36,8 @@ def test_gather_objects_in_a_one_process_gloo_group() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile needs a C++ compiler (the no-compiler error is tested below)")
 def test_compile_model_same_outputs_and_gradients_on_the_cpu() -> None:
     """train.compile / predict.compile: torch.compile (Inductor, C++ kernels on the CPU) of a tiny
     conv net gives the eager outputs and gradients within float32 tolerance, sharing the parameters."""
