@@ -168,6 +168,8 @@ class TrainConfig:
     time_limit_min: float | None = None
     #: optimizer steps measured before the budget is converted into a step count
     budget_probe_steps: int = 20
+    #: wrap the model with torch.compile for the training steps (needs a C++ compiler; validation runs eager)
+    compile: bool = False
 
 
 @dataclass
@@ -320,6 +322,8 @@ class PredictConfig:
     connectivity: int = 3
     #: torch CPU threads while predicting (None = every core this process may use); never ``train.threads``
     threads: int | None = None
+    #: wrap the model with torch.compile (needs a C++ compiler; first forward of each shape compiles)
+    compile: bool = False
 
 
 @dataclass

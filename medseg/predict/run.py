@@ -56,6 +56,7 @@ from medseg.predict.writers import (
     write_overlays,
     write_png_mask,
 )
+from medseg.runtime import compile_model
 
 __all__ = ["PredictResult", "model_fingerprint", "predict_threads", "run_predict", "shard_of"]
 
@@ -279,6 +280,8 @@ def _run_locked(model: str | Path, root: Path, out: Path, overrides: list[str] |
     cfg = predictor.cfg
     torch.set_num_threads(predict_threads(cfg.predict.threads))
     fingerprint = model_fingerprint(predictor.model)
+    if cfg.predict.compile:  # after the fingerprint: a compiled module's state_dict keys differ
+        predictor.model = compile_model(predictor.model, "predict.compile")
     out.mkdir(parents=True, exist_ok=True)
     base = root if root.is_dir() else root.parent
     cases, skipped = discover(root, cfg, exclude=[out])
