@@ -300,6 +300,11 @@ def sync(run_dir: str | Path, uri: str) -> dict[str, Any]:
 
     header, records, sent = read_journal(run_dir)
     client = MlflowClient(tracking_uri=uri)
+    # MLflow caches a run's artifact repository per run id with the URI it was first reached at (in
+    # this process: the address the run was logged to); the store may answer elsewhere now
+    import mlflow.tracking._tracking_service.utils as mlflow_utils
+
+    getattr(mlflow_utils, "_artifact_repos_cache", {}).pop(header["run_id"], None)
     done = 0
     sent_file = journal_path(run_dir).with_name("sent")
     for batch in _batches(records[sent:]):
