@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.config import Config, flatten, public_dict
+from medseg.io import WriteError
 from medseg.runtime import redact_uri
 from medseg.tracking.connect import TrackingError, choose_uri, connect_uri, quiet_http_client
 from medseg.tracking.journal import Journal, journal_path, table_frame
@@ -174,7 +175,8 @@ class MLflowTracker(Tracker):
 
     def _guard(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call ``method``; a failure (or, for a call the journal does not take, one during an outage before
-        :data:`RETRY_AFTER_S` has passed) returns None and is counted (:meth:`_failed`)."""
+        :data:`RETRY_AFTER_S` has passed) returns None and is counted (:meth:`_failed`). A journal that
+        cannot be written (a full disk: :class:`medseg.io.WriteError`) is raised: the run folder is the record."""
         if method.__name__ != "start" and self.run_id is None:
             return None
         journaled = self.journal is not None and method.__name__ in _JOURNALED
@@ -184,6 +186,8 @@ class MLflowTracker(Tracker):
         try:
             out = method(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 — tracking never stops the work it records
+            if journaled and isinstance(e, WriteError):  # the run folder's disk is full: the work cannot go on
+                raise
             self.dropped += 1
             self._failed(e, method.__name__)
             return None
@@ -291,7 +295,12 @@ class MLflowTracker(Tracker):
     @_guarded
     def end(self, status: str = "FINISHED") -> None:
         if self.journal is not None:
-            self.journal.append("status", status=status, ts=int(time.time() * 1000))
+            try:
+                self.journal.append("status", status=status, ts=int(time.time() * 1000))
+            except WriteError:
+                if status == "FINISHED":
+                    raise
+                return  # a failure path on a full disk fails quietly: the first failure is the one reported
             if not self.journal.drain(END_WAIT_S) and not self.hinted:
                 self.hinted = True
                 run_dir = self.journal.path.parent.parent

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medseg.io import atomic_write_bytes, atomic_write_text
+from medseg.io import atomic_write_bytes, atomic_write_text, write_error_of
 
 log = logging.getLogger("medseg.tracking")
 
@@ -197,7 +198,7 @@ class Journal:
             atomic_write_text(self.path, json.dumps({"kind": "run", "run_id": run_id, "uri": shown_uri}) + "\n")
         self.failing = False
         self.cond = threading.Condition(threading.RLock())
-        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — open for the run's lifetime
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # open for the run's lifetime
         self.thread: threading.Thread | None = None
         self._wake()
 
@@ -222,24 +223,41 @@ class Journal:
             folder = self.path.parent / "artifacts" / f"{self.total + 1:06d}"
             if folder.exists():  # left by a process killed before its record was written
                 shutil.rmtree(folder)
-            if source is not None:
-                staged = stage(source, folder)
-            else:
-                staged = folder / Path(artifact_path or "artifact").name
-                atomic_write_text(staged, text or "")
-            self.append("artifact", call=call, file=str(staged.relative_to(run_dir)), artifact_path=artifact_path)
+            try:
+                if source is not None:
+                    staged = stage(source, folder)
+                else:
+                    staged = folder / Path(artifact_path or "artifact").name
+                    atomic_write_text(staged, text or "")
+                self.append("artifact", call=call, file=str(staged.relative_to(run_dir)), artifact_path=artifact_path)
+            except OSError as e:  # a full disk: nothing staged is left behind
+                shutil.rmtree(folder, ignore_errors=True)
+                raise (write_error_of(e, folder) or e) from None
 
     def append(self, kind: str, **fields: Any) -> None:
-        """Append one record (flushed and fsync'd) and wake the sender; never waits on the network."""
+        """Append one record (fsync'd) and wake the sender; never waits on the network.
+
+        Raises:
+            medseg.io.WriteError: the disk is full (or an I/O error, a read-only file system); the
+                journal is left as it was before the call.
+        """
         rec = {"kind": kind, **fields}
         if kind == "metrics":
             rec["data"] = {k: float(v) for k, v in rec["data"].items() if v is not None and math.isfinite(float(v))}
             if not rec["data"]:
                 return
+        data = (json.dumps(rec, default=str) + "\n").encode()
         with self.cond:
-            self.file.write(json.dumps(rec, default=str) + "\n")
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            size = os.fstat(self.fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view):]
+                os.fsync(self.fd)
+            except OSError as e:  # a full disk: the journal as it was (no torn record), one clear error
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, size)
+                raise (write_error_of(e, self.path, len(data)) or e) from None
             self.pending.append(rec)
             self.total += 1
             self.cond.notify_all()
@@ -269,8 +287,10 @@ class Journal:
                     self.cond.wait(RETRY_S)
                 continue
             away_since = None
-            # the count first: whoever sees the records gone sees them counted (only this thread writes it)
-            atomic_write_text(self.path.with_name("sent"), str(self.sent + len(batch)))
+            # the count first: whoever sees the records gone sees them counted (only this thread writes it);
+            # on a full disk the count stays behind (a later one catches up) and the sender goes on
+            with contextlib.suppress(OSError):
+                atomic_write_text(self.path.with_name("sent"), str(self.sent + len(batch)))
             with self.cond:
                 del self.pending[: len(batch)]
                 self.sent += len(batch)

@@ -141,3 +141,43 @@ def test_track_sync_uploads_the_staged_artifacts(tmp_path: Path) -> None:
     assert client.get_run(run_id).info.status == "FINISHED"
     assert not (run_dir / "tracking" / "artifacts").exists() or not any((run_dir / "tracking" / "artifacts").iterdir())
     assert sync(run_dir, uri)["sent"] == 0
+
+
+def test_a_full_disk_keeps_the_journal_whole_and_is_one_write_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``os.write`` raising ENOSPC for the journal: the call raises :class:`WriteError` naming the journal
+    (tracking does not swallow it: the run folder is the record), the file is byte-for-byte as before,
+    a failure path's ``end`` fails quietly, and once there is space the journal goes on."""
+    import errno
+    import os
+
+    from medseg.io import WriteError
+
+    tracker, run_id, run_dir, _ = _tracker(tmp_path, "run")
+    tracker.client = tracker.journal.client = Flaky(tracker.client)
+    tracker.client.away = True  # nothing is sent: the journal is all there is
+    tracker.log_metrics({"train/loss": 0.5}, 1)
+    journal = run_dir / "tracking" / "journal.jsonl"
+    before = journal.read_bytes()
+    real = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(journal):
+            return real(fd, data[: len(data) // 2]) and (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)  # half a record reaches the disk, then it is full
+    with pytest.raises(WriteError) as err:
+        tracker.log_metrics({"train/loss": 0.25}, 2)
+    assert err.value.errno == errno.ENOSPC and str(journal) in str(err.value) and "needed" in str(err.value)
+    assert journal.read_bytes() == before  # no torn record
+    with pytest.raises(WriteError):
+        tracker.log_artifact(journal, "x")  # staging a copy on the full disk: the same error ...
+    assert not any((run_dir / "tracking" / "artifacts").glob("*/*"))  # ... and nothing staged left
+    tracker.end("FAILED")  # the failure path: quiet
+    assert journal.read_bytes() == before
+    monkeypatch.undo()
+    tracker.log_metrics({"train/loss": 0.25}, 2)
+    _, records, _ = read_journal(run_dir)
+    assert [r["step"] for r in records if r["kind"] == "metrics"] == [1, 2]
