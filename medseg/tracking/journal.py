@@ -232,7 +232,10 @@ class Journal:
                 self.append("artifact", call=call, file=str(staged.relative_to(run_dir)), artifact_path=artifact_path)
             except OSError as e:  # a full disk: nothing staged is left behind
                 shutil.rmtree(folder, ignore_errors=True)
-                raise (write_error_of(e, folder) or e) from None
+                we = write_error_of(e, folder)
+                if we is None:
+                    raise
+                raise we from e
 
     def append(self, kind: str, **fields: Any) -> None:
         """Append one record (fsync'd) and wake the sender; never waits on the network.
@@ -257,7 +260,10 @@ class Journal:
             except OSError as e:  # a full disk: the journal as it was (no torn record), one clear error
                 with contextlib.suppress(OSError):
                     os.ftruncate(self.fd, size)
-                raise (write_error_of(e, self.path, len(data)) or e) from None
+                we = write_error_of(e, self.path, len(data))
+                if we is None:
+                    raise
+                raise we from e
             self.pending.append(rec)
             self.total += 1
             self.cond.notify_all()
