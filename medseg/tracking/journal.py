@@ -233,7 +233,7 @@ class Journal:
             except OSError as e:  # a full disk: nothing staged is left behind
                 shutil.rmtree(folder, ignore_errors=True)
                 we = write_error_of(e, folder)
-                if we is None:
+                if we is None or we is e:  # not a failing write, or already one (the journal's own record)
                     raise
                 raise we from e
 
