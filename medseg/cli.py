@@ -78,10 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust(p)
 
     p = sub.add_parser("predict", help="batch inference over DICOM series, NIfTI volumes or PNG/TIFF images")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="checkpoint file, medseg train output folder or MLflow model URI (runs:/ID/model)")
-    p.add_argument("input", help="DICOM folder (any nesting), NIfTI file or folder, or PNG/TIFF folder")
-    p.add_argument("output_dir", help="where masks, SEGs, lesion tables, overlays and the manifest go")
+    p.add_argument("input", nargs="?", help="DICOM folder (any nesting), NIfTI file or folder, or PNG/TIFF folder")
+    p.add_argument("output_dir", nargs="?", help="where masks, SEGs, lesion tables, overlays and the manifest go")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: a Ray cluster (docs/cluster.md)")
+    p.add_argument("--address", help="with --engine ray: auto, HOST:PORT or ray://HOST:10001 (default: start Ray here)")
+    p.add_argument("--merge", metavar="OUTPUT_DIR", help="merge the part manifests of --num-parts runs, then stop")
     p.add_argument("--num-parts", type=int, default=1, help="split the cases into N parts (deterministic)")
     p.add_argument("--part-id", type=int, default=0, help="the part this process predicts (0..N-1)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present, else the CPU)")
@@ -205,8 +209,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``medseg predict``."""
     from medseg.predict import run_predict
 
+    if args.merge:
+        from medseg.predict.parts import merge_parts
+
+        result = merge_parts(args.merge)
+        print(result.summary)
+        print(f"manifest: {result.manifest}")
+        return 1 if result.failed else 0
+    if not (args.model and args.input and args.output_dir):
+        raise SystemExit("medseg predict: --model, INPUT and OUTPUT_DIR are required (or --merge OUTPUT_DIR)")
     result = run_predict(args.model, args.input, args.output_dir, args.overrides, args.num_parts, args.part_id,
-                         args.device, progress=not args.no_progress)
+                         args.device, progress=not args.no_progress, engine=args.engine, address=args.address)
     print(result.summary)
     print(f"outputs:  {result.output_dir}")
     print(f"manifest: {result.manifest}")
