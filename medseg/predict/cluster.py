@@ -57,7 +57,7 @@ from medseg.runtime import TrainingError
 
 __all__ = ["ModelActor", "RAY_MISSING", "check_shared_storage", "import_ray", "run_ray"]
 
-RAY_MISSING = "--engine ray needs Ray: pip install 'medseg[cluster]' (that is, pip install 'ray[data]>=2.40')"
+RAY_MISSING = "--engine ray needs Ray: pip install 'medseg[cluster]' (that is, pip install 'ray[data,default]>=2.40')"
 #: files per header-reading task
 HEADER_BATCH = 256
 

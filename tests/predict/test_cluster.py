@@ -40,7 +40,7 @@ def cluster() -> Iterator[object]:
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([old] if old else [])])  # workers import tests.*
     args = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
-    c = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False})
+    c = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": True, "dashboard_port": 0})
     c.add_node(**args)
     c.wait_for_nodes()
     ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
@@ -195,5 +195,5 @@ def test_without_ray_one_line_says_what_to_install(local: dict, tmp_path: Path) 
                         str(tmp_path / "out"), "--engine", "ray"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].endswith("pip install 'medseg[cluster]' (that is, pip install 'ray[data]>=2.40')")
+    assert r.stderr.strip().splitlines()[-1].endswith("pip install 'medseg[cluster]' (that is, pip install 'ray[data,default]>=2.40')")
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
