@@ -55,11 +55,11 @@ from medseg.predict.run import (
 )
 from medseg.runtime import TrainingError
 
-__all__ = ["ModelActor", "RAY_MISSING", "check_shared_storage", "import_ray", "run_ray"]
+__all__ = ["ModelActor", "RAY_MISSING", "check_shared_storage", "import_ray", "index_reader", "run_ray"]
 
 RAY_MISSING = "--engine ray needs Ray: pip install 'medseg[cluster]' (that is, pip install 'ray[data,default]>=2.40')"
-#: files per header-reading task
-HEADER_BATCH = 256
+#: files per header-reading task: about four tasks per CPU, within these bounds
+HEADER_BATCH = (16, 256)
 
 
 def import_ray() -> Any:
@@ -143,7 +143,12 @@ def write_attempt(loaded: Loaded | Failed, pred: Any, cfg: Any, fingerprint: str
 
 
 def probe(input_file: str, probe_dir: str, token: str) -> str:
-    """The shared-storage check on one node: read an input file, write a probe the driver reads."""
+    """The shared-storage check on one node: read an input file, write a probe the driver reads (and
+    import what the stages need, so that the node's first decode and write tasks do not pay for it)."""
+    import highdicom  # noqa: F401
+    import nibabel  # noqa: F401
+
+    import medseg.predict.run  # noqa: F401
     with open(input_file, "rb") as f:
         f.read(1024)
     host = socket.gethostname()
@@ -212,7 +217,7 @@ def check_shared_storage(ray: Any, root: Path, out: Path) -> int:
     return len(refs)
 
 
-def _index_reader(ray: Any, stats: dict[str, float]) -> Any:
+def index_reader(ray: Any, stats: dict[str, float]) -> Any:
     """``read_headers`` for :func:`medseg.data.dicom.find_series`: batches of files in parallel tasks,
     their records yielded in path order (a few batches in flight, so the driver never holds them all
     as futures)."""
@@ -220,7 +225,8 @@ def _index_reader(ray: Any, stats: dict[str, float]) -> Any:
     cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
 
     def run(paths: list[Path]) -> Any:
-        batches = [paths[i: i + HEADER_BATCH] for i in range(0, len(paths), HEADER_BATCH)]
+        size = min(max(len(paths) // (4 * cpus), HEADER_BATCH[0]), HEADER_BATCH[1])
+        batches = [paths[i: i + size] for i in range(0, len(paths), size)]
         stats["index_tasks"] = len(batches)
         window = 2 * cpus
         refs = [task.remote(b) for b in batches[:window]]
@@ -237,22 +243,27 @@ def _index_reader(ray: Any, stats: dict[str, float]) -> Any:
 
 def run_ray(model: str | Path, root: Path, out: Path, overrides: list[str] | None, num_parts: int, part_id: int,
             device: str | None, progress: bool, address: str | None, start: float) -> PredictResult:
-    """:func:`medseg.predict.run.run_predict` with ``engine="ray"`` (the caller holds the folder's lock)."""
+    """:func:`medseg.predict.run.run_predict` with ``engine="ray"`` (the caller holds the folder's lock).
+
+    The model actors start (and load the model) while the nodes are probed and the headers indexed.
+    """
     ray = import_ray()
     started = _connect(ray, address)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        predictor = Predictor.from_ref(model, overrides=list(overrides or []), device="cpu")
+        pool = _actor_pool(ray, predictor)
         nodes = check_shared_storage(ray, root, out)
         t0 = time.perf_counter()
         counts: dict[str, float] = {}
         prep = prepare_run(model, root, out, overrides, num_parts, part_id, device,
-                           read_headers=_index_reader(ray, counts))
+                           read_headers=index_reader(ray, counts), predictor=predictor)
         prep.result.engine = "ray"
         prep.result.stages["index"] = time.perf_counter() - t0
         cpus = int(ray.cluster_resources().get("CPU", 0))
-        actors = _stream(ray, prep, out, progress)
+        _stream(ray, prep, pool, out, progress)
         result = finish_run(prep, start)
-        result.summary += (f"\nray: {nodes} node(s), {cpus} CPU(s), {actors} model actor(s); index: "
+        result.summary += (f"\nray: {nodes} node(s), {cpus} CPU(s), {len(pool)} model actor(s); index: "
                            f"{int(counts.get('index_tasks', 0))} header task(s)")
         return result
     finally:
@@ -260,18 +271,25 @@ def run_ray(model: str | Path, root: Path, out: Path, overrides: list[str] | Non
             ray.shutdown()
 
 
-def _stream(ray: Any, prep: Prepared, out: Path, progress: bool) -> int:
-    """Every case of ``prep.todo`` through decode → model → write with a bounded window in flight; the
-    driver commits and records each as it arrives. Returns the number of model actors."""
-    from tqdm.auto import tqdm
-
-    cfg = prep.predictor.cfg
+def _actor_pool(ray: Any, predictor: Predictor) -> list[Any]:
+    """One :class:`ModelActor` per GPU of the cluster, else ``predict.actors`` CPU actors (restarted by
+    Ray when their process or node dies; their calls are retried)."""
+    cfg = predictor.cfg
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n_actors = gpus if gpus else max(int(cfg.predict.actors), 1)
     actor_cls = ray.remote(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, max_restarts=-1,
                            max_task_retries=-1)(ModelActor)
-    model_ref = ray.put(Predictor(prep.predictor.model.cpu(), cfg, torch.device("cpu")))
-    pool = [actor_cls.remote(model_ref, cfg.predict.threads) for _ in range(n_actors)]
+    model_ref = ray.put(predictor)
+    return [actor_cls.remote(model_ref, cfg.predict.threads) for _ in range(n_actors)]
+
+
+def _stream(ray: Any, prep: Prepared, pool: list[Any], out: Path, progress: bool) -> None:
+    """Every case of ``prep.todo`` through decode → model → write with a bounded window in flight; the
+    driver commits and records each as it arrives."""
+    from tqdm.auto import tqdm
+
+    cfg = prep.predictor.cfg
+    n_actors = len(pool)
     decode_task = ray.remote(num_cpus=1, max_retries=-1)(decode)
     write_task = ray.remote(num_cpus=1, max_retries=-1)(write_attempt)
     cfg_ref = ray.put(cfg)
@@ -316,7 +334,6 @@ def _stream(ray: Any, prep: Prepared, out: Path, progress: bool) -> int:
         for a in pool:
             ray.kill(a)
         shutil.rmtree(tmp_root, ignore_errors=True)  # dead attempts' folders: never a finished output
-    return n_actors
 
 
 def _commit(prep: Prepared, case: Case, res: dict[str, Any], out: Path, committed: set[str], total_s: float) -> None:

@@ -298,10 +298,11 @@ class Prepared:
 
 
 def prepare_run(model: str | Path, root: Path, out: Path, overrides: list[str] | None, num_parts: int, part_id: int,
-                device: str | None, read_headers: Any = None) -> Prepared:
-    """Load the model, find the cases (``read_headers``: see :func:`medseg.predict.readers.discover`),
-    record every file and case in the manifest (one transaction) and wipe the dead run's working folder."""
-    predictor = Predictor.from_ref(model, overrides=list(overrides or []), device=device)
+                device: str | None, read_headers: Any = None, predictor: Predictor | None = None) -> Prepared:
+    """Load the model (unless ``predictor`` is given), find the cases (``read_headers``: see
+    :func:`medseg.predict.readers.discover`), record every file and case in the manifest (one
+    transaction) and wipe the dead run's working folder."""
+    predictor = predictor or Predictor.from_ref(model, overrides=list(overrides or []), device=device)
     cfg = predictor.cfg
     torch.set_num_threads(predict_threads(cfg.predict.threads))
     fingerprint = model_fingerprint(predictor.model)
