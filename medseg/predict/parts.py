@@ -16,6 +16,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from medseg.data.base import DataError
 from medseg.io import exclusive_lock
 from medseg.predict.manifest import Manifest, manifest_name, merge_manifests, part_counts
 from medseg.predict.run import PredictResult, summary_table
@@ -41,13 +42,13 @@ def merge_parts(output_dir: str | Path) -> PredictResult:
     """Merge the part manifests found in OUTPUT_DIR into ``manifest.sqlite`` and summarise it.
 
     Raises:
-        ValueError: OUTPUT_DIR holds no part manifest, or parts of different N.
+        DataError: OUTPUT_DIR holds no part manifest, or parts of different N.
     """
     start = time.perf_counter()
     out = Path(output_dir)
     ns = part_counts(out)
     if len(ns) != 1:
-        raise ValueError(f"{out}: " + ("no manifest-partK-of-N.sqlite to merge" if not ns else
+        raise DataError(f"{out}: " + ("no manifest-partK-of-N.sqlite to merge" if not ns else
                                        f"part manifests of different --num-parts ({ns}); remove the stale ones"))
     n = ns[0]
     with exclusive_lock(out / Path(manifest_name()).with_suffix(".lock"), "medseg predict --merge"):
