@@ -58,6 +58,9 @@ from medseg.runtime import TrainingError
 __all__ = ["ModelActor", "RAY_MISSING", "check_shared_storage", "import_ray", "index_reader", "run_ray"]
 
 RAY_MISSING = "--engine ray needs Ray: pip install 'medseg[cluster]' (that is, pip install 'ray[data,default]>=2.40')"
+#: retries of a case's task (or model call) whose worker died; then the case is recorded failed (a case
+#: that kills its worker every time is not retried forever)
+TASK_RETRIES = 3
 #: files per header-reading task: about four tasks per CPU, within these bounds
 HEADER_BATCH = (16, 256)
 
@@ -278,7 +281,7 @@ def _actor_pool(ray: Any, predictor: Predictor) -> list[Any]:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n_actors = gpus if gpus else max(int(cfg.predict.actors), 1)
     actor_cls = ray.remote(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, max_restarts=-1,
-                           max_task_retries=-1)(ModelActor)
+                           max_task_retries=TASK_RETRIES)(ModelActor)
     model_ref = ray.put(predictor)
     return [actor_cls.remote(model_ref, cfg.predict.threads) for _ in range(n_actors)]
 
@@ -290,8 +293,8 @@ def _stream(ray: Any, prep: Prepared, pool: list[Any], out: Path, progress: bool
 
     cfg = prep.predictor.cfg
     n_actors = len(pool)
-    decode_task = ray.remote(num_cpus=1, max_retries=-1)(decode)
-    write_task = ray.remote(num_cpus=1, max_retries=-1)(write_attempt)
+    decode_task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(decode)
+    write_task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(write_attempt)
     cfg_ref = ray.put(cfg)
     tmp_root = prep.tmp_root
     tmp_root.mkdir(parents=True, exist_ok=True)
@@ -319,7 +322,10 @@ def _stream(ray: Any, prep: Prepared, pool: list[Any], out: Path, progress: bool
             for ref in ready:
                 case, t_sub, k = inflight.pop(ref)
                 busy[k] -= 1
-                res = ray.get(ref)
+                try:
+                    res = ray.get(ref)
+                except ray.exceptions.RayError as e:  # its worker died TASK_RETRIES + 1 times: the case fails
+                    res = Failed(first_line(e))
                 if isinstance(res, Failed):
                     if res.stop:  # a full disk / failing write stops the run, as locally
                         raise WriteError(out / case.out_rel, res.errno)
