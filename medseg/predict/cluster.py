@@ -255,7 +255,7 @@ def run_ray(model: str | Path, root: Path, out: Path, overrides: list[str] | Non
     try:
         out.mkdir(parents=True, exist_ok=True)
         predictor = Predictor.from_ref(model, overrides=list(overrides or []), device="cpu")
-        pool = _actor_pool(ray, predictor)
+        pool, model_ref = _actor_pool(ray, predictor)  # the driver holds model_ref: a restarted actor reloads it
         nodes = check_shared_storage(ray, root, out)
         t0 = time.perf_counter()
         counts: dict[str, float] = {}
@@ -265,6 +265,7 @@ def run_ray(model: str | Path, root: Path, out: Path, overrides: list[str] | Non
         prep.result.stages["index"] = time.perf_counter() - t0
         cpus = int(ray.cluster_resources().get("CPU", 0))
         _stream(ray, prep, pool, out, progress)
+        del model_ref
         result = finish_run(prep, start)
         result.summary += (f"\nray: {nodes} node(s), {cpus} CPU(s), {len(pool)} model actor(s); index: "
                            f"{int(counts.get('index_tasks', 0))} header task(s)")
@@ -274,16 +275,17 @@ def run_ray(model: str | Path, root: Path, out: Path, overrides: list[str] | Non
             ray.shutdown()
 
 
-def _actor_pool(ray: Any, predictor: Predictor) -> list[Any]:
+def _actor_pool(ray: Any, predictor: Predictor) -> tuple[list[Any], Any]:
     """One :class:`ModelActor` per GPU of the cluster, else ``predict.actors`` CPU actors (restarted by
-    Ray when their process or node dies; their calls are retried)."""
+    Ray when their process or node dies; their calls are retried), and the model's object reference,
+    which the caller must hold for the run (a restarting actor is constructed from it again)."""
     cfg = predictor.cfg
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n_actors = gpus if gpus else max(int(cfg.predict.actors), 1)
     actor_cls = ray.remote(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, max_restarts=-1,
                            max_task_retries=TASK_RETRIES)(ModelActor)
     model_ref = ray.put(predictor)
-    return [actor_cls.remote(model_ref, cfg.predict.threads) for _ in range(n_actors)]
+    return [actor_cls.remote(model_ref, cfg.predict.threads) for _ in range(n_actors)], model_ref
 
 
 def _stream(ray: Any, prep: Prepared, pool: list[Any], out: Path, progress: bool) -> None:

@@ -167,6 +167,27 @@ def test_kill_9_of_the_model_actor_mid_run_completes_each_case_once(cluster: obj
     _assert_same(out, local["out"])
 
 
+def test_a_worker_node_killed_mid_run_completes_each_case_once(cluster: object, local: dict) -> None:
+    """The non-head node (its raylet and every worker on it) killed mid-run, a fresh node joining later."""
+    out = local["tmp"] / "ray-kill-node"
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(r=run_predict(local["slow"], local["root"], out, progress=False,
+                                                                   engine="ray")))
+    t.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and t.is_alive() and _done(out) < 1:
+        time.sleep(0.2)
+    assert t.is_alive(), "the run finished before the node could be killed"
+    worker = next(n for n in cluster.worker_nodes)  # type: ignore[attr-defined]
+    cluster.remove_node(worker, allow_graceful=False)  # type: ignore[attr-defined]
+    cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)  # type: ignore[attr-defined]
+    t.join(300)
+    assert not t.is_alive()
+    result = box["r"]
+    assert len(result.processed) == len(set(result.processed)) == len(local["result"].processed)
+    _assert_same(out, local["out"])
+
+
 def test_rerun_after_a_killed_driver_finishes_the_rest(cluster: object, local: dict) -> None:
     out = local["tmp"] / "ray-kill-driver"
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.predict import builders as B; B.register(); "
