@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev,server,pacs
+EXTRAS ?= dev,server,pacs,cluster
 STAMP  := $(VENV)/.medseg-installed
 
 .PHONY: install sysdeps demo test lint bench clean

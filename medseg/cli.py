@@ -78,16 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust(p)
 
     p = sub.add_parser("predict", help="batch inference over DICOM series, NIfTI volumes or PNG/TIFF images")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="checkpoint file, medseg train output folder or MLflow model URI (runs:/ID/model)")
-    p.add_argument("input", help="DICOM folder (any nesting), NIfTI file or folder, PNG/TIFF folder, or a DICOMweb "
-                   "server dicomweb+https://HOST/dicom-web (docs/pacs.md)")
-    p.add_argument("output_dir", help="where masks, SEGs, lesion tables, overlays and the manifest go")
+    p.add_argument("input", nargs="?", help="DICOM folder (any nesting), NIfTI file or folder, PNG/TIFF folder, or a "
+                   "DICOMweb server dicomweb+https://HOST/dicom-web (docs/pacs.md)")
+    p.add_argument("output_dir", nargs="?", help="where masks, SEGs, lesion tables, overlays and the manifest go")
     p.add_argument("--study", action="append", default=[], metavar="UID", help="DICOMweb input: a study to pull (repeatable)")
     p.add_argument("--query", help='DICOMweb input: a QIDO-RS study query, e.g. "ModalitiesInStudy=CT&StudyDate=20261101-20261130"')
     p.add_argument("--store-back", action="store_true", help="send seg.dcm and sr.dcm into the source study "
                    "(STOW-RS for DICOMweb input, else C-STORE to predict.store)")
     p.add_argument("--ca-bundle", help="DICOMweb input: CA bundle that verifies the server's TLS certificate")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: a Ray cluster (docs/cluster.md)")
+    p.add_argument("--address", help="with --engine ray: auto, HOST:PORT or ray://HOST:10001 (default: start Ray here)")
+    p.add_argument("--merge", metavar="OUTPUT_DIR", help="merge the part manifests of --num-parts runs, then stop")
     p.add_argument("--num-parts", type=int, default=1, help="split the cases into N parts (deterministic)")
     p.add_argument("--part-id", type=int, default=0, help="the part this process predicts (0..N-1)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present, else the CPU)")
@@ -232,13 +236,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medseg.predict.chatter import quiet_third_party
     from medseg.predict.dicomweb import is_dicomweb, run_dicomweb
 
+    if args.merge:
+        from medseg.predict.parts import merge_parts
+
+        result = merge_parts(args.merge)
+        print(result.summary)
+        print(f"manifest: {result.manifest}")
+        return 1 if result.failed else 0
+    if not (args.model and args.input and args.output_dir):
+        raise SystemExit("medseg predict: --model, INPUT and OUTPUT_DIR are required (or --merge OUTPUT_DIR)")
     with quiet_third_party(Path(args.output_dir) / "medseg-predict.log"):
         if is_dicomweb(args.input):
             result = run_dicomweb(args.model, args.input, args.output_dir, args.study, args.query, args.overrides,
                                   args.store_back, args.ca_bundle, args.device, progress=not args.no_progress)
         else:
             result = run_predict(args.model, args.input, args.output_dir, args.overrides, args.num_parts,
-                                 args.part_id, args.device, progress=not args.no_progress)
+                                 args.part_id, args.device, progress=not args.no_progress, engine=args.engine,
+                                 address=args.address)
             if args.store_back:
                 from medseg.predict.listen import store_to_node
 

@@ -32,9 +32,16 @@ class TrainingError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(name)``.
+
+    Under ``torchrun`` (``LOCAL_RANK`` set) ``auto`` and a bare ``cuda`` mean this rank's own GPU,
+    ``cuda:LOCAL_RANK`` (modulo the GPUs visible), never every rank on ``cuda:0``.
+    """
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        local = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(local) % torch.cuda.device_count()) if local else torch.device("cuda")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"train.device={name!r} but CUDA is not available; use train.device=auto")

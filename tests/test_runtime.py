@@ -1,4 +1,5 @@
-"""medseg.runtime: the one all-gather of Python objects, outside and inside a process group; compile_model."""
+"""medseg.runtime: the one all-gather of Python objects, outside and inside a process group; compile_model;
+each torchrun rank's device."""
 
 from __future__ import annotations
 
@@ -33,6 +34,24 @@ def test_gather_objects_in_a_one_process_gloo_group() -> None:
     finally:
         dist.destroy_process_group()
     assert not dist.is_initialized()
+
+
+def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LOCAL_RANK`` picks the GPU (modulo the GPUs visible); without it, CUDA's current device; no CUDA → CPU."""
+    from medseg.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for local, want in (("0", 0), ("3", 3), ("5", 1)):
+        monkeypatch.setenv("LOCAL_RANK", local)
+        assert resolve_device("auto") == torch.device("cuda", want)
+        assert resolve_device("cuda") == torch.device("cuda", want)
+        assert resolve_device("cuda:2") == torch.device("cuda", 2)  # an explicit index is kept
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cpu")
 
 
 @pytest.mark.slow

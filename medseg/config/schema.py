@@ -310,6 +310,8 @@ class PredictConfig:
     batch_size: int = 4
     #: cases read and pre-processed ahead of the one being predicted (a background thread; 0 = no overlap)
     prefetch: int = 2
+    #: ``--engine ray``: model actors when the cluster has no GPU (with GPUs: one actor per GPU)
+    actors: int = 1
     #: write the DICOM SEG (``seg.dcm``) for DICOM input
     write_seg: bool = True
     #: write the TID 1500 measurement report (``sr.dcm``, one group per lesion) beside the SEG

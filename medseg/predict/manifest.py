@@ -14,7 +14,9 @@ A rerun skips ``done`` cases whose output folder exists and retries the rest. Wi
 each part writes ``manifest-partK-of-N.sqlite``; :func:`merge_manifests` unites them into
 ``manifest.sqlite``. Paths are stored relative to INPUT; nothing from a header but hashed UIDs.
 
-Every update is one SQLite transaction: a full disk or an I/O error rolls it back (the manifest keeps
+Every update is one SQLite transaction (or part of the caller's :meth:`Manifest.batch`: the pending rows of
+a whole archive, or a case's series and file rows, committed together); ``files.series`` is indexed, so
+recording a case costs the same with 10⁵ series as with ten: a full disk or an I/O error rolls it back (the manifest keeps
 its last committed state) and raises :class:`medseg.io.WriteError` naming the manifest, never a raw
 ``sqlite3.OperationalError``.
 """
@@ -22,6 +24,7 @@ its last committed state) and raises :class:`medseg.io.WriteError` naming the ma
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -30,7 +33,7 @@ from typing import Any
 
 from medseg.io import write_error_of
 
-__all__ = ["Manifest", "manifest_name", "merge_manifests"]
+__all__ = ["Manifest", "manifest_name", "merge_manifests", "part_counts"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
@@ -42,6 +45,7 @@ CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY, series TEXT, status TEXT, reason TEXT
 );
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT);
+CREATE INDEX IF NOT EXISTS files_series ON files (series);
 """
 
 #: series columns added after the first release (store-back: what was sent where, and the answer)
@@ -81,6 +85,23 @@ class Manifest:
     def close(self) -> None:
         self.db.close()
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction around every update inside (nested batches join the outer one); rolled back
+        whole on an error."""
+        if self.db.in_transaction:
+            yield
+            return
+        with self._writing():
+            self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        with self._writing():
+            self.db.execute("COMMIT")
+
     def status(self, key: str) -> str | None:
         row = self.db.execute("SELECT status FROM series WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
@@ -97,8 +118,7 @@ class Manifest:
 
     def set_files(self, rows: list[tuple[str, str | None, str, str | None]]) -> None:
         """``(path, series key, status, reason)`` rows, inserted or replaced in one transaction."""
-        with self._writing(), self.db:
-            self.db.execute("BEGIN")
+        with self.batch(), self._writing():
             self.db.executemany("INSERT OR REPLACE INTO files (path, series, status, reason) VALUES (?, ?, ?, ?)", rows)
 
     def set_files_of(self, key: str, status: str, reason: str | None = None) -> None:
@@ -106,7 +126,7 @@ class Manifest:
             self.db.execute("UPDATE files SET status = ?, reason = ? WHERE series = ?", (status, reason, key))
 
     def set_run(self, **values: Any) -> None:
-        with self._writing():
+        with self.batch(), self._writing():
             for k, v in values.items():
                 self.db.execute("INSERT OR REPLACE INTO run (key, value) VALUES (?, ?)", (k, str(v)))
 
@@ -123,6 +143,13 @@ class Manifest:
         return out
 
 
+def part_counts(output_dir: Path) -> list[int]:
+    """The N of every ``manifest-partK-of-N.sqlite`` in OUTPUT_DIR (sorted, distinct)."""
+    found = {int(m.group(1)) for p in Path(output_dir).glob("manifest-part*-of-*.sqlite")
+             if (m := re.fullmatch(r"manifest-part\d+-of-(\d+)\.sqlite", p.name))}
+    return sorted(found)
+
+
 def merge_manifests(output_dir: Path, num_parts: int) -> Path:
     """Unite the part manifests of OUTPUT_DIR into ``manifest.sqlite`` (a later part's row wins)."""
     target = Manifest(Path(output_dir) / manifest_name())
@@ -131,10 +158,11 @@ def merge_manifests(output_dir: Path, num_parts: int) -> Path:
         if not part.is_file():
             continue
         m = Manifest(part)
-        for r in m.rows("series"):
-            key = r.pop("key")
-            target.set_series(key, **{c: v for c, v in r.items() if c != "updated"})
-        target.set_files([(r["path"], r["series"], r["status"], r["reason"]) for r in m.rows("files")])
+        with target.batch():
+            for r in m.rows("series"):
+                key = r.pop("key")
+                target.set_series(key, **{c: v for c, v in r.items() if c != "updated"})
+            target.set_files([(r["path"], r["series"], r["status"], r["reason"]) for r in m.rows("files")])
         m.close()
     target.close()
     return Path(output_dir) / manifest_name()

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import numpy as np
 from medseg.config import Config
 from medseg.data.base import DataError, apply_window, context_indices, resample_sample, stack_context
 from medseg.data.dicom import (
+    HeaderRecord,
     SeriesGeometry,
     SeriesInfo,
     dicom_window,
@@ -121,13 +123,16 @@ def select_reason(info: SeriesInfo, cfg: Config) -> str | None:
     return None
 
 
-def discover(root: str | Path, cfg: Config, exclude: list[Path] | None = None
+def discover(root: str | Path, cfg: Config, exclude: list[Path] | None = None,
+             read_headers: Callable[[list[Path]], Iterable[HeaderRecord]] | None = None
              ) -> tuple[list[Case], list[tuple[Path, str]]]:
     """The cases under INPUT and every file not used, with its reason.
 
     Args:
         root: a DICOM / NIfTI / PNG / TIFF folder, or one NIfTI / PNG / TIFF file.
         exclude: folders not to enter (OUTPUT_DIR when it lies inside INPUT).
+        read_headers: how the DICOM headers are read (:func:`medseg.data.dicom.find_series`; the
+            ray engine reads them in parallel tasks).
 
     Returns:
         ``(cases sorted by key, [(file, reason)] in path order)``.
@@ -145,7 +150,7 @@ def discover(root: str | Path, cfg: Config, exclude: list[Path] | None = None
         raise DataError(f"{root}: expected a folder, a NIfTI (.nii, .nii.gz) or a PNG / TIFF file")
     if not root.is_dir():
         raise DataError(f"INPUT {root} does not exist")
-    series, skipped_files = find_series(root, exclude=exclude or [])
+    series, skipped_files = find_series(root, exclude=exclude or [], read_headers=read_headers)
     cases: list[Case] = []
     skipped: list[tuple[Path, str]] = []
     for sf in skipped_files:

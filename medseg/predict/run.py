@@ -58,7 +58,10 @@ from medseg.predict.writers import (
 )
 from medseg.runtime import compile_model
 
-__all__ = ["PredictResult", "model_fingerprint", "predict_threads", "run_predict", "shard_of"]
+__all__ = [
+    "PredictResult", "Prepared", "finish_run", "first_line", "model_fingerprint", "predict_case", "predict_threads",
+    "prepare_run", "process_case", "record_done", "record_failed", "run_predict", "shard_of", "write_case",
+]
 
 log = logging.getLogger("medseg.predict")
 
@@ -76,6 +79,9 @@ class PredictResult:
     summary: str = ""
     seconds: float = 0.0
     slices: int = 0
+    #: seconds per stage (index, decode, model, write), summed over the cases
+    stages: dict[str, float] = field(default_factory=dict)
+    engine: str = "local"
     #: the resolved config the run used (the model's, with the overrides)
     config: Any = None
 
@@ -95,7 +101,8 @@ def shard_of(key: str, num_parts: int) -> int:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % num_parts
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The one line a failed case records: ``ExceptionType: first line of its message``."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}"[:500]
 
@@ -104,7 +111,7 @@ def _first_line(e: BaseException) -> str:
 
 
 @torch.no_grad()
-def _predict(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def predict_case(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Class map and each label's probability, ``(Z, H, W)`` each, on the source grid, at the operating
     point (:meth:`Predictor.labels`: the same class map as ``medseg evaluate``; in sliding mode the
     window reduces rows to labels as they are finished, memory bounded by a band)."""
@@ -164,59 +171,67 @@ def _extents(loaded: Loaded) -> np.ndarray:
 def process_case(loaded: Loaded, predictor: Predictor, out_dir: Path, tmp_root: Path, fingerprint: str
                  ) -> dict[str, Any]:
     """Predict one case, write and verify its outputs in a temporary folder, then rename it into place."""
-    cfg, case = predictor.cfg, loaded.case
     t0 = time.perf_counter()
-    labels, prob = _predict(loaded, predictor, cfg.predict.batch_size)
-    t1 = time.perf_counter()
+    labels, prob = predict_case(loaded, predictor, predictor.cfg.predict.batch_size)
+    predict_s = time.perf_counter() - t0
     # the case's folder appears whole or not at all; one already there (renamed by a run killed before
     # its manifest said done) is replaced
-    with atomic_dir(out_dir / case.out_rel, tmp_root / case.key) as tmp:
-        info: dict[str, Any] = {"kind": case.kind, "key": case.key, "output": case.out_rel, "medseg_version": __version__,
-                                "model": {"name": cfg.model.name, "fingerprint": fingerprint},
-                                "input": {**loaded.info, "files": len(case.files)}, "warnings": loaded.warnings,
-                                "shape": list(labels.shape), "spacing_yx": list(loaded.spacing)}
-        num_classes = int(cfg.data.num_classes)
-        rows, note = None, None
-        if case.kind == "dicom":
-            g = loaded.geom
-            assert g is not None
-            affine, err = nifti_affine(g.positions, g.direction, g.spacing, g.slice_thickness)
-            write_nifti(tmp / "mask.nii.gz", labels, affine)
-            tilted = any("gantry tilt" in w for w in g.warnings)
-            info["geometry"] = {"spacing_zyx": list(g.spacing), "origin_lps": g.origin.tolist(),
-                                "direction": g.direction.tolist(), "slice_positions_lps": g.positions.tolist(),
-                                "sop_instance_uids": list(g.sop_instance_uids),
-                                "frames": [f for f in g.frames] if any(f is not None for f in g.frames) else None}
-            info["nifti"] = {"affine_ras": affine.tolist(), "max_error_mm": err, "exact": err < 0.01,
-                             "holds": "the acquired slices; " + (
-                                 "affine exact" if err < 0.01 and not tilted else
-                                 "sheared affine following the tilted slice positions" if err < 0.01 else
-                                 "irregular slice positions: the slice axis steps by the mean interval "
-                                 "(seg.dcm is exact)")}
-            if cfg.predict.write_seg:
-                rows = lesion_table(labels, prob, loaded.values, loaded.spacing, _extents(loaded), _world(loaded),
-                                    cfg.predict.connectivity)
-                dic = write_seg_and_sr(tmp, labels, rows, g, num_classes, fingerprint, cfg.model.name,
-                                       cfg.predict.connectivity, cfg.predict.write_sr)
-                info.update(dic)
-                note = dic.get("skipped")
-        elif case.kind == "nifti":
-            assert loaded.nifti is not None
-            write_nifti_like(tmp / "mask.nii.gz", labels, loaded.nifti)
-            info["nifti"] = {"affine": np.asarray(loaded.nifti["affine"]).tolist(), "holds": "the input's affine"}
-        else:
-            write_png_mask(tmp / f"{case.name.rsplit('-', 1)[0]}.png", labels[0])
-        if rows is None:
+    with atomic_dir(out_dir / loaded.case.out_rel, tmp_root / loaded.case.key) as tmp:
+        return write_case(tmp, loaded, labels, prob, predictor.cfg, fingerprint, predict_s)
+
+
+def write_case(tmp: Path, loaded: Loaded, labels: np.ndarray, prob: np.ndarray, cfg: Any, fingerprint: str,
+               predict_s: float) -> dict[str, Any]:
+    """Post-process and write one case's outputs into the folder ``tmp`` (each writer re-reads what it
+    wrote); the caller renames ``tmp`` into place. Returns the case's statistics for the manifest."""
+    case = loaded.case
+    t1 = time.perf_counter()
+    info: dict[str, Any] = {"kind": case.kind, "key": case.key, "output": case.out_rel, "medseg_version": __version__,
+                            "model": {"name": cfg.model.name, "fingerprint": fingerprint},
+                            "input": {**loaded.info, "files": len(case.files)}, "warnings": loaded.warnings,
+                            "shape": list(labels.shape), "spacing_yx": list(loaded.spacing)}
+    num_classes = int(cfg.data.num_classes)
+    rows, note = None, None
+    if case.kind == "dicom":
+        g = loaded.geom
+        assert g is not None
+        affine, err = nifti_affine(g.positions, g.direction, g.spacing, g.slice_thickness)
+        write_nifti(tmp / "mask.nii.gz", labels, affine)
+        tilted = any("gantry tilt" in w for w in g.warnings)
+        info["geometry"] = {"spacing_zyx": list(g.spacing), "origin_lps": g.origin.tolist(),
+                            "direction": g.direction.tolist(), "slice_positions_lps": g.positions.tolist(),
+                            "sop_instance_uids": list(g.sop_instance_uids),
+                            "frames": [f for f in g.frames] if any(f is not None for f in g.frames) else None}
+        info["nifti"] = {"affine_ras": affine.tolist(), "max_error_mm": err, "exact": err < 0.01,
+                         "holds": "the acquired slices; " + (
+                             "affine exact" if err < 0.01 and not tilted else
+                             "sheared affine following the tilted slice positions" if err < 0.01 else
+                             "irregular slice positions: the slice axis steps by the mean interval "
+                             "(seg.dcm is exact)")}
+        if cfg.predict.write_seg:
             rows = lesion_table(labels, prob, loaded.values, loaded.spacing, _extents(loaded), _world(loaded),
                                 cfg.predict.connectivity)
-        write_csv(tmp / "lesions.csv", rows)
-        if cfg.predict.overlays and rows:
-            info["overlays"] = write_overlays(tmp / "overlays", _display(loaded, cfg), labels, rows)
-        t2 = time.perf_counter()
-        info["lesions"] = len(rows)
-        info["timings_s"] = {"read": round(loaded.read_s, 4), "predict": round(t1 - t0, 4), "write": round(t2 - t1, 4)}
-        write_json(tmp / "series.json", info)
-    return {"n_slices": int(labels.shape[0]), "n_lesions": len(rows), "predict_s": t1 - t0, "write_s": t2 - t1,
+            dic = write_seg_and_sr(tmp, labels, rows, g, num_classes, fingerprint, cfg.model.name,
+                                   cfg.predict.connectivity, cfg.predict.write_sr)
+            info.update(dic)
+            note = dic.get("skipped")
+    elif case.kind == "nifti":
+        assert loaded.nifti is not None
+        write_nifti_like(tmp / "mask.nii.gz", labels, loaded.nifti)
+        info["nifti"] = {"affine": np.asarray(loaded.nifti["affine"]).tolist(), "holds": "the input's affine"}
+    else:
+        write_png_mask(tmp / f"{case.name.rsplit('-', 1)[0]}.png", labels[0])
+    if rows is None:
+        rows = lesion_table(labels, prob, loaded.values, loaded.spacing, _extents(loaded), _world(loaded),
+                            cfg.predict.connectivity)
+    write_csv(tmp / "lesions.csv", rows)
+    if cfg.predict.overlays and rows:
+        info["overlays"] = write_overlays(tmp / "overlays", _display(loaded, cfg), labels, rows)
+    t2 = time.perf_counter()
+    info["lesions"] = len(rows)
+    info["timings_s"] = {"read": round(loaded.read_s, 4), "predict": round(predict_s, 4), "write": round(t2 - t1, 4)}
+    write_json(tmp / "series.json", info)
+    return {"n_slices": int(labels.shape[0]), "n_lesions": len(rows), "predict_s": predict_s, "write_s": t2 - t1,
             "note": note}
 
 
@@ -245,8 +260,8 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def run_predict(model: str | Path, input_path: str | Path, output_dir: str | Path, overrides: list[str] | None = None,
-                num_parts: int = 1, part_id: int = 0, device: str | None = None, progress: bool = True
-                ) -> PredictResult:
+                num_parts: int = 1, part_id: int = 0, device: str | None = None, progress: bool = True,
+                engine: str = "local", address: str | None = None) -> PredictResult:
     """Predict every case under ``input_path`` into ``output_dir`` (resumable; see the module doc).
 
     Args:
@@ -258,6 +273,8 @@ def run_predict(model: str | Path, input_path: str | Path, output_dir: str | Pat
             under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks split the cases the same way.
         device: ``cpu``, ``cuda``... (default: CUDA when present, else the CPU).
         progress: show a tqdm progress bar.
+        engine: ``local`` (this process) or ``ray`` (a Ray cluster: :mod:`medseg.predict.cluster`).
+        address: the Ray cluster (``auto``, ``HOST:PORT``, ``ray://HOST:10001``; None = start Ray here).
     """
     start = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -265,18 +282,37 @@ def run_predict(model: str | Path, input_path: str | Path, output_dir: str | Pat
         num_parts, part_id = world, int(os.environ.get("RANK", "0"))
     if not 0 <= part_id < num_parts:
         raise ValueError(f"--part-id must be in 0..{num_parts - 1}, got {part_id}")
+    if engine not in ("local", "ray"):
+        raise ValueError(f"--engine must be local or ray, got {engine!r}")
     out = Path(output_dir)
     what = "medseg predict" + (f" of part {part_id} of {num_parts}" if num_parts > 1 else "")
     with exclusive_lock(out / Path(manifest_name(num_parts, part_id)).with_suffix(".lock"), what):  # before any work
+        if engine == "ray":
+            from medseg.predict.cluster import run_ray
+
+            return run_ray(model, Path(input_path), out, overrides, num_parts, part_id, device, progress, address,
+                           start)
         return _run_locked(model, Path(input_path), out, overrides, num_parts, part_id, device, progress, world, start)
 
 
-def _run_locked(model: str | Path, root: Path, out: Path, overrides: list[str] | None, num_parts: int, part_id: int,
-                device: str | None, progress: bool, world: int, start: float) -> PredictResult:
-    """:func:`run_predict` while holding the output folder's (part's) lock."""
-    from tqdm.auto import tqdm
+@dataclass
+class Prepared:
+    """A run set up (the lock held): the model, the manifest with every case pending, the cases to do."""
 
-    predictor = Predictor.from_ref(model, overrides=list(overrides or []), device=device)
+    predictor: Predictor
+    fingerprint: str
+    manifest: Manifest
+    result: PredictResult
+    todo: list[Case]
+    tmp_root: Path
+
+
+def prepare_run(model: str | Path, root: Path, out: Path, overrides: list[str] | None, num_parts: int, part_id: int,
+                device: str | None, read_headers: Any = None, predictor: Predictor | None = None) -> Prepared:
+    """Load the model (unless ``predictor`` is given), find the cases (``read_headers``: see
+    :func:`medseg.predict.readers.discover`), record every file and case in the manifest (one
+    transaction) and wipe the dead run's working folder."""
+    predictor = predictor or Predictor.from_ref(model, overrides=list(overrides or []), device=device)
     cfg = predictor.cfg
     torch.set_num_threads(predict_threads(cfg.predict.threads))
     fingerprint = model_fingerprint(predictor.model)
@@ -284,7 +320,7 @@ def _run_locked(model: str | Path, root: Path, out: Path, overrides: list[str] |
         predictor.model = compile_model(predictor.model, "predict.compile")
     out.mkdir(parents=True, exist_ok=True)
     base = root if root.is_dir() else root.parent
-    cases, skipped = discover(root, cfg, exclude=[out])
+    cases, skipped = discover(root, cfg, exclude=[out], read_headers=read_headers)
     mine = [c for c in cases if shard_of(c.key, num_parts) == part_id]
     manifest = Manifest(out / manifest_name(num_parts, part_id))
     manifest.set_run(model=str(model), model_fingerprint=fingerprint, num_parts=num_parts, part_id=part_id,
@@ -292,19 +328,66 @@ def _run_locked(model: str | Path, root: Path, out: Path, overrides: list[str] |
     result = PredictResult(out, manifest.path, config=cfg)
     todo: list[Case] = []
     rows: list[tuple[str, str | None, str, str | None]] = [(_rel(p, base), None, "skipped", r) for p, r in skipped]
-    for c in mine:
-        done = manifest.status(c.key) == "done" and (out / c.out_rel).is_dir()
-        if done:
-            result.already_done.append(c.key)
-        else:
-            todo.append(c)
-            manifest.set_series(c.key, kind=c.kind, output=c.out_rel, n_files=len(c.files), status="pending",
-                                reason=None)
-        rows += [(_rel(p, base), c.key, "done" if done else "pending", None) for p in c.files]
-    manifest.set_files(rows)
+    with manifest.batch():
+        for c in mine:
+            done = manifest.status(c.key) == "done" and (out / c.out_rel).is_dir()
+            if done:
+                result.already_done.append(c.key)
+            else:
+                todo.append(c)
+                manifest.set_series(c.key, kind=c.kind, output=c.out_rel, n_files=len(c.files), status="pending",
+                                    reason=None)
+            rows += [(_rel(p, base), c.key, "done" if done else "pending", None) for p in c.files]
+        manifest.set_files(rows)
     tmp_root = out / (f".tmp-part{part_id}" + (f"-of-{num_parts}" if num_parts > 1 else ""))
     if tmp_root.exists():  # left by a dead run (we hold the lock): never a finished output
         shutil.rmtree(tmp_root)
+    return Prepared(predictor, fingerprint, manifest, result, todo, tmp_root)
+
+
+def record_done(prep: Prepared, case: Case, stats: dict[str, Any], read_s: float, total_s: float) -> None:
+    """A case written and in place: its series and file rows say done (one transaction)."""
+    with prep.manifest.batch():
+        prep.manifest.set_series(case.key, status="done", reason=stats.get("note"), n_slices=stats["n_slices"],
+                                 n_lesions=stats["n_lesions"], read_s=read_s, predict_s=stats["predict_s"],
+                                 write_s=stats["write_s"], total_s=total_s)
+        prep.manifest.set_files_of(case.key, "done")
+    r = prep.result
+    r.processed.append(case.key)
+    r.slices += stats["n_slices"]
+    for stage, v in (("decode", read_s), ("model", stats["predict_s"]), ("write", stats["write_s"])):
+        r.stages[stage] = r.stages.get(stage, 0.0) + v
+
+
+def record_failed(prep: Prepared, case: Case, msg: str) -> None:
+    """A case that failed for its own reasons (its message: :func:`first_line`)."""
+    log.warning("case %s (%s) failed: %s", case.key, case.out_rel, msg)
+    with prep.manifest.batch():
+        prep.manifest.set_series(case.key, status="failed", reason=msg)
+        prep.manifest.set_files_of(case.key, "failed", msg)
+    prep.result.failed[case.key] = msg
+
+
+def finish_run(prep: Prepared, start: float) -> PredictResult:
+    """Mark the manifest finished, close it and build the summary."""
+    prep.manifest.set_run(finished=time.time())
+    result = prep.result
+    result.counts = prep.manifest.counts()
+    result.seconds = time.perf_counter() - start
+    result.summary = summary_table(prep.manifest, result)
+    prep.manifest.close()
+    return result
+
+
+def _run_locked(model: str | Path, root: Path, out: Path, overrides: list[str] | None, num_parts: int, part_id: int,
+                device: str | None, progress: bool, world: int, start: float) -> PredictResult:
+    """:func:`run_predict` while holding the output folder's (part's) lock."""
+    from tqdm.auto import tqdm
+
+    t_index = time.perf_counter()
+    prep = prepare_run(model, root, out, overrides, num_parts, part_id, device)
+    prep.result.stages["index"] = time.perf_counter() - t_index
+    predictor, cfg, todo, tmp_root = prep.predictor, prep.predictor.cfg, prep.todo, prep.tmp_root
 
     q: queue.Queue = queue.Queue(maxsize=max(int(cfg.predict.prefetch), 1))
     stop = threading.Event()
@@ -339,35 +422,22 @@ def _run_locked(model: str | Path, root: Path, out: Path, overrides: list[str] |
             try:
                 if err is not None:
                     raise err
-                stats = process_case(loaded, predictor, out, tmp_root, fingerprint)
-                manifest.set_series(case.key, status="done", reason=stats["note"], n_slices=stats["n_slices"],
-                                    n_lesions=stats["n_lesions"], read_s=loaded.read_s, predict_s=stats["predict_s"],
-                                    write_s=stats["write_s"], total_s=loaded.read_s + time.perf_counter() - t0)
-                manifest.set_files_of(case.key, "done")
-                result.processed.append(case.key)
-                result.slices += stats["n_slices"]
+                stats = process_case(loaded, predictor, out, tmp_root, prep.fingerprint)
+                record_done(prep, case, stats, loaded.read_s, loaded.read_s + time.perf_counter() - t0)
             except WriteError:
                 raise  # a full disk stops the run (recording the case failed would write to it): the rerun does it
             except Exception as e:  # noqa: BLE001
                 we = write_error_of(e) if err is None else None  # an OSError ENOSPC from a writer not ours
                 if we is not None:
                     raise we from e
-                msg = _first_line(e)
-                log.warning("case %s (%s) failed: %s", case.key, case.out_rel, msg)
-                manifest.set_series(case.key, status="failed", reason=msg)
-                manifest.set_files_of(case.key, "failed", msg)
-                result.failed[case.key] = msg
+                record_failed(prep, case, first_line(e))
             bar.update(1)
     finally:
         stop.set()
         bar.close()
         if tmp_root.exists() and not any(tmp_root.iterdir()):
             tmp_root.rmdir()
-    manifest.set_run(finished=time.time())
-    result.counts = manifest.counts()
-    result.seconds = time.perf_counter() - start
-    result.summary = summary_table(manifest, result)
-    manifest.close()
+    result = finish_run(prep, start)
     if num_parts > 1 and part_id == 0 and world > 1:
         _wait_for_parts(out, num_parts)
         result.manifest = merge_manifests(out, num_parts)
@@ -420,4 +490,7 @@ def summary_table(manifest: Manifest, result: PredictResult) -> str:
     lines.append("")
     lines.append(f"this run: {len(result.processed)} case(s) predicted ({result.slices} slices, {rate:.1f} slices/s), "
                  f"{len(result.already_done)} already done, {len(result.failed)} failed, {result.seconds:.1f} s")
+    if result.stages:
+        lines.append("stage time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.stages.items())
+                     + (" (summed over parallel workers)" if result.engine == "ray" else ""))
     return "\n".join(lines)

@@ -15,7 +15,6 @@ import tifffile
 from medseg.config import Config
 from medseg.inference.predictor import Predictor
 from medseg.predict import run_predict
-from medseg.predict.manifest import merge_manifests
 from medseg.predict.readers import discover, load_case
 from medseg.predict.run import shard_of
 from tests.predict import builders as B
@@ -134,7 +133,8 @@ def test_selection_rules_skip_series_with_their_reason(small: dict) -> None:
     assert len(discover(small["root"], cfg)[0]) == 3
 
 
-def test_parts_split_the_cases_deterministically_and_merge(small: dict, oracle: None, tmp_path: Path) -> None:
+def test_parts_split_the_cases_deterministically_and_merge(small: dict, oracle: None, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
     from medseg.cli import main
 
     ckpt = _ckpt(tmp_path, "m")
@@ -149,11 +149,47 @@ def test_parts_split_the_cases_deterministically_and_merge(small: dict, oracle: 
         with sqlite3.connect(out / f"manifest-part{p}-of-2.sqlite") as db:
             done = {k for (k,) in db.execute("SELECT key FROM series WHERE status = 'done'")}
         assert done == parts[p]
-    merged = merge_manifests(out, 2)
-    with sqlite3.connect(merged) as db:
-        assert {k for (k,) in db.execute("SELECT key FROM series WHERE status = 'done'")} == set(keys)
+        capsys.readouterr()
+        assert main(["predict", "--merge", str(out)]) == 0  # hand-started parts merged by the command
+        said = capsys.readouterr().out
+        assert ("parts not finished (or missing): [1] of 2" in said) == (p == 0), said
+        with sqlite3.connect(out / "manifest.sqlite") as db:
+            assert {k for (k,) in db.execute("SELECT key FROM series WHERE status = 'done'")} == set().union(*parts[:p + 1])
+    part_files = set()
+    for p in (0, 1):
+        with sqlite3.connect(out / f"manifest-part{p}-of-2.sqlite") as db:
+            part_files |= set(db.execute("SELECT path, status FROM files").fetchall())
+    with sqlite3.connect(out / "manifest.sqlite") as db:
+        merged_files = set(db.execute("SELECT path, status FROM files").fetchall())
+    assert {f for f, _ in merged_files} == {f for f, _ in part_files}
+    assert {f for f, s in merged_files if s == "done"} == {f for f, s in part_files if s == "done"}
     assert len(list(out.glob("study-*/series-*/mask.nii.gz"))) == 3
     assert not list(out.glob("study-*/series-*/seg.dcm"))  # --set applies on top of the model's config
+
+
+def test_merge_without_parts_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from medseg.cli import main
+
+    assert main(["predict", "--merge", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"medseg predict: error: {tmp_path}: no manifest-partK-of-N.sqlite to merge"
+
+
+def test_manifest_indexes_files_by_series_and_batches_roll_back_whole(tmp_path: Path) -> None:
+    from medseg.predict.manifest import Manifest
+
+    m = Manifest(tmp_path / "m.sqlite")
+    plan = " ".join(r[-1] for r in m.db.execute("EXPLAIN QUERY PLAN UPDATE files SET status = 'x' WHERE series = 'k'"))
+    assert "USING INDEX files_series" in plan, plan
+    with m.batch():
+        m.set_series("a", status="pending")
+        m.set_files([("f1", "a", "pending", None), ("f2", "a", "pending", None)])
+    with pytest.raises(RuntimeError), m.batch():
+        m.set_series("a", status="done")
+        m.set_files_of("a", "done")
+        raise RuntimeError("killed between the two updates")
+    assert m.status("a") == "pending"
+    assert {r["status"] for r in m.rows("files")} == {"pending"}
+    m.close()
 
 
 def test_predictor_applies_overrides_on_the_model_config(oracle: None, tmp_path: Path) -> None:

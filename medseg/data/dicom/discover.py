@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,10 +46,14 @@ __all__ = [
     "DICOMDIR_SOP_CLASS",
     "RTSTRUCT_SOP_CLASS",
     "SEG_SOP_CLASSES",
+    "HeaderRecord",
     "find_series",
+    "group_headers",
     "group_item",
+    "list_files",
     "num_frames",
     "orientation_name",
+    "read_header",
     "split_by_orientation",
 ]
 
@@ -269,8 +274,66 @@ def _label_references(ds: pydicom.Dataset, kind: str) -> tuple[list[str], list[s
     return series, sops
 
 
+@dataclass
+class HeaderRecord:
+    """What one file's header says, as :func:`find_series` groups it (small and picklable, so the
+    headers of an archive can be read by parallel workers and grouped by one reduce).
+
+    ``kind`` is ``image`` (``heads`` and the series fields set), ``SEG`` / ``RTSTRUCT`` (``refs``:
+    referenced series UIDs, SOP instance UIDs, frames of reference; ``reason`` set when they could
+    not be read) or ``skip`` (``reason``).
+    """
+
+    path: Path
+    kind: str
+    reason: str = ""
+    heads: list[InstanceHeader] = field(default_factory=list)
+    series: dict[str, Any] = field(default_factory=dict)
+    refs: tuple[list[str], list[str], set[str]] = field(default_factory=lambda: ([], [], set()))
+
+
+def read_header(path: Path) -> HeaderRecord:
+    """Read one file's header (pixel data only located: a truncated file is caught) and classify it."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
+        kind, reason = _classify(ds, path)
+    except Exception as e:  # pydicom raises many types on garbage: all mean "not readable"
+        return HeaderRecord(path, "skip", f"unreadable as DICOM ({type(e).__name__}: {e})")
+    if kind == "skip":
+        return HeaderRecord(path, "skip", reason)
+    if kind in ("SEG", "RTSTRUCT"):
+        try:
+            ref_series, ref_sops = _label_references(ds, kind)
+            fors = {str(f.get("FrameOfReferenceUID", "")) for f in ds.get("ReferencedFrameOfReferenceSequence") or []}
+        except Exception as e:
+            return HeaderRecord(path, kind, f"{kind} with unreadable references ({type(e).__name__}: {e})")
+        return HeaderRecord(path, kind, refs=(ref_series, ref_sops, fors))
+    try:
+        heads = _instance_headers(ds, path)
+    except Exception as e:
+        heads = f"malformed header ({type(e).__name__}: {e})"
+    if isinstance(heads, str):
+        return HeaderRecord(path, "skip", heads)
+    return HeaderRecord(path, "image", heads=heads, series={
+        "uid": str(ds.SeriesInstanceUID),
+        "modality": str(ds.get("Modality", "")),
+        "study": str(ds.get("StudyInstanceUID", "")),
+        "for": str(ds.get("FrameOfReferenceUID", "")) or None,
+        "description": str(ds.get("SeriesDescription", "")),
+        "body_part": str(ds.get("BodyPartExamined", "") or ""),
+    })
+
+
+def list_files(root: str | Path, exclude: Sequence[str | Path] = ()) -> list[Path]:
+    """Every regular file under ``root`` in the order :func:`find_series` reads them (sorted walk)."""
+    return list(_walk(Path(root), [Path(e) for e in exclude]))
+
+
 def find_series(
-    root: str | Path, exclude: Sequence[str | Path] = ()
+    root: str | Path, exclude: Sequence[str | Path] = (),
+    read_headers: Callable[[list[Path]], Iterable[HeaderRecord]] | None = None,
 ) -> tuple[list[SeriesInfo], list[SkippedFile]]:
     """Find the image series in a folder tree (any nesting), reading each file's header once.
 
@@ -285,6 +348,9 @@ def find_series(
     Args:
         root: the folder to scan.
         exclude: folders not to enter (e.g. a ``masks/`` folder of NIfTI files).
+        read_headers: reads the headers of a list of files, returning :func:`read_header`'s records in
+            the same order (default: one after the other, here; ``medseg predict --engine ray``
+            passes parallel tasks); the grouping that follows is the same either way.
 
     Returns:
         ``(series, skipped)``: series sorted by folder then SeriesInstanceUID; skipped files in
@@ -293,49 +359,36 @@ def find_series(
     Raises:
         DataError: ``root`` is not a folder.
     """
-    import pydicom
-
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder; expected a folder of DICOM series")
+    paths = list_files(root, exclude)
+    records = read_headers(paths) if read_headers is not None else map(read_header, paths)
+    return group_headers(root, records)
+
+
+def group_headers(root: Path, records: Iterable[HeaderRecord]) -> tuple[list[SeriesInfo], list[SkippedFile]]:
+    """The reduce of :func:`find_series`: header records in path order → series and skipped files."""
     skipped: list[SkippedFile] = []
     groups: dict[str, dict[str, Any]] = {}
     sop_to_series: dict[str, str] = {}
-    label_cands: list[tuple[Path, str, pydicom.Dataset]] = []
-    for path in _walk(root, [Path(e) for e in exclude]):
-        try:
-            ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
-            kind, reason = _classify(ds, path)
-        except Exception as e:  # pydicom raises many types on garbage: all mean "not readable"
-            skipped.append(SkippedFile(path, f"unreadable as DICOM ({type(e).__name__}: {e})"))
+    label_cands: list[HeaderRecord] = []
+    for rec in records:
+        path = rec.path
+        if rec.kind == "skip":
+            skipped.append(SkippedFile(path, rec.reason))
             continue
-        if kind == "skip":
-            skipped.append(SkippedFile(path, reason))
+        if rec.kind in ("SEG", "RTSTRUCT"):
+            label_cands.append(rec)
             continue
-        if kind in ("SEG", "RTSTRUCT"):
-            label_cands.append((path, kind, ds))
-            continue
-        try:
-            heads = _instance_headers(ds, path)
-        except Exception as e:
-            heads = f"malformed header ({type(e).__name__}: {e})"
-        if isinstance(heads, str):
-            skipped.append(SkippedFile(path, heads))
-            continue
-        uid = str(ds.SeriesInstanceUID)
+        heads = rec.heads
+        uid = rec.series["uid"]
         sop_uid = heads[0].sop_instance_uid
         if sop_uid in sop_to_series:
             first = next(i.path for i in groups[sop_to_series[sop_uid]]["instances"] if i.sop_instance_uid == sop_uid)
             skipped.append(SkippedFile(path, f"duplicate of {first} (same SOPInstanceUID)"))
             continue
-        g = groups.setdefault(uid, {
-            "modality": str(ds.get("Modality", "")),
-            "study": str(ds.get("StudyInstanceUID", "")),
-            "for": str(ds.get("FrameOfReferenceUID", "")) or None,
-            "description": str(ds.get("SeriesDescription", "")),
-            "body_part": str(ds.get("BodyPartExamined", "") or ""),
-            "instances": [],
-        })
+        g = groups.setdefault(uid, {**{k: v for k, v in rec.series.items() if k != "uid"}, "instances": []})
         g["instances"].extend(heads)
         sop_to_series[sop_uid] = uid
 
@@ -346,17 +399,16 @@ def find_series(
                         orientation=orientation_name(g["instances"][0].orientation))
         for uid, g in groups.items()
     }
-    for path, kind, ds in label_cands:
-        try:
-            ref_series, ref_sops = _label_references(ds, kind)
-        except Exception as e:
-            skipped.append(SkippedFile(path, f"{kind} with unreadable references ({type(e).__name__}: {e})"))
+    for rec in label_cands:
+        path, kind = rec.path, rec.kind
+        if rec.reason:
+            skipped.append(SkippedFile(path, rec.reason))
             continue
+        ref_series, ref_sops, fors = rec.refs
         target = next((s for s in ref_series if s in series), None)
         if target is None:
             target = next((sop_to_series[s] for s in ref_sops if s in sop_to_series), None)
         if target is None and kind == "RTSTRUCT":
-            fors = {str(f.get("FrameOfReferenceUID", "")) for f in ds.get("ReferencedFrameOfReferenceSequence") or []}
             cands = [s for s in series.values() if s.frame_of_reference_uid in fors]
             target = cands[0].series_uid if len(cands) == 1 else None
         if target is None:
