@@ -31,10 +31,16 @@ class DataConfig:
     context_slices: int = 3
     #: physical distance between neighbouring context slices, in mm (DeepLesion / DICOM / NIfTI)
     slice_offset_mm: float = 2.0
-    #: "dicom": DeepLesion rows' DICOM_windows, a DICOM series' first WindowCenter/WindowWidth (training and
-    #: predict alike; window_range where a series has none); "fixed": window_range everywhere
-    window: Literal["dicom", "fixed"] = "dicom"
+    #: the window rule (medseg/data/windowing.py): "fixed": window_range everywhere; "multi": each of
+    #: `windows` as input channels (window-major × context); "dicom": DeepLesion rows' DICOM_windows / a
+    #: DICOM series' first WindowCenter/WindowWidth — annotation information, warned about at predict
+    #: (PNG/TIFF folders: the dtype's range). The shipped DeepLesion configs set "fixed".
+    window: Literal["dicom", "fixed", "multi"] = "dicom"
     window_range: list[float] = field(default_factory=lambda: [-1024.0, 3071.0])
+    windows: list[list[float]] = field(
+        default_factory=lambda: [[-1024.0, 3071.0], [-175.0, 275.0], [-1500.0, 500.0]])
+    #: training only: added slices without a lesion, per key slice (DeepLesion; 0 = none)
+    negative_rate: float = 0.0
     #: resample in-plane to this mm/px (None keeps the native spacing)
     spacing_mm: float | None = None
     #: DeepLesion: how RECIST marks become masks ("ellipse" | "grabcut")

@@ -31,6 +31,7 @@ from medseg.config import Config, ConfigError
 from medseg.data import build_dataset
 from medseg.data.base import to_source_grid
 from medseg.data.loading import ShardSampler, TransformedDataset, make_loader
+from medseg.data.windowing import annotation_window_warning, model_window_rule
 from medseg.inference.postprocess import postprocess, resolve_operating_point
 from medseg.inference.predictor import foreground_probability, predict_logits
 from medseg.io import atomic_write_bytes, write_rows_csv
@@ -242,6 +243,10 @@ def evaluate(
     device = resolve_device(cfg.train.device)
     model, info = load_model(model_ref, device)
     cfg = resolve_operating_point(cfg, info.get("config"))  # the model's calibrated point unless set
+    cfg.data, note = model_window_rule(cfg.data, info.get("config"))  # the model's window rule, as predict
+    for line in (note, annotation_window_warning(cfg.data)):
+        if line:
+            log.warning("%s", line)
     dataset = TransformedDataset(build_dataset(cfg.data, split), build_transforms(cfg.transforms, train=False),
                                  cfg.train.seed)
     out_dir = Path(save_predictions) if save_predictions else None

@@ -36,11 +36,13 @@ from medseg.data.base import (
 from medseg.data.deeplesion.archive import ImageSource
 from medseg.data.deeplesion.format import LesionRecord, read_dl_info_cached
 from medseg.data.deeplesion.recist import RECIST_MODES, recist_to_masks
+from medseg.data.windowing import WINDOW_RULES, apply_windows, check_window, window_set
 from medseg.registry import DATASETS
 
 __all__ = ["WINDOWS", "DeepLesionDataset"]
 
-WINDOWS = ("dicom", "fixed")
+#: the window rules (:data:`medseg.data.windowing.WINDOW_RULES`)
+WINDOWS = WINDOW_RULES
 
 
 @dataclass
@@ -89,17 +91,10 @@ class DeepLesionDataset(Dataset):
         self.cfg = cfg
         self.split = check_split(split)
         self.root = Path(cfg.root)
-        if cfg.window not in WINDOWS:
-            raise DataError(f"data.window = {cfg.window!r}; expected one of {', '.join(WINDOWS)}")
+        check_window(cfg)
         if cfg.recist_mask not in RECIST_MODES:
             raise DataError(
                 f"data.recist_mask = {cfg.recist_mask!r}; expected one of {', '.join(RECIST_MODES)}"
-            )
-        if cfg.window == "fixed" and (
-            len(cfg.window_range) != 2 or not cfg.window_range[1] > cfg.window_range[0]
-        ):
-            raise DataError(
-                f"data.window_range = {cfg.window_range}; expected [low, high] HU with high > low"
             )
         self.csv_path = self.root / "DL_info.csv"
         if not self.csv_path.is_file():
@@ -199,8 +194,9 @@ class DeepLesionDataset(Dataset):
             return hu
 
         hu = stack_context(read, positions, available=range(first, last + 1))
-        window = list(rec.window) if self.cfg.window == "dicom" else [float(v) for v in self.cfg.window_range]
-        image = apply_window(hu, window[0], window[1])
+        windows, _ = window_set(self.cfg, rec.window)
+        image = apply_windows(hu, windows)
+        window = list(windows[0])
 
         shape = (int(key_hu.shape[0]), int(key_hu.shape[1]))
         lesions = [{"coords": r.coords, "bbox": r.bbox} for r in s.rows]

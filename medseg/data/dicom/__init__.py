@@ -50,6 +50,7 @@ from medseg.data.dicom.records import (
 from medseg.data.dicom.series import (
     PLUGIN_HELP,
     dicom_window,
+    dicom_windows,
     header_window,
     read_frames_hu,
     read_instance_hu,
@@ -72,6 +73,7 @@ __all__ = [
     "SkippedFile",
     "Volume",
     "dicom_window",
+    "dicom_windows",
     "find_series",
     "header_window",
     "orientation_name",
