@@ -35,6 +35,7 @@ from medseg.data.base import (
 )
 from medseg.data.deeplesion.archive import ImageSource
 from medseg.data.deeplesion.format import LesionRecord, read_dl_info_cached
+from medseg.data.deeplesion.negatives import choose_negatives, negative_slices
 from medseg.data.deeplesion.recist import RECIST_MODES, recist_to_masks
 from medseg.data.windowing import WINDOW_RULES, apply_windows, check_window, window_set
 from medseg.registry import DATASETS
@@ -122,6 +123,13 @@ class DeepLesionDataset(Dataset):
         self.samples = [
             _Sample(fn, rows[0].series, rows[0].key_slice, tuple(rows)) for fn, rows in groups.items()
         ]
+        #: lesion-free slices added to the train split (``data.negative_rate`` per key slice)
+        self.negatives: list[tuple[str, int, LesionRecord]] = []
+        if split == "train" and cfg.negative_rate > 0 and self.samples:
+            series = {s.series for s in self.samples}
+            cands = negative_slices([r for r in records if r.series in series],
+                                    self.masks_dir if self.has_masks else None)
+            self.negatives = choose_negatives(cands, round(cfg.negative_rate * len(self.samples)), cfg.split_seed)
         if not self.samples:
             raise DataError(
                 f"{self.csv_path}: no samples for split {split!r} with data.include_noisy="
@@ -130,7 +138,7 @@ class DeepLesionDataset(Dataset):
             )
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.samples) + len(self.negatives)
 
     @property
     def num_lesions(self) -> int:
@@ -149,6 +157,7 @@ class DeepLesionDataset(Dataset):
                 str(self.cfg.include_noisy),
                 ",".join(map(str, sorted(self.cfg.lesion_types))),
                 *(s.file_name for s in self.samples),
+                *(f"neg:{se}:{n}" for se, n, _ in self.negatives),
             ]
         )
         keys = [(s.series, s.key) for s in self.samples]
@@ -169,25 +178,27 @@ class DeepLesionDataset(Dataset):
             )
         return m.astype(np.int32)[None]
 
-    def __getitem__(self, idx: int) -> dict[str, Any] | None:
-        s = self.samples[idx]
-        rec = s.rows[0]
-        key_hu = self.images.read(s.series, s.key)
+    def context(self, series: str, key: int, rec: LesionRecord
+                ) -> tuple[np.ndarray, np.ndarray, list[float], list[tuple[float, float]]] | None:
+        """Slice ``key`` of ``series`` as the model sees it: ``(image (C, H, W), key HU, positions,
+        windows)``, the context taken within ``rec``'s ``Slice_range`` and windowed by the window
+        rule (``rec``'s own window under ``dicom``); None when the slice cannot be read."""
+        key_hu = self.images.read(series, key)
         if key_hu is None:
             return None
         first, last = rec.slice_range
-        first, last = min(first, s.key), max(last, s.key)
+        first, last = min(first, key), max(last, key)
         positions = context_indices(
-            s.key, self.cfg.context_slices, self.cfg.slice_offset_mm, rec.slice_interval, first, last
+            key, self.cfg.context_slices, self.cfg.slice_offset_mm, rec.slice_interval, first, last
         )
 
         def read(i: int) -> np.ndarray | None:
-            if i == s.key:
+            if i == key:
                 return key_hu
-            hu = self.images.read(s.series, i)
+            hu = self.images.read(series, i)
             if hu is not None and hu.shape != key_hu.shape:
                 self.images.warn(
-                    self.images.key_source(s.series, i),
+                    self.images.key_source(series, i),
                     f"shape {hu.shape} differs from the key slice's {key_hu.shape}; expected a 16-bit PNG of the series' size",
                 )
                 return None
@@ -195,7 +206,17 @@ class DeepLesionDataset(Dataset):
 
         hu = stack_context(read, positions, available=range(first, last + 1))
         windows, _ = window_set(self.cfg, rec.window)
-        image = apply_windows(hu, windows)
+        return apply_windows(hu, windows), key_hu, positions, windows
+
+    def __getitem__(self, idx: int) -> dict[str, Any] | None:
+        if idx >= len(self.samples):
+            return self._negative(*self.negatives[idx - len(self.samples)])
+        s = self.samples[idx]
+        rec = s.rows[0]
+        built = self.context(s.series, s.key, rec)
+        if built is None:
+            return None
+        image, key_hu, positions, windows = built
         window = list(windows[0])
 
         shape = (int(key_hu.shape[0]), int(key_hu.shape[1]))
@@ -231,6 +252,29 @@ class DeepLesionDataset(Dataset):
         sample = resample_sample(sample, self.cfg.spacing_mm)
         scale = tuple(sample["meta"].get("resample_scale", (1.0, 1.0)))
         sample["meta"]["lesions"] = [self._lesion_meta(r, scale) for r in s.rows]
+        return sample
+
+    def _negative(self, series: str, n: int, rec: LesionRecord) -> dict[str, Any] | None:
+        """A lesion-free slice: empty ``label`` / ``instance`` (and ``truth``), ``meta["negative"]`` True."""
+        built = self.context(series, n, rec)
+        if built is None:
+            return None
+        image, key_hu, positions, windows = built
+        empty = np.zeros((1, *key_hu.shape), np.int32)
+        meta: dict[str, Any] = {
+            "id": f"{series}_{n:03d}", "dataset": "deeplesion", "split": rec.split,
+            "spacing": [rec.spacing[1], rec.spacing[0]], "slice_interval": rec.slice_interval,
+            "source": self.images.key_source(series, n), "series": series, "slice": n,
+            "file_name": f"{series}_{n:03d}.png", "window": list(windows[0]), "patient_index": rec.patient,
+            "study_index": rec.study, "series_index": rec.series_id, "slice_positions": positions,
+            "negative": True,
+        }
+        sample: dict[str, Any] = {"image": image, "label": empty.astype(np.int64), "instance": empty.copy(),
+                                  "meta": meta}
+        if self.has_masks:
+            sample["truth"] = empty.copy()
+        sample = resample_sample(sample, self.cfg.spacing_mm)
+        sample["meta"]["lesions"] = []
         return sample
 
     @staticmethod
