@@ -125,6 +125,31 @@ class LossConfig:
 
 
 @dataclass
+class PropagateConfig:
+    """Slice-propagated training (medseg/training/propagate.py, docs/training.md): after the key-slice
+    stage the model segments each lesion's neighbouring slices; consistent masks join the training set."""
+
+    enabled: bool = False
+    #: propagation rounds, at fractions start, start + (1 - start)/rounds, … of the schedule's steps
+    rounds: int = 3
+    start: float = 0.4
+    #: slices added outward per direction and round (each predicted by the current model)
+    slices_per_round: int = 1
+    #: acceptance: |new ∩ previous| / |new| at least this
+    min_overlap: float = 0.5
+    #: acceptance: area at most this × the previous slice's (1.0 = no larger)
+    max_area_ratio: float = 1.0
+    #: acceptance: inside the lesion's RECIST box grown by this fraction of its longer side
+    box_margin: float = 0.2
+    #: acceptance: at least this many pixels (smaller: the lesion ended)
+    min_area_px: int = 4
+    #: "none" or "grabcut" (OpenCV GrabCut in the grown box, seeded by the propagated mask)
+    refine: Literal["none", "grabcut"] = "none"
+    #: accepted slices drawn in the MLflow montage per round
+    montage: int = 8
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, schedule, validation and checkpointing."""
 
@@ -174,6 +199,8 @@ class TrainConfig:
     time_limit_min: float | None = None
     #: optimizer steps measured before the budget is converted into a step count
     budget_probe_steps: int = 20
+    #: slice-propagated training (PropagateConfig; on in the DeepLesion pipelines)
+    propagate: PropagateConfig = field(default_factory=PropagateConfig)
 
 
 @dataclass

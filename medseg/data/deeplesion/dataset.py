@@ -210,7 +210,7 @@ class DeepLesionDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any] | None:
         if idx >= len(self.samples):
-            return self._negative(*self.negatives[idx - len(self.samples)])
+            return self.slice_sample(*self.negatives[idx - len(self.samples)])
         s = self.samples[idx]
         rec = s.rows[0]
         built = self.context(s.series, s.key, rec)
@@ -254,8 +254,10 @@ class DeepLesionDataset(Dataset):
         sample["meta"]["lesions"] = [self._lesion_meta(r, scale) for r in s.rows]
         return sample
 
-    def _negative(self, series: str, n: int, rec: LesionRecord) -> dict[str, Any] | None:
-        """A lesion-free slice: empty ``label`` / ``instance`` (and ``truth``), ``meta["negative"]`` True."""
+    def slice_sample(self, series: str, n: int, rec: LesionRecord) -> dict[str, Any] | None:
+        """Any slice ``n`` of a series as a lesion-free sample: empty ``label`` / ``instance`` (and
+        ``truth``), ``meta["negative"]`` True; the context within ``rec``'s ``Slice_range``. The
+        negatives, and the slices training propagates masks to (which then set their labels)."""
         built = self.context(series, n, rec)
         if built is None:
             return None
