@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,7 +52,8 @@ from medseg.runtime import TrainingError
 
 log = logging.getLogger("medseg.propagate")
 
-__all__ = ["PropagatedSlices", "Propagator", "accept_mask", "grown_box", "refine_grabcut", "save_montage"]
+__all__ = ["PropagatedSlices", "Propagator", "accept_mask", "grown_box", "lesion_window", "refine_grabcut",
+           "save_montage"]
 
 _EIGHT = ndimage.generate_binary_structure(2, 2)
 
@@ -63,6 +65,19 @@ def grown_box(box: Sequence[float], margin: float, shape: tuple[int, int]) -> tu
     h, w = shape
     return (max(int(np.floor(x0 - g)), 0), max(int(np.floor(y0 - g)), 0),
             min(int(np.ceil(x1 + g)), w - 1), min(int(np.ceil(y1 + g)), h - 1))
+
+
+def lesion_window(box: Sequence[float], margin: float, crop: Sequence[int], shape: Sequence[int]
+                  ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((y0, y1), (x0, x1))`` of the window a lesion is predicted in: centred on its RECIST box, the
+    larger of the training crop and the grown box + 16 px, inside the slice."""
+    gx0, gy0, gx1, gy1 = grown_box(box, margin, (int(shape[0]), int(shape[1])))
+    out = []
+    for lo, hi, size, n in ((gy0, gy1, crop[0], shape[0]), (gx0, gx1, crop[-1], shape[1])):
+        want = min(max(int(size), hi - lo + 1 + 16), int(n))
+        start = min(max((lo + hi + 1) // 2 - want // 2, 0), int(n) - want)
+        out.append((start, start + want))
+    return out[0], out[1]
 
 
 def accept_mask(pred: np.ndarray, prev: np.ndarray, box: Sequence[float], cfg: PropagateConfig
@@ -185,11 +200,37 @@ class Propagator:
             return False
         return step >= self.milestones(total_steps)[self.round]
 
-    def reserve_s(self, val_s: float, val_samples: int) -> float:
-        """Seconds the rounds will take, from a validation pass's time per slice (the budget sets them aside)."""
-        per_slice = val_s / max(val_samples, 1)
+    def _inference_cfg(self, trainer: Any) -> Any:
+        icfg = copy.deepcopy(trainer.cfg)
+        icfg.inference.tta_flips, icfg.inference.tta_scales, icfg.inference.mode = False, [1.0], "whole"
+        return icfg
+
+    def reserve_s(self, trainer: Any, probes: int = 3) -> float:
+        """Seconds the remaining rounds will take (the budget sets them aside): a few slice reads and
+        window predictions are timed, times the predictions the rounds make at most (plus the key
+        slices' masks, read once)."""
+        net, icfg = trainer.net, self._inference_cfg(trainer)
+        crop = trainer.cfg.transforms.crop_size or [96, 96]
+        was_training = net.training
+        net.eval()
+        t0, k = time.monotonic(), 0
+        for s in self.dataset.samples[:probes]:
+            sample = self.dataset.slice_sample(s.series, s.key, s.rows[0])
+            if sample is None:
+                continue
+            h, w = sample["image"].shape[-2:]
+            x = torch.as_tensor(np.asarray(sample["image"], np.float32)[:, : min(crop[0], h), : min(crop[-1], w)])
+            with torch.no_grad():
+                predict_logits(net, x[None], icfg, trainer.device)
+            k += 1
+        per_slice = (time.monotonic() - t0) / max(k, 1)
+        t1 = time.monotonic()
+        if self.round == 0 and self.dataset.samples:
+            self.dataset[0]
+        key_s = (time.monotonic() - t1) * len(self.dataset.samples) if self.round == 0 else 0.0
+        net.train(was_training)
         remaining = max(self.cfg.rounds - self.round, 0)
-        return 1.5 * per_slice * remaining * len(self._keys) * 2 * self.cfg.slices_per_round
+        return 1.2 * per_slice * remaining * len(self._keys) * 2 * self.cfg.slices_per_round + key_s
 
     # -- state ------------------------------------------------------------------------------
 
@@ -219,25 +260,30 @@ class Propagator:
         """One round: extend every lesion outward, rebuild the training set, log counts and a montage."""
         c = self.cfg
         net, device = trainer.net, trainer.device
-        icfg = copy.deepcopy(trainer.cfg)
-        icfg.inference.tta_flips, icfg.inference.tta_scales = False, [1.0]
+        icfg = self._inference_cfg(trainer)
         was_training = net.training
         net.eval()
         counts: Counter[str] = Counter()
         montage: list[dict[str, Any]] = []
-        cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray] | None] = {}
+        images: dict[tuple[str, int], np.ndarray | None] = {}
+        crop = trainer.cfg.transforms.crop_size or [96, 96]
 
-        def predict(series: str, n: int, rec: Any) -> tuple[np.ndarray, np.ndarray] | None:
-            if (series, n) not in cache:
+        def predict(series: str, n: int, rec: Any, box: Sequence[float]) -> tuple[np.ndarray, np.ndarray] | None:
+            """The slice's image and the model's foreground in a window around the lesion (at least the
+            training crop; the rest of the slice is background)."""
+            if (series, n) not in images:
                 sample = self.dataset.slice_sample(series, n, rec)
-                if sample is None:
-                    cache[series, n] = None
-                else:
-                    img = torch.as_tensor(np.asarray(sample["image"], np.float32))[None]
-                    with torch.no_grad():
-                        logits = predict_logits(net, img, icfg, device)
-                    cache[series, n] = (sample["image"], logits.argmax(1)[0].cpu().numpy() > 0)
-            return cache[series, n]
+                images[series, n] = None if sample is None else np.asarray(sample["image"], np.float32)
+            image = images[series, n]
+            if image is None:
+                return None
+            (y0, y1), (x0, x1) = lesion_window(box, c.box_margin, crop, image.shape[-2:])
+            x = torch.as_tensor(np.ascontiguousarray(image[:, y0:y1, x0:x1]))[None]
+            with torch.no_grad():
+                logits = predict_logits(net, x, icfg, device)
+            fg = np.zeros(image.shape[-2:], bool)
+            fg[y0:y1, x0:x1] = logits.argmax(1)[0].cpu().numpy() > 0
+            return image, fg
 
         for key in sorted(self._keys):
             i, j = self._keys[key]
@@ -261,7 +307,7 @@ class Propagator:
                         state["stopped"][d] = True
                         counts["end_of_range"] += 1
                         break
-                    got = predict(s.series, n, rec)
+                    got = predict(s.series, n, rec, state["box"])
                     if got is None:
                         state["stopped"][d] = True
                         counts["unreadable"] += 1

@@ -202,10 +202,12 @@ class Trainer:
             metrics, _ = self.validate()
             self.model.train()
             self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
+        val_s = time.monotonic() - tick
         if self.propagator is not None:  # the budget pays for the propagation rounds too
-            self.budget.budget_s -= self.propagator.reserve_s(time.monotonic() - tick, len(self.val_set))
-        steps = self.budget.convert(self.step, time.monotonic() - tick, self.steps_per_epoch, self.cfg.train.val_every,
-                                    self._step_cap())
+            reserve = self.propagator.reserve_s(self)
+            self.budget.budget_s -= reserve
+            self.tracker.log_metrics({"train/propagate_reserve_s": reserve}, self.step)
+        steps = self.budget.convert(self.step, val_s, self.steps_per_epoch, self.cfg.train.val_every, self._step_cap())
         self._set_lr()  # the next step already follows the new schedule (as a resumed run would)
         self.tracker.log_metrics({"train/budget_steps": steps}, self.step)
         log.info("time budget %.1f min → %d optimizer steps in total", self.budget.budget_s / 60, steps)

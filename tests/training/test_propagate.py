@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medseg.config import PropagateConfig, load_config
-from medseg.training.propagate import Propagator, accept_mask, grown_box
+from medseg.training.propagate import Propagator, accept_mask, grown_box, lesion_window
 from medseg.training.run import run_training
 from medseg.training.trainer import Trainer
 from tests.conftest import tiny_overrides
@@ -73,7 +73,7 @@ def test_outside_the_grown_box_is_rejected() -> None:
 
 
 class TruthNet(nn.Module):
-    """A stand-in network that answers each slice with its generated true mask (looked up by the key
+    """A stand-in network that answers each window with its generated true mask (looked up by the key
     channel's bytes): the propagation, not a network, is under test."""
 
     def __init__(self, table: dict[str, np.ndarray], key: int) -> None:
@@ -112,12 +112,16 @@ def test_a_round_accepts_masks_on_the_true_lesions_and_they_join_training(demo_r
     prop = trainer.propagator
     assert prop is not None
     ds = trainer.train_data
-    table = {}
-    for s in ds.samples:
+    table = {}  # the windows the lesions are predicted in (lesion_window), keyed by their key channel
+    crop = trainer.cfg.transforms.crop_size
+    for i, s in enumerate(ds.samples):
+        boxes = [les["bbox"] for les in ds[i]["meta"]["lesions"]]
         for n in range(s.rows[0].slice_range[0], s.rows[0].slice_range[1] + 1):
             smp = ds.slice_sample(s.series, n, s.rows[0])
-            if smp is not None:
-                table[_hash(smp["image"][1])] = _truth(demo_root, s.series, n, smp["image"].shape[-2:])
+            truth = _truth(demo_root, s.series, n, smp["image"].shape[-2:])
+            for box in boxes:
+                (y0, y1), (x0, x1) = lesion_window(box, CFG.box_margin, crop, truth.shape)
+                table[_hash(smp["image"][1, y0:y1, x0:x1])] = truth[y0:y1, x0:x1]
     real, trainer.net = trainer.net, TruthNet(table, 1)
     n_before = len(trainer.train_set)
     out = prop.run_round(trainer)
@@ -178,3 +182,10 @@ def test_training_with_propagation_resumes_with_its_slices(demo_root: Path, tmp_
     assert longer.steps_done == 10
     ck2 = torch.load(longer.last_checkpoint, map_location="cpu", weights_only=True)
     assert ck2["propagation"]["round"] == 2 and ck2["propagation"]["lesions"].keys() == ck["propagation"]["lesions"].keys()
+
+
+def test_lesion_window_is_centred_on_the_box_and_inside_the_slice() -> None:
+    # grown 16..44: 29 px + 16 = 45 > 32; centred on pixel 30: 30 − 22 … 30 + 23
+    assert lesion_window(BOX, 0.2, [32, 32], (64, 64)) == ((8, 53), (8, 53))
+    assert lesion_window((0, 0, 4, 4), 0.0, [16, 16], (64, 64)) == ((0, 21), (0, 21))  # at the edge: shifted in
+    assert lesion_window(BOX, 0.2, [96, 96], (64, 64)) == ((0, 64), (0, 64))  # a crop larger than the slice
