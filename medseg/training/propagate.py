@@ -174,7 +174,8 @@ class Propagator:
         self.cfg: PropagateConfig = trainer.cfg.train.propagate
         ds = trainer.train_data
         if not hasattr(ds, "slice_sample") or not hasattr(ds, "samples"):
-            raise TrainingError("train.propagate needs data.name: deeplesion (lesions with a Slice_range)")
+            raise TrainingError("train.propagate needs data.name: deeplesion (lesions with a Slice_range); "
+                                "set train.propagate.enabled=false for other data")
         if self.cfg.rounds < 1 or not 0.0 <= self.cfg.start < 1.0 or self.cfg.slices_per_round < 1:
             raise TrainingError("train.propagate: rounds >= 1, 0 <= start < 1, slices_per_round >= 1")
         self.dataset = ds
