@@ -206,16 +206,18 @@ class Propagator:
         icfg.inference.tta_flips, icfg.inference.tta_scales, icfg.inference.mode = False, [1.0], "whole"
         return icfg
 
-    def reserve_s(self, trainer: Any, probes: int = 3) -> float:
-        """Seconds the remaining rounds will take (the budget sets them aside): a few slice reads and
-        window predictions are timed, times the predictions the rounds make at most (plus the key
-        slices' masks, read once)."""
+    def reserve_s(self, trainer: Any, probes: int = 4) -> float:
+        """Seconds the remaining rounds will take at most (the budget sets them aside): a few slice reads
+        and window predictions are timed (the median, after a warm-up one), times the predictions the
+        rounds can make (each lesion, each direction, as far as its ``Slice_range`` and the rounds
+        reach), plus the key slices' masks (read once, from the sample cache when there is one)."""
         net, icfg = trainer.net, self._inference_cfg(trainer)
         crop = trainer.cfg.transforms.crop_size or [96, 96]
         was_training = net.training
         net.eval()
-        t0, k = time.monotonic(), 0
-        for s in self.dataset.samples[:probes]:
+        times = []
+        for s in self.dataset.samples[: probes + 1]:
+            t0 = time.monotonic()
             sample = self.dataset.slice_sample(s.series, s.key, s.rows[0])
             if sample is None:
                 continue
@@ -223,15 +225,22 @@ class Propagator:
             x = torch.as_tensor(np.asarray(sample["image"], np.float32)[:, : min(crop[0], h), : min(crop[-1], w)])
             with torch.no_grad():
                 predict_logits(net, x[None], icfg, trainer.device)
-            k += 1
-        per_slice = (time.monotonic() - t0) / max(k, 1)
-        t1 = time.monotonic()
-        if self.round == 0 and self.dataset.samples:
-            self.dataset[0]
-        key_s = (time.monotonic() - t1) * len(self.dataset.samples) if self.round == 0 else 0.0
+            times.append(time.monotonic() - t0)
         net.train(was_training)
-        remaining = max(self.cfg.rounds - self.round, 0)
-        return 1.2 * per_slice * remaining * len(self._keys) * 2 * self.cfg.slices_per_round + key_s
+        per_slice = float(np.median(times[1:] if len(times) > 1 else times)) if times else 0.0
+        reach = max(self.cfg.rounds - self.round, 0) * self.cfg.slices_per_round
+        count = 0
+        for key, (i, j) in self._keys.items():
+            if key in self.lesions:
+                continue  # already started: bounded by the same reach
+            r = self.dataset.samples[i].rows[j]
+            count += min(reach, r.key_slice - r.slice_range[0]) + min(reach, r.slice_range[1] - r.key_slice)
+        count += sum(2 * reach for key in self.lesions)
+        t1 = time.monotonic()
+        if self.round == 0 and len(self.base):
+            self.base[0]
+        key_s = (time.monotonic() - t1) * len(self.dataset.samples) if self.round == 0 else 0.0
+        return 1.1 * per_slice * count + key_s
 
     # -- state ------------------------------------------------------------------------------
 
@@ -251,7 +260,7 @@ class Propagator:
     def _key_mask(self, key: str) -> tuple[np.ndarray, list[float], tuple[int, int]]:
         """The key slice's mask of a lesion (its training label), its RECIST box and the grid's shape."""
         i, j = self._keys[key]
-        sample = self.dataset[i]
+        sample = self.base[i]  # the key samples come first (then any negatives); cached when training caches
         if sample is None:
             raise TrainingError(f"{key}: key slice unreadable")
         inst = np.asarray(sample["instance"])[0]
