@@ -126,6 +126,8 @@ def test_a_round_accepts_masks_on_the_true_lesions_and_they_join_training(demo_r
     n_before = len(trainer.train_set)
     out = prop.run_round(trainer)
     assert out["round"] == 1 and out["accepted"] > 0
+    montage = cv2.imread(str(trainer.run_dir / "propagate" / "round_1.png"))
+    assert montage is not None and montage.shape[0] > 100  # the round's montage PNG (logged to MLflow)
     items = prop.items()
     assert len(items) == out["propagated_slices"] > 0
     assert len(trainer.train_set) == n_before + len(items) and trainer.sampler.n == len(trainer.train_set)
