@@ -27,6 +27,7 @@ import yaml
 from medseg.config import Config, ConfigError
 from medseg.data import build_dataset
 from medseg.data.loading import TransformedDataset
+from medseg.data.windowing import model_window_rule
 from medseg.evaluation.evaluate import eval_loader, eval_target, validation_metric_names
 from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import predict_logits
@@ -113,8 +114,11 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
                           f"{', '.join(names)}")
     ckpt_path = checkpoint_path(model_ref)
     device = resolve_device(cfg.train.device)
-    model, _ = load_model(ckpt_path, device)
-    dataset = TransformedDataset(build_dataset(cfg.data, SPLIT), build_transforms(cfg.transforms, train=False),
+    model, info = load_model(ckpt_path, device)
+    data, note = model_window_rule(cfg.data, info.get("config"))  # the model's window rule, as evaluate / predict
+    if note:
+        log.warning("%s", note)
+    dataset = TransformedDataset(build_dataset(data, SPLIT), build_transforms(cfg.transforms, train=False),
                                  cfg.train.seed)
     kept: list[dict[str, Any]] = []  # one entry per batch: logits and what scoring needs
     for groups in eval_loader(dataset, cfg):
