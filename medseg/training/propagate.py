@@ -135,7 +135,8 @@ def refine_grabcut(image: np.ndarray, mask: np.ndarray, bounds: tuple[int, int, 
 
 class PropagatedSlices(Dataset):
     """The accepted slices as training samples: the DeepLesion slice (``slice_sample``) with the propagated
-    instance map as ``label`` / ``instance`` (``meta["propagated"]`` True, ``truth`` None).
+    instance map as ``label`` / ``instance`` (``meta["propagated"]`` True; ``truth`` the slice's true mask
+    where the release has one, never used in training).
 
     Args:
         dataset: the training :class:`~medseg.data.deeplesion.DeepLesionDataset`.
@@ -157,8 +158,6 @@ class PropagatedSlices(Dataset):
             raise TrainingError(f"{series} slice {n}: propagated mask {inst.shape} vs image {sample['image'].shape}")
         sample["label"] = (inst > 0).astype(np.int64)[None]
         sample["instance"] = inst.astype(np.int32)[None]
-        if "truth" in sample:
-            sample["truth"] = None
         sample["meta"].update(negative=False, propagated=True, id=f"{series}_{n:03d}-prop")
         return sample
 

@@ -142,6 +142,9 @@ def test_a_round_accepts_masks_on_the_true_lesions_and_they_join_training(demo_r
     smp = extra[0]
     np.testing.assert_array_equal(smp["label"][0], items[0][3] > 0)
     assert smp["meta"]["propagated"] and smp["meta"]["slice"] == items[0][1]
+    np.testing.assert_array_equal(smp["truth"][0] > 0, _truth(demo_root, items[0][0], items[0][1], items[0][3].shape))
+    augmented = trainer.train_set[(0, n_before)]  # through the training transforms (crop, elastic warp, weights)
+    assert augmented["label"].shape[-2:] == tuple(trainer.cfg.transforms.crop_size) and "weight" in augmented
 
     # the state round-trips through a checkpoint into a fresh trainer: the same training set
     truth_net, trainer.net = trainer.net, real

@@ -255,9 +255,10 @@ class DeepLesionDataset(Dataset):
         return sample
 
     def slice_sample(self, series: str, n: int, rec: LesionRecord) -> dict[str, Any] | None:
-        """Any slice ``n`` of a series as a lesion-free sample: empty ``label`` / ``instance`` (and
-        ``truth``), ``meta["negative"]`` True; the context within ``rec``'s ``Slice_range``. The
-        negatives, and the slices training propagates masks to (which then set their labels)."""
+        """Any slice ``n`` of a series as a sample without labels: empty ``label`` / ``instance``, the
+        slice's true mask as ``truth`` where the release has ``Masks_png/``, ``meta["negative"]`` True;
+        the context within ``rec``'s ``Slice_range``. The negatives, and the slices training
+        propagates masks to (which then set their labels)."""
         built = self.context(series, n, rec)
         if built is None:
             return None
@@ -273,8 +274,9 @@ class DeepLesionDataset(Dataset):
         }
         sample: dict[str, Any] = {"image": image, "label": empty.astype(np.int64), "instance": empty.copy(),
                                   "meta": meta}
-        if self.has_masks:
-            sample["truth"] = empty.copy()
+        if self.has_masks:  # the slice's true mask (absent file: none on it)
+            truth = self._read_truth(series, n, (int(key_hu.shape[0]), int(key_hu.shape[1])))
+            sample["truth"] = truth if truth is not None else empty.copy()
         sample = resample_sample(sample, self.cfg.spacing_mm)
         sample["meta"]["lesions"] = []
         return sample
