@@ -275,7 +275,8 @@ class DeepLesionDataset(Dataset):
         sample: dict[str, Any] = {"image": image, "label": empty.astype(np.int64), "instance": empty.copy(),
                                   "meta": meta}
         if self.has_masks:  # the slice's true mask (absent file: none on it)
-            truth = self._read_truth(series, n, (int(key_hu.shape[0]), int(key_hu.shape[1])))
+            truth = (self._read_truth(series, n, (int(key_hu.shape[0]), int(key_hu.shape[1])))
+                     if (self.masks_dir / series / f"{n:03d}.png").is_file() else None)
             sample["truth"] = truth if truth is not None else empty.copy()
         sample = resample_sample(sample, self.cfg.spacing_mm)
         sample["meta"]["lesions"] = []
