@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev,server
+EXTRAS ?= dev,server,pacs
 STAMP  := $(VENV)/.medseg-installed
 
 .PHONY: install sysdeps demo test lint bench clean
@@ -24,6 +24,7 @@ demo: install
 	$(VENV)/bin/medseg train pipelines/quickstart.yaml
 
 # system packages of the deployment test: a real PostgreSQL and docker-compose (validates docker/compose.yaml);
+# and of the PACS tests: Orthanc with its DICOMweb plugin (tests/predict/test_pacs.py);
 # installed with apt-get when missing and running as root (CI), else the test says what to install
 sysdeps:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v docker-compose >/dev/null 2>&1; then \
@@ -31,6 +32,12 @@ sysdeps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      postgresql docker-compose >/dev/null; \
 	  else echo "note: install postgresql and docker-compose for tests/test_deployment.py"; fi; \
+	fi
+	@if ! command -v Orthanc >/dev/null 2>&1 || ! ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      orthanc orthanc-dicomweb >/dev/null; \
+	  else echo "note: install orthanc and orthanc-dicomweb for tests/predict/test_pacs.py"; fi; \
 	fi
 
 test: install sysdeps

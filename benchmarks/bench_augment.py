@@ -15,8 +15,15 @@ samples/s, median of several repeats, sides interleaved. Each row's agreement is
 the same samples: the accelerator path against the CPU chain (flips off, same seeds: labels within
 10 % of the lesion pixels, images within 0.02 mean), the device weight map against the CPU's (rtol 1e-5, atol
 2e-7), and finite crops of the right size from every chain; a failed check makes the row not ok
-and the script exit 1. Run:
-``python benchmarks/bench_augment.py [--quick] [--device cuda]``. Target on CUDA: accelerator ≥ 5× cpu.
+and the script exit 1.
+
+Beside the times it prints what a GPU's time depends on and the CPU can count exactly
+(``torch.profiler``): the operators the device part dispatches for one batch at batch 4 and at the
+benchmark's batch (equal: nothing per sample) and its host reads (``aten::_local_scalar_dense``,
+``nonzero``/``unique``: 0). ``--train`` adds the end-to-end row: ``Trainer.fit`` on this device with the
+CPU chain in a DataLoader worker vs ``transforms.accelerator: true``, images/s in the steady state
+(from the end of an early step to the end of the last, data loading included). Run:
+``python benchmarks/bench_augment.py [--quick] [--device cuda] [--train [--trace DIR]]``. Target on CUDA: accelerator ≥ 5× cpu.
 """
 
 from __future__ import annotations
@@ -57,7 +64,24 @@ def _samples(tmp: Path, quick: bool, root: Path | None = None) -> tuple[list[dic
     return [s for s in (ds[i] for i in range(len(ds))) if s is not None], cfg
 
 
-def main(quick: bool = False, device: str = "cpu", root: Path | None = None) -> list[dict[str, Any]]:
+#: operators that read a device value back to the host, or whose output size depends on the data
+#: (each one a synchronisation on CUDA)
+HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::unique", "aten::_unique",
+              "aten::masked_select")
+
+
+def op_counts(fn: Any, *args: Any) -> tuple[int, int]:
+    """Operators ``fn(*args)`` dispatches (``torch.profiler``, nested included) and how many are host reads."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(*args)
+    names = [e.name for e in prof.events()]
+    return len(names), sum(any(n.startswith(h) for h in HOST_READS) for n in names)
+
+
+def main(quick: bool = False, device: str = "cpu", root: Path | None = None,
+         train: bool = False, trace: Path | None = None) -> list[dict[str, Any]]:
     """Rows: accelerator vs cpu, accelerator vs monai (samples/s), and the device part's own cost."""
     from monai.transforms import Compose, Rand2DElasticd, RandFlipd, RandSpatialCropd
 
@@ -73,6 +97,7 @@ def main(quick: bool = False, device: str = "cpu", root: Path | None = None) -> 
     repeats = 2 if quick else 5
     with tempfile.TemporaryDirectory() as tmp:
         samples, cfg = _samples(Path(tmp), quick, root)
+        train_rows = [train_row(Path(cfg.data.root), Path(tmp), quick, device, trace)] if train else []
     crop = 128
     base = [f"transforms.crop_size=[{crop},{crop}]"]
     cpu_t = build_transforms(load_config(None, base).transforms, train=True)
@@ -115,6 +140,19 @@ def main(quick: bool = False, device: str = "cpu", root: Path | None = None) -> 
             monai_t({k: s[k] for k in keys})
 
     run_cpu(), run_acc(), run_monai()  # warm-up
+
+    def cut(n: int) -> dict[str, Any]:
+        parts = []
+        for i in range(n):
+            acc_t.set_random_state(seed=i)
+            parts.append(acc_t(dict(picks[i % len(picks)])))
+        return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in collate(parts).items()}
+
+    ops_4, reads_4 = op_counts(device_aug, cut(4))
+    ops_b, reads_b = op_counts(device_aug, cut(batch))
+    counts_ok = ops_4 == ops_b and reads_4 == reads_b == 0
+    counts = (f"operators per batch: {ops_4} at batch 4, {ops_b} at batch {batch}; host reads {reads_b} "
+              f"(torch.profiler)")
     for _ in range(repeats):
         t0 = time.perf_counter()
         run_cpu()
@@ -171,11 +209,68 @@ def main(quick: bool = False, device: str = "cpu", root: Path | None = None) -> 
                f"speed only (MONAI's elastic is another field); MONAI's crops finite, {crop}²: {monai_ok}",
                ok=monai_ok),
         report(f"{name}: device part alone vs cpu chain", rate["acc_device"], rate["cpu"], "samples/s",
-               f"warp + flips + intensity + weight map; device crops finite, {crop}²: {device_ok}", ok=device_ok),
+               f"warp + flips + intensity + weight map; device crops finite, {crop}²: {device_ok}; {counts}",
+               ok=device_ok and counts_ok),
         report(f"border weight map of the warped batch: device vs CPU (scipy EDTs, one sample at a time, {device})",
                batch / median(wm_t["device"]), batch / median(wm_t["cpu"]), "samples/s",
                f"max |Δ| {wm_diff:.1e} (allowed: rtol {WEIGHT_RTOL:g}, atol {WEIGHT_ATOL:g})", ok=wm_ok),
+        *train_rows,
     ]
+
+
+def train_row(data: Path, tmp: Path, quick: bool, device: str, trace: Path | None = None) -> dict[str, Any]:
+    """``Trainer.fit`` end to end, the CPU chain (one DataLoader worker) vs ``transforms.accelerator``:
+    images/s in the steady state (the time from the end of step ``skip`` to the end of the last step,
+    data loading and the device augmentation included); the same pipeline, model, crops and seeds.
+    ``trace``: a folder for a ``torch.profiler`` trace (CPU and, on CUDA, device activity) of three
+    steps of each side, for ``chrome://tracing`` / Perfetto."""
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    from medseg.config import load_config
+    from medseg.training.trainer import Trainer
+
+    batch, steps, skip = (4, 12, 3) if quick else (8, 40, 5)
+
+    class Timed(Trainer):
+        """The Trainer, with the time each step ends."""
+
+        ends: list[float] = []
+        prof: Any = None
+
+        def _train_step(self, b: dict[str, Any]) -> float:  # noqa: D102
+            loss = super()._train_step(b)
+            self.ends.append(time.perf_counter())
+            if self.prof is not None:
+                self.prof.step()
+            return loss
+
+    ov = [f"data.root={data}", "data.generate_if_missing=false", "data.spacing_mm=null", "tracking.enabled=false",
+          f"train.device={device}", "train.amp=off", "train.epochs=1000", "train.time_limit_min=null",
+          f"train.batch_size={batch}", "train.num_workers=1", "train.val_every=1000", "train.evaluate_splits=[]",
+          f"train.max_steps={steps}", "calibration.after_training=false", "model.params.base_channels=8"]
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    order = [False, True] if quick or trace is not None else [False, True, True, False]  # drift cancels
+    for n, acc in enumerate(order):
+        cfg = load_config(ROOT / "pipelines" / "quickstart.yaml", [
+            *ov, f"output_dir={tmp / f'runs_{n}'}", f"transforms.accelerator={str(acc).lower()}"])
+        trainer = Timed(cfg)
+        trainer.ends = []
+        if trace is None:
+            trainer.fit()
+        else:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+            with profile(activities=acts, schedule=schedule(wait=skip, warmup=1, active=3, repeat=1),
+                         on_trace_ready=tensorboard_trace_handler(str(trace), f"{'accelerator' if acc else 'cpu'}")
+                         ) as trainer.prof:
+                trainer.fit()
+        rates[acc].append((len(trainer.ends) - skip) * batch / (trainer.ends[-1] - trainer.ends[skip - 1]))
+    each = "; ".join(f"{name} {', '.join(f'{r:.1f}' for r in rates[k])}" for name, k in (("cpu", False),
+                                                                                          ("accelerator", True)))
+    profiled = "; profiled: the profiler slows these steps" if trace is not None else ""
+    return report(f"Trainer.fit end to end, quick-start U-Net (8 base channels), 96² crops, batch {batch}, one "
+                  f"DataLoader worker ({device}): accelerator vs cpu chain", median(rates[True]), median(rates[False]),
+                  "samples/s", f"steps {skip + 1}–{steps}, median of {len(rates[True])} run(s) per side ({each})"
+                  f"{profiled}; speed only — the chains' agreement is the first row's", ok=True)
 
 
 def _finite_crop(sample: dict[str, Any], crop: int) -> bool:
@@ -225,5 +320,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--train", action="store_true", help="add the Trainer end-to-end row (both paths)")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="with --train: write a torch.profiler trace of three steps of each path to this folder")
     a = p.parse_args()
-    sys.exit(0 if all(r["ok"] for r in main(a.quick, a.device)) else 1)
+    sys.exit(0 if all(r["ok"] for r in main(a.quick, a.device, train=a.train, trace=a.trace)) else 1)

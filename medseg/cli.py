@@ -1,6 +1,6 @@
 """The ``medseg`` command: a thin argparse layer over library functions.
 
-Commands: ``train``, ``evaluate``, ``predict``, ``calibrate``, ``compare``, ``track sync``, ``demo-data``. Each ends by printing
+Commands: ``train``, ``evaluate``, ``predict``, ``listen``, ``calibrate``, ``compare``, ``track sync``, ``demo-data``. Each ends by printing
 where its results are.
 
 Exit codes (what a script or a scheduler can tell apart without reading the line printed before):
@@ -80,12 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="batch inference over DICOM series, NIfTI volumes or PNG/TIFF images")
     p.add_argument("--model", required=True,
                    help="checkpoint file, medseg train output folder or MLflow model URI (runs:/ID/model)")
-    p.add_argument("input", help="DICOM folder (any nesting), NIfTI file or folder, or PNG/TIFF folder")
+    p.add_argument("input", help="DICOM folder (any nesting), NIfTI file or folder, PNG/TIFF folder, or a DICOMweb "
+                   "server dicomweb+https://HOST/dicom-web (docs/pacs.md)")
     p.add_argument("output_dir", help="where masks, SEGs, lesion tables, overlays and the manifest go")
+    p.add_argument("--study", action="append", default=[], metavar="UID", help="DICOMweb input: a study to pull (repeatable)")
+    p.add_argument("--query", help='DICOMweb input: a QIDO-RS study query, e.g. "ModalitiesInStudy=CT&StudyDate=20261101-20261130"')
+    p.add_argument("--store-back", action="store_true", help="send seg.dcm and sr.dcm into the source study "
+                   "(STOW-RS for DICOMweb input, else C-STORE to predict.store)")
+    p.add_argument("--ca-bundle", help="DICOMweb input: CA bundle that verifies the server's TLS certificate")
     p.add_argument("--num-parts", type=int, default=1, help="split the cases into N parts (deterministic)")
     p.add_argument("--part-id", type=int, default=0, help="the part this process predicts (0..N-1)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present, else the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_set(p)
+    _add_trust(p)
+
+    p = sub.add_parser("listen", help="DICOM C-STORE listener: predict each pushed series (docs/pacs.md)")
+    p.add_argument("--model", required=True, help="checkpoint file, medseg train output folder or MLflow model URI")
+    p.add_argument("output_dir", help="where received series, outputs and the manifest go")
+    p.add_argument("--ae-title", default="MEDSEG", help="the listener's AE title")
+    p.add_argument("--port", type=int, default=11112, help="the DICOM port")
+    p.add_argument("--host", default="0.0.0.0", help="the address to listen on")
+    p.add_argument("--calling-aet", action="append", default=[], required=True,
+                   help="an AE title allowed to send (repeatable; others are refused)")
+    p.add_argument("--quiet-s", type=float, default=30.0, help="a series is complete after this many seconds without an instance")
+    p.add_argument("--max-instance-mb", type=float, default=1024.0, help="refuse larger instances")
+    p.add_argument("--min-free-mb", type=float, default=1024.0, help="refuse instances that would leave less free disk")
+    p.add_argument("--store-back", action="store_true", help="C-STORE seg.dcm and sr.dcm to predict.store")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present, else the CPU)")
     _add_set(p)
     _add_trust(p)
 
@@ -155,6 +177,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{split}: " + ", ".join(_with_interval(m, k) for k in ("dice", "lesion_dice", "lesion_sensitivity",
                                                                       "roi_dice", "froc_sens_fp1", "pixel_error",
                                                                       "rand_error", "split_merge_error") if k in m))
+        vol = [k for k in ("vol_lesion_dice", "vol_slice_dice_key", "vol_slice_dice_nonkey", "vol_fp_per_volume") if k in m]
+        if vol:  # the volume protocol (every slice of each series), where the data has true masks on every slice
+            print(f"{split} (every slice of each series): " + ", ".join(_with_interval(m, k) for k in vol))
     print(f"run folder:   {result.run_dir}")
     print(f"checkpoint:   {result.best_checkpoint or result.last_checkpoint}")
     if result.run_id:
@@ -204,13 +229,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """``medseg predict``."""
     from medseg.predict import run_predict
+    from medseg.predict.chatter import quiet_third_party
+    from medseg.predict.dicomweb import is_dicomweb, run_dicomweb
 
-    result = run_predict(args.model, args.input, args.output_dir, args.overrides, args.num_parts, args.part_id,
-                         args.device, progress=not args.no_progress)
+    with quiet_third_party(Path(args.output_dir) / "medseg-predict.log"):
+        if is_dicomweb(args.input):
+            result = run_dicomweb(args.model, args.input, args.output_dir, args.study, args.query, args.overrides,
+                                  args.store_back, args.ca_bundle, args.device, progress=not args.no_progress)
+        else:
+            result = run_predict(args.model, args.input, args.output_dir, args.overrides, args.num_parts,
+                                 args.part_id, args.device, progress=not args.no_progress)
+            if args.store_back:
+                from medseg.predict.listen import store_to_node
+
+                store_to_node(result)
     print(result.summary)
     print(f"outputs:  {result.output_dir}")
     print(f"manifest: {result.manifest}")
     return 1 if result.failed else 0
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    """``medseg listen``."""
+    from medseg.predict.chatter import quiet_third_party
+    from medseg.predict.listen import Listener, ListenOptions
+
+    opts = ListenOptions(ae_title=args.ae_title, port=args.port, host=args.host, calling_aets=args.calling_aet,
+                         quiet_s=args.quiet_s, max_instance_mb=args.max_instance_mb, min_free_mb=args.min_free_mb,
+                         store_back=args.store_back, overrides=list(args.overrides or []), device=args.device)
+    with quiet_third_party(Path(args.output_dir) / "medseg-listen.log"):
+        Listener(args.model, args.output_dir, opts).serve_forever()
+    return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -312,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.runtime import TrainingError
     from medseg.tracking.connect import TrackingError
 
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "calibrate": cmd_calibrate,
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "listen": cmd_listen,
+                "calibrate": cmd_calibrate,
                 "compare": cmd_compare, "track": cmd_track, "demo-data": cmd_demo_data}
     from medseg.models.checkpoint import trust_model_files
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "TrainingError", "amp_dtype", "barrier", "broadcast_buffers", "broadcast_object", "dist_ready",
+    "TrainingError", "amp_dtype", "barrier", "broadcast_buffers", "broadcast_object", "compile_model", "dist_ready",
     "environment_info", "gather_objects", "init_distributed", "redact_uri", "resolve_device", "rng_state",
     "sample_seed",
     "seed_everything", "set_rng_state", "use_amp",
@@ -53,6 +53,24 @@ def use_amp(setting: str, device: torch.device) -> bool:
 def amp_dtype(device: torch.device) -> torch.dtype:
     """float16 (with loss scaling) on CUDA; bfloat16 on the CPU, where it needs no scaling."""
     return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def compile_model(model: torch.nn.Module, setting_name: str = "train.compile") -> torch.nn.Module:
+    """``torch.compile(model)`` (TorchInductor); the returned module shares ``model``'s parameters.
+
+    Compilation itself happens at the first call. Inductor builds C++ kernels on the CPU (and Triton
+    kernels on CUDA), so without a C++ compiler it cannot work: that is said here, up front.
+
+    Raises:
+        TrainingError: no C++ compiler (``$CXX``, ``c++``, ``g++`` or ``clang++``) on the PATH.
+    """
+    import shutil
+
+    names = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    if not any(n and shutil.which(n) for n in names):
+        raise TrainingError(f"{setting_name}: torch.compile needs a C++ compiler (g++ or clang++) on the PATH; "
+                            f"install one (apt-get install g++) or set {setting_name}=false")
+    return torch.compile(model)
 
 
 # ----------------------------------------------------------------------------- distributed

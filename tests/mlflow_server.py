@@ -50,6 +50,15 @@ class MlflowServer:
         except OSError:
             return ""
 
+    def kill(self) -> None:
+        """``kill -9`` the server and its workers (a crash: nothing is flushed or closed), then reap them."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, 9)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=20)
+
     def stop(self) -> None:
         """Terminate the server (and its workers), then wait for it."""
         if self.process.poll() is None:
@@ -64,15 +73,17 @@ class MlflowServer:
                 self.process.wait(timeout=10)
 
 
-def start_server(backend_store_uri: str, workdir: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> MlflowServer:
-    """Start ``mlflow server`` on a free loopback port and wait until ``/health`` answers.
+def start_server(backend_store_uri: str, workdir: Path, timeout_s: float = STARTUP_TIMEOUT_S,
+                 port: int | None = None) -> MlflowServer:
+    """Start ``mlflow server`` on a free loopback port (or ``port``: a server restarted where its clients
+    look for it) and wait until ``/health`` answers.
 
     Raises:
         RuntimeError: the server exited or did not answer in time (with the end of its log).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     artifacts = workdir / "artifacts"
-    port = free_port()
+    port = port or free_port()
     log_path = workdir / "server.log"
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server",
@@ -80,7 +91,7 @@ def start_server(backend_store_uri: str, workdir: Path, timeout_s: float = START
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     # no background job runners (MLflow 3 starts several huey consumers otherwise): tracking only
     env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         # its own process group, so teardown stops the workers too
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
                                 start_new_session=True)

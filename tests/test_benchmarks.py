@@ -142,7 +142,7 @@ def test_confusion_references_agree_on_hand_counts() -> None:
 @pytest.mark.parametrize(
     "name",
     ["bench_weight_map", "bench_metrics", "bench_data", pytest.param("bench_inference", marks=pytest.mark.slow),
-     pytest.param("bench_augment", marks=pytest.mark.slow)],
+     pytest.param("bench_augment", marks=pytest.mark.slow), pytest.param("bench_trainer", marks=pytest.mark.slow)],
 )
 def test_quick_benchmark_reports_finite_ratios(name: str) -> None:
     rows = _bench(name).main(quick=True)

@@ -186,3 +186,36 @@ def test_the_first_failing_write_is_reported_when_a_clean_up_fails_again(monkeyp
                         lambda a: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system", "/ro/x")))
     assert main(["predict", "--model", "m.pt", "in", "out"]) == 30
     assert "read-only file system writing /ro/x" in _one_error_line(capsys.readouterr().err)
+
+
+def test_train_with_the_journal_on_a_full_disk(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """The run's tracking journal cannot grow (``os.write`` raising ENOSPC for it after its first records):
+    one line naming the journal, exit 28, the journal whole; ``--resume`` completes and journals the rest."""
+    from medseg.tracking.journal import read_journal
+
+    out = tmp_path / "out"
+    ov = tiny_overrides(demo_root, out, **{"train.overlay_count": 0, "train.log_every": 1})
+    real, seen = os.write, []
+
+    def write(fd: int, data: bytes) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/tracking/journal.jsonl"):
+            seen.append(data)
+            if len(seen) > 6:  # tags, params, config, pipeline, environment, step 1: then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    capsys.readouterr()
+    assert main(["train", str(ROOT / "pipelines" / "quickstart.yaml"), *[a for o in ov for a in ("--set", o)]]) == 28
+    line = _one_error_line(capsys.readouterr().err)
+    assert "medseg train: error: no space left on device writing " in line and "tracking/journal.jsonl" in line
+    (run_dir,) = (out / "quickstart").iterdir()
+    _, records, _ = read_journal(run_dir)  # whole: every line a record, none torn
+    assert (run_dir / "tracking" / "journal.jsonl").read_text().count("\n") == len(records) + 1
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 0
+    monkeypatch.undo()  # space freed: the resume completes
+    assert main(["train", str(ROOT / "pipelines" / "quickstart.yaml"), "--resume", str(run_dir)]) == 0
+    _, records, sent = read_journal(run_dir)
+    assert records[-1]["kind"] == "status" and records[-1]["status"] == "FINISHED"
+    assert {r["step"] for r in records if r["kind"] == "metrics" and "train/loss" in r["data"]} == {1, 2}

@@ -1,9 +1,12 @@
-"""medseg.runtime: the one all-gather of Python objects, outside and inside a process group."""
+"""medseg.runtime: the one all-gather of Python objects, outside and inside a process group; compile_model."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 
+import pytest
+import torch
 import torch.distributed as dist
 
 from medseg.runtime import dist_ready, gather_objects
@@ -30,3 +33,38 @@ def test_gather_objects_in_a_one_process_gloo_group() -> None:
     finally:
         dist.destroy_process_group()
     assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile needs a C++ compiler (the no-compiler error is tested below)")
+def test_compile_model_same_outputs_and_gradients_on_the_cpu() -> None:
+    """train.compile / predict.compile: torch.compile (Inductor, C++ kernels on the CPU) of a tiny
+    conv net gives the eager outputs and gradients within float32 tolerance, sharing the parameters."""
+    from medseg.runtime import compile_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 2, 1))
+    net.eval()
+    x = torch.randn(2, 1, 32, 32)
+    compiled = compile_model(net)
+    assert set(dict(compiled.named_parameters())) == {f"_orig_mod.{k}" for k, _ in net.named_parameters()}
+    with torch.no_grad():
+        eager_out = net(x)
+        comp_out = compiled(x)
+    assert not torch.equal(comp_out, torch.zeros_like(comp_out))
+    torch.testing.assert_close(comp_out, eager_out, rtol=1e-4, atol=1e-5)
+    eager_grads = torch.autograd.grad(net(x).square().mean(), list(net.parameters()))
+    comp_grads = torch.autograd.grad(compiled(x).square().mean(), list(net.parameters()))
+    for a, b in zip(comp_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_compile_model_without_a_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg.runtime import TrainingError, compile_model
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(TrainingError, match=r"predict.compile: torch.compile needs a C\+\+ compiler"):
+        compile_model(torch.nn.Linear(2, 2), "predict.compile")

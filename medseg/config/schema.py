@@ -201,6 +201,8 @@ class TrainConfig:
     budget_probe_steps: int = 20
     #: slice-propagated training (PropagateConfig; on in the DeepLesion pipelines)
     propagate: PropagateConfig = field(default_factory=PropagateConfig)
+    #: wrap the model with torch.compile for the training steps (needs a C++ compiler; validation runs eager)
+    compile: bool = False
 
 
 @dataclass
@@ -306,6 +308,21 @@ class EvaluationConfig:
     plots: bool = True
     #: lesions in the worst-lesions overlay (lowest ROI Dice, else lowest lesion Dice)
     worst_lesions: int = 10
+    #: what evaluate / calibrate score: "key" slices (DeepLesion's protocol), every slice of each series
+    #: ("volume", needs true masks on every slice), "both", or "auto" = both where such masks exist, else key
+    protocol: Literal["auto", "key", "volume", "both"] = "auto"
+
+
+@dataclass
+class StoreConfig:
+    """``medseg predict --store-back`` / ``medseg listen``: the DICOM node (C-STORE SCP) results are sent to."""
+
+    #: its AE title ("" = no C-STORE destination; DICOMweb input stores back by STOW-RS)
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    #: the AE title medseg calls it with
+    calling_ae_title: str = "MEDSEG"
 
 
 @dataclass
@@ -328,12 +345,18 @@ class PredictConfig:
     prefetch: int = 2
     #: write the DICOM SEG (``seg.dcm``) for DICOM input
     write_seg: bool = True
+    #: write the TID 1500 measurement report (``sr.dcm``, one group per lesion) beside the SEG
+    write_sr: bool = True
+    #: where --store-back sends the SEG and SR by C-STORE (docs/pacs.md)
+    store: StoreConfig = field(default_factory=StoreConfig)
     #: write overlay PNGs of the slices that hold lesions
     overlays: bool = True
     #: lesions: 3-D connectivity of voxels (1 = faces, 2 = + edges, 3 = + corners)
     connectivity: int = 3
     #: torch CPU threads while predicting (None = every core this process may use); never ``train.threads``
     threads: int | None = None
+    #: wrap the model with torch.compile (needs a C++ compiler; first forward of each shape compiles)
+    compile: bool = False
 
 
 @dataclass

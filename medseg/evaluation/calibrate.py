@@ -1,5 +1,9 @@
 """``medseg calibrate``: choose the operating point on the validation split and store it with the model.
 
+On data with true masks on every slice the point is chosen on the volume protocol
+(:mod:`medseg.evaluation.volume`: whole series, as ``medseg predict`` runs; a whole-series
+false-positive rate differs from a key-slice one), else on the key slices.
+
 The model predicts every validation slice once; then each candidate operating point
 (``calibration.thresholds`` × ``calibration.min_object_mm2``) is applied to the kept logits by the
 same :func:`medseg.inference.postprocess` that validation, ``medseg evaluate`` and the
@@ -29,18 +33,20 @@ from medseg.data import build_dataset
 from medseg.data.loading import TransformedDataset
 from medseg.data.windowing import model_window_rule
 from medseg.evaluation.evaluate import eval_loader, eval_target, validation_metric_names
+from medseg.evaluation.volume import predicted_volumes, resolve_protocol, score_volumes
 from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import predict_logits
 from medseg.io import atomic_torch_save, atomic_write_text
 from medseg.metrics import MetricSuite
 from medseg.metrics.em import SegmentationErrors
+from medseg.metrics.volume import VOLUME_PREFIX, volume_metric_names
 from medseg.models.checkpoint import load_model, read_checkpoint
 from medseg.runtime import TrainingError, resolve_device
 from medseg.tracking import Tracker, reopened_run
 
 log = logging.getLogger("medseg.calibration")
 
-__all__ = ["calibrate", "checkpoint_path"]
+__all__ = ["calibrate", "checkpoint_path", "volume_metric"]
 
 #: the split an operating point is chosen on (never test)
 SPLIT = "val"
@@ -99,40 +105,44 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
         tracker: also log the chosen point and its validation score (e.g. into the training run).
         write: store the point in the checkpoint and the run folder's ``config.yaml``.
 
+    Where the volume protocol runs (``evaluation.protocol``; ``auto``: true masks on every slice) the
+    point is chosen on it — every slice of each validation series, as ``medseg predict`` runs — with
+    the volume counterpart of ``calibration.metric`` (:func:`volume_metric`).
+
     Returns:
-        ``{"threshold", "min_object_mm2", "metric", "score", "argmax_score", "grid", "checkpoint",
+        ``{"threshold", "min_object_mm2", "metric", "protocol", "score", "argmax_score", "grid", "checkpoint",
         "at_grid_edge"}``; ``grid`` holds one ``{"threshold", "min_object_mm2", <metric>}`` row per
         candidate; ``at_grid_edge`` is true (and a warning is logged) when the chosen threshold is the
         grid's smallest or largest value.
     """
-    from medseg.transforms import build_transforms
-
     c = cfg.calibration
     names = [n for n in validation_metric_names(cfg) if n != "loss"]
-    if c.metric not in names:
+    if c.metric not in names + volume_metric_names():
         raise ConfigError(f"calibration.metric = {c.metric!r} is not a validation metric; choose one of "
-                          f"{', '.join(names)}")
+                          f"{', '.join(names)} (or a volume-protocol key: {', '.join(volume_metric_names())})")
     ckpt_path = checkpoint_path(model_ref)
     device = resolve_device(cfg.train.device)
     model, info = load_model(ckpt_path, device)
-    data, note = model_window_rule(cfg.data, info.get("config"))  # the model's window rule, as evaluate / predict
+    cfg = copy.deepcopy(cfg)
+    cfg.data, note = model_window_rule(cfg.data, info.get("config"))  # the model's window rule, as evaluate / predict
     if note:
         log.warning("%s", note)
-    dataset = TransformedDataset(build_dataset(data, SPLIT), build_transforms(cfg.transforms, train=False),
-                                 cfg.train.seed)
-    kept: list[dict[str, Any]] = []  # one entry per batch: logits and what scoring needs
-    for groups in eval_loader(dataset, cfg):
-        for batch in groups:
-            target, inst = eval_target(batch)
-            kept.append({"logits": predict_logits(model, batch["image"], cfg, device).cpu(), "image": batch["image"],
-                         "target": target, "inst": inst, "meta": batch["meta"],
-                         "spacing": [m["spacing"] for m in batch["meta"]]})
-    if not kept:
-        raise TrainingError(f"calibrate: the {SPLIT} split has no readable samples")
+    base = build_dataset(cfg.data, SPLIT)
+    metric, volumes = volume_metric(cfg, base)
+    if volumes:  # the operating point chosen on every slice of each series, as predict runs
+        kept_volumes = list(predicted_volumes(model, base, cfg, device, progress=f"calibrate {SPLIT} volumes",
+                                              compact=True))
+        if not kept_volumes:
+            raise TrainingError(f"calibrate: the {SPLIT} split has no volumes")
+    else:
+        kept = _key_slice_logits(model, base, cfg, device)
 
     def score(threshold: list[float] | None, min_mm2: float) -> dict[str, float]:
         trial = copy.deepcopy(cfg)
         trial.inference.threshold, trial.inference.min_object_mm2 = (threshold or []), min_mm2
+        if volumes:
+            trial.metrics.froc = "froc" in metric  # 3-D FROC candidates only when they are the target
+            return score_volumes(kept_volumes, trial).metrics
         suite = MetricSuite.from_config(cfg.metrics, cfg.data.num_classes)
         errors = SegmentationErrors.from_config(cfg.metrics)
         for b in kept:
@@ -142,20 +152,22 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
                 errors.update(pred, b["target"], b["inst"])
         return {**suite.compute(), **(errors.compute() if errors is not None else {})}
 
-    argmax = score(None, 0.0).get(c.metric, math.nan)
+    argmax = score(None, 0.0).get(metric, math.nan)
     grid: list[dict[str, Any]] = []
     best: tuple[list[float] | None, float] = (None, 0.0)
     best_value: float | None = None
     for threshold, min_mm2 in _candidates(cfg):
-        value = score(threshold, min_mm2).get(c.metric, math.nan)
-        grid.append({"threshold": threshold, "min_object_mm2": min_mm2, c.metric: value})
+        value = score(threshold, min_mm2).get(metric, math.nan)
+        grid.append({"threshold": threshold, "min_object_mm2": min_mm2, metric: value})
         if _better(value, best_value, c.mode):
             best, best_value = (threshold, min_mm2), value
     threshold, min_mm2 = best
-    result = {"threshold": threshold or [], "min_object_mm2": min_mm2, "metric": c.metric, "split": SPLIT,
+    result = {"threshold": threshold or [], "min_object_mm2": min_mm2, "metric": metric, "split": SPLIT,
+              "protocol": "volume" if volumes else "key",
               "score": best_value, "argmax_score": argmax, "grid": grid, "checkpoint": str(ckpt_path)}
-    log.info("operating point on %s: threshold %s, min object %.1f mm² → %s %.4f (argmax %.4f)", SPLIT,
-             result["threshold"], min_mm2, c.metric, best_value if best_value is not None else math.nan, argmax)
+    log.info("operating point on %s (%s protocol): threshold %s, min object %.1f mm² → %s %.4f (argmax %.4f)", SPLIT,
+             result["protocol"], result["threshold"], min_mm2, metric,
+             best_value if best_value is not None else math.nan, argmax)
     edge = grid_edge(threshold, [float(t) for t in c.thresholds])
     result["at_grid_edge"] = edge is not None
     if edge is not None:
@@ -165,17 +177,60 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
     if write:
         store_operating_point(ckpt_path, result)
     if tracker is not None:
-        tracker.log_metrics({f"calibration/{c.metric}": best_value if best_value is not None else math.nan,
-                             f"calibration/{c.metric}_argmax": argmax,
+        tracker.log_metrics({f"calibration/{metric}": best_value if best_value is not None else math.nan,
+                             f"calibration/{metric}_argmax": argmax,
                              "calibration/min_object_mm2": min_mm2,
                              **{f"calibration/threshold_class_{i + 1}": t for i, t in enumerate(result["threshold"])}}, 0)
     return result
+
+
+def volume_metric(cfg: Config, dataset: Any) -> tuple[str, bool]:
+    """``(metric, on volumes)``: what calibration optimises, and whether on the volume protocol.
+
+    The volume protocol is used when ``evaluation.protocol`` runs it on ``dataset`` (``auto``: where true
+    masks exist on every slice) and ``calibration.metric`` has a volume counterpart: a ``vol_*`` key
+    itself, else ``vol_<metric>`` (``lesion_dice`` → ``vol_lesion_dice``, ``dice`` → ``vol_dice``).
+    Otherwise the key-slice protocol and ``calibration.metric`` as it is.
+
+    Raises:
+        ConfigError: a ``vol_*`` metric where the volume protocol does not run.
+    """
+    metric = cfg.calibration.metric
+    _, use_volume = resolve_protocol(cfg.evaluation.protocol, dataset)
+    counterpart = metric if metric.startswith(VOLUME_PREFIX) else VOLUME_PREFIX + metric
+    if use_volume and counterpart in volume_metric_names():
+        return counterpart, True
+    if metric.startswith(VOLUME_PREFIX):
+        raise ConfigError(f"calibration.metric = {metric}: the volume protocol does not run on this data "
+                          f"(evaluation.protocol = {cfg.evaluation.protocol}; it needs true masks on every slice)")
+    if use_volume:
+        log.warning("calibrate: %s has no volume-protocol counterpart; choosing the operating point on key slices",
+                    metric)
+    return metric, False
+
+
+def _key_slice_logits(model: torch.nn.Module, base: Any, cfg: Config, device: torch.device) -> list[dict[str, Any]]:
+    """The key-slice protocol's logits of every batch of the split, with what scoring needs."""
+    from medseg.transforms import build_transforms
+
+    dataset = TransformedDataset(base, build_transforms(cfg.transforms, train=False), cfg.train.seed)
+    kept: list[dict[str, Any]] = []
+    for groups in eval_loader(dataset, cfg):
+        for batch in groups:
+            target, inst = eval_target(batch)
+            kept.append({"logits": predict_logits(model, batch["image"], cfg, device).cpu(), "image": batch["image"],
+                         "target": target, "inst": inst, "meta": batch["meta"],
+                         "spacing": [m["spacing"] for m in batch["meta"]]})
+    if not kept:
+        raise TrainingError(f"calibrate: the {SPLIT} split has no readable samples")
+    return kept
 
 
 def store_operating_point(ckpt_path: Path, result: dict[str, Any]) -> None:
     """Write the operating point into the checkpoint and, in a run folder, into its ``config.yaml``."""
     ckpt = read_checkpoint(ckpt_path)
     point = {k: result[k] for k in ("threshold", "min_object_mm2", "metric", "split", "score", "argmax_score")}
+    point["protocol"] = result.get("protocol", "key")
     ckpt["operating_point"] = point
     ckpt["config"].setdefault("inference", {}).update(threshold=point["threshold"],
                                                       min_object_mm2=point["min_object_mm2"])

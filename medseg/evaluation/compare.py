@@ -42,7 +42,11 @@ log = logging.getLogger("medseg.compare")
 
 #: the metrics compared by default (those a run has)
 DEFAULT_METRICS = ("dice", "lesion_dice", "lesion_sensitivity", "fp_per_image", "roi_dice", "roi_hd95",
-                   "roi_long_error_mm", "roi_recist_long_error_mm", "froc_sens_fp1", "froc_sens_fp4")
+                   "roi_long_error_mm", "roi_recist_long_error_mm", "froc_sens_fp1", "froc_sens_fp4",
+                   # the volume protocol (every slice of each series), where the runs were scored on it
+                   "vol_lesion_dice", "vol_slice_dice_key", "vol_slice_dice_nonkey", "vol_fp_per_volume")
+#: the per-lesion column of the volume protocol's table (``evaluation/volume_lesions_<split>.csv``)
+VOLUME_PAIRED = "dice_3d"
 #: per-lesion columns the paired test runs on by default (lesion-ROI Dice, whole-slice lesion Dice)
 DEFAULT_PAIRED = ("roi_dice", "dice")
 #: parameters that differ between any two runs without saying anything about the model
@@ -121,7 +125,8 @@ def csv_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
 def higher_is_better(metric: str) -> bool:
     """Dice, IoU, sensitivity: higher is better; distances, errors, SAPE, false positives: lower."""
     name = metric.rsplit("/", 1)[-1]
-    return not any(t in name for t in ("error", "hd95", "sape", "fp_per_image", "empty", "loss"))
+    return not any(t in name for t in ("error", "hd95", "sape", "fp_per_image", "fp_per_volume", "fp_count", "empty",
+                                       "loss"))
 
 
 # ----------------------------------------------------------------------------- comparing runs
@@ -201,10 +206,10 @@ def _differing_params(runs: Sequence[Any]) -> list[str]:
     return out
 
 
-def _read_lesions(client: Any, run_id: str, split: str, tmp: Path) -> list[dict[str, str]] | None:
-    """The run's per-lesion CSV of ``split`` (None when it logged none)."""
+def _read_lesions(client: Any, run_id: str, split: str, tmp: Path, table: str = "lesions") -> list[dict[str, str]] | None:
+    """The run's per-lesion CSV of ``split`` (``table``: ``lesions`` or ``volume_lesions``; None when it logged none)."""
     try:
-        local = client.download_artifacts(run_id, f"evaluation/lesions_{split}.csv", str(tmp / run_id))
+        local = client.download_artifacts(run_id, f"evaluation/{table}_{split}.csv", str(tmp / run_id / table))
     except Exception:  # noqa: BLE001 — an artifact that is not there
         return None
     with open(local, newline="") as f:
@@ -354,13 +359,19 @@ def compare_runs(
 
     paired: list[Paired] = []
     if len(runs) == 2:
+        paired_metrics = list(paired_metrics)
+        if all(f"{split}/vol_lesion_dice" in r.data.metrics for r in runs) and VOLUME_PAIRED not in paired_metrics:
+            paired_metrics.append(VOLUME_PAIRED)  # both scored on the volume protocol: its 3-D lesion Dice too
         with tempfile.TemporaryDirectory() as tmp:
             tables = [_read_lesions(client, r.info.run_id, split, Path(tmp)) for r in runs]
+            vol_tables = ([_read_lesions(client, r.info.run_id, split, Path(tmp), "volume_lesions") for r in runs]
+                          if VOLUME_PAIRED in paired_metrics else [None, None])
         for metric in paired_metrics:
-            if tables[0] is None or tables[1] is None:
-                res, why = None, f"a run has no evaluation/lesions_{split}.csv"
+            name, pair = ("volume_lesions", vol_tables) if metric == VOLUME_PAIRED else ("lesions", tables)
+            if pair[0] is None or pair[1] is None:
+                res, why = None, f"a run has no evaluation/{name}_{split}.csv"
             else:
-                res, why = paired_lesion_test(tables[0], tables[1], metric, n_resamples, seed, level)
+                res, why = paired_lesion_test(pair[0], pair[1], metric, n_resamples, seed, level)
             text = verdict(res, metric, names[0], names[1], why) if res is not None else f"not tested: {why}"
             paired.append(Paired(metric, names[0], names[1], why if res is not None else "", res, text))
 

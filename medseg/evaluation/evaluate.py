@@ -32,6 +32,7 @@ from medseg.data import build_dataset
 from medseg.data.base import to_source_grid
 from medseg.data.loading import ShardSampler, TransformedDataset, make_loader
 from medseg.data.windowing import annotation_window_warning, model_window_rule
+from medseg.evaluation.volume import evaluate_volumes, resolve_protocol
 from medseg.inference.postprocess import postprocess, resolve_operating_point
 from medseg.inference.predictor import foreground_probability, predict_logits
 from medseg.io import atomic_write_bytes, write_rows_csv
@@ -45,7 +46,7 @@ from medseg.tracking import Tracker, reopened_run
 log = logging.getLogger("medseg.evaluation")
 
 __all__ = ["EvalResult", "check_monitor", "eval_loader", "eval_target", "evaluate", "evaluate_after_training",
-           "evaluate_loader", "format_report", "validation_metric_names"]
+           "evaluate_loader", "format_report", "log_volume_protocol", "validation_metric_names"]
 
 #: a callback that sees each batch and its predicted class maps (e.g. to write them)
 OnPrediction = Callable[[dict[str, Any], torch.Tensor], None]
@@ -222,10 +223,15 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score a trained model on a split; optionally write each predicted key-slice mask as PNG.
 
-    Predictions go to ``DIR/<series>/<slice>.png`` for DeepLesion (``DIR/<id>.png`` otherwise),
+    Predictions go to ``DIR/<series>/<slice>.png`` for DeepLesion (``DIR/<id>.png`` otherwise; the
+    volume protocol's, every slice, to ``DIR/volumes/<series>/<slice>.png``),
     0 = background, 1 = lesion (class ids for K > 2), on the source slice's pixel grid (a model
     trained at ``data.spacing_mm`` predicts on the resampled grid; the mask is mapped back).
     Per-lesion rows go to ``<DIR or output_dir>/lesions_<split>.csv``.
+
+    ``evaluation.protocol`` chooses the key-slice protocol, the volume protocol (every slice of each
+    series, :mod:`medseg.evaluation.volume`: ``vol_*`` metrics, ``volume_lesions_<split>.csv``,
+    ``volume_slices_<split>.csv``) or both (``auto``: both where true masks exist on every slice).
 
     The metrics carry bootstrap intervals (``<key>_ci_low`` / ``_ci_high``, see
     :class:`~medseg.metrics.suite.EvaluationSuite`); with ``evaluation.plots`` the PNG plots of
@@ -247,22 +253,30 @@ def evaluate(
     for line in (note, annotation_window_warning(cfg.data)):
         if line:
             log.warning("%s", line)
-    dataset = TransformedDataset(build_dataset(cfg.data, split), build_transforms(cfg.transforms, train=False),
-                                 cfg.train.seed)
+    base = build_dataset(cfg.data, split)
+    use_key, use_volume = resolve_protocol(cfg.evaluation.protocol, base)
+    dataset = TransformedDataset(base, build_transforms(cfg.transforms, train=False), cfg.train.seed)
     out_dir = Path(save_predictions) if save_predictions else None
-    loader = eval_loader(dataset, cfg, pin_memory=device.type == "cuda")
     plots = cfg.evaluation.plots
-    result = evaluate_loader(model, loader, cfg, device, on_prediction=_prediction_writer(out_dir) if out_dir else None,
-                             progress=f"evaluate {split}", intervals=True,
-                             worst_lesions=cfg.evaluation.worst_lesions if plots else 0)
-    if result.n == 0:
-        raise TrainingError(f"no readable samples in split {split!r}")
+    result = EvalResult({}, [], 0)
+    if use_key:
+        loader = eval_loader(dataset, cfg, pin_memory=device.type == "cuda")
+        result = evaluate_loader(model, loader, cfg, device,
+                                 on_prediction=_prediction_writer(out_dir) if out_dir else None,
+                                 progress=f"evaluate {split}", intervals=True,
+                                 worst_lesions=cfg.evaluation.worst_lesions if plots else 0)
+        if result.n == 0:
+            raise TrainingError(f"no readable samples in split {split!r}")
     report_dir = out_dir or Path(cfg.output_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     lesions_csv = report_dir / f"lesions_{split}.csv"
     write_rows_csv(result.rows, lesions_csv)
+    volume = (log_volume_protocol(model, base, cfg, device, split, report_dir, tracker,
+                                  save_dir=out_dir / "volumes" if out_dir else None) if use_volume else None)
+    if volume is not None:
+        result.metrics.update(volume["metrics"])
     plot_paths: list[Path] = []
-    if plots:
+    if plots and use_key:
         from medseg.evaluation.plots import save_evaluation_plots
 
         plot_paths = save_evaluation_plots(result.rows, report_dir, froc=result.froc, worst=result.worst,
@@ -270,6 +284,8 @@ def evaluate(
     ci = result.intervals
     if tracker is not None:
         tracker.log_metrics({f"{split}/{k}": v for k, v in result.metrics.items()}, 0)
+        tracker.set_tags({f"medseg.{split}.protocol": "+".join(p for p, on in (("key", use_key),
+                                                                                ("volume", use_volume)) if on)})
         if ci is not None:
             tracker.set_tags({f"medseg.{split}.ci_unit": ci.unit, f"medseg.{split}.ci": ci.describe()})
         tracker.log_artifact(lesions_csv, "evaluation")
@@ -278,10 +294,38 @@ def evaluate(
         for path in plot_paths:
             tracker.log_artifact(path, "evaluation/plots")
     return {"metrics": result.metrics, "lesions_csv": str(lesions_csv),
+            "protocol": [p for p, on in (("key", use_key), ("volume", use_volume)) if on],
+            "volume": {k: v for k, v in volume.items() if k != "metrics"} if volume is not None else None,
             "predictions": str(out_dir) if out_dir else None, "n": result.n, "model": info.get("source"),
             "intervals": ({"unit": ci.unit, "n_units": ci.n_units, "n_resamples": ci.n_resamples, "seed": ci.seed,
                            "level": ci.level} if ci is not None else None),
             "plots": [str(p) for p in plot_paths]}
+
+
+def log_volume_protocol(model: nn.Module, dataset: Any, cfg: Config, device: torch.device, split: str,
+                        report_dir: Path, tracker: Tracker | None, save_dir: Path | None = None) -> dict[str, Any]:
+    """Run the volume protocol (:mod:`medseg.evaluation.volume`); write and log its tables.
+
+    ``save_dir``: also write every slice's class map there (``<series>/<slice>.png``).
+
+    ``volume_lesions_<split>.csv`` (one row per true lesion, 3-D Dice) and ``volume_slices_<split>.csv``
+    (one row per slice) go to ``report_dir`` and, with a tracker, to ``evaluation/`` (the lesion rows
+    also as the MLflow table ``evaluation/volume_lesions_<split>.json``).
+    """
+    res = evaluate_volumes(model, dataset, cfg, device, progress=f"evaluate {split} volumes", intervals=True,
+                           save_dir=save_dir)
+    if res.n_volumes == 0:
+        raise TrainingError(f"no volumes in split {split!r}")
+    lesions_csv, slices_csv = report_dir / f"volume_lesions_{split}.csv", report_dir / f"volume_slices_{split}.csv"
+    write_rows_csv(res.rows, lesions_csv)
+    write_rows_csv(res.slice_rows, slices_csv)
+    if tracker is not None:
+        tracker.log_artifact(lesions_csv, "evaluation")
+        tracker.log_artifact(slices_csv, "evaluation")
+        if res.rows:
+            tracker.log_table(res.rows, f"evaluation/volume_lesions_{split}.json")
+    return {"metrics": res.metrics, "lesions_csv": str(lesions_csv), "slices_csv": str(slices_csv),
+            "n_volumes": res.n_volumes}
 
 
 #: the report's sections: (title, keys in order)
@@ -296,7 +340,13 @@ _SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                                        "roi_sape_short", "roi_recist_long_error_mm",
                                                        "roi_recist_short_error_mm", "roi_empty")),
     ("FROC (whole slices)", (*(froc_key(r) for r in FROC_FP_RATES), "froc_sens_mean")),
+    ("volume protocol (every slice of each series, lesions matched in 3-D)",
+     ("vol_volumes", "vol_lesion_count", "vol_lesion_dice", "vol_lesion_sensitivity", "vol_dice",
+      "vol_slice_dice_key", "vol_slice_dice_nonkey", "vol_fp_per_volume", "vol_empty_slices_with_fp",
+      *(f"vol_{froc_key(r)}" for r in FROC_FP_RATES), "vol_froc_sens_mean")),
 )
+#: the keys printed as counts
+_COUNTS = ("lesion_count", "roi_empty", "vol_volumes", "vol_lesion_count")
 
 
 def format_report(metrics: dict[str, float], intervals: dict[str, Any] | Intervals | None = None) -> str:
@@ -312,11 +362,14 @@ def format_report(metrics: dict[str, float], intervals: dict[str, Any] | Interva
             if k in metrics:
                 lo, hi = metrics.get(f"{k}_ci_low"), metrics.get(f"{k}_ci_high")
                 iv = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
-                value = f"{metrics[k]:.0f}" if k in ("lesion_count", "roi_empty") else f"{metrics[k]:.3f}"
+                value = f"{metrics[k]:.0f}" if k in _COUNTS else f"{metrics[k]:.3f}"
                 body.append(f"  {k:<{width - 2}}{value:>10}   {iv}".rstrip())
-            elif k.startswith("froc_sens_fp") and "froc_max_fp" in metrics:
-                body.append(f"  {k:<{width - 2}}{'not reached':>10}   (the sweep ends at "
-                            f"{metrics['froc_max_fp']:.2f} FP/image, sensitivity {metrics['froc_max_sens']:.3f})")
+            elif k.startswith(("froc_sens_fp", "vol_froc_sens_fp")):
+                pre = "vol_" if k.startswith("vol_") else ""
+                if f"{pre}froc_max_fp" in metrics:
+                    body.append(f"  {k:<{width - 2}}{'not reached':>10}   (the sweep ends at "
+                                f"{metrics[pre + 'froc_max_fp']:.2f} FP/{'volume' if pre else 'image'}, "
+                                f"sensitivity {metrics[pre + 'froc_max_sens']:.3f})")
         if body:
             lines += [title, *body]
     if isinstance(intervals, Intervals):

@@ -114,7 +114,7 @@ def iter_sliding_window(
       tiles resized by each factor (DeepLab's multi-scale inputs), logits resized back.
 
     Args:
-        image: ``(B, C, H, W)`` on any device (tiles are moved to ``device`` batch by batch).
+        image: ``(B, C, H, W)`` on any device (moved to ``device`` once, pinned from the host to CUDA).
         predictor: tiles ``(N, C, th, tw)`` → logits ``(N, K, th, tw)``.
         tile_size: ``(th, tw)``.
         overlap: fraction of a tile shared with its neighbour, in [0, 1).
@@ -142,9 +142,14 @@ def iter_sliding_window(
         dh, dw = max(th - h, 0), max(tw - w, 0)
         pads = [dh // 2, dh - dh // 2, dw // 2, dw - dw // 2]
     src = mirror_pad(image, *pads) if any(pads) else image
+    if src.device != dev:  # the image moves to the device once (pinned from the host to CUDA), never per tile batch
+        if dev.type == "cuda" and src.device.type == "cpu":
+            src = src.pin_memory()
+        src = src.to(dev, non_blocking=True)
     hp, wp = src.shape[-2:]
     ys, xs = tile_starts(hp, th, iy), tile_starts(wp, tw, ix)
-    weight = _tile_weight((th, tw), blend, sigma_scale, (my, mx), dev)
+    # built on the host (MONAI's map reads a minimum back) and copied once: no device read-back
+    weight = _tile_weight((th, tw), blend, sigma_scale, (my, mx), torch.device("cpu")).to(dev)
     top, left = pads[0], pads[2]
 
     acc: torch.Tensor | None = None  # (B, K, th, wp): rows [origin, origin + th) of the padded image
@@ -161,29 +166,35 @@ def iter_sliding_window(
             yield lo - top, hi - top, band
             emitted = hi - top
 
-    tiles = [(bi, x) for bi in range(b) for x in xs]
-    for y in ys:
-        shift = y - origin
-        if shift:
-            yield from emit(shift)
-            if acc is not None:
-                keep = max(th - shift, 0)
-                acc[:, :, :keep] = acc[:, :, shift: shift + keep].clone()
-                acc[:, :, keep:] = 0
-            keep = max(th - shift, 0)
-            wsum[:keep] = wsum[shift: shift + keep].clone()
-            wsum[keep:] = 0
-            origin = y
-        for x in xs:
-            wsum[:, x: x + tw] += weight
-        for i in range(0, len(tiles), batch_size):
-            chunk = tiles[i: i + batch_size]
-            batch = torch.stack([src[bi, :, y: y + th, x: x + tw] for bi, x in chunk]).to(dev)
-            out = predict_tiles(predictor, batch, flips, scales)
-            if acc is None:
-                acc = torch.zeros(b, out.shape[1], th, wp, device=dev)
-            for (bi, x), o in zip(chunk, out):
-                acc[bi, :, :, x: x + tw] += o * weight
+    # tiles in row order, batched across rows (as many forward passes as MONAI); the band moves down
+    # when the first tile of a new row is accumulated
+    tiles = [(y, bi, x) for y in ys for bi in range(b) for x in xs]
+    row = None
+    for i in range(0, len(tiles), batch_size):
+        chunk = tiles[i: i + batch_size]
+        batch = torch.cat([src[bi: bi + 1, :, y: y + th, x: x + tw] for y, bi, x in chunk])
+        # one weighting per batch, in place: predict_tiles returns a fresh tensor (a forward's output
+        # or its float32 copy; at most a view of the fresh ``batch``)
+        out = predict_tiles(predictor, batch, flips, scales).mul_(weight)
+        if acc is None:
+            acc = torch.zeros(b, out.shape[1], th, wp, device=dev)
+        for j, (y, bi, x) in enumerate(chunk):
+            if y != row:
+                shift = y - origin
+                if shift:
+                    yield from emit(shift)
+                    keep = max(th - shift, 0)
+                    if keep:  # the rows still open move up (a temporary copy only if source and target overlap)
+                        tail_acc, tail_w = acc[:, :, shift: shift + keep], wsum[shift: shift + keep]
+                        acc[:, :, :keep].copy_(tail_acc.clone() if shift < keep else tail_acc)
+                        wsum[:keep].copy_(tail_w.clone() if shift < keep else tail_w)
+                    acc[:, :, keep:].zero_()
+                    wsum[keep:].zero_()
+                    origin = y
+                for xw in xs:  # tile by tile, in MONAI's order (the same float sums)
+                    wsum[:, xw: xw + tw].add_(weight)
+                row = y
+            acc[bi, :, :, x: x + tw].add_(out[j])
     yield from emit(min(th, hp - origin))
 
 

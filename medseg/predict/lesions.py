@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from medseg.lesion import axes_mm, measure_recist
 
-__all__ = ["COLUMNS", "lesion_table", "slice_extents"]
+__all__ = ["COLUMNS", "lesion_map", "lesion_table", "slice_extents"]
 
 COLUMNS = [
     "lesion_id", "class", "first_slice", "last_slice", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
@@ -177,10 +177,29 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
                 "mean_probability": _fmt(s.prob_sum / n_all, 4),
                 "area_mm2_per_slice": ";".join(f"{k}:{areas[k]:.2f}" for k in ks),
                 "_anchor_yx": (s.sum_r[j] / s.count[j], s.sum_c[j] / s.count[j]),
-                "_first": (ks[0], int(s.first_row[ks[0] - z0]), cls),
+                "_first": (ks[0], int(s.first_row[ks[0] - z0]), cls), "_component": (cls, i),
             })
         del comp
     rows.sort(key=lambda r: r.pop("_first"))
     for n, r in enumerate(rows, start=1):
         r["lesion_id"] = n
     return rows
+
+
+def lesion_map(labels: np.ndarray, rows: list[dict[str, Any]], connectivity: int = 3) -> np.ndarray:
+    """``(Z, H, W)`` uint16 map voxel → ``lesion_id`` of :func:`lesion_table`'s ``rows`` (0 = background):
+    the same components (``_component``: class, label index), so a SEG segment number is the table's id."""
+    out = np.zeros(labels.shape, np.uint16)
+    structure = ndimage.generate_binary_structure(3, int(connectivity))
+    by_class: dict[int, dict[int, int]] = {}
+    for r in rows:
+        cls, i = r["_component"]
+        by_class.setdefault(int(cls), {})[int(i)] = int(r["lesion_id"])
+    for cls, ids in by_class.items():
+        comp, _n = ndimage.label(labels == cls, structure=structure)
+        lut = np.zeros(int(comp.max()) + 1, np.uint16)
+        for i, lid in ids.items():
+            lut[i] = lid
+        out += lut[comp]
+        del comp
+    return out

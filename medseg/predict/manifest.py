@@ -5,6 +5,8 @@ Two tables:
 * ``series`` — one row per case (DICOM stack, NIfTI volume, image): ``status`` is ``pending``,
   ``done``, ``skipped`` or ``failed``, with ``reason`` / ``error``, the output folder and timings
   (read, predict, write, total seconds).
+  ``stored`` / ``store_answer``: what ``--store-back`` sent (SEG / SR SOP instance UIDs and the
+  destination, no credentials) and the server's answer (older manifests gain the columns on open).
 * ``files`` — one row per input file: the case it belongs to and its status (the case's), or
   ``skipped`` with the reason it was not used.
 
@@ -34,13 +36,16 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     key TEXT PRIMARY KEY, kind TEXT, output TEXT, n_files INTEGER, n_slices INTEGER,
     status TEXT, reason TEXT, read_s REAL, predict_s REAL, write_s REAL, total_s REAL,
-    n_lesions INTEGER, updated REAL
+    n_lesions INTEGER, updated REAL, stored TEXT, store_answer TEXT
 );
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY, series TEXT, status TEXT, reason TEXT
 );
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT);
 """
+
+#: series columns added after the first release (store-back: what was sent where, and the answer)
+_ADDED_COLUMNS = ("stored", "store_answer")
 
 
 def manifest_name(num_parts: int = 1, part_id: int = 0) -> str:
@@ -57,6 +62,10 @@ class Manifest:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             self.db.executescript(_SCHEMA)
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(series)")}
+            for col in _ADDED_COLUMNS:  # a manifest written before the column existed
+                if col not in have:
+                    self.db.execute(f"ALTER TABLE series ADD COLUMN {col} TEXT")
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:

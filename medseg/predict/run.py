@@ -47,6 +47,7 @@ from medseg.io import WriteError, atomic_dir, exclusive_lock, write_error_of
 from medseg.predict.lesions import lesion_table, slice_extents
 from medseg.predict.manifest import Manifest, manifest_name, merge_manifests
 from medseg.predict.readers import Case, Loaded, discover, load_case
+from medseg.predict.sr import write_seg_and_sr
 from medseg.predict.writers import (
     nifti_affine,
     write_csv,
@@ -55,8 +56,8 @@ from medseg.predict.writers import (
     write_nifti_like,
     write_overlays,
     write_png_mask,
-    write_seg,
 )
+from medseg.runtime import compile_model
 
 __all__ = ["PredictResult", "model_fingerprint", "predict_threads", "run_predict", "shard_of"]
 
@@ -76,6 +77,8 @@ class PredictResult:
     summary: str = ""
     seconds: float = 0.0
     slices: int = 0
+    #: the resolved config the run used (the model's, with the overrides)
+    config: Any = None
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -174,6 +177,7 @@ def process_case(loaded: Loaded, predictor: Predictor, out_dir: Path, tmp_root: 
                                 "input": {**loaded.info, "files": len(case.files)}, "warnings": loaded.warnings,
                                 "shape": list(labels.shape), "spacing_yx": list(loaded.spacing)}
         num_classes = int(cfg.data.num_classes)
+        rows, note = None, None
         if case.kind == "dicom":
             g = loaded.geom
             assert g is not None
@@ -191,15 +195,21 @@ def process_case(loaded: Loaded, predictor: Predictor, out_dir: Path, tmp_root: 
                                  "irregular slice positions: the slice axis steps by the mean interval "
                                  "(seg.dcm is exact)")}
             if cfg.predict.write_seg:
-                info["seg"] = write_seg(tmp / "seg.dcm", labels, g, num_classes, fingerprint, cfg.model.name)
+                rows = lesion_table(labels, prob, loaded.values, loaded.spacing, _extents(loaded), _world(loaded),
+                                    cfg.predict.connectivity)
+                dic = write_seg_and_sr(tmp, labels, rows, g, num_classes, fingerprint, cfg.model.name,
+                                       cfg.predict.connectivity, cfg.predict.write_sr)
+                info.update(dic)
+                note = dic.get("skipped")
         elif case.kind == "nifti":
             assert loaded.nifti is not None
             write_nifti_like(tmp / "mask.nii.gz", labels, loaded.nifti)
             info["nifti"] = {"affine": np.asarray(loaded.nifti["affine"]).tolist(), "holds": "the input's affine"}
         else:
             write_png_mask(tmp / f"{case.name.rsplit('-', 1)[0]}.png", labels[0])
-        rows = lesion_table(labels, prob, loaded.values, loaded.spacing, _extents(loaded), _world(loaded),
-                            cfg.predict.connectivity)
+        if rows is None:
+            rows = lesion_table(labels, prob, loaded.values, loaded.spacing, _extents(loaded), _world(loaded),
+                                cfg.predict.connectivity)
         write_csv(tmp / "lesions.csv", rows)
         if cfg.predict.overlays and rows:
             info["overlays"] = write_overlays(tmp / "overlays", _display(loaded, cfg), labels, rows)
@@ -207,7 +217,8 @@ def process_case(loaded: Loaded, predictor: Predictor, out_dir: Path, tmp_root: 
         info["lesions"] = len(rows)
         info["timings_s"] = {"read": round(loaded.read_s, 4), "predict": round(t1 - t0, 4), "write": round(t2 - t1, 4)}
         write_json(tmp / "series.json", info)
-    return {"n_slices": int(labels.shape[0]), "n_lesions": len(rows), "predict_s": t1 - t0, "write_s": t2 - t1}
+    return {"n_slices": int(labels.shape[0]), "n_lesions": len(rows), "predict_s": t1 - t0, "write_s": t2 - t1,
+            "note": note}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -272,6 +283,8 @@ def _run_locked(model: str | Path, root: Path, out: Path, overrides: list[str] |
         log.warning("%s", warn)
     torch.set_num_threads(predict_threads(cfg.predict.threads))
     fingerprint = model_fingerprint(predictor.model)
+    if cfg.predict.compile:  # after the fingerprint: a compiled module's state_dict keys differ
+        predictor.model = compile_model(predictor.model, "predict.compile")
     out.mkdir(parents=True, exist_ok=True)
     base = root if root.is_dir() else root.parent
     cases, skipped = discover(root, cfg, exclude=[out])
@@ -279,7 +292,7 @@ def _run_locked(model: str | Path, root: Path, out: Path, overrides: list[str] |
     manifest = Manifest(out / manifest_name(num_parts, part_id))
     manifest.set_run(model=str(model), model_fingerprint=fingerprint, num_parts=num_parts, part_id=part_id,
                      started=time.time(), finished="")
-    result = PredictResult(out, manifest.path)
+    result = PredictResult(out, manifest.path, config=cfg)
     todo: list[Case] = []
     rows: list[tuple[str, str | None, str, str | None]] = [(_rel(p, base), None, "skipped", r) for p, r in skipped]
     for c in mine:
@@ -330,7 +343,7 @@ def _run_locked(model: str | Path, root: Path, out: Path, overrides: list[str] |
                 if err is not None:
                     raise err
                 stats = process_case(loaded, predictor, out, tmp_root, fingerprint)
-                manifest.set_series(case.key, status="done", reason=None, n_slices=stats["n_slices"],
+                manifest.set_series(case.key, status="done", reason=stats["note"], n_slices=stats["n_slices"],
                                     n_lesions=stats["n_lesions"], read_s=loaded.read_s, predict_s=stats["predict_s"],
                                     write_s=stats["write_s"], total_s=loaded.read_s + time.perf_counter() - t0)
                 manifest.set_files_of(case.key, "done")

@@ -29,10 +29,13 @@ from medseg.data.base import DataError
 from medseg.io import atomic_write_bytes, atomic_write_text, write_rows_csv
 from medseg.predict.lesions import COLUMNS
 
-__all__ = ["nifti_affine", "outline", "write_csv", "write_json", "write_nifti", "write_overlays", "write_png_mask", "write_seg"]
+__all__ = ["lesion_tracking_uid", "nifti_affine", "outline", "segment_property", "write_csv", "write_json", "write_nifti", "write_overlays", "write_png_mask", "write_seg"]
 
 _OVERLAY_COLOUR = (0, 0, 255)
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+#: display colours of the SEG's lesion segments, in turn (viewers show each lesion in its own colour)
+_SEGMENT_RGB = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 #: patient / study attributes (type 2) a SEG copies from its source
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
           "AccessionNumber", "ReferringPhysicianName")
@@ -215,12 +218,27 @@ def _fixed_dates(seg: Any, src: Any) -> None:
             item.ContributionDateTime = date + tm.split(".")[0]
 
 
-def write_seg(path: Path, labels: np.ndarray, geom: Any, num_classes: int, fingerprint: str, model_name: str
-              ) -> dict[str, Any]:
+def segment_property(cls: int, num_classes: int) -> Any:
+    """The segmented property type of a lesion of class ``cls``: SNOMED CT "Lesion" for a one-class
+    model, else a private code (``99MEDSEG``, "lesion class c")."""
+    from highdicom.sr import CodedConcept
+    from pydicom.sr.codedict import codes
+
+    if num_classes <= 2:
+        return codes.SCT.Lesion
+    return CodedConcept(f"class-{cls}", "99MEDSEG", f"lesion class {cls}")
+
+
+def write_seg(path: Path, labels: np.ndarray, geom: Any, num_classes: int, fingerprint: str, model_name: str,
+              lesions: list[dict[str, Any]] | None = None, lesion_map: np.ndarray | None = None) -> dict[str, Any]:
     """Write ``labels`` ``(Z, H, W)`` as a BINARY DICOM SEG of the series, re-read it and compare.
 
-    Frames follow the source slices in order along the normal, empty frames kept; for a multi-frame
-    source the SEG has one frame per source frame, in the source's frame order.
+    Without ``lesions``: one segment per class, frames following the source slices in order along the
+    normal, empty frames kept. With ``lesions`` (the rows of ``lesions.csv``) and ``lesion_map``
+    (``(Z, H, W)``, voxel → ``lesion_id``, :func:`~medseg.predict.lesions.lesion_map`): one segment per
+    lesion, segment number = ``lesion_id``, labelled ``lesion N`` with its class as the property type
+    and only the frames holding it (no lesion: one empty segment ``no lesion``, every frame kept). For a
+    multi-frame source the frames reference the source's frames.
 
     Returns:
         ``{"series_uid", "sop_uid", "frames"}`` of the SEG.
@@ -240,24 +258,38 @@ def write_seg(path: Path, labels: np.ndarray, geom: Any, num_classes: int, finge
         order = np.argsort(np.asarray(frames))  # slice order → source frame order
         pixel = labels[order]
     else:
-        pixel = labels
+        order, pixel = None, labels
     src_uid = str(dss[0].SeriesInstanceUID)
     seed = [src_uid, geom.series_uid, fingerprint, str(len(frames))]
     algo = hd.AlgorithmIdentificationSequence(name=f"medseg {model_name}"[:64], version=__version__,
                                               family=codes.cid7162.ArtificialIntelligence)
-    descs = [hd.seg.SegmentDescription(
-        segment_number=c, segment_label=f"lesion class {c}", algorithm_type="AUTOMATIC",
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Lesion, algorithm_identification=algo,
-    ) for c in range(1, max(num_classes, 2))]
+    per_lesion = lesion_map is not None and bool(lesions)
+    if lesion_map is not None:
+        pixel = (lesion_map[order] if multi else lesion_map) if lesions else np.zeros_like(pixel)
+        descs = [hd.seg.SegmentDescription(
+            segment_number=int(r["lesion_id"]), segment_label=f"lesion {r['lesion_id']}", algorithm_type="AUTOMATIC",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=segment_property(int(r["class"]), num_classes), algorithm_identification=algo,
+            tracking_id=f"lesion {r['lesion_id']}", tracking_uid=lesion_tracking_uid(src_uid, fingerprint, r["lesion_id"]),
+            display_color=hd.color.CIELabColor.from_rgb(*_SEGMENT_RGB[(int(r["lesion_id"]) - 1) % len(_SEGMENT_RGB)]),
+        ) for r in lesions or []] or [hd.seg.SegmentDescription(
+            segment_number=1, segment_label="no lesion", algorithm_type="AUTOMATIC",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Lesion, algorithm_identification=algo)]
+    else:
+        descs = [hd.seg.SegmentDescription(
+            segment_number=c, segment_label=f"lesion class {c}", algorithm_type="AUTOMATIC",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Lesion, algorithm_identification=algo,
+        ) for c in range(1, max(num_classes, 2))]
     seg = hd.seg.Segmentation(
-        source_images=dss, pixel_array=pixel.astype(np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        source_images=dss, pixel_array=pixel.astype(np.uint16 if len(descs) > 255 else np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descs, series_instance_uid=generate_uid(entropy_srcs=[*seed, "series"]),
         series_number=int(dss[0].get("SeriesNumber", 0) or 0) % 10000 + 9000,
         sop_instance_uid=generate_uid(entropy_srcs=[*seed, "sop"]), instance_number=1,
         manufacturer="medseg", manufacturer_model_name=model_name[:64] or "medseg",
         software_versions=__version__, device_serial_number=fingerprint[:16],
-        omit_empty_frames=False, transfer_syntax_uid=ExplicitVRLittleEndian,
+        omit_empty_frames=per_lesion, transfer_syntax_uid=ExplicitVRLittleEndian,
         content_label="LESIONS", content_description="medseg lesion segmentation",
     )
     _fixed_dates(seg, dss[0])
@@ -270,27 +302,42 @@ def write_seg(path: Path, labels: np.ndarray, geom: Any, num_classes: int, finge
     buf = io.BytesIO()
     seg.save_as(buf, enforce_file_format=True)
     atomic_write_bytes(path, buf.getvalue())
-    _verify_seg(path, labels, geom, dss, frames, num_classes)
+    if lesion_map is not None:
+        _verify_seg(path, lesion_map if lesions else np.zeros_like(labels), geom, dss, frames, len(descs) + 1,
+                    per_lesion)
+    else:
+        _verify_seg(path, labels, geom, dss, frames, num_classes)
     return {"series_uid": str(seg.SeriesInstanceUID), "sop_uid": str(seg.SOPInstanceUID),
             "frames": int(seg.NumberOfFrames)}
 
 
+def lesion_tracking_uid(source_series_uid: str, fingerprint: str, lesion_id: Any) -> str:
+    """The tracking UID of a lesion (its SEG segment and its SR measurement group): deterministic."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[source_series_uid, fingerprint, "lesion", str(lesion_id)]))
+
+
 def _verify_seg(path: Path, labels: np.ndarray, geom: Any, dss: list[Any], frames: list[int | None],
-                num_classes: int) -> None:
-    """Re-read the SEG with highdicom and compare it with the mask, frame by frame."""
+                num_classes: int, sparse: bool = False) -> None:
+    """Re-read the SEG with highdicom and compare it with the mask (or lesion map), frame by frame."""
     import highdicom as hd
 
     seg = hd.seg.segread(path)
     n_seg = max(num_classes, 2) - 1
-    if int(seg.NumberOfFrames) != labels.shape[0] * n_seg:
+    if sparse:
+        want = sum(int(np.any(labels[k] == s)) for s in range(1, n_seg + 1) for k in range(labels.shape[0]))
+        if int(seg.NumberOfFrames) != want:
+            raise DataError(f"{path}: {seg.NumberOfFrames} frames; expected {want} (one per slice holding a lesion)")
+    elif int(seg.NumberOfFrames) != labels.shape[0] * n_seg:
         raise DataError(f"{path}: {seg.NumberOfFrames} frames; expected {labels.shape[0] * n_seg} "
                         f"(one per source slice and segment, empty frames kept)")
     if any(f is not None for f in frames):
         sop = str(dss[0].SOPInstanceUID)
         back = seg.get_pixels_by_source_frame(sop, [int(f) + 1 for f in frames], combine_segments=True,
-                                              skip_overlap_checks=True)
+                                              skip_overlap_checks=True, assert_missing_frames_are_empty=sparse)
     else:
         back = seg.get_pixels_by_source_instance(geom.sop_instance_uids, combine_segments=True,
-                                                 skip_overlap_checks=True)
+                                                 skip_overlap_checks=True, assert_missing_frames_are_empty=sparse)
     if back.shape != labels.shape or not np.array_equal(np.asarray(back), labels):
         raise DataError(f"{path}: the SEG does not read back as the mask frame by frame")

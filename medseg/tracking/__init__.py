@@ -4,8 +4,10 @@
 under the output folder (``sqlite:///<output_dir>/mlflow.db``) with artifacts beside it, which
 ``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`` opens.
 
-Tracking never stops the work it records: every :class:`MLflowTracker` call that fails (a server gone,
-a full store) is dropped with one warning per outage, later calls are dropped without waiting until
+Tracking never stops the work it records: a training run's calls (metrics, params, tags, artifacts, the
+model, its end) go through the run's journal (:mod:`medseg.tracking.journal`), sent in the background
+and replayed when the store answers again; any other :class:`MLflowTracker` call that fails (a server
+gone, a full store) is dropped with one warning per outage, later calls are dropped without waiting until
 a retry (every :data:`RETRY_AFTER_S`) succeeds; the run folder and its checkpoints are the record, the
 tracking store a copy. Reaching a store (credentials, the start-up probe, ``tracking.offline``) is
 :mod:`medseg.tracking.connect`; what medseg writes or prints of a URI goes through
@@ -25,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from medseg.config import Config, flatten, public_dict
+from medseg.io import WriteError
 from medseg.runtime import redact_uri
 from medseg.tracking.connect import TrackingError, choose_uri, connect_uri, quiet_http_client
-from medseg.tracking.journal import Journal, journal_path
+from medseg.tracking.journal import Journal, journal_path, table_frame
 
 log = logging.getLogger("medseg.tracking")
 
@@ -42,7 +45,8 @@ RETRY_AFTER_S = 30.0
 #: how long ending a run waits for the journal to reach a store that answers
 END_WAIT_S = 15.0
 #: the calls that go through a run's journal once it has one
-_JOURNALED = frozenset({"start", "log_params", "log_metrics", "set_tags", "end"})
+_JOURNALED = frozenset({"start", "log_params", "log_metrics", "set_tags", "end", "log_artifact", "log_text",
+                        "log_table", "log_model"})
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -157,10 +161,11 @@ class MLflowTracker(Tracker):
         if self.down_since is None:
             self.down_since = time.monotonic()
             detail = _redact_text(str(e).strip().splitlines()[0] if str(e).strip() else "")[:200]
-            kept = "kept in the run's journal and sent when it answers" if self.journal else "dropped"
-            log.warning("tracking store %s failed (%s in %s: %s); the work goes on and its folder is the record: "
-                        "metrics, params and tags are %s (other tracking calls are dropped, retried every %.0f s)",
-                        self.shown_uri, e.__class__.__name__, what, detail, kept, RETRY_AFTER_S)
+            kept = ("metrics, params, tags, artifacts and the run's status are kept in the run's journal and sent "
+                    "when it answers" if self.journal else
+                    f"tracking calls are dropped (retried every {RETRY_AFTER_S:.0f} s)")
+            log.warning("tracking store %s failed (%s in %s: %s); the work goes on and its folder is the record: %s",
+                        self.shown_uri, e.__class__.__name__, what, detail, kept)
 
     def _recovered(self) -> None:
         if self.down_since is not None:
@@ -170,7 +175,8 @@ class MLflowTracker(Tracker):
 
     def _guard(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call ``method``; a failure (or, for a call the journal does not take, one during an outage before
-        :data:`RETRY_AFTER_S` has passed) returns None and is counted (:meth:`_failed`)."""
+        :data:`RETRY_AFTER_S` has passed) returns None and is counted (:meth:`_failed`). A journal that
+        cannot be written (a full disk: :class:`medseg.io.WriteError`) is raised: the run folder is the record."""
         if method.__name__ != "start" and self.run_id is None:
             return None
         journaled = self.journal is not None and method.__name__ in _JOURNALED
@@ -180,6 +186,8 @@ class MLflowTracker(Tracker):
         try:
             out = method(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 — tracking never stops the work it records
+            if journaled and isinstance(e, WriteError):  # the run folder's disk is full: the work cannot go on
+                raise
             self.dropped += 1
             self._failed(e, method.__name__)
             return None
@@ -244,23 +252,24 @@ class MLflowTracker(Tracker):
 
     @_guarded
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.journal is not None:
+            self.journal.append_artifact("file", path, artifact_path=artifact_path)
+            return
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     @_guarded
     def log_text(self, text: str, artifact_file: str) -> None:
+        if self.journal is not None:
+            self.journal.append_artifact("text", text=text, artifact_path=artifact_file)
+            return
         self.client.log_text(self.run_id, text, artifact_file)
 
     @_guarded
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
-        import pandas as pd
-
-        def cell(v: Any) -> Any:
-            # JSON has no NaN / inf: an undefined value is an empty cell
-            if isinstance(v, float) and not math.isfinite(v):
-                return None
-            return v.item() if hasattr(v, "item") else v
-
-        frame = pd.DataFrame([{k: cell(v) for k, v in r.items()} for r in rows])
+        frame = table_frame(rows)  # JSON has no NaN / inf: an undefined value is an empty cell
+        if self.journal is not None:
+            self.journal.append_artifact("table", text=frame.to_json(orient="records"), artifact_path=artifact_file)
+            return
         self.client.log_table(self.run_id, data=frame, artifact_file=artifact_file)
 
     @_guarded
@@ -278,12 +287,20 @@ class MLflowTracker(Tracker):
         # files, not a pickled module: the folder is weights + JSON (no code runs when it is loaded);
         # the global URI lets this process load runs:/ URIs from the same store
         mlflow.set_tracking_uri(self.uri)
+        if self.journal is not None:
+            self.journal.append_artifact("dir", model_dir, artifact_path=name)
+            return
         self.client.log_artifacts(self.run_id, str(model_dir), name)
 
     @_guarded
     def end(self, status: str = "FINISHED") -> None:
         if self.journal is not None:
-            self.journal.append("status", status=status, ts=int(time.time() * 1000))
+            try:
+                self.journal.append("status", status=status, ts=int(time.time() * 1000))
+            except WriteError:
+                if status == "FINISHED":
+                    raise
+                return  # a failure path on a full disk fails quietly: the first failure is the one reported
             if not self.journal.drain(END_WAIT_S) and not self.hinted:
                 self.hinted = True
                 run_dir = self.journal.path.parent.parent

@@ -14,7 +14,13 @@ ends while the store is away leaves the rest for ``medseg track sync RUN_DIR`` (
 Format: the first line is ``{"kind": "run", "run_id": ..., "uri": <redacted URI>}``; then one record
 per call: ``{"kind": "metrics", "step": 3, "ts": 1733450000000, "data": {"train/loss": 0.5}}``,
 ``{"kind": "params", "data": {...}}``, ``{"kind": "tags", "data": {...}}``,
-``{"kind": "status", "status": "FINISHED", "ts": ...}``.
+``{"kind": "status", "status": "FINISHED", "ts": ...}``, and artifacts:
+``{"kind": "artifact", "call": "file" | "dir" | "text" | "table", "file": <staged copy>, "artifact_path": ...}``.
+
+Artifacts (files, folders such as the MLflow model, texts, tables) are staged when they are logged:
+hard-linked (a file of the run folder: medseg replaces files by renaming, so the link keeps the content
+logged) or copied into ``<run_dir>/tracking/artifacts/<record number>/``; the sender uploads the staged
+copy in its turn (``log_artifact`` / ``log_artifacts`` / ``log_text`` / ``log_table``) and removes it.
 
 Example:
     >>> sync("outputs/quickstart/unet-20261206-101500", "http://mlflow.lab:5000")
@@ -23,17 +29,19 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medseg.io import atomic_write_text
+from medseg.io import atomic_write_bytes, atomic_write_text, write_error_of
 
 log = logging.getLogger("medseg.tracking")
 
@@ -51,6 +59,38 @@ _MAX_PARAM = 6000
 def journal_path(run_dir: str | Path) -> Path:
     """``<run_dir>/tracking/journal.jsonl``."""
     return Path(run_dir) / "tracking" / "journal.jsonl"
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """``dst`` as a hard link of ``src`` (a snapshot: medseg replaces files by renaming), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        atomic_write_bytes(Path(dst), Path(src).read_bytes())
+
+
+def stage(source: str | Path, folder: Path) -> Path:
+    """Snapshot ``source`` (a file or a folder) into ``folder`` under its own name; returns the copy."""
+    source = Path(source)
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / source.name
+    if source.is_dir():
+        shutil.copytree(source, dst, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(source, dst)
+    return dst
+
+
+def table_frame(rows: list[dict[str, Any]]) -> Any:
+    """Rows as the ``pandas.DataFrame`` ``MlflowClient.log_table`` takes (a non-finite number: an empty cell)."""
+    import pandas as pd
+
+    def cell(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v.item() if hasattr(v, "item") else v
+
+    return pd.DataFrame([{k: cell(v) for k, v in r.items()} for r in rows])
 
 
 def read_journal(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
@@ -76,9 +116,10 @@ def _batches(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     out: list[list[dict[str, Any]]] = []
     counts = dict.fromkeys(_LIMITS, 0)
     for rec in records:
+        alone = bool(out) and out[-1][0]["kind"] in ("status", "artifact")
         kind = rec["kind"]
         n = len(rec.get("data") or {})
-        if kind == "status" or not out or out[-1][0]["kind"] == "status" or counts[kind] + n > _LIMITS[kind]:
+        if kind in ("status", "artifact") or not out or alone or counts[kind] + n > _LIMITS[kind]:
             out.append([])
             counts = dict.fromkeys(_LIMITS, 0)
         out[-1].append(rec)
@@ -87,10 +128,33 @@ def _batches(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return out
 
 
-def send_records(client: Any, run_id: str, batch: list[dict[str, Any]]) -> None:
-    """Send one batch of :func:`_batches` (raises what the client raises)."""
+def _send_artifact(client: Any, run_id: str, rec: dict[str, Any], run_dir: Path) -> None:
+    """Upload one staged artifact, then remove its staged copy; a copy that is gone (a machine that
+    lost power before the folder reached the disk) is a warning, not a record that blocks the rest."""
+    path = run_dir / rec["file"]
+    if not path.exists():
+        log.warning("tracking journal of %s: the staged artifact %s is gone; it is not sent", run_dir, path)
+        return
+    call, where = rec["call"], rec.get("artifact_path")
+    if call == "file":
+        client.log_artifact(run_id, str(path), where)
+    elif call == "dir":
+        client.log_artifacts(run_id, str(path), where)
+    elif call == "text":
+        client.log_text(run_id, path.read_text(encoding="utf-8"), where)
+    else:
+        client.log_table(run_id, data=table_frame(json.loads(path.read_text())), artifact_file=where)
+    shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def send_records(client: Any, run_id: str, batch: list[dict[str, Any]], run_dir: str | Path = ".") -> None:
+    """Send one batch of :func:`_batches` (raises what the client raises); ``run_dir`` holds the staged
+    artifacts."""
     from mlflow.entities import Metric, Param, RunTag
 
+    if batch[0]["kind"] == "artifact":
+        _send_artifact(client, run_id, batch[0], Path(run_dir))
+        return
     if batch[0]["kind"] == "status":
         rec = batch[0]
         if rec["status"] == "RUNNING":
@@ -133,8 +197,8 @@ class Journal:
             self.sent, self.pending, self.total = 0, [], 0
             atomic_write_text(self.path, json.dumps({"kind": "run", "run_id": run_id, "uri": shown_uri}) + "\n")
         self.failing = False
-        self.cond = threading.Condition()
-        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — open for the run's lifetime
+        self.cond = threading.Condition(threading.RLock())
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # open for the run's lifetime
         self.thread: threading.Thread | None = None
         self._wake()
 
@@ -149,17 +213,57 @@ class Journal:
         if text and not text.endswith("\n") or len(text.splitlines()) != len(records) + 1:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in [header, *records]))
 
+    def append_artifact(self, call: str, source: str | Path | None = None, text: str | None = None,
+                        artifact_path: str | None = None) -> None:
+        """Stage an artifact (see the module docstring) and append its record: ``call`` ``"file"`` /
+        ``"dir"`` (``source``, uploaded under ``artifact_path``), ``"text"`` / ``"table"`` (``text``, the
+        artifact file ``artifact_path``; a table's text is its rows as JSON)."""
+        run_dir = self.path.parent.parent
+        with self.cond:
+            folder = self.path.parent / "artifacts" / f"{self.total + 1:06d}"
+            if folder.exists():  # left by a process killed before its record was written
+                shutil.rmtree(folder)
+            try:
+                if source is not None:
+                    staged = stage(source, folder)
+                else:
+                    staged = folder / Path(artifact_path or "artifact").name
+                    atomic_write_text(staged, text or "")
+                self.append("artifact", call=call, file=str(staged.relative_to(run_dir)), artifact_path=artifact_path)
+            except OSError as e:  # a full disk: nothing staged is left behind
+                shutil.rmtree(folder, ignore_errors=True)
+                we = write_error_of(e, folder)
+                if we is None or we is e:  # not a failing write, or already one (the journal's own record)
+                    raise
+                raise we from e
+
     def append(self, kind: str, **fields: Any) -> None:
-        """Append one record (flushed and fsync'd) and wake the sender; never waits on the network."""
+        """Append one record (fsync'd) and wake the sender; never waits on the network.
+
+        Raises:
+            medseg.io.WriteError: the disk is full (or an I/O error, a read-only file system); the
+                journal is left as it was before the call.
+        """
         rec = {"kind": kind, **fields}
         if kind == "metrics":
             rec["data"] = {k: float(v) for k, v in rec["data"].items() if v is not None and math.isfinite(float(v))}
             if not rec["data"]:
                 return
+        data = (json.dumps(rec, default=str) + "\n").encode()
         with self.cond:
-            self.file.write(json.dumps(rec, default=str) + "\n")
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            size = os.fstat(self.fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view):]
+                os.fsync(self.fd)
+            except OSError as e:  # a full disk: the journal as it was (no torn record), one clear error
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, size)
+                we = write_error_of(e, self.path, len(data))
+                if we is None:
+                    raise
+                raise we from e
             self.pending.append(rec)
             self.total += 1
             self.cond.notify_all()
@@ -177,7 +281,7 @@ class Journal:
                         return
                 batch = _batches(self.pending)[0]
             try:
-                send_records(self.client, self.run_id, batch)
+                send_records(self.client, self.run_id, batch, self.path.parent.parent)
             except Exception as e:  # noqa: BLE001 — the store is away: keep the records, try again
                 self.failing = True
                 away_since = away_since or time.monotonic()
@@ -189,8 +293,10 @@ class Journal:
                     self.cond.wait(RETRY_S)
                 continue
             away_since = None
-            # the count first: whoever sees the records gone sees them counted (only this thread writes it)
-            atomic_write_text(self.path.with_name("sent"), str(self.sent + len(batch)))
+            # the count first: whoever sees the records gone sees them counted (only this thread writes it);
+            # on a full disk the count stays behind (a later one catches up) and the sender goes on
+            with contextlib.suppress(OSError):
+                atomic_write_text(self.path.with_name("sent"), str(self.sent + len(batch)))
             with self.cond:
                 del self.pending[: len(batch)]
                 self.sent += len(batch)
@@ -220,10 +326,15 @@ def sync(run_dir: str | Path, uri: str) -> dict[str, Any]:
 
     header, records, sent = read_journal(run_dir)
     client = MlflowClient(tracking_uri=uri)
+    # MLflow caches a run's artifact repository per run id with the URI it was first reached at (in
+    # this process: the address the run was logged to); the store may answer elsewhere now
+    import mlflow.tracking._tracking_service.utils as mlflow_utils
+
+    getattr(mlflow_utils, "_artifact_repos_cache", {}).pop(header["run_id"], None)
     done = 0
     sent_file = journal_path(run_dir).with_name("sent")
     for batch in _batches(records[sent:]):
-        send_records(client, header["run_id"], batch)
+        send_records(client, header["run_id"], batch, run_dir)
         done += len(batch)
         atomic_write_text(sent_file, str(sent + done))
     return {"run_id": header["run_id"], "sent": done}

@@ -19,6 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -33,9 +36,41 @@ __all__ = [
     "WeightedCEDiceLoss",
     "WeightedCELoss",
     "build_loss",
+    "check_label_range",
     "dice_loss",
+    "labels_checked",
     "weighted_ce",
 ]
+
+
+_LABELS_CHECKED: ContextVar[bool] = ContextVar("medseg_labels_checked", default=False)
+
+
+@contextlib.contextmanager
+def labels_checked() -> Iterator[None]:
+    """Inside the block the losses skip their label-range check: the caller checked the labels already
+    (the Trainer does, on the host batch before it is copied, so the check never waits on the device)."""
+    token = _LABELS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _LABELS_CHECKED.reset(token)
+
+
+def check_label_range(label: Tensor, k: int, ignore_index: int | None = None) -> None:
+    """Raise ``ValueError`` unless every class id of ``label`` is in ``[0, k)`` (or ``ignore_index``).
+
+    One host read of a reduction: on a device tensor it waits for the device.
+    """
+    bad = (label < 0) | (label >= k)
+    if ignore_index is not None:
+        bad &= label != ignore_index
+    if bool(bad.any()):
+        raise ValueError(
+            f"label holds class ids outside [0, {k}) (logits have K={k} classes"
+            + (f", ignore_index={ignore_index}" if ignore_index is not None else "")
+            + f"): found {sorted(label[bad].unique().tolist())[:5]}"
+        )
 
 
 def _prepare(
@@ -55,16 +90,10 @@ def _prepare(
     if label.is_floating_point():
         raise ValueError(f"loss expects integer class ids in label, got dtype {label.dtype}")
     label = label.long()
-    # One check (one device sync) so a bad label gives a clear error instead of a CUDA assert.
-    bad = (label < 0) | (label >= k)
-    if ignore_index is not None:
-        bad &= label != ignore_index
-    if bool(bad.any()):
-        raise ValueError(
-            f"label holds class ids outside [0, {k}) (logits have K={k} classes"
-            + (f", ignore_index={ignore_index}" if ignore_index is not None else "")
-            + f"): found {sorted(label[bad].unique().tolist())[:5]}"
-        )
+    # One check (one device sync) so a bad label gives a clear error instead of a CUDA assert;
+    # skipped inside labels_checked() (the caller checked on the host).
+    if not _LABELS_CHECKED.get():
+        check_label_range(label, k, ignore_index)
     if weight is not None:
         if weight.ndim == 3:
             weight = weight.unsqueeze(1)

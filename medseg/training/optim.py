@@ -13,12 +13,18 @@ from medseg.runtime import TrainingError
 __all__ = ["build_optimizer", "lr_factor"]
 
 
-def build_optimizer(t: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    """Adam or SGD (with ``train.momentum``) at ``train.lr`` and ``train.weight_decay``."""
+def build_optimizer(t: TrainConfig, params: Any, fused: bool = False) -> torch.optim.Optimizer:
+    """Adam or SGD (with ``train.momentum``) at ``train.lr`` and ``train.weight_decay``.
+
+    ``fused=True`` (the Trainer's choice on CUDA) takes torch's fused kernels: one launch for all
+    parameters, and a ``GradScaler`` passes them its found-inf flag on the device instead of reading
+    it back on every step.
+    """
+    kw: dict[str, Any] = {"fused": True} if fused else {}
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, **kw)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, **kw)
     raise TrainingError(f"train.optimizer must be adam or sgd, got {t.optimizer!r}")
 
 

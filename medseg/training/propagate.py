@@ -134,7 +134,7 @@ def refine_grabcut(image: np.ndarray, mask: np.ndarray, bounds: tuple[int, int, 
 
 
 class PropagatedSlices(Dataset):
-    """The accepted slices as training samples: the DeepLesion slice (``slice_sample``) with the propagated
+    """The accepted slices as training samples: the DeepLesion slice (``unlabelled_slice``) with the propagated
     instance map as ``label`` / ``instance`` (``meta["propagated"]`` True; ``truth`` the slice's true mask
     where the release has one, never used in training).
 
@@ -151,7 +151,7 @@ class PropagatedSlices(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any] | None:
         series, n, rec, inst = self.items[idx]
-        sample = self.dataset.slice_sample(series, n, rec)
+        sample = self.dataset.unlabelled_slice(series, n, rec)
         if sample is None:
             return None
         if tuple(sample["image"].shape[-2:]) != inst.shape:
@@ -172,7 +172,7 @@ class Propagator:
     def __init__(self, trainer: Any) -> None:
         self.cfg: PropagateConfig = trainer.cfg.train.propagate
         ds = trainer.train_data
-        if not hasattr(ds, "slice_sample") or not hasattr(ds, "samples"):
+        if not hasattr(ds, "unlabelled_slice") or not hasattr(ds, "samples"):
             raise TrainingError("train.propagate needs data.name: deeplesion (lesions with a Slice_range); "
                                 "set train.propagate.enabled=false for other data")
         if self.cfg.rounds < 1 or not 0.0 <= self.cfg.start < 1.0 or self.cfg.slices_per_round < 1:
@@ -217,7 +217,7 @@ class Propagator:
         times = []
         for s in self.dataset.samples[: probes + 1]:
             t0 = time.monotonic()
-            sample = self.dataset.slice_sample(s.series, s.key, s.rows[0])
+            sample = self.dataset.unlabelled_slice(s.series, s.key, s.rows[0])
             if sample is None:
                 continue
             h, w = sample["image"].shape[-2:]
@@ -281,7 +281,7 @@ class Propagator:
             """The slice's image and the model's foreground in a window around the lesion (at least the
             training crop; the rest of the slice is background)."""
             if (series, n) not in images:
-                sample = self.dataset.slice_sample(series, n, rec)
+                sample = self.dataset.unlabelled_slice(series, n, rec)
                 images[series, n] = None if sample is None else np.asarray(sample["image"], np.float32)
             image = images[series, n]
             if image is None:

@@ -14,6 +14,7 @@ same weights as an uninterrupted run (on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from medseg.runtime import (
     barrier,
     broadcast_buffers,
     broadcast_object,
+    compile_model,
     init_distributed,
     resolve_device,
     seed_everything,
@@ -49,6 +51,8 @@ from medseg.runtime import (
 )
 from medseg.tracking import Tracker, start_training_run
 from medseg.training.budget import StepBudget
+from medseg.training.losses import check_label_range, labels_checked
+from medseg.training.losslog import HOST_CHECK_RANGE, LossLog
 from medseg.training.optim import build_optimizer, lr_factor
 from medseg.training.propagate import Propagator
 from medseg.training.resume import (
@@ -151,9 +155,12 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids)
+        if t.compile:  # the training forward only; checkpoints and validation use self.net
+            self.model = compile_model(self.model, "train.compile")
         self.loss_fn = LOSSES.build(cfg.loss.name, cfg.loss.params)
         self.device_augment = DeviceAugment(cfg.transforms) if cfg.transforms.accelerator else None
-        self.optimizer = build_optimizer(cfg.train, self.model.parameters())
+        # fused on CUDA: the GradScaler hands it the found-inf flag on the device (no read-back per step)
+        self.optimizer = build_optimizer(cfg.train, self.model.parameters(), fused=self.device.type == "cuda")
         # loss scaling is for float16 on CUDA only (bfloat16 has float32's range)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
 
@@ -171,6 +178,8 @@ class Trainer:
         self.stale = 0  # validations without improvement
         self.history: list[dict[str, float]] = []
         self.run_id: str | None = None
+        self.loss_log = LossLog()  # per-step losses on the device, read at the log points (medseg.training.losslog)
+        self._good_checkpoint: Path | None = None  # where a non-finite loss rolls back to
 
         # every rank uses rank 0's folder
         self.run_dir = Path(run_dir) if run_dir is not None else Path(broadcast_object(str(new_run_dir(cfg))))
@@ -224,15 +233,19 @@ class Trainer:
 
     def save_checkpoint(self, name: str = "last.pt") -> Path:
         """Write a checkpoint atomically (temp file + rename) under ``<run_dir>/checkpoints`` (rank 0)."""
+        self._read_losses()  # a checkpoint never holds weights updated by a non-finite step
         path = self.ckpt_dir / name
         if self.rank == 0:
             atomic_torch_save(self.state_dict(), path)
         barrier(self.world)
+        if name == "last.pt":
+            self._good_checkpoint = path
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (the schedule may be longer now)."""
         ckpt = restore_trainer(self, read_checkpoint(path), self.COUNTERS)
+        self._good_checkpoint = Path(path)
         if self.budget is not None:  # the measured step count is reused, never measured again
             self.budget.steps = ckpt.get("budget_steps")
         if self.propagator is not None:  # the propagated slices join the training set again
@@ -257,8 +270,17 @@ class Trainer:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def _train_step(self, batch: dict[str, Any]) -> float:
-        """One optimizer step; returns the loss (averaged over ranks; non-finite = nothing updated)."""
+    def _train_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One optimizer step; returns the loss as a 0-d tensor on the device (averaged over ranks), unread.
+
+        Nothing here makes the host wait for the device: the loss is read back later, in one copy per
+        log interval (:meth:`_read_losses`), where a non-finite one stops training and rolls back.
+        """
+        checked: Any = contextlib.nullcontext()
+        if batch["label"].device.type == "cpu":  # the label check on the host batch: no device wait
+            with torch.profiler.record_function(HOST_CHECK_RANGE):
+                check_label_range(batch["label"], self.num_classes, self.cfg.loss.params.get("ignore_index"))
+            checked = labels_checked()
         if self.device_augment is not None:  # transforms.accelerator: augment the batch on the device
             batch = self.device_augment({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                                          for k, v in batch.items()})
@@ -269,35 +291,47 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=amp_dtype(self.device), enabled=self.amp):
             logits = self.model(image)
-        loss = self.loss_fn(logits.float(), label, weight)
+        with checked:
+            loss = self.loss_fn(logits.float(), label, weight)
         extra = getattr(self.net, "extra_loss", None)
         if callable(extra):
             loss = loss + extra(label)
-        check = loss.detach().clone()
-        if self.world > 1:  # every rank must stop together, or the others hang in all-reduce
+        check = loss.detach()
+        if self.world > 1:  # every rank reads the same value: they stop together (or the others hang)
             import torch.distributed as dist
 
+            check = check.clone()
             dist.all_reduce(check)
-        # With loss scaling on (AMP on CUDA) the scaler already skips a step whose gradients are not
-        # finite, so the loss is read back after the step: reading it here would make the host wait
-        # for the forward pass before it could queue the backward pass (a sync the bare loop lacks).
-        deferred = self.scaler.is_enabled()
-        if not deferred:
-            value = float(check) / self.world
-            if not math.isfinite(value):
-                return value
+            check = check / self.world
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)  # skipped by the scaler when a gradient is inf / NaN
         self.scaler.update()
-        if deferred:
-            value = float(check) / self.world
-            if not math.isfinite(value):  # the scaler skipped the update: the weights are untouched
-                return value
         self.scheduler.step()
-        return value
+        return check
+
+    def _read_losses(self) -> float | None:
+        """Read the losses kept on the device since the last read (one host read); returns the latest.
+
+        Raises:
+            TrainingError: a loss was non-finite; the trainer is first rolled back to the last good
+                checkpoint (every checkpoint is written after such a read, so it holds no update of a
+                non-finite step), in memory as on disk.
+        """
+        bad = self.loss_log.read()
+        if bad is None:
+            return self.loss_log.last
+        good = self._good_checkpoint
+        self.loss_log.clear()
+        if good is not None and good.is_file():
+            self.load_checkpoint(good)
+        raise TrainingError(
+            f"non-finite loss ({bad.value}) at epoch {bad.epoch}, step {bad.step}; training stopped. "
+            f"The last good checkpoint is {good or self.ckpt_dir / 'last.pt'} (resume with --resume "
+            f"{self.run_dir} after lowering train.lr or enabling train.grad_clip)."
+        )
 
     def _train_epoch(self) -> list[float]:
         """Train the rest of the current epoch; returns its losses."""
@@ -309,7 +343,7 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, n_batches * per_batch, start=self.batch_in_epoch * per_batch)
         bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{t.epochs}",
                    unit="step", dynamic_ncols=True, leave=False, disable=self.rank != 0)
-        losses: list[float] = []
+        self.loss_log.take()
         tick, seen = time.monotonic(), 0
         for batch in self.train_loader:
             self.batch_in_epoch += 1
@@ -317,27 +351,28 @@ class Trainer:
             if batch is None:  # every sample of the batch was unreadable
                 continue
             lr = self.optimizer.param_groups[0]["lr"]
-            loss = self._train_step(batch)
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite loss ({loss}) at epoch {self.epoch + 1}, step {self.step + 1}; training stopped. "
-                    f"The last good checkpoint is {self.ckpt_dir / 'last.pt'} (resume with --resume "
-                    f"{self.run_dir} after lowering train.lr or enabling train.grad_clip)."
-                )
+            self.loss_log.add(self._train_step(batch), self.step + 1, self.epoch + 1)
             self.step += 1
-            losses.append(loss)
             seen += len(batch["image"])
-            rate = seen / max(time.monotonic() - tick, 1e-9)
-            # refresh=False: redrawn at tqdm's own pace (mininterval), not forced on every step
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
-            if self.step % t.log_every == 0 or self.step == 1 or self.batch_in_epoch == n_batches:
-                self.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/images_per_s": rate}, self.step)
-            if self.budget is not None and self.budget.due(self.step):
+            log_now = self.step % t.log_every == 0 or self.step == 1 or self.batch_in_epoch == n_batches
+            budget_now = self.budget is not None and self.budget.due(self.step)
+            ckpt_now = bool(t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0)
+            if log_now or budget_now or ckpt_now or self.step >= self.total_steps:
+                loss = self._read_losses()  # the one host read of the interval
+                rate = seen / max(time.monotonic() - tick, 1e-9)
+                # refresh=False: redrawn at tqdm's own pace (mininterval), not forced here
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
+                if log_now:
+                    self.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/images_per_s": rate},
+                                             self.step)
+            if budget_now:
                 self._convert_budget()
-            if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
+            if ckpt_now:
                 self.save_checkpoint()
             if self.step >= self.total_steps:  # the budget's step count may end an epoch early
                 break
+        self._read_losses()
+        losses = self.loss_log.take()
         bar.close()
         self.epoch += 1
         self.batch_in_epoch = 0

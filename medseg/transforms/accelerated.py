@@ -17,6 +17,11 @@ elastic deformation on a whole batch at once with ``torch.nn.functional.grid_sam
   B-spline for images: intensities differ slightly, geometry does not). Out-of-bounds positions are
   mirrored at the input's edge pixels (``mode="mirror"``, ``grid_sample``'s ``reflection`` with
   ``align_corners=True``).
+* **A fixed number of kernels.** :class:`DeviceAugment` runs the same operators for a batch of 4
+  and of 32, with no host read-back (no ``.item()``, ``nonzero``, ``unique``, generator per sample):
+  the border weight map by a batched exact distance transform (:func:`two_nearest_distances_torch`),
+  the noise from each sample's seed (:func:`seeded_normal`). ``tests/transforms/test_accelerated_counts.py``
+  counts them with ``torch.profiler``.
 
 Example:
     >>> disp = torch.randn(B, 2, 3, 3) * 10                           # pixels of the training grid
@@ -27,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +43,11 @@ import torch.nn.functional as F
 from medseg.transforms.functional import border_cutoff, spline_axis_weights
 
 __all__ = ["DeviceAugment", "border_weight_map_torch", "bspline_matrix", "dense_field", "random_displacements",
-           "warp"]
+           "seeded_normal", "two_nearest_distances_torch", "warp"]
+
+
+#: pass 1 of :func:`two_nearest_distances_torch` packs d² · 2³¹ + id (ids < 2³¹) into a float64, exact below 2⁵³
+_SHIFT = 2.0**31
 
 
 def bspline_matrix(points: int, extent: int, offset: int, length: int) -> np.ndarray:
@@ -129,68 +139,176 @@ def warp(
 
 
 def _class_balance_torch(label: torch.Tensor) -> torch.Tensor:
-    """:func:`medseg.transforms.functional.class_balance_weights` for a batch ``(B, H, W)``, per sample."""
+    """:func:`medseg.transforms.functional.class_balance_weights` for a batch ``(B, H, W)``, per sample.
+
+    Batched with no host read: the count of a pixel's class is read off the sorted labels
+    (``searchsorted`` right − left) and the number of classes present is the number of steps in them.
+    """
     b = label.shape[0]
     flat = label.reshape(b, -1).long()
-    k = int(flat.max().item()) + 1 if flat.numel() else 1
-    counts = torch.zeros((b, k), dtype=torch.float64, device=label.device)
-    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
-    present = counts > 0
-    per_class = torch.where(present, flat.shape[1] / (present.sum(1, keepdim=True) * counts.clamp_min(1)),
-                            torch.zeros_like(counts))
-    return per_class.gather(1, flat).view_as(label).float()
+    n = flat.shape[1]
+    if n == 0:
+        return torch.ones(label.shape, device=label.device)
+    ordered = flat.sort(1).values
+    counts = (torch.searchsorted(ordered, flat, right=True) - torch.searchsorted(ordered, flat)).double()
+    present = 1.0 + (ordered[:, 1:] != ordered[:, :-1]).sum(1, keepdim=True).double()
+    return (n / (present * counts)).float().view_as(label)
+
+
+def _row_two_nearest(inst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per pixel, along its row: the distance to the nearest instance pixel and its id, and the distance to
+    the nearest pixel of another instance and its id (``inf`` / 0 where there is none). Exact, O(1) kernels.
+
+    To the left of ``x``: the last instance pixel ≤ x is a running maximum of positions; the nearest
+    pixel of another id is the instance pixel just before the run of equal ids that pixel belongs to —
+    a running maximum too, since "the last instance pixel before p" never decreases with ``p``. Each
+    position travels with its id (``position · 2³¹ + id`` in a float64, exact), so nothing is gathered.
+    The right side is the same on the flipped row; the two sides give both distances exactly.
+    """
+    left = _left_two_nearest(inst)
+    right = [t.flip(-1) for t in _left_two_nearest(inst.flip(-1))]
+    (gl1, a, gl2, b), (gr1, c, gr2, d) = left, right
+    from_left = gl1 <= gr1
+    g1 = torch.minimum(gl1, gr1)
+    i1 = torch.where(from_left, a, c)
+    # nearest of another id than i1: on i1's side the second candidate, on the other side the first
+    # candidate unless it has i1's id (then that side's second)
+    differ = a != c
+    ga, ia = torch.where(from_left, gl2, gr2), torch.where(from_left, b, d)
+    gb = torch.where(from_left, torch.where(differ, gr1, gr2), torch.where(differ, gl1, gl2))
+    ib = torch.where(from_left, torch.where(differ, c, d), torch.where(differ, a, b))
+    take_a = ga <= gb
+    return g1, i1, torch.where(take_a, ga, gb), torch.where(take_a, ia, ib)
+
+
+def _left_two_nearest(inst: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`_row_two_nearest` looking left only: ``[g1, id1, g2, id2]`` (float64 ids)."""
+    w = inst.shape[-1]
+    ids = inst.double()
+    x = torch.arange(w, device=inst.device, dtype=torch.float64)
+    is_obj = ids > 0
+    last = torch.where(is_obj, x * _SHIFT + ids, -1.0).cummax(-1).values  # last instance pixel ≤ x, packed
+    before = F.pad(last[..., :-1], (1, 0), value=-1.0)  # last instance pixel < x
+    id_before = before - torch.floor(before * (1.0 / _SHIFT)) * _SHIFT
+    second = torch.where(is_obj & (id_before != ids), before, -1.0).cummax(-1).values
+    out = []
+    for packed in (last, second):
+        pos = torch.floor(packed * (1.0 / _SHIFT))
+        found = packed >= 0
+        out += [torch.where(found, x - pos, float("inf")), torch.where(found, packed - pos * _SHIFT, 0.0)]
+    return out
+
+
+def two_nearest_distances_torch(instance: torch.Tensor, max_distance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched :func:`medseg.transforms.functional.two_nearest_distances` (``(B, H, W)``), a fixed number of kernels.
+
+    Separable exact distances: along rows the two nearest distinct instances
+    (:func:`_row_two_nearest`), then along columns ``d1² = min_y' (y − y')² + g1(y')²`` and, with
+    ``I`` the nearest instance, ``d2² = min_y' (y − y')² + (g1(y') if id1(y') ≠ I else g2(y'))`` — exact,
+    since the nearest pixel of another instance than ``I`` in row ``y'`` is the row's nearest when that
+    is not ``I``, else its second. Only ``d1 + d2 ≤ max_distance`` matters to the caller, so the first
+    column pass looks ``max_distance / 2`` rows up and down, the second ``max_distance``: one
+    elementwise sweep per row offset, whatever the batch or the objects (all sums are integers, exact).
+
+    Returns:
+        float32 ``d1``, ``d2`` (``inf`` = none within the window). Where the true ``d1 + d2 ≤ max_distance``
+        both are exact; elsewhere ``d1 + d2 > max_distance`` too (each is the distance to a pixel of
+        another instance, so ``d1 + d2 ≥ 2·d1_true``, and with ``d1_true`` within the first window
+        both are at least the true ones) — so the border term is exact wherever it is not negligible.
+    """
+    g1, i1, g2, _ = _row_two_nearest(instance)
+    b, h, w = instance.shape
+    dev = instance.device
+    m = int(min(math.ceil(max_distance), math.ceil(math.hypot(h, w))))  # no distance in the crop is longer
+    r, r1 = min(m, h - 1), min(int(math.ceil(m / 2)), h - 1)  # the two passes' row windows
+    far = float((m + 1) ** 2)  # a squared distance ≥ far: beyond max_distance, "none"
+    sq1, sq2 = (g.clamp_max(m + 1).square().float().transpose(1, 2).contiguous() for g in (g1, g2))  # (B, W, H)
+    ids = i1.transpose(1, 2).to(torch.int32).contiguous()
+    # pass 1: d1² and the nearest instance's id at once, as the minimum of d² · 2³¹ + id (float64: exact)
+    packed = F.pad(sq1.double() * _SHIFT + ids.double(), (r1, r1), value=far * _SHIFT)
+    best = torch.full((b, w, h), far * _SHIFT, dtype=torch.float64, device=dev)
+    tmp = torch.empty_like(best)
+    for k in range(2 * r1 + 1):
+        torch.add(packed[..., k:k + h], float((k - r1) ** 2) * _SHIFT, out=tmp)
+        torch.minimum(best, tmp, out=best)
+    d1sq = torch.floor(best * (1.0 / _SHIFT))
+    near = (best - d1sq * _SHIFT).to(torch.int32)
+    # pass 2: per row, the nearest pixel of another instance than ``near``
+    c1 = F.pad(sq1, (r, r), value=far)
+    diff = F.pad(sq2 - sq1, (r, r), value=0.0)
+    pid = F.pad(ids, (r, r), value=0)
+    best2 = torch.full((b, w, h), far, device=dev)
+    same = torch.empty_like(best2)
+    alt = torch.empty_like(best2)
+    for k in range(2 * r + 1):
+        torch.eq(pid[..., k:k + h], near, out=same)
+        torch.addcmul(c1[..., k:k + h], same, diff[..., k:k + h], out=alt)
+        alt.add_(float((k - r) ** 2))
+        torch.minimum(best2, alt, out=best2)
+    inf = float("inf")
+    d1 = torch.where(d1sq >= far, inf, d1sq.float().sqrt())
+    d2 = torch.where(best2 >= far, inf, best2.sqrt())
+    return d1.transpose(1, 2), d2.transpose(1, 2)
 
 
 def border_weight_map_torch(instance: torch.Tensor, label: torch.Tensor, w0: float = 10.0, sigma: float = 5.0,
-                            class_balance: bool = True, chunk: int = 4096) -> torch.Tensor:
-    """The U-Net border weight map of a batch, on the batch's device (exact distances, no CPU round trip).
+                            class_balance: bool = True) -> torch.Tensor:
+    """The U-Net border weight map of a batch on the batch's device: a fixed number of kernels, no host read.
 
     Same definition as :func:`medseg.transforms.functional.border_weight_map` (``w_c`` plus
     ``w0·exp(−(d1 + d2)² / 2σ²)`` on background pixels, ``d1``/``d2`` the Euclidean distances to the
-    nearest and second-nearest instance). torch has no distance transform, so the distances are
-    computed exactly from the instances' boundary pixels: the pixel of an object nearest to an
-    outside point always has a 4-neighbour outside that object, so the minimum over boundary pixels
-    (one ``scatter_reduce`` per chunk of background pixels) is the minimum over the object. Agrees
-    with the CPU map within :data:`~medseg.transforms.functional.BORDER_TOLERANCE` (the CPU drops
-    terms below it).
+    nearest and second-nearest instance), computed on the (warped) batch itself by a batched exact
+    distance transform (:func:`two_nearest_distances_torch`, window = the cutoff beyond which a term
+    is below :data:`~medseg.transforms.functional.BORDER_TOLERANCE`); agrees with the CPU map within
+    2 × that tolerance (the CPU drops terms below it). ``w_c`` is counted per sample from the sorted labels.
 
     Args:
         instance: ``(B, H, W)`` integer instance maps, 0 = background.
         label: ``(B, H, W)`` integer class maps.
         w0, sigma, class_balance: as in the CPU function.
-        chunk: background pixels per distance block (memory: ``chunk × boundary pixels`` floats).
 
     Returns:
         float32 ``(B, H, W)`` on the inputs' device.
     """
     w = _class_balance_torch(label) if class_balance else torch.ones(label.shape, device=label.device)
     cutoff = border_cutoff(w0, sigma)
-    if cutoff == 0.0:
+    if cutoff == 0.0 or instance.numel() == 0:
         return w
-    inst = instance.long()
-    pad = F.pad(inst[:, None].float(), (1, 1, 1, 1), mode="replicate")[:, 0].long()
-    edge = ((pad[:, :-2, 1:-1] != inst) | (pad[:, 2:, 1:-1] != inst)
-            | (pad[:, 1:-1, :-2] != inst) | (pad[:, 1:-1, 2:] != inst)) & (inst > 0)
-    background = (inst == 0) & (label == 0)
-    for b in range(inst.shape[0]):
-        ids, qid = torch.unique(inst[b][edge[b]], return_inverse=True)
-        if len(ids) < 2:  # no second border
-            continue
-        q = edge[b].nonzero().to(torch.float32)  # (Q, 2), in the same row-major order as inst[b][edge[b]]
-        p = background[b].nonzero()
-        if not len(p):
-            continue
-        pf = p.to(torch.float32)
-        term = torch.empty(len(p), device=w.device)
-        for s in range(0, len(p), chunk):
-            d = torch.cdist(pf[s:s + chunk], q)  # (P, Q) Euclidean distances
-            per_obj = torch.full((d.shape[0], len(ids)), float("inf"), device=d.device)
-            per_obj.scatter_reduce_(1, qid.expand(d.shape[0], -1), d, reduce="amin", include_self=True)
-            two = per_obj.topk(2, dim=1, largest=False).values
-            ssum = two.sum(1)
-            term[s:s + chunk] = w0 * torch.exp(-(ssum * ssum) / (2.0 * sigma * sigma))
-        w[b][p[:, 0], p[:, 1]] += term
-    return w
+    d1, d2 = two_nearest_distances_torch(instance, cutoff)
+    s = d1 + d2
+    term = w0 * torch.exp(-(s * s) / (2.0 * sigma * sigma))
+    return w + torch.where((instance == 0) & (label == 0), term, 0.0)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (``x ^= x >> 16; x *= 0x45d9f3b`` twice) on int64 tensors holding 32-bit values
+    (the products stay below 2⁶³: no overflow)."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def seeded_normal(seeds: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Standard normal noise ``(B, *shape)``, sample ``i``'s drawn from ``seeds[i]`` alone, in a fixed number of kernels.
+
+    A counter-based generator: each element's two uniforms are a hash of (the sample's seed, the
+    element's index), turned normal by Box–Muller — no generator per sample, no host read, and a
+    sample's noise does not depend on the batch it is in (resume replays it).
+
+    Args:
+        seeds: ``(B,)`` or ``(B, 1)`` non-negative integer seeds (< 2³¹), on the target device.
+        shape: the per-sample shape.
+    """
+    n = int(np.prod(shape))
+    key = _hash32(seeds.reshape(-1, 1).long() & _M32)
+    idx = torch.arange(2 * n, device=seeds.device, dtype=torch.int64).view(1, 2, n)
+    bits = _hash32(_hash32(idx) ^ key.view(-1, 1, 1)) >> 8  # 24 bits
+    u = (bits.float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
+    z = torch.sqrt(-2.0 * torch.log(u[:, 0])) * torch.cos((2.0 * math.pi) * u[:, 1])
+    return z.view(-1, *shape)
 
 
 class DeviceAugment:
@@ -199,11 +317,13 @@ class DeviceAugment:
     The CPU workers cut each crop grown by :attr:`margin` pixels and draw every random number
     (:class:`~medseg.transforms.dictionary.RandElasticCropd` with ``defer_margin`` and
     :class:`~medseg.transforms.dictionary.DrawDeviceAugmentd`, seeded per sample as always, so a
-    resumed run replays the same augmentation); this applies them to the whole batch at once:
-    elastic warp (the field ``W_y · D · W_xᵀ`` as one ``einsum``, ``grid_sample``), flips, intensity
-    scale / shift, Gaussian noise, clipping to [0, 1], then the U-Net border weight map, also on the
-    device (:func:`border_weight_map_torch`: exact distances from the objects' boundary pixels) — no
-    CPU round trip, which computed the batch's maps one after another in the training process.
+    resumed run replays the same augmentation); this applies them to the whole batch at once, as a
+    fixed number of kernels whatever the batch size, with no host read-back: the field
+    ``W_y · D · W_xᵀ`` (one ``einsum``), the flips folded into the sampling grid, one ``grid_sample``
+    for the image (bilinear) and one for the id maps stacked (nearest), intensity scale / shift,
+    Gaussian noise from each sample's seed (:func:`seeded_normal`), clipping to [0, 1], then the U-Net
+    border weight map of the warped maps (:func:`border_weight_map_torch`, a batched exact distance
+    transform).
 
     Args:
         cfg: the ``transforms`` config section.
@@ -221,27 +341,33 @@ class DeviceAugment:
         out = dict(batch)
         wy, wx, disp = out.pop("elastic_wy"), out.pop("elastic_wx"), out.pop("elastic_disp")
         field = torch.einsum("byk,bckl,bxl->bcyx", wy.float(), disp.float(), wx.float())
-        b = field.shape[0]
-        off = [[self.margin, self.margin]] * b
-        out["image"] = warp(out["image"].float(), field, "bilinear", off)
-        for key in ("label", "instance", "truth"):
-            if key in out:
-                out[key] = warp(out[key].float(), field, "nearest", off).round().to(out[key].dtype)
-        aug = out.pop("device_aug").float()  # (B, 4): flip y, flip x, intensity scale, shift
+        b, _, h, w = field.shape
+        image = out["image"].float()
+        hin, win = image.shape[-2:]
+        dev = image.device
+        aug = out.pop("device_aug").to(dev, torch.float32)  # (B, 4): flip y, flip x, intensity scale, shift
         noise_seed = out.pop("device_noise_seed", None)
-        for axis, col in ((-2, 0), (-1, 1)):
-            flip = aug[:, col].view(b, 1, 1, 1) > 0.5
-            for key in ("image", "label", "instance", "truth"):
-                if key in out:
-                    out[key] = torch.where(flip, out[key].flip(axis), out[key])
-        image = out["image"] * (1.0 + aug[:, 2].view(b, 1, 1, 1)) + aug[:, 3].view(b, 1, 1, 1)
+        # the sampling grid (align_corners=True: -1 and 1 are the centres of the first and last pixels)
+        py = field[:, 0] + (torch.arange(h, device=dev, dtype=field.dtype).view(1, h, 1) + self.margin)
+        px = field[:, 1] + (torch.arange(w, device=dev, dtype=field.dtype).view(1, 1, w) + self.margin)
+        grid = torch.stack([px * (2.0 / max(win - 1, 1)) - 1, py * (2.0 / max(hin - 1, 1)) - 1], -1)
+        # a flipped output samples the flipped grid: the flips cost two selects on the grid, not on every map
+        grid = torch.where(aug[:, 0].view(b, 1, 1, 1) > 0.5, grid.flip(1), grid)
+        grid = torch.where(aug[:, 1].view(b, 1, 1, 1) > 0.5, grid.flip(2), grid)
+        image = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+        keys = [k for k in ("label", "instance", "truth") if k in out]
+        if keys:  # one nearest sampling for every id map (float32 holds ids < 2²⁴ exactly)
+            ids = torch.cat([out[k].float() for k in keys], 1)
+            ids = F.grid_sample(ids, grid, mode="nearest", padding_mode="reflection", align_corners=True).round()
+            start = 0
+            for k in keys:
+                c = out[k].shape[1]
+                out[k] = ids[:, start:start + c].to(out[k].dtype)
+                start += c
+        image = torch.addcmul(aug[:, 3].view(b, 1, 1, 1), image, 1.0 + aug[:, 2].view(b, 1, 1, 1))
         if self.cfg.noise_std > 0 and noise_seed is not None:
-            noise = torch.stack([
-                torch.randn(image.shape[1:], generator=torch.Generator(device=image.device).manual_seed(int(s)),
-                            device=image.device) for s in noise_seed.view(-1).tolist()])
-            image = image + self.cfg.noise_std * noise
+            image = image + self.cfg.noise_std * seeded_normal(noise_seed.to(dev), image.shape[1:])
         out["image"] = image.clamp(0.0, 1.0)
-        # the border weight map after the warp, on the device
         out["weight"] = border_weight_map_torch(out["instance"][:, 0], out["label"][:, 0], **self.weight_args)[:, None]
         return out
 

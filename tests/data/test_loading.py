@@ -36,7 +36,7 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
     The patch is on the classes, so forked DataLoader workers inherit it; each line is one
     ``O_APPEND`` write, so lines from several processes never interleave.
     """
-    read, read_truth = ImageSource.read, DeepLesionDataset._read_truth
+    read, read_truth = ImageSource.read, DeepLesionDataset.read_truth
 
     def note(what: str) -> None:
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -49,12 +49,12 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
         note(f"Images_png/{series}/{n:03d}.png")
         return read(self, series, n)
 
-    def counted_truth(self, series, n, shape):  # type: ignore[no-untyped-def]
+    def counted_truth(self, series, n, shape, empty_if_absent=False):  # type: ignore[no-untyped-def]
         note(f"Masks_png/{series}/{n:03d}.png")
-        return read_truth(self, series, n, shape)
+        return read_truth(self, series, n, shape, empty_if_absent)
 
     monkeypatch.setattr(ImageSource, "read", counted_read)
-    monkeypatch.setattr(DeepLesionDataset, "_read_truth", counted_truth)
+    monkeypatch.setattr(DeepLesionDataset, "read_truth", counted_truth)
 
 
 def _reads(log: Path) -> list[tuple[int, str]]:

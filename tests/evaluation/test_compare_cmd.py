@@ -58,10 +58,10 @@ def test_paired_lesion_test_pairs_by_lesion_and_needs_the_same_split() -> None:
     assert res is None and "no column" in why
 
 
-def _lesion_csv(uri: str, run_id: str, split: str, tmp: Path) -> list[dict[str, str]]:
+def _lesion_csv(uri: str, run_id: str, split: str, tmp: Path, table: str = "lesions") -> list[dict[str, str]]:
     from mlflow.tracking import MlflowClient
 
-    local = MlflowClient(tracking_uri=uri).download_artifacts(run_id, f"evaluation/lesions_{split}.csv", str(tmp))
+    local = MlflowClient(tracking_uri=uri).download_artifacts(run_id, f"evaluation/{table}_{split}.csv", str(tmp))
     with open(local, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -94,8 +94,11 @@ def test_compare_two_tiny_runs_prints_table_and_verdict(tiny_runs: dict[str, Any
 
     # the verdicts, with each run's mean recomputed from its lesion table
     tables = [_lesion_csv(uri, r, "all", tmp_path / r) for r in (a, b)]
-    for metric in ("roi_dice", "dice"):
+    volume_tables = [_lesion_csv(uri, r, "all", tmp_path / r / "vol", "volume_lesions") for r in (a, b)]
+    for metric in ("roi_dice", "dice", "dice_3d"):  # dice_3d: the volume protocol's table (demo data has full masks)
         line = next(x for x in printed.splitlines() if x.startswith(f"- **{metric}**:"))
+        if metric == "dice_3d":
+            tables = volume_tables
         assert re.search(r"(no difference larger than noise|is better — the difference is larger than noise)", line)
         means = [np.mean([float(r[metric]) for r in t]) for t in tables]
         assert f"{means[0]:.3f} vs" in line and f"{means[1]:.3f}, difference" in line
@@ -133,7 +136,7 @@ def test_compare_a_run_with_itself_and_a_whole_experiment(tiny_runs: dict[str, A
     assert [r.split("(")[1][:8] for r in rows] == [a[:8], b[:8]]
     assert "Paired test over lesions" in printed
     verdicts = [x for x in printed.splitlines() if x.startswith("- **")]
-    assert [v.split("**")[1] for v in verdicts] == ["roi_dice", "dice"]
+    assert [v.split("**")[1] for v in verdicts] == ["roi_dice", "dice", "dice_3d"]
     assert main(["compare", a, b, "--tracking-uri", uri, "--split", "all", "--out", str(tmp_path / "ab")]) == 0
     assert verdicts == [x for x in capsys.readouterr().out.splitlines() if x.startswith("- **")]
 

@@ -93,7 +93,9 @@ def test_saved_predictions_lie_on_the_source_slice(
 ) -> None:
     import medseg.evaluation.evaluate
 
-    cfg = load_config(QUICK, tiny_overrides(demo_root, tmp_path, **{"data.spacing_mm": spacing_mm}))
+    # the oracle knows the key slices only: the key-slice protocol
+    cfg = load_config(QUICK, tiny_overrides(demo_root, tmp_path, **{"data.spacing_mm": spacing_mm,
+                                                                    "evaluation.protocol": "key"}))
     data = build_dataset(cfg.data, "all")
     oracle = _Oracle(TransformedDataset(data, build_transforms(cfg.transforms, train=False), cfg.train.seed))
     monkeypatch.setattr(medseg.evaluation.evaluate, "load_model", lambda ref, device: (oracle, {"source": str(ref)}))

@@ -164,10 +164,13 @@ def test_seg_equals_the_mask_frame_by_frame_and_references_the_sources(hospital:
     for b in hospital["built"].values():
         seg_path = dirs[b.series_uid] / "seg.dcm"
         raw = pydicom.dcmread(seg_path)
-        assert raw.SegmentationType == "BINARY" and int(raw.NumberOfFrames) == len(b.truth)  # empty frames kept
+        # one segment per lesion (lesions.csv's lesion_id), only the frames that hold it
+        n_lesions = len((dirs[b.series_uid] / "lesions.csv").read_text().splitlines()) - 1
+        assert raw.SegmentationType == "BINARY" and len(raw.SegmentSequence) == max(n_lesions, 1)
         mask = np.transpose(np.asanyarray(nib.load(str(dirs[b.series_uid] / "mask.nii.gz")).dataobj), (2, 1, 0))
-        pix = raw.pixel_array.reshape(len(b.truth), *b.truth.shape[1:])
-        order = []
+        pix = raw.pixel_array.reshape(int(raw.NumberOfFrames), *b.truth.shape[1:])
+        covered = np.zeros(b.truth.shape, np.int32)
+        order: dict[int, list[int]] = {}
         for f, item in enumerate(raw.PerFrameFunctionalGroupsSequence):
             src = item.DerivationImageSequence[0].SourceImageSequence[0]
             if b.multiframe:
@@ -175,16 +178,21 @@ def test_seg_equals_the_mask_frame_by_frame_and_references_the_sources(hospital:
                 k = _slice_of_frame(b, int(src.ReferencedFrameNumber) - 1)
             else:
                 k = b.sop_uids.index(src.ReferencedSOPInstanceUID)
-            order.append(k)
-            np.testing.assert_array_equal(pix[f], mask[k])
-            np.testing.assert_array_equal(pix[f] > 0, b.truth[k])
+            ident = item.get("SegmentIdentificationSequence") or raw.SharedFunctionalGroupsSequence[0].SegmentIdentificationSequence
+            order.setdefault(int(ident[0].ReferencedSegmentNumber), []).append(k)
+            assert pix[f].any() and not (pix[f] > 0)[mask[k] == 0].any()
+            covered[k] += pix[f] > 0
             pos = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
             assert np.abs(np.array(pos) - b.positions[k]).max() < 1e-3, (b.name, f)
-        # one frame per source slice, ordered along the slice normal (highdicom sorts them)
-        assert order in (list(range(len(b.truth))), list(range(len(b.truth)))[::-1]), (b.name, order)
+        np.testing.assert_array_equal(covered > 0, b.truth)
+        assert covered.max() <= 1  # lesions do not overlap
+        # each lesion's frames ordered along the slice normal (highdicom sorts them)
+        for ks in order.values():
+            assert ks in (sorted(ks), sorted(ks)[::-1]), (b.name, ks)
         seg = hd.seg.segread(seg_path)
         if not b.multiframe:
-            back = seg.get_pixels_by_source_instance(b.sop_uids, combine_segments=True)
+            back = seg.get_pixels_by_source_instance(b.sop_uids, combine_segments=True,
+                                                     assert_missing_frames_are_empty=True)
             np.testing.assert_array_equal(back > 0, b.truth)
         assert str(raw.PatientName) == str(pydicom.dcmread(b.files[0], stop_before_pixels=True).PatientName)
 

@@ -117,7 +117,7 @@ def test_a_round_accepts_masks_on_the_true_lesions_and_they_join_training(demo_r
     for i, s in enumerate(ds.samples):
         boxes = [les["bbox"] for les in ds[i]["meta"]["lesions"]]
         for n in range(s.rows[0].slice_range[0], s.rows[0].slice_range[1] + 1):
-            smp = ds.slice_sample(s.series, n, s.rows[0])
+            smp = ds.unlabelled_slice(s.series, n, s.rows[0])
             truth = _truth(demo_root, s.series, n, smp["image"].shape[-2:])
             for box in boxes:
                 (y0, y1), (x0, x1) = lesion_window(box, CFG.box_margin, crop, truth.shape)

@@ -155,8 +155,9 @@ class _NanAfter(torch.nn.Module):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loss_scaling: bool
 ) -> None:
-    """Without loss scaling the loss is checked before the backward pass; with it (AMP on CUDA, here a
-    CPU GradScaler) it is read after the step, which the scaler skips: either way no weight changes."""
+    """The losses are read back at the log points and before every checkpoint (here every step: one step
+    an epoch); a non-finite one stops training and rolls the trainer back to the last good checkpoint,
+    with or without loss scaling (AMP on CUDA, here a CPU GradScaler): no weight of the bad step stays."""
     monkeypatch.setitem(LOSSES._entries, "test_nan_after_2", _NanAfter)  # registered for this test only
     ov = tiny_overrides(demo_root, tmp_path, **{"loss.name": "test_nan_after_2", "loss.params": {},
                                                  "train.max_steps": 5, "train.epochs": 5,

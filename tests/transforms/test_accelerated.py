@@ -182,7 +182,7 @@ def test_device_weight_map_equals_the_cpu_map(w0: float, class_balance: bool) ->
     samples += [(one, (one > 0).astype(np.int64)), (np.zeros((96, 80), np.int32), np.zeros((96, 80), np.int64))]
     inst = torch.as_tensor(np.stack([s[0] for s in samples]))
     label = torch.as_tensor(np.stack([s[1] for s in samples]))
-    got = border_weight_map_torch(inst, label, w0, 5.0, class_balance, chunk=1000).numpy()
+    got = border_weight_map_torch(inst, label, w0, 5.0, class_balance).numpy()
     assert got.dtype == np.float32 and got.shape == inst.shape
     for i, (m, lab) in enumerate(samples):
         ref = border_weight_map(m, lab, w0, 5.0, class_balance)

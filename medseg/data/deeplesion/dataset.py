@@ -163,9 +163,15 @@ class DeepLesionDataset(Dataset):
         keys = [(s.series, s.key) for s in self.samples]
         return fingerprint_files([str(self.csv_path), *self.images.files(keys)], extra=extra)
 
-    def _read_truth(self, series: str, n: int, shape: tuple[int, int]) -> np.ndarray | None:
-        """The true instance map ``(1, H, W)`` int32 from ``Masks_png``, or None when absent."""
+    def read_truth(self, series: str, n: int, shape: tuple[int, int], empty_if_absent: bool = False) -> np.ndarray | None:
+        """The true instance map ``(1, H, W)`` int32 of slice ``n`` from ``Masks_png``, or None when absent.
+
+        ``empty_if_absent``: a missing file is an empty map (generated releases write masks only on the
+        slices a lesion shows on); an unreadable one is still None.
+        """
         path = self.masks_dir / series / f"{n:03d}.png"
+        if empty_if_absent and not path.exists():
+            return np.zeros((1, *shape), np.int32)
         m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if m is None:
             if path.is_file():
@@ -208,32 +214,58 @@ class DeepLesionDataset(Dataset):
         windows, _ = window_set(self.cfg, rec.window)
         return apply_windows(hu, windows), key_hu, positions, windows
 
+    def block(self, idx: int) -> tuple[int, int]:
+        """The ``(first, last)`` slice numbers of sample ``idx``'s block (its ``Slice_range``, holding the key)."""
+        s = self.samples[idx]
+        first, last = s.rows[0].slice_range
+        return min(first, s.key), max(last, s.key)
+
     def __getitem__(self, idx: int) -> dict[str, Any] | None:
         if idx >= len(self.samples):
-            return self.slice_sample(*self.negatives[idx - len(self.samples)])
+            return self.unlabelled_slice(*self.negatives[idx - len(self.samples)])
+        return self.slice_sample(idx, self.samples[idx].key)
+
+    def slice_sample(self, idx: int, n: int) -> dict[str, Any] | None:
+        """The 2.5-D sample of slice ``n`` of sample ``idx``'s block, built exactly as the key slice's.
+
+        Same context rule (clamped to the block), window rule and resampling as ``self[idx]``, which
+        is ``slice_sample(idx, key)``. Off the key slice there are no RECIST marks: ``label`` /
+        ``instance`` come from the true mask (empty without ``Masks_png``), ``meta["key"]`` is False and
+        ``meta["lesions"]`` is empty. None when slice ``n`` cannot be read.
+        """
         s = self.samples[idx]
         rec = s.rows[0]
-        built = self.context(s.series, s.key, rec)
+        first, last = self.block(idx)
+        if not first <= n <= last:
+            raise DataError(f"{s.series}: slice {n} is outside the block {first}-{last} of key slice {s.key}")
+        built = self.context(s.series, n, rec)
         if built is None:
             return None
         image, key_hu, positions, windows = built
         window = list(windows[0])
 
         shape = (int(key_hu.shape[0]), int(key_hu.shape[1]))
-        lesions = [{"coords": r.coords, "bbox": r.bbox} for r in s.rows]
-        gc_image = apply_window(key_hu, *rec.window) if self.cfg.recist_mask == "grabcut" else None
-        label, instance = recist_to_masks(lesions, shape, self.cfg.recist_mask, gc_image)
+        truth = self.read_truth(s.series, n, shape, empty_if_absent=n != s.key) if self.has_masks else None
+        if n == s.key:
+            lesions = [{"coords": r.coords, "bbox": r.bbox} for r in s.rows]
+            gc_image = apply_window(key_hu, *rec.window) if self.cfg.recist_mask == "grabcut" else None
+            label, instance = recist_to_masks(lesions, shape, self.cfg.recist_mask, gc_image)
+        else:  # no RECIST off the key slice: the true mask where there is one
+            instance = truth[0] if truth is not None else np.zeros(shape, np.int32)
+            label = (instance > 0).astype(np.int64)
 
-        source = self.images.key_source(s.series, s.key)
+        source = self.images.key_source(s.series, n)
         meta: dict[str, Any] = {
-            "id": s.file_name[:-4],
+            "id": s.file_name[:-4] if n == s.key else f"{s.series}_{n:03d}",
             "dataset": "deeplesion",
             "split": rec.split,
             "spacing": [rec.spacing[1], rec.spacing[0]],
             "slice_interval": rec.slice_interval,
             "source": source,
             "series": s.series,
-            "slice": s.key,
+            "slice": n,
+            "key": n == s.key,
+            "key_slice": s.key,
             "file_name": s.file_name,
             "window": window,
             "patient_index": rec.patient,
@@ -248,13 +280,13 @@ class DeepLesionDataset(Dataset):
             "meta": meta,
         }
         if self.has_masks:
-            sample["truth"] = self._read_truth(s.series, s.key, shape)
+            sample["truth"] = truth
         sample = resample_sample(sample, self.cfg.spacing_mm)
         scale = tuple(sample["meta"].get("resample_scale", (1.0, 1.0)))
-        sample["meta"]["lesions"] = [self._lesion_meta(r, scale) for r in s.rows]
+        sample["meta"]["lesions"] = [self._lesion_meta(r, scale) for r in s.rows] if n == s.key else []
         return sample
 
-    def slice_sample(self, series: str, n: int, rec: LesionRecord) -> dict[str, Any] | None:
+    def unlabelled_slice(self, series: str, n: int, rec: LesionRecord) -> dict[str, Any] | None:
         """Any slice ``n`` of a series as a sample without labels: empty ``label`` / ``instance``, the
         slice's true mask as ``truth`` where the release has ``Masks_png/``, ``meta["negative"]`` True;
         the context within ``rec``'s ``Slice_range``. The negatives, and the slices training
@@ -275,8 +307,7 @@ class DeepLesionDataset(Dataset):
         sample: dict[str, Any] = {"image": image, "label": empty.astype(np.int64), "instance": empty.copy(),
                                   "meta": meta}
         if self.has_masks:  # the slice's true mask (absent file: none on it)
-            truth = (self._read_truth(series, n, (int(key_hu.shape[0]), int(key_hu.shape[1])))
-                     if (self.masks_dir / series / f"{n:03d}.png").is_file() else None)
+            truth = self.read_truth(series, n, (int(key_hu.shape[0]), int(key_hu.shape[1])), empty_if_absent=True)
             sample["truth"] = truth if truth is not None else empty.copy()
         sample = resample_sample(sample, self.cfg.spacing_mm)
         sample["meta"]["lesions"] = []
