@@ -8,6 +8,11 @@ Four variants of a pipeline, trained on the same data for the same wall-clock bu
 * ``no_elastic``   — ``transforms.elastic.enabled=false``
 * ``neither``      — both off
 
+and, named with ``--variants`` (quickstart only; issue 23): ``no_propagate`` (``train.propagate.enabled=false``),
+``no_negatives`` (``data.negative_rate=0``), ``window_multi`` (wide + soft-tissue + lung windows as
+channels) and ``window_dicom`` (each lesion's annotated window, the former default) against ``full``
+(the wide fixed window, negatives and slice propagation, as shipped)
+
 each with ``--seeds`` (default 0, 1, 2: ``train.seed`` — initialisation, sample order and
 augmentation; the data and its split stay fixed). Pipelines: ``quickstart`` (generated
 DeepLesion-format CT) and ``cells`` (generated EM-like cells). For the quick start, the test
@@ -30,6 +35,7 @@ Usage::
     python benchmarks/ablation.py --pipeline quickstart --seeds 0,1,2 --out docs/ablation.md   # ≈ 2 h
     python benchmarks/ablation.py --pipeline cells --budget-min 8                               # ≈ 1.8 h
     python benchmarks/ablation.py --pipeline quickstart --table-only
+    python benchmarks/ablation.py --pipeline quickstart --variants full,no_propagate,window_multi,window_dicom
     python benchmarks/ablation.py --pipeline quickstart --budget-min 0.33 --seeds 0   # a smoke run
 """
 
@@ -57,7 +63,14 @@ VARIANTS: dict[str, list[str]] = {
     "no_border": ["transforms.weight_map.w0=0"],
     "no_elastic": ["transforms.elastic.enabled=false"],
     "neither": ["transforms.weight_map.w0=0", "transforms.elastic.enabled=false"],
+    # issue 23's arms (quickstart only; not in the default --variants): propagation, negatives, window rule
+    "no_propagate": ["train.propagate.enabled=false"],
+    "no_negatives": ["data.negative_rate=0"],
+    "window_multi": ["data.window=multi"],
+    "window_dicom": ["data.window=dicom"],
 }
+#: what a plain run trains (the U-Net paper's ablation); name the others with --variants
+DEFAULT_VARIANTS = ["full", "no_border", "no_elastic", "neither"]
 #: per pipeline: (metric key, column title, lower is better), the first is the main measure
 COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
     "quickstart": [("test/lesion_dice", "lesion Dice", False),
@@ -351,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pipeline", choices=[*PIPELINES, "both"], default="quickstart")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2", help="train.seed values, comma-separated (>= 3 to see the noise)")
     p.add_argument("--budget-min", type=float, default=None,
                    help="wall-clock minutes per arm (train.time_limit_min); default: the pipeline's own")

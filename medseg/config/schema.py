@@ -31,10 +31,16 @@ class DataConfig:
     context_slices: int = 3
     #: physical distance between neighbouring context slices, in mm (DeepLesion / DICOM / NIfTI)
     slice_offset_mm: float = 2.0
-    #: "dicom": DeepLesion rows' DICOM_windows, a DICOM series' first WindowCenter/WindowWidth (training and
-    #: predict alike; window_range where a series has none); "fixed": window_range everywhere
-    window: Literal["dicom", "fixed"] = "dicom"
+    #: the window rule (medseg/data/windowing.py): "fixed": window_range everywhere; "multi": each of
+    #: `windows` as input channels (window-major × context); "dicom": DeepLesion rows' DICOM_windows / a
+    #: DICOM series' first WindowCenter/WindowWidth — annotation information, warned about at predict
+    #: (PNG/TIFF folders: the dtype's range). The shipped DeepLesion configs set "fixed".
+    window: Literal["dicom", "fixed", "multi"] = "dicom"
     window_range: list[float] = field(default_factory=lambda: [-1024.0, 3071.0])
+    windows: list[list[float]] = field(
+        default_factory=lambda: [[-1024.0, 3071.0], [-175.0, 275.0], [-1500.0, 500.0]])
+    #: training only: added slices without a lesion, per key slice (DeepLesion; 0 = none)
+    negative_rate: float = 0.0
     #: resample in-plane to this mm/px (None keeps the native spacing)
     spacing_mm: float | None = None
     #: DeepLesion: how RECIST marks become masks ("ellipse" | "grabcut")
@@ -119,6 +125,31 @@ class LossConfig:
 
 
 @dataclass
+class PropagateConfig:
+    """Slice-propagated training (medseg/training/propagate.py, docs/training.md): after the key-slice
+    stage the model segments each lesion's neighbouring slices; consistent masks join the training set."""
+
+    enabled: bool = False
+    #: propagation rounds, at fractions start, start + (1 - start)/rounds, … of the schedule's steps
+    rounds: int = 3
+    start: float = 0.4
+    #: slices added outward per direction and round (each predicted by the current model)
+    slices_per_round: int = 1
+    #: acceptance: |new ∩ previous| / |new| at least this
+    min_overlap: float = 0.5
+    #: acceptance: area at most this × the previous slice's (1.0 = no larger)
+    max_area_ratio: float = 1.0
+    #: acceptance: inside the lesion's RECIST box grown by this fraction of its longer side
+    box_margin: float = 0.2
+    #: acceptance: at least this many pixels (smaller: the lesion ended)
+    min_area_px: int = 4
+    #: "none" or "grabcut" (OpenCV GrabCut in the grown box, seeded by the propagated mask)
+    refine: Literal["none", "grabcut"] = "none"
+    #: accepted slices drawn in the MLflow montage per round
+    montage: int = 8
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, schedule, validation and checkpointing."""
 
@@ -168,6 +199,8 @@ class TrainConfig:
     time_limit_min: float | None = None
     #: optimizer steps measured before the budget is converted into a step count
     budget_probe_steps: int = 20
+    #: slice-propagated training (PropagateConfig; on in the DeepLesion pipelines)
+    propagate: PropagateConfig = field(default_factory=PropagateConfig)
     #: wrap the model with torch.compile for the training steps (needs a C++ compiler; validation runs eager)
     compile: bool = False
 

@@ -33,7 +33,6 @@ from torch.utils.data import Dataset
 
 from medseg.data.base import (
     DataError,
-    apply_window,
     check_split,
     context_indices,
     fingerprint_files,
@@ -55,6 +54,7 @@ from medseg.data.images import (
     read_image_2d,
     read_mask_2d,
 )
+from medseg.data.windowing import WINDOW_RULES, apply_windows, check_window, window_set
 from medseg.registry import DATASETS
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ __all__ = ["WINDOWS", "FolderDataset", "NiftiDataset", "pair_files"]
 
 log = logging.getLogger("medseg.data")
 
-WINDOWS = ("dicom", "fixed")
+WINDOWS = WINDOW_RULES
 #: canonical NIfTI volumes kept in memory per dataset (per DataLoader worker)
 _VOLUME_CACHE = 2
 
@@ -121,10 +121,12 @@ def pair_files(root: str | Path, suffixes: tuple[str, ...]) -> list[tuple[str, P
     return [(s, images[s], masks[s]) for s in sorted(images)]
 
 
-def _check_window(cfg: DataConfig) -> None:
-    """Reject an unknown ``data.window``."""
-    if cfg.window not in WINDOWS:
-        raise DataError(f"data.window = {cfg.window!r}; expected one of {', '.join(WINDOWS)}")
+def _check_window(cfg: DataConfig, multi: bool = True) -> None:
+    """Reject an unknown ``data.window`` (and ``multi`` where the dataset cannot use it)."""
+    check_window(cfg)
+    if cfg.window == "multi" and not multi:
+        raise DataError("data.window = multi needs HU volumes (deeplesion, dicom, nifti); 2-D image folders "
+                        "take fixed or dicom (the dtype's range)")
 
 
 # ----------------------------------------------------------------------------- folder dataset
@@ -161,7 +163,7 @@ class FolderDataset(Dataset):
     def __init__(self, cfg: DataConfig, split: str) -> None:
         self.cfg = cfg
         self.split = check_split(split)
-        _check_window(cfg)
+        _check_window(cfg, multi=False)
         if cfg.context_slices != 1:
             raise DataError(
                 f"data.context_slices = {cfg.context_slices}, but data.name: folder holds 2-D images "
@@ -339,7 +341,7 @@ class NiftiDataset(Dataset):
         label = case.labels[k]
         inplane = [case.zooms[a] for a in range(3) if a != ax]
         sample = {
-            "image": apply_window(hu, cfg.window_range[0], cfg.window_range[1]),
+            "image": apply_windows(hu, window_set(cfg, None)[0]),
             "label": label[None].astype(np.int64),
             "instance": label_instances(label)[None],
             "meta": {

@@ -31,6 +31,7 @@ import yaml
 from medseg.config import Config, ConfigError
 from medseg.data import build_dataset
 from medseg.data.loading import TransformedDataset
+from medseg.data.windowing import model_window_rule
 from medseg.evaluation.evaluate import eval_loader, eval_target, validation_metric_names
 from medseg.evaluation.volume import predicted_volumes, resolve_protocol, score_volumes
 from medseg.inference.postprocess import postprocess
@@ -121,7 +122,11 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
                           f"{', '.join(names)} (or a volume-protocol key: {', '.join(volume_metric_names())})")
     ckpt_path = checkpoint_path(model_ref)
     device = resolve_device(cfg.train.device)
-    model, _ = load_model(ckpt_path, device)
+    model, info = load_model(ckpt_path, device)
+    cfg = copy.deepcopy(cfg)
+    cfg.data, note = model_window_rule(cfg.data, info.get("config"))  # the model's window rule, as evaluate / predict
+    if note:
+        log.warning("%s", note)
     base = build_dataset(cfg.data, SPLIT)
     metric, volumes = volume_metric(cfg, base)
     if volumes:  # the operating point chosen on every slice of each series, as predict runs

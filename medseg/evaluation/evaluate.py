@@ -31,6 +31,7 @@ from medseg.config import Config, ConfigError
 from medseg.data import build_dataset
 from medseg.data.base import to_source_grid
 from medseg.data.loading import ShardSampler, TransformedDataset, make_loader
+from medseg.data.windowing import annotation_window_warning, model_window_rule
 from medseg.evaluation.volume import evaluate_volumes, resolve_protocol
 from medseg.inference.postprocess import postprocess, resolve_operating_point
 from medseg.inference.predictor import foreground_probability, predict_logits
@@ -248,6 +249,10 @@ def evaluate(
     device = resolve_device(cfg.train.device)
     model, info = load_model(model_ref, device)
     cfg = resolve_operating_point(cfg, info.get("config"))  # the model's calibrated point unless set
+    cfg.data, note = model_window_rule(cfg.data, info.get("config"))  # the model's window rule, as predict
+    for line in (note, annotation_window_warning(cfg.data)):
+        if line:
+            log.warning("%s", line)
     base = build_dataset(cfg.data, split)
     use_key, use_volume = resolve_protocol(cfg.evaluation.protocol, base)
     dataset = TransformedDataset(base, build_transforms(cfg.transforms, train=False), cfg.train.seed)

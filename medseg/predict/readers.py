@@ -6,9 +6,10 @@ a folder may mix them. Every file that is not used is reported with its reason.
 
 Pre-processing repeats what the model's training dataset did (the model's own config):
 
-* intensity: a DICOM series by :func:`medseg.data.dicom.dicom_window`, the ``dicom`` dataset's rule
-  (``data.window: dicom`` → the series' first WindowCenter / WindowWidth pair, as DeepLesion rows
-  carry; ``fixed`` → ``data.window_range``); NIfTI input → ``data.window_range``; PNG / TIFF →
+* intensity: the model's window rule (:mod:`medseg.data.windowing`), as training applied it: a DICOM
+  series by :func:`medseg.data.dicom.dicom_windows` (``fixed`` → ``data.window_range``; ``multi`` →
+  ``data.windows`` as channels; ``dicom`` → the series' first WindowCenter / WindowWidth pair);
+  NIfTI input → ``data.window_range`` (or ``data.windows``); PNG / TIFF →
   the ``folder`` dataset's rule (dtype range, or ``window_range`` when fixed);
 * 2.5-D: ``data.context_slices`` channels ``data.slice_offset_mm`` apart, interpolated between the
   real slice positions (uneven spacing and gaps honoured) and clamped at the stack's ends;
@@ -30,17 +31,18 @@ from typing import Any
 import numpy as np
 
 from medseg.config import Config
-from medseg.data.base import DataError, apply_window, context_indices, resample_sample, stack_context
+from medseg.data.base import DataError, context_indices, resample_sample, stack_context
 from medseg.data.dicom import (
     HeaderRecord,
     SeriesGeometry,
     SeriesInfo,
-    dicom_window,
+    dicom_windows,
     find_series,
     read_series_hu,
     series_geometry,
 )
 from medseg.data.images import SUFFIXES_2D, SUFFIXES_3D, file_stem, normalise_2d, read_image_2d
+from medseg.data.windowing import apply_windows, window_set
 
 __all__ = ["Case", "Loaded", "discover", "load_case", "model_inputs", "safe_name"]
 
@@ -197,7 +199,8 @@ def model_inputs(values: np.ndarray, z_mm: np.ndarray, spacing: tuple[float, flo
         values: ``(Z, H, W)`` HU (or image values), slices ascending along the normal.
         z_mm: ``(Z,)`` slice positions along the normal (mm), ascending.
         spacing: ``(sy, sx)`` mm/px.
-        windows: ``[low, high]`` per slice (or one for all).
+        windows: the window rule's ``(low, high)`` windows (:func:`medseg.data.windowing.window_set`),
+            each applied to every slice's context stack (window-major channels).
         cfg: the model's config (``data.context_slices``, ``slice_offset_mm``, ``spacing_mm``).
 
     Returns:
@@ -211,8 +214,7 @@ def model_inputs(values: np.ndarray, z_mm: np.ndarray, spacing: tuple[float, flo
         mm = context_indices(float(z_mm[k]), d.context_slices, d.slice_offset_mm, 1.0, float(z_mm[0]), float(z_mm[-1]))
         pos = [float(p) for p in np.round(np.interp(mm, z_mm, np.arange(n)), 6)] if n > 1 else [0.0] * len(mm)
         hu = stack_context(lambda i: values[i], pos, available=range(n))
-        low, high = windows[k] if len(windows) == n else windows[0]
-        sample = {"image": apply_window(hu, low, high), "meta": {"spacing": [spacing[0], spacing[1]]}}
+        sample = {"image": apply_windows(hu, windows), "meta": {"spacing": [spacing[0], spacing[1]]}}
         sample = resample_sample(sample, d.spacing_mm)
         out.append(sample["image"])
         meta = sample["meta"]
@@ -231,13 +233,13 @@ def load_case(case: Case, cfg: Config) -> Loaded:
         geom = series_geometry(case.info)
         values = read_series_hu(geom)
         warnings = list(geom.warnings)
-        window, note = dicom_window(cfg.data, geom.windows)
+        wins, note = dicom_windows(cfg.data, geom.windows)
         if note:
             warnings.append(note)
         spacing = (float(geom.spacing[1]), float(geom.spacing[2]))
-        images, meta = model_inputs(values, geom.slice_positions, spacing, [window], cfg)
+        images, meta = model_inputs(values, geom.slice_positions, spacing, wins, cfg)
         loaded = Loaded(case, values, images, meta, spacing, geom=geom, warnings=warnings,
-                        info={"window": list(window), "modality": case.info.modality[:16],
+                        info={"window": list(wins[0]), "modality": case.info.modality[:16],
                               "orientation": case.info.orientation, "split_part": case.info.part})
     elif case.kind == "nifti":
         loaded = _load_nifti(case, cfg)
@@ -268,8 +270,9 @@ def _load_nifti(case: Case, cfg: Config) -> Loaded:
     values = np.ascontiguousarray(np.moveaxis(vol, ax, 0))
     spacing = tuple(zooms[a] for a in range(3) if a != ax)
     z_mm = np.arange(values.shape[0]) * zooms[ax]
-    window = (float(cfg.data.window_range[0]), float(cfg.data.window_range[1]))
-    images, meta = model_inputs(values, z_mm, spacing, [window], cfg)  # type: ignore[arg-type]
+    wins = window_set(cfg.data, None)[0]
+    window = wins[0]
+    images, meta = model_inputs(values, z_mm, spacing, wins, cfg)  # type: ignore[arg-type]
     return Loaded(case, values, images, meta, spacing, warnings=[],  # type: ignore[arg-type]
                   nifti={"affine": img.affine, "header": img.header, "canonical_affine": canon.affine,
                          "shape": tuple(int(s) for s in img.shape), "axis": ax},

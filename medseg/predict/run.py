@@ -41,6 +41,7 @@ from medseg import __version__
 from medseg.data.base import apply_window, to_source_grid
 from medseg.data.dicom import header_window
 from medseg.data.images import normalise_2d
+from medseg.data.windowing import annotation_window_warning
 from medseg.inference.predictor import Predictor
 from medseg.io import WriteError, atomic_dir, exclusive_lock, write_error_of
 from medseg.predict.lesions import lesion_table, slice_extents
@@ -314,6 +315,8 @@ def prepare_run(model: str | Path, root: Path, out: Path, overrides: list[str] |
     transaction) and wipe the dead run's working folder."""
     predictor = predictor or Predictor.from_ref(model, overrides=list(overrides or []), device=device)
     cfg = predictor.cfg
+    if (warn := annotation_window_warning(cfg.data)) is not None:
+        log.warning("%s", warn)
     torch.set_num_threads(predict_threads(cfg.predict.threads))
     fingerprint = model_fingerprint(predictor.model)
     if cfg.predict.compile:  # after the fingerprint: a compiled module's state_dict keys differ

@@ -54,6 +54,7 @@ from medseg.training.budget import StepBudget
 from medseg.training.losses import check_label_range, labels_checked
 from medseg.training.losslog import HOST_CHECK_RANGE, LossLog
 from medseg.training.optim import build_optimizer, lr_factor
+from medseg.training.propagate import Propagator
 from medseg.training.resume import (
     new_run_dir,
     restore_trainer,
@@ -183,6 +184,8 @@ class Trainer:
         # every rank uses rank 0's folder
         self.run_dir = Path(run_dir) if run_dir is not None else Path(broadcast_object(str(new_run_dir(cfg))))
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # train.propagate: rounds that add propagated slices to the training set (medseg.training.propagate)
+        self.propagator = Propagator(self) if t.propagate.enabled else None
 
     # -- schedule ---------------------------------------------------------------------------
 
@@ -208,8 +211,12 @@ class Trainer:
             metrics, _ = self.validate()
             self.model.train()
             self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
-        steps = self.budget.convert(self.step, time.monotonic() - tick, self.steps_per_epoch, self.cfg.train.val_every,
-                                    self._step_cap())
+        val_s = time.monotonic() - tick
+        if self.propagator is not None:  # the budget pays for the propagation rounds too
+            reserve = self.propagator.reserve_s(self)
+            self.budget.budget_s -= reserve
+            self.tracker.log_metrics({"train/propagate_reserve_s": reserve}, self.step)
+        steps = self.budget.convert(self.step, val_s, self.steps_per_epoch, self.cfg.train.val_every, self._step_cap())
         self._set_lr()  # the next step already follows the new schedule (as a resumed run would)
         self.tracker.log_metrics({"train/budget_steps": steps}, self.step)
         log.info("time budget %.1f min → %d optimizer steps in total", self.budget.budget_s / 60, steps)
@@ -221,7 +228,8 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: model, optimizer, scheduler, scaler, RNG, counters."""
-        return trainer_state(self, self.COUNTERS, budget_steps=self.budget.steps if self.budget else None)
+        return trainer_state(self, self.COUNTERS, budget_steps=self.budget.steps if self.budget else None,
+                             propagation=self.propagator.state_dict() if self.propagator else None)
 
     def save_checkpoint(self, name: str = "last.pt") -> Path:
         """Write a checkpoint atomically (temp file + rename) under ``<run_dir>/checkpoints`` (rank 0)."""
@@ -240,6 +248,8 @@ class Trainer:
         self._good_checkpoint = Path(path)
         if self.budget is not None:  # the measured step count is reused, never measured again
             self.budget.steps = ckpt.get("budget_steps")
+        if self.propagator is not None:  # the propagated slices join the training set again
+            self.propagator.load_state_dict(ckpt.get("propagation"), self)
         self._set_lr()  # the LR follows the (possibly extended) schedule from the restored step
 
     def _set_lr(self) -> None:
@@ -437,6 +447,8 @@ class Trainer:
             self.model.train()
             while not self._schedule_done():
                 losses = self._train_epoch()
+                if self.propagator is not None and self.propagator.due(self.step, self.total_steps):
+                    self.propagator.run_round(self)
                 record: dict[str, float] = {"epoch": self.epoch,
                                             "train_loss": float(np.mean(losses)) if losses else float("nan")}
                 self.tracker.log_metrics({"train/epoch_loss": record["train_loss"]}, self.step)

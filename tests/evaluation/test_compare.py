@@ -201,7 +201,8 @@ def _dice_by_hand(ref: Path, crf: bool) -> tuple[float, int]:
         image = np.asarray(s["image"], dtype=np.float32)
         probs = torch.softmax(predict_logits(model, torch.from_numpy(image)[None], cfg, torch.device("cpu")), 1)[0]
         if crf:
-            pred = crf_labels(probs.numpy(), image[image.shape[0] // 2], CRFConfig(enabled=True)) == 1
+            # every context channel as the bilateral feature, kernels in mm: what inference.crf documents
+            pred = crf_labels(probs.numpy(), image, CRFConfig(enabled=True), s["meta"]["spacing"]) == 1
         else:
             pred = probs.numpy().argmax(0) == 1
         truth = np.asarray(s["truth"][0]) > 0

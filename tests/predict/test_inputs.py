@@ -231,3 +231,25 @@ def test_a_real_unet_checkpoint_predicts_with_the_sliding_window(small: dict, tm
     assert res.failed == {} and len(res.processed) == 1
     (mask,) = list((tmp_path / "out").glob("study-*/series-*/mask.nii.gz"))
     assert nib.load(str(mask)).shape == tuple(reversed(small["series"]["b"]["truth"].shape))
+
+
+def test_multi_window_channels_and_the_annotation_window_warning(small: dict, oracle: None, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    cfg = Config()
+    case = discover(small["root"], cfg)[0][0]
+    cfg.data.window, cfg.data.window_range = "fixed", [-1024.0, 3071.0]
+    one = load_case(case, cfg).images
+    cfg.data.window, cfg.data.windows = "multi", [[-1024.0, 3071.0], [-175.0, 275.0]]
+    two = load_case(case, cfg).images
+    assert two.shape[1] == 2 * one.shape[1] == 2 * cfg.data.context_slices
+    np.testing.assert_array_equal(two[:, :3], one)  # window-major: the wide window's context stack first
+    cfg.data.window, cfg.data.window_range = "fixed", [-175.0, 275.0]
+    np.testing.assert_array_equal(two[:, 3:], load_case(case, cfg).images)  # then the soft-tissue window's
+    with caplog.at_level("WARNING", logger="medseg.predict"):
+        run_predict(_ckpt(tmp_path, "d", window="dicom"), small["root"] / "a", tmp_path / "o1",
+                    progress=False)
+    assert sum("data.window: dicom" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.predict"):
+        run_predict(_ckpt(tmp_path, "f"), small["root"] / "a", tmp_path / "o2", progress=False)
+    assert not any("data.window: dicom" in r.getMessage() for r in caplog.records)

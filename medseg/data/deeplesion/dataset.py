@@ -35,12 +35,15 @@ from medseg.data.base import (
 )
 from medseg.data.deeplesion.archive import ImageSource
 from medseg.data.deeplesion.format import LesionRecord, read_dl_info_cached
+from medseg.data.deeplesion.negatives import choose_negatives, negative_slices
 from medseg.data.deeplesion.recist import RECIST_MODES, recist_to_masks
+from medseg.data.windowing import WINDOW_RULES, apply_windows, check_window, window_set
 from medseg.registry import DATASETS
 
 __all__ = ["WINDOWS", "DeepLesionDataset"]
 
-WINDOWS = ("dicom", "fixed")
+#: the window rules (:data:`medseg.data.windowing.WINDOW_RULES`)
+WINDOWS = WINDOW_RULES
 
 
 @dataclass
@@ -89,17 +92,10 @@ class DeepLesionDataset(Dataset):
         self.cfg = cfg
         self.split = check_split(split)
         self.root = Path(cfg.root)
-        if cfg.window not in WINDOWS:
-            raise DataError(f"data.window = {cfg.window!r}; expected one of {', '.join(WINDOWS)}")
+        check_window(cfg)
         if cfg.recist_mask not in RECIST_MODES:
             raise DataError(
                 f"data.recist_mask = {cfg.recist_mask!r}; expected one of {', '.join(RECIST_MODES)}"
-            )
-        if cfg.window == "fixed" and (
-            len(cfg.window_range) != 2 or not cfg.window_range[1] > cfg.window_range[0]
-        ):
-            raise DataError(
-                f"data.window_range = {cfg.window_range}; expected [low, high] HU with high > low"
             )
         self.csv_path = self.root / "DL_info.csv"
         if not self.csv_path.is_file():
@@ -127,6 +123,13 @@ class DeepLesionDataset(Dataset):
         self.samples = [
             _Sample(fn, rows[0].series, rows[0].key_slice, tuple(rows)) for fn, rows in groups.items()
         ]
+        #: lesion-free slices added to the train split (``data.negative_rate`` per key slice)
+        self.negatives: list[tuple[str, int, LesionRecord]] = []
+        if split == "train" and cfg.negative_rate > 0 and self.samples:
+            series = {s.series for s in self.samples}
+            cands = negative_slices([r for r in records if r.series in series],
+                                    self.masks_dir if self.has_masks else None)
+            self.negatives = choose_negatives(cands, round(cfg.negative_rate * len(self.samples)), cfg.split_seed)
         if not self.samples:
             raise DataError(
                 f"{self.csv_path}: no samples for split {split!r} with data.include_noisy="
@@ -135,7 +138,7 @@ class DeepLesionDataset(Dataset):
             )
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.samples) + len(self.negatives)
 
     @property
     def num_lesions(self) -> int:
@@ -154,6 +157,7 @@ class DeepLesionDataset(Dataset):
                 str(self.cfg.include_noisy),
                 ",".join(map(str, sorted(self.cfg.lesion_types))),
                 *(s.file_name for s in self.samples),
+                *(f"neg:{se}:{n}" for se, n, _ in self.negatives),
             ]
         )
         keys = [(s.series, s.key) for s in self.samples]
@@ -180,6 +184,36 @@ class DeepLesionDataset(Dataset):
             )
         return m.astype(np.int32)[None]
 
+    def context(self, series: str, key: int, rec: LesionRecord
+                ) -> tuple[np.ndarray, np.ndarray, list[float], list[tuple[float, float]]] | None:
+        """Slice ``key`` of ``series`` as the model sees it: ``(image (C, H, W), key HU, positions,
+        windows)``, the context taken within ``rec``'s ``Slice_range`` and windowed by the window
+        rule (``rec``'s own window under ``dicom``); None when the slice cannot be read."""
+        key_hu = self.images.read(series, key)
+        if key_hu is None:
+            return None
+        first, last = rec.slice_range
+        first, last = min(first, key), max(last, key)
+        positions = context_indices(
+            key, self.cfg.context_slices, self.cfg.slice_offset_mm, rec.slice_interval, first, last
+        )
+
+        def read(i: int) -> np.ndarray | None:
+            if i == key:
+                return key_hu
+            hu = self.images.read(series, i)
+            if hu is not None and hu.shape != key_hu.shape:
+                self.images.warn(
+                    self.images.key_source(series, i),
+                    f"shape {hu.shape} differs from the key slice's {key_hu.shape}; expected a 16-bit PNG of the series' size",
+                )
+                return None
+            return hu
+
+        hu = stack_context(read, positions, available=range(first, last + 1))
+        windows, _ = window_set(self.cfg, rec.window)
+        return apply_windows(hu, windows), key_hu, positions, windows
+
     def block(self, idx: int) -> tuple[int, int]:
         """The ``(first, last)`` slice numbers of sample ``idx``'s block (its ``Slice_range``, holding the key)."""
         s = self.samples[idx]
@@ -187,43 +221,28 @@ class DeepLesionDataset(Dataset):
         return min(first, s.key), max(last, s.key)
 
     def __getitem__(self, idx: int) -> dict[str, Any] | None:
+        if idx >= len(self.samples):
+            return self.unlabelled_slice(*self.negatives[idx - len(self.samples)])
         return self.slice_sample(idx, self.samples[idx].key)
 
     def slice_sample(self, idx: int, n: int) -> dict[str, Any] | None:
         """The 2.5-D sample of slice ``n`` of sample ``idx``'s block, built exactly as the key slice's.
 
-        Same context rule (clamped to the block), window (the key slice's row's for ``dicom``) and
-        resampling as ``self[idx]``, which is ``slice_sample(idx, key)``. Off the key slice there are no
-        RECIST marks: ``label`` / ``instance`` come from the true mask (empty without ``Masks_png``),
-        ``meta["key"]`` is False and ``meta["lesions"]`` is empty. None when slice ``n`` cannot be read.
+        Same context rule (clamped to the block), window rule and resampling as ``self[idx]``, which
+        is ``slice_sample(idx, key)``. Off the key slice there are no RECIST marks: ``label`` /
+        ``instance`` come from the true mask (empty without ``Masks_png``), ``meta["key"]`` is False and
+        ``meta["lesions"]`` is empty. None when slice ``n`` cannot be read.
         """
         s = self.samples[idx]
         rec = s.rows[0]
         first, last = self.block(idx)
         if not first <= n <= last:
             raise DataError(f"{s.series}: slice {n} is outside the block {first}-{last} of key slice {s.key}")
-        key_hu = self.images.read(s.series, n)
-        if key_hu is None:
+        built = self.context(s.series, n, rec)
+        if built is None:
             return None
-        positions = context_indices(
-            n, self.cfg.context_slices, self.cfg.slice_offset_mm, rec.slice_interval, first, last
-        )
-
-        def read(i: int) -> np.ndarray | None:
-            if i == n:
-                return key_hu
-            hu = self.images.read(s.series, i)
-            if hu is not None and hu.shape != key_hu.shape:
-                self.images.warn(
-                    self.images.key_source(s.series, i),
-                    f"shape {hu.shape} differs from the key slice's {key_hu.shape}; expected a 16-bit PNG of the series' size",
-                )
-                return None
-            return hu
-
-        hu = stack_context(read, positions, available=range(first, last + 1))
-        window = list(rec.window) if self.cfg.window == "dicom" else [float(v) for v in self.cfg.window_range]
-        image = apply_window(hu, window[0], window[1])
+        image, key_hu, positions, windows = built
+        window = list(windows[0])
 
         shape = (int(key_hu.shape[0]), int(key_hu.shape[1]))
         truth = self.read_truth(s.series, n, shape, empty_if_absent=n != s.key) if self.has_masks else None
@@ -265,6 +284,33 @@ class DeepLesionDataset(Dataset):
         sample = resample_sample(sample, self.cfg.spacing_mm)
         scale = tuple(sample["meta"].get("resample_scale", (1.0, 1.0)))
         sample["meta"]["lesions"] = [self._lesion_meta(r, scale) for r in s.rows] if n == s.key else []
+        return sample
+
+    def unlabelled_slice(self, series: str, n: int, rec: LesionRecord) -> dict[str, Any] | None:
+        """Any slice ``n`` of a series as a sample without labels: empty ``label`` / ``instance``, the
+        slice's true mask as ``truth`` where the release has ``Masks_png/``, ``meta["negative"]`` True;
+        the context within ``rec``'s ``Slice_range``. The negatives, and the slices training
+        propagates masks to (which then set their labels)."""
+        built = self.context(series, n, rec)
+        if built is None:
+            return None
+        image, key_hu, positions, windows = built
+        empty = np.zeros((1, *key_hu.shape), np.int32)
+        meta: dict[str, Any] = {
+            "id": f"{series}_{n:03d}", "dataset": "deeplesion", "split": rec.split,
+            "spacing": [rec.spacing[1], rec.spacing[0]], "slice_interval": rec.slice_interval,
+            "source": self.images.key_source(series, n), "series": series, "slice": n,
+            "file_name": f"{series}_{n:03d}.png", "window": list(windows[0]), "patient_index": rec.patient,
+            "study_index": rec.study, "series_index": rec.series_id, "slice_positions": positions,
+            "negative": True,
+        }
+        sample: dict[str, Any] = {"image": image, "label": empty.astype(np.int64), "instance": empty.copy(),
+                                  "meta": meta}
+        if self.has_masks:  # the slice's true mask (absent file: none on it)
+            truth = self.read_truth(series, n, (int(key_hu.shape[0]), int(key_hu.shape[1])), empty_if_absent=True)
+            sample["truth"] = truth if truth is not None else empty.copy()
+        sample = resample_sample(sample, self.cfg.spacing_mm)
+        sample["meta"]["lesions"] = []
         return sample
 
     @staticmethod

@@ -54,6 +54,7 @@ from medseg.data.dicom.records import (
 from medseg.data.dicom.series import (
     PLUGIN_HELP,
     dicom_window,
+    dicom_windows,
     header_window,
     read_frames_hu,
     read_instance_hu,
@@ -77,6 +78,7 @@ __all__ = [
     "SkippedFile",
     "Volume",
     "dicom_window",
+    "dicom_windows",
     "find_series",
     "group_headers",
     "header_window",

@@ -24,7 +24,6 @@ from torch.utils.data import Dataset
 
 from medseg.data.base import (
     DataError,
-    apply_window,
     check_split,
     context_indices,
     fingerprint_files,
@@ -37,7 +36,8 @@ from medseg.data.base import (
 from medseg.data.dicom.discover import find_series
 from medseg.data.dicom.labels import read_nifti_labels, read_rtstruct_labels, read_seg_labels
 from medseg.data.dicom.records import SeriesGeometry, SeriesInfo, describe
-from medseg.data.dicom.series import dicom_window, read_instance_hu, series_geometry
+from medseg.data.dicom.series import dicom_windows, read_instance_hu, series_geometry
+from medseg.data.windowing import apply_windows, check_window
 from medseg.registry import DATASETS
 
 if TYPE_CHECKING:
@@ -62,8 +62,8 @@ class _Labelled:
     source: str
     label_file: Path
     labels: dict[int, np.ndarray]
-    #: ``(low, high)`` HU the series is windowed with (:func:`dicom_window`)
-    window: tuple[float, float]
+    #: ``(low, high)`` HU windows the series is windowed with (:func:`dicom_windows`; several under ``multi``)
+    window: list[tuple[float, float]]
 
 
 @DATASETS.register("dicom")
@@ -102,8 +102,7 @@ class DicomDataset(Dataset):
     def __init__(self, cfg: DataConfig, split: str) -> None:
         self.cfg = cfg
         self.split = check_split(split)
-        if cfg.window not in ("dicom", "fixed"):
-            raise DataError(f"data.window = {cfg.window!r}; expected dicom or fixed")
+        check_window(cfg)
         if cfg.context_slices < 1:
             raise DataError(f"data.context_slices must be >= 1, got {cfg.context_slices}")
         self.root = Path(cfg.root)
@@ -149,7 +148,7 @@ class DicomDataset(Dataset):
                 unreadable.append(str(e))
                 log.warning("%s skipped: %s", describe(info), e)
                 continue
-            window, note = dicom_window(cfg, geom.windows)
+            window, note = dicom_windows(cfg, geom.windows)
             if note:
                 log.warning("%s: %s", describe(info), note)
             self.items += [(len(self.series), int(k)) for k in fg]
@@ -221,7 +220,7 @@ class DicomDataset(Dataset):
         except ValueError:
             source = s.geom.files[k].name
         sample = {
-            "image": apply_window(hu, *s.window),
+            "image": apply_windows(hu, s.window),
             "label": label[None].astype(np.int64),
             "instance": label_instances(label)[None],
             "meta": {
@@ -234,7 +233,7 @@ class DicomDataset(Dataset):
                 "series": s.key,
                 "slice": k,
                 "label_source": s.source,
-                "window": list(s.window),
+                "window": list(s.window[0]),
             },
         }
         return resample_sample(sample, cfg.spacing_mm)

@@ -38,6 +38,7 @@ from medseg.data.dicom.records import (
     Volume,
     describe,
 )
+from medseg.data.windowing import window_set
 
 if TYPE_CHECKING:
     import pydicom
@@ -317,10 +318,16 @@ def dicom_window(data: DataConfig, windows: Sequence[tuple[float, float] | None]
         >>> dicom_window(DataConfig(window="dicom"), [None, (40.0, 400.0)])
         ((-160.0, 240.0), None)
     """
-    fixed = (float(data.window_range[0]), float(data.window_range[1]))
-    if data.window != "dicom":
-        return fixed, None
-    own = header_window(windows)
-    if own is None:
-        return fixed, f"no WindowCenter / WindowWidth in the series: using data.window_range {list(data.window_range)}"
-    return own, None
+    wins, note = dicom_windows(data, windows)
+    return wins[0], note
+
+
+def dicom_windows(data: DataConfig, windows: Sequence[tuple[float, float] | None]
+                  ) -> tuple[list[tuple[float, float]], str | None]:
+    """Every ``(low, high)`` window of the window rule (:func:`medseg.data.windowing.window_set`) for a
+    DICOM series: several under ``data.window: multi``, else one (see :func:`dicom_window`)."""
+    own = header_window(windows) if data.window == "dicom" else None
+    wins, note = window_set(data, own)
+    if note is not None:
+        note = f"no WindowCenter / WindowWidth in the series: using data.window_range {list(data.window_range)}"
+    return wins, note
