@@ -101,10 +101,24 @@ class Arm:
 
     @property
     def key(self) -> str:
-        """What makes two runs the same arm (hash of everything that shapes the run)."""
+        """What makes two runs the same arm (hash of everything that shapes the run): its name, seed,
+        overrides and budget, and the training recipe its pipeline resolves to today (:meth:`recipe`), so
+        a finished arm is not reused after the pipeline's files changed what that arm trains."""
         blob = json.dumps([self.pipeline, self.variant, self.seed, sorted(self.overrides), self.budget_min,
-                           sorted(self.extra)])
+                           sorted(self.extra), self.recipe()])
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def recipe(self) -> str:
+        """A hash of the resolved config sections that shape training (data, transforms, model, loss,
+        train). Calibration, evaluation, inference and metrics are left out: a finished arm is
+        recalibrated / re-evaluated for those (:func:`recalibrate`), not retrained."""
+        import dataclasses
+
+        from medseg.config import load_config
+
+        cfg = load_config(PIPELINES[self.pipeline], self.all_overrides(Path("ablation")))
+        shaped = {k: dataclasses.asdict(getattr(cfg, k)) for k in ("data", "transforms", "model", "loss", "train")}
+        return hashlib.sha1(json.dumps(shaped, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def all_overrides(self, output_dir: Path) -> list[str]:
         """The ``--set`` list of this arm's run."""

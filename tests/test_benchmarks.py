@@ -195,13 +195,25 @@ def test_touching_lesions_are_told_apart_from_isolated_ones() -> None:
     assert out["lesion_dice_isolated"] == 0.9 and out["lesion_count_isolated"] == 1.0
 
 
-def test_ablation_arms_table_and_resume_key() -> None:
+def test_ablation_arms_table_and_resume_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ablation = _bench("ablation")
     arms = ablation.arms_for("cells", ["full", "neither"], [0, 1, 2], 8.0, [])
     assert len(arms) == 6 and len({a.key for a in arms}) == 6
     again = ablation.arms_for("cells", ["full"], [0], 8.0, [])[0]
     assert again.key == arms[0].key  # the same arm is found again (resume)
     assert ablation.arms_for("cells", ["full"], [0], 4.0, [])[0].key != arms[0].key  # another budget: another arm
+    # the same name on a pipeline whose files now train something else: another arm (not the old run reused)
+    k_full = arms[0].key  # (computed now: a key resolves the pipeline's files when asked)
+    changed = tmp_path / "cells_changed.yaml"
+    changed.write_text(f"include:\n  - {ablation.PIPELINES['cells']}\ntrain:\n  lr: 0.123\n")
+    monkeypatch.setitem(ablation.PIPELINES, "cells", changed)
+    k_changed = ablation.arms_for("cells", ["full"], [0], 8.0, [])[0].key
+    assert k_changed != k_full
+    # a new calibration grid is not a new arm (the finished run is recalibrated instead)
+    regrid = tmp_path / "cells_regrid.yaml"
+    regrid.write_text(f"include:\n  - {changed}\ncalibration:\n  thresholds: [0.5]\n")
+    monkeypatch.setitem(ablation.PIPELINES, "cells", regrid)
+    assert ablation.arms_for("cells", ["full"], [0], 8.0, [])[0].key == k_changed
     # seed-major order: an interrupted ablation has every variant at the seeds it reached
     assert [(a.variant, a.seed) for a in arms[:3]] == [("full", 0), ("neither", 0), ("full", 1)]
     ov = arms[1].all_overrides(Path("out"))
