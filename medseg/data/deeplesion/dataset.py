@@ -254,25 +254,9 @@ class DeepLesionDataset(Dataset):
             instance = truth[0] if truth is not None else np.zeros(shape, np.int32)
             label = (instance > 0).astype(np.int64)
 
-        source = self.images.key_source(s.series, n)
-        meta: dict[str, Any] = {
-            "id": s.file_name[:-4] if n == s.key else f"{s.series}_{n:03d}",
-            "dataset": "deeplesion",
-            "split": rec.split,
-            "spacing": [rec.spacing[1], rec.spacing[0]],
-            "slice_interval": rec.slice_interval,
-            "source": source,
-            "series": s.series,
-            "slice": n,
-            "key": n == s.key,
-            "key_slice": s.key,
-            "file_name": s.file_name,
-            "window": window,
-            "patient_index": rec.patient,
-            "study_index": rec.study,
-            "series_index": rec.series_id,
-            "slice_positions": positions,
-        }
+        meta = self._slice_meta(s.series, n, rec, positions, window,
+                                id_=s.file_name[:-4] if n == s.key else f"{s.series}_{n:03d}", file_name=s.file_name)
+        meta.update(key=n == s.key, key_slice=s.key)
         sample: dict[str, Any] = {
             "image": image,
             "label": label[None],
@@ -296,14 +280,9 @@ class DeepLesionDataset(Dataset):
             return None
         image, key_hu, positions, windows = built
         empty = np.zeros((1, *key_hu.shape), np.int32)
-        meta: dict[str, Any] = {
-            "id": f"{series}_{n:03d}", "dataset": "deeplesion", "split": rec.split,
-            "spacing": [rec.spacing[1], rec.spacing[0]], "slice_interval": rec.slice_interval,
-            "source": self.images.key_source(series, n), "series": series, "slice": n,
-            "file_name": f"{series}_{n:03d}.png", "window": list(windows[0]), "patient_index": rec.patient,
-            "study_index": rec.study, "series_index": rec.series_id, "slice_positions": positions,
-            "negative": True,
-        }
+        meta = self._slice_meta(series, n, rec, positions, list(windows[0]),
+                                id_=f"{series}_{n:03d}", file_name=f"{series}_{n:03d}.png")
+        meta["negative"] = True
         sample: dict[str, Any] = {"image": image, "label": empty.astype(np.int64), "instance": empty.copy(),
                                   "meta": meta}
         if self.has_masks:  # the slice's true mask (absent file: none on it)
@@ -312,6 +291,17 @@ class DeepLesionDataset(Dataset):
         sample = resample_sample(sample, self.cfg.spacing_mm)
         sample["meta"]["lesions"] = []
         return sample
+
+    def _slice_meta(self, series: str, n: int, rec: LesionRecord, positions: list[float], window: list[float],
+                    id_: str, file_name: str) -> dict[str, Any]:
+        """The meta entries every slice sample carries (its series, slice, grid, window and context)."""
+        return {
+            "id": id_, "dataset": "deeplesion", "split": rec.split,
+            "spacing": [rec.spacing[1], rec.spacing[0]], "slice_interval": rec.slice_interval,
+            "source": self.images.key_source(series, n), "series": series, "slice": n,
+            "file_name": file_name, "window": window, "patient_index": rec.patient,
+            "study_index": rec.study, "series_index": rec.series_id, "slice_positions": positions,
+        }
 
     @staticmethod
     def _lesion_meta(r: LesionRecord, scale: tuple[float, float]) -> dict[str, Any]:
