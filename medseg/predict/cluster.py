@@ -10,11 +10,15 @@ stage scheduled where its resources are) with per-case results. See ``docs/clust
 Stages (each the local engine's own function, so there is one code path per operation):
 
 * index — the DICOM headers read by CPU tasks, a batch of files each
-  (:func:`medseg.data.dicom.read_header`), then the one reduce in path order
-  (:func:`medseg.data.dicom.group_headers`) on the driver: the series are those of a local run;
-* decode — :func:`medseg.predict.readers.load_case` in a CPU task per case;
+  (:func:`medseg.data.dicom.read_header`), then the one reduce in path order on the driver
+  (:func:`medseg.data.dicom.index.index_headers`: the records streamed into an SQLite file in
+  OUTPUT_DIR, ``manifest.index.sqlite``, and only a summary per series kept in memory): the series
+  are those of a local run; the file is removed at the end of the run;
+* decode — :func:`medseg.predict.readers.load_case` in a CPU task per case (its series' instance
+  headers read from the index file, on the shared storage);
 * model — a pool of :class:`ModelActor` (the model shipped once per actor; one GPU each when the
-  cluster has GPUs, else ``predict.actors`` CPU actors), :func:`medseg.predict.run.predict_case`;
+  cluster has GPUs or ``--device cuda``, else ``predict.actors`` CPU actors: :func:`actor_device`),
+  :func:`medseg.predict.run.predict_case`;
 * write — :func:`medseg.predict.run.write_case` in a CPU task into its own per-attempt folder
   ``.tmp-part0/<key>.<attempt>``; the driver renames the first finished attempt of a case into place,
   then records it. A worker (or node) that dies mid-case has its task retried by Ray (the model
@@ -40,6 +44,7 @@ import torch
 
 from medseg.inference.predictor import Predictor
 from medseg.io import WriteError, fsync_dir, write_error_of
+from medseg.predict.manifest import manifest_name
 from medseg.predict.readers import Case, Loaded, load_case
 from medseg.predict.run import (
     PredictResult,
@@ -55,7 +60,8 @@ from medseg.predict.run import (
 )
 from medseg.runtime import TrainingError
 
-__all__ = ["ModelActor", "RAY_MISSING", "check_shared_storage", "import_ray", "index_reader", "run_ray"]
+__all__ = ["ModelActor", "RAY_MISSING", "actor_device", "check_shared_storage", "import_ray", "index_name",
+           "index_reader", "run_ray"]
 
 RAY_MISSING = "--engine ray needs Ray: pip install 'medseg[cluster]' (that is, pip install 'ray[data,default]>=2.40')"
 #: retries of a case's task (or model call) whose worker died; then the case is recorded failed (a case
@@ -104,10 +110,9 @@ def decode(case: Case, cfg: Any) -> Loaded | Failed:
 class ModelActor:
     """Holds the model (deserialised once per actor) and predicts cases on the actor's device."""
 
-    def __init__(self, predictor: Predictor, threads: int | None) -> None:
-        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    def __init__(self, predictor: Predictor, threads: int | None, device: str) -> None:
         torch.set_num_threads(predict_threads(threads))
-        self.predictor = Predictor(predictor.model, predictor.cfg, dev)
+        self.predictor = Predictor(predictor.model, predictor.cfg, torch.device(device))
 
     def predict(self, loaded: Loaded | Failed) -> tuple[np.ndarray, np.ndarray, float] | Failed:
         """:func:`predict_case` of one case: ``(labels, probabilities, seconds)``."""
@@ -244,6 +249,30 @@ def index_reader(ray: Any, stats: dict[str, float]) -> Any:
     return run
 
 
+def index_name(num_parts: int, part_id: int) -> str:
+    """The header index file of a run (part) in OUTPUT_DIR: ``manifest.index.sqlite`` (``manifest-partK-of-N.index.sqlite``)."""
+    return Path(manifest_name(num_parts, part_id)).stem + ".index.sqlite"
+
+
+def actor_device(ray: Any, device: str | None) -> str:
+    """The model actors' device: ``cuda`` (one GPU each) when the cluster has GPUs, else ``cpu``; or
+    ``--device``'s (``cpu``: CPU actors even where there are GPUs).
+
+    Raises:
+        TrainingError: ``--device cuda`` on a cluster without GPUs, or a device neither cpu nor cuda.
+    """
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if device is None:
+        return "cuda" if gpus else "cpu"
+    kind = str(device).split(":")[0]
+    if kind == "cuda" and not gpus:
+        raise TrainingError(f"--device {device}: the Ray cluster has no GPU; run with --device cpu (CPU model actors) "
+                            "or without --device")
+    if kind not in ("cpu", "cuda"):
+        raise TrainingError(f"--device {device}: --engine ray runs its model actors on cpu or cuda")
+    return kind
+
+
 def run_ray(model: str | Path, root: Path, out: Path, overrides: list[str] | None, num_parts: int, part_id: int,
             device: str | None, progress: bool, address: str | None, start: float) -> PredictResult:
     """:func:`medseg.predict.run.run_predict` with ``engine="ray"`` (the caller holds the folder's lock).
@@ -252,40 +281,44 @@ def run_ray(model: str | Path, root: Path, out: Path, overrides: list[str] | Non
     """
     ray = import_ray()
     started = _connect(ray, address)
+    index = out / index_name(num_parts, part_id)
     try:
+        dev = actor_device(ray, device)  # before any work
         out.mkdir(parents=True, exist_ok=True)
         predictor = Predictor.from_ref(model, overrides=list(overrides or []), device="cpu")
-        pool, model_ref = _actor_pool(ray, predictor)  # the driver holds model_ref: a restarted actor reloads it
+        pool, model_ref = _actor_pool(ray, predictor, dev)  # the driver holds model_ref: a restarted actor reloads it
         nodes = check_shared_storage(ray, root, out)
         t0 = time.perf_counter()
         counts: dict[str, float] = {}
-        prep = prepare_run(model, root, out, overrides, num_parts, part_id, device,
-                           read_headers=index_reader(ray, counts), predictor=predictor)
+        prep = prepare_run(model, root, out, overrides, num_parts, part_id, "cpu",
+                           read_headers=index_reader(ray, counts), predictor=predictor, index=index)
         prep.result.engine = "ray"
         prep.result.stages["index"] = time.perf_counter() - t0
         cpus = int(ray.cluster_resources().get("CPU", 0))
         _stream(ray, prep, pool, out, progress)
         del model_ref
         result = finish_run(prep, start)
-        result.summary += (f"\nray: {nodes} node(s), {cpus} CPU(s), {len(pool)} model actor(s); index: "
+        result.summary += (f"\nray: {nodes} node(s), {cpus} CPU(s), {len(pool)} model actor(s) on {dev}; index: "
                            f"{int(counts.get('index_tasks', 0))} header task(s)")
         return result
     finally:
+        index.unlink(missing_ok=True)
         if started:
             ray.shutdown()
 
 
-def _actor_pool(ray: Any, predictor: Predictor) -> tuple[list[Any], Any]:
-    """One :class:`ModelActor` per GPU of the cluster, else ``predict.actors`` CPU actors (restarted by
-    Ray when their process or node dies; their calls are retried), and the model's object reference,
-    which the caller must hold for the run (a restarting actor is constructed from it again)."""
+def _actor_pool(ray: Any, predictor: Predictor, device: str) -> tuple[list[Any], Any]:
+    """One :class:`ModelActor` per GPU of the cluster (``device`` cuda), else ``predict.actors`` CPU
+    actors that ask for no GPU (restarted by Ray when their process or node dies; their calls are
+    retried), and the model's object reference, which the caller must hold for the run (a restarting
+    actor is constructed from it again)."""
     cfg = predictor.cfg
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    n_actors = gpus if gpus else max(int(cfg.predict.actors), 1)
-    actor_cls = ray.remote(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, max_restarts=-1,
+    gpu = device == "cuda"
+    n_actors = int(ray.cluster_resources().get("GPU", 0)) if gpu else max(int(cfg.predict.actors), 1)
+    actor_cls = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0, max_restarts=-1,
                            max_task_retries=TASK_RETRIES)(ModelActor)
     model_ref = ray.put(predictor)
-    return [actor_cls.remote(model_ref, cfg.predict.threads) for _ in range(n_actors)], model_ref
+    return [actor_cls.remote(model_ref, cfg.predict.threads, device) for _ in range(n_actors)], model_ref
 
 
 def _stream(ray: Any, prep: Prepared, pool: list[Any], out: Path, progress: bool) -> None:

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,9 @@ class Case:
     key: str
     study: str
     name: str
-    files: list[Path]
+    #: the input files (a DICOM case's: :attr:`SeriesInfo.distinct_files`, read from the index file when
+    #: the series was indexed into one)
+    files: Sequence[Path]
     info: SeriesInfo | None = None
     path: Path | None = None
 
@@ -126,8 +128,8 @@ def select_reason(info: SeriesInfo, cfg: Config) -> str | None:
 
 
 def discover(root: str | Path, cfg: Config, exclude: list[Path] | None = None,
-             read_headers: Callable[[list[Path]], Iterable[HeaderRecord]] | None = None
-             ) -> tuple[list[Case], list[tuple[Path, str]]]:
+             read_headers: Callable[[list[Path]], Iterable[HeaderRecord]] | None = None,
+             index: Path | None = None) -> tuple[list[Case], list[tuple[Path, str]]]:
     """The cases under INPUT and every file not used, with its reason.
 
     Args:
@@ -135,6 +137,7 @@ def discover(root: str | Path, cfg: Config, exclude: list[Path] | None = None,
         exclude: folders not to enter (OUTPUT_DIR when it lies inside INPUT).
         read_headers: how the DICOM headers are read (:func:`medseg.data.dicom.find_series`; the
             ray engine reads them in parallel tasks).
+        index: the SQLite file that holds the DICOM instance headers (:func:`find_series`), None: in memory.
 
     Returns:
         ``(cases sorted by key, [(file, reason)] in path order)``.
@@ -152,7 +155,7 @@ def discover(root: str | Path, cfg: Config, exclude: list[Path] | None = None,
         raise DataError(f"{root}: expected a folder, a NIfTI (.nii, .nii.gz) or a PNG / TIFF file")
     if not root.is_dir():
         raise DataError(f"INPUT {root} does not exist")
-    series, skipped_files = find_series(root, exclude=exclude or [], read_headers=read_headers)
+    series, skipped_files = find_series(root, exclude=exclude or [], read_headers=read_headers, index=index)
     cases: list[Case] = []
     skipped: list[tuple[Path, str]] = []
     for sf in skipped_files:
@@ -168,10 +171,10 @@ def discover(root: str | Path, cfg: Config, exclude: list[Path] | None = None,
             skipped.append((lab.path, f"{lab.kind} object (a label of another series), not an input image"))
         reason = select_reason(info, cfg)
         if reason:
-            skipped += [(p, f"series skipped: {reason}") for p in dict.fromkeys(info.files)]
+            skipped += [(p, f"series skipped: {reason}") for p in info.distinct_files]
             continue
         cases.append(Case("dicom", info.key, _study_folder(info.study_uid or info.series_uid),
-                          f"series-{info.key}", list(dict.fromkeys(info.files)), info=info))
+                          f"series-{info.key}", info.distinct_files, info=info))
     cases.sort(key=lambda c: c.key)
     skipped.sort(key=lambda t: str(t[0]))
     return cases, skipped

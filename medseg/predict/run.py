@@ -309,10 +309,11 @@ class Prepared:
 
 
 def prepare_run(model: str | Path, root: Path, out: Path, overrides: list[str] | None, num_parts: int, part_id: int,
-                device: str | None, read_headers: Any = None, predictor: Predictor | None = None) -> Prepared:
-    """Load the model (unless ``predictor`` is given), find the cases (``read_headers``: see
+                device: str | None, read_headers: Any = None, predictor: Predictor | None = None,
+                index: Path | None = None) -> Prepared:
+    """Load the model (unless ``predictor`` is given), find the cases (``read_headers``, ``index``: see
     :func:`medseg.predict.readers.discover`), record every file and case in the manifest (one
-    transaction) and wipe the dead run's working folder."""
+    transaction, a case's file rows at a time) and wipe the dead run's working folder."""
     predictor = predictor or Predictor.from_ref(model, overrides=list(overrides or []), device=device)
     cfg = predictor.cfg
     if (warn := annotation_window_warning(cfg.data)) is not None:
@@ -323,15 +324,15 @@ def prepare_run(model: str | Path, root: Path, out: Path, overrides: list[str] |
         predictor.model = compile_model(predictor.model, "predict.compile")
     out.mkdir(parents=True, exist_ok=True)
     base = root if root.is_dir() else root.parent
-    cases, skipped = discover(root, cfg, exclude=[out], read_headers=read_headers)
+    cases, skipped = discover(root, cfg, exclude=[out], read_headers=read_headers, index=index)
     mine = [c for c in cases if shard_of(c.key, num_parts) == part_id]
     manifest = Manifest(out / manifest_name(num_parts, part_id))
     manifest.set_run(model=str(model), model_fingerprint=fingerprint, num_parts=num_parts, part_id=part_id,
                      started=time.time(), finished="")
     result = PredictResult(out, manifest.path, config=cfg)
     todo: list[Case] = []
-    rows: list[tuple[str, str | None, str, str | None]] = [(_rel(p, base), None, "skipped", r) for p, r in skipped]
     with manifest.batch():
+        manifest.set_files([(_rel(p, base), None, "skipped", r) for p, r in skipped])
         for c in mine:
             done = manifest.status(c.key) == "done" and (out / c.out_rel).is_dir()
             if done:
@@ -340,8 +341,7 @@ def prepare_run(model: str | Path, root: Path, out: Path, overrides: list[str] |
                 todo.append(c)
                 manifest.set_series(c.key, kind=c.kind, output=c.out_rel, n_files=len(c.files), status="pending",
                                     reason=None)
-            rows += [(_rel(p, base), c.key, "done" if done else "pending", None) for p in c.files]
-        manifest.set_files(rows)
+            manifest.set_files([(_rel(p, base), c.key, "done" if done else "pending", None) for p in c.files])
     tmp_root = out / (f".tmp-part{part_id}" + (f"-of-{num_parts}" if num_parts > 1 else ""))
     if tmp_root.exists():  # left by a dead run (we hold the lock): never a finished output
         shutil.rmtree(tmp_root)

@@ -47,6 +47,8 @@ __all__ = [
     "RTSTRUCT_SOP_CLASS",
     "SEG_SOP_CLASSES",
     "HeaderRecord",
+    "attach_labels",
+    "duplicate_reason",
     "find_series",
     "group_headers",
     "group_item",
@@ -55,6 +57,8 @@ __all__ = [
     "orientation_name",
     "read_header",
     "split_by_orientation",
+    "split_parts",
+    "stack_key",
 ]
 
 log = logging.getLogger("medseg.data")
@@ -334,6 +338,7 @@ def list_files(root: str | Path, exclude: Sequence[str | Path] = ()) -> list[Pat
 def find_series(
     root: str | Path, exclude: Sequence[str | Path] = (),
     read_headers: Callable[[list[Path]], Iterable[HeaderRecord]] | None = None,
+    index: Path | None = None,
 ) -> tuple[list[SeriesInfo], list[SkippedFile]]:
     """Find the image series in a folder tree (any nesting), reading each file's header once.
 
@@ -351,6 +356,9 @@ def find_series(
         read_headers: reads the headers of a list of files, returning :func:`read_header`'s records in
             the same order (default: one after the other, here; ``medseg predict --engine ray``
             passes parallel tasks); the grouping that follows is the same either way.
+        index: an SQLite file to hold the instance headers (:func:`medseg.data.dicom.index.index_headers`):
+            the same series and skipped files, each series' ``instances`` read from the file when used,
+            so that an archive's headers are never all in memory. None: in memory (:func:`group_headers`).
 
     Returns:
         ``(series, skipped)``: series sorted by folder then SeriesInstanceUID; skipped files in
@@ -364,7 +372,46 @@ def find_series(
         raise DataError(f"{root}: not a folder; expected a folder of DICOM series")
     paths = list_files(root, exclude)
     records = read_headers(paths) if read_headers is not None else map(read_header, paths)
+    if index is not None:
+        from medseg.data.dicom.index import index_headers
+
+        return index_headers(root, records, index)
     return group_headers(root, records)
+
+
+def duplicate_reason(first: Path) -> str:
+    """Why a file whose SOPInstanceUID an earlier file (in path order) has is skipped."""
+    return f"duplicate of {first} (same SOPInstanceUID)"
+
+
+def stack_key(inst: InstanceHeader) -> tuple:
+    """The stack of a split series an instance belongs to (:func:`split_by_orientation`): its
+    orientation (to :data:`COSINE_TOL`) and image size."""
+    return (tuple(np.round(np.asarray(inst.orientation) / COSINE_TOL).astype(int).tolist()), inst.rows, inst.columns)
+
+
+def attach_labels(root: Path, series: dict[str, SeriesInfo], label_cands: Iterable[HeaderRecord],
+                  series_of_sop: Callable[[str], str | None], skipped: list[SkippedFile]) -> None:
+    """Attach each SEG / RTSTRUCT record to the series it references (``series`` by UID, before any
+    split): its referenced series, else the series of its first referenced SOP instance
+    (``series_of_sop``), else (RTSTRUCT) the one series of its frame of reference; else it is skipped."""
+    for rec in label_cands:
+        path, kind = rec.path, rec.kind
+        if rec.reason:
+            skipped.append(SkippedFile(path, rec.reason))
+            continue
+        ref_series, ref_sops, fors = rec.refs
+        target = next((s for s in ref_series if s in series), None)
+        if target is None:
+            target = next((t for s in ref_sops if (t := series_of_sop(s)) is not None), None)
+        if target is None and kind == "RTSTRUCT":
+            cands = [s for s in series.values() if s.frame_of_reference_uid in fors]
+            target = cands[0].series_uid if len(cands) == 1 else None
+        if target is None:
+            refs = ", ".join(ref_series) or "no series"
+            skipped.append(SkippedFile(path, f"{kind} references {refs}, which is not among the image series under {root}"))
+            continue
+        series[target].labels.append(LabelFile(path, kind, target))
 
 
 def group_headers(root: Path, records: Iterable[HeaderRecord]) -> tuple[list[SeriesInfo], list[SkippedFile]]:
@@ -386,7 +433,7 @@ def group_headers(root: Path, records: Iterable[HeaderRecord]) -> tuple[list[Ser
         sop_uid = heads[0].sop_instance_uid
         if sop_uid in sop_to_series:
             first = next(i.path for i in groups[sop_to_series[sop_uid]]["instances"] if i.sop_instance_uid == sop_uid)
-            skipped.append(SkippedFile(path, f"duplicate of {first} (same SOPInstanceUID)"))
+            skipped.append(SkippedFile(path, duplicate_reason(first)))
             continue
         g = groups.setdefault(uid, {**{k: v for k, v in rec.series.items() if k != "uid"}, "instances": []})
         g["instances"].extend(heads)
@@ -399,23 +446,7 @@ def group_headers(root: Path, records: Iterable[HeaderRecord]) -> tuple[list[Ser
                         orientation=orientation_name(g["instances"][0].orientation))
         for uid, g in groups.items()
     }
-    for rec in label_cands:
-        path, kind = rec.path, rec.kind
-        if rec.reason:
-            skipped.append(SkippedFile(path, rec.reason))
-            continue
-        ref_series, ref_sops, fors = rec.refs
-        target = next((s for s in ref_series if s in series), None)
-        if target is None:
-            target = next((sop_to_series[s] for s in ref_sops if s in sop_to_series), None)
-        if target is None and kind == "RTSTRUCT":
-            cands = [s for s in series.values() if s.frame_of_reference_uid in fors]
-            target = cands[0].series_uid if len(cands) == 1 else None
-        if target is None:
-            refs = ", ".join(ref_series) or "no series"
-            skipped.append(SkippedFile(path, f"{kind} references {refs}, which is not among the image series under {root}"))
-            continue
-        series[target].labels.append(LabelFile(path, kind, target))
+    attach_labels(root, series, label_cands, sop_to_series.get, skipped)
     ordered = sorted(series.values(), key=lambda s: (str(s.folder), s.series_uid))
     return [part for s in ordered for part in split_by_orientation(s)], skipped
 
@@ -428,17 +459,19 @@ def split_by_orientation(info: SeriesInfo) -> list[SeriesInfo]:
     """
     groups: dict[tuple, list[InstanceHeader]] = {}
     for inst in info.instances:
-        key = (tuple(np.round(np.asarray(inst.orientation) / COSINE_TOL).astype(int).tolist()),
-               inst.rows, inst.columns)
-        groups.setdefault(key, []).append(inst)
+        groups.setdefault(stack_key(inst), []).append(inst)
     if len(groups) == 1:
         return [info]
-    log.warning("%s holds %d orientations / image sizes: split into one stack each", describe(info), len(groups))
-    out = []
-    for n, insts in enumerate(sorted(groups.values(), key=lambda g: str(g[0].path)), start=1):
-        out.append(SeriesInfo(info.series_uid, info.modality, info.study_uid, info.frame_of_reference_uid,
-                              info.description, Path(os.path.commonpath([str(i.path.parent) for i in insts])),
-                              insts, list(info.labels) if n == 1 else [], body_part=info.body_part,
-                              orientation=orientation_name(insts[0].orientation), part=f"o{n}"))
-    return out
+    return split_parts(info, [(insts, Path(os.path.commonpath([str(i.path.parent) for i in insts])),
+                               insts[0].orientation) for insts in sorted(groups.values(), key=lambda g: str(g[0].path))])
 
+
+def split_parts(info: SeriesInfo, stacks: Sequence[tuple[Sequence[InstanceHeader], Path, Sequence[float]]]
+                ) -> list[SeriesInfo]:
+    """The stacks of a split series as :class:`SeriesInfo` ``o1``, ``o2``, ...: each ``(instances,
+    folder, first instance's orientation)``, ordered by first file; the labels go to the first."""
+    log.warning("%s holds %d orientations / image sizes: split into one stack each", describe(info), len(stacks))
+    return [SeriesInfo(info.series_uid, info.modality, info.study_uid, info.frame_of_reference_uid, info.description,
+                       folder, insts, list(info.labels) if n == 1 else [], body_part=info.body_part,  # type: ignore[arg-type]
+                       orientation=orientation_name(orientation), part=f"o{n}")
+            for n, (insts, folder, orientation) in enumerate(stacks, start=1)]

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +95,8 @@ class InstanceHeader:
 class SeriesInfo:
     """One image series found by :func:`find_series`.
 
-    ``instances`` are in file-path order; :func:`series_geometry` sorts them by position.
+    ``instances`` are in file-path order; :func:`series_geometry` sorts them by position. They are a
+    list, or (``medseg predict --engine ray``) a sequence read from an index file on each use.
     """
 
     series_uid: str
@@ -104,7 +106,7 @@ class SeriesInfo:
     description: str
     #: the deepest folder holding all the series' files
     folder: Path
-    instances: list[InstanceHeader]
+    instances: Sequence[InstanceHeader]
     labels: list[LabelFile] = field(default_factory=list)
     #: BodyPartExamined ("" when absent)
     body_part: str = ""
@@ -117,6 +119,13 @@ class SeriesInfo:
     def files(self) -> list[Path]:
         """The image files (path order; a multi-frame file appears once per frame)."""
         return [i.path for i in self.instances]
+
+    @property
+    def distinct_files(self) -> Sequence[Path]:
+        """The image files once each, in path order (read from the index file when used, when the
+        instances are an index file's: :class:`medseg.data.dicom.index.IndexedInstances`)."""
+        files = getattr(self.instances, "files", None)
+        return files() if callable(files) else list(dict.fromkeys(self.files))
 
     @property
     def key(self) -> str:
