@@ -1,8 +1,9 @@
 """``medseg predict --engine ray`` on a real local Ray cluster of two nodes (two raylets on loopback,
 ``ray.cluster_utils.Cluster``), against ``--engine local`` on the same hospital export.
 
-One cluster for the module (1 CPU per node, a small object store); the model is the oracle of
-:mod:`tests.predict.builders`, so outputs are deterministic and comparable byte for byte.
+One cluster for the module (1 CPU per node, a small object store, a Ray Client server on the head);
+the model is the oracle of :mod:`tests.predict.builders`, so outputs are deterministic and comparable
+byte for byte. Nodes added by a test (a fake GPU, a node in its own mount namespace) are removed by it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -32,6 +34,12 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[object]:
     """Two raylets on this machine; the test process is the driver."""
@@ -40,7 +48,10 @@ def cluster() -> Iterator[object]:
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([old] if old else [])])  # workers import tests.*
     args = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
-    c = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": True, "dashboard_port": 0})
+    client_port = _free_port()
+    c = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": True, "dashboard_port": 0,
+                                                      "ray_client_server_port": client_port})
+    c.client_address = f"ray://127.0.0.1:{client_port}"  # type: ignore[attr-defined]
     c.add_node(**args)
     c.wait_for_nodes()
     ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
@@ -111,6 +122,7 @@ def _assert_same(out: Path, ref: Path) -> None:
         assert np.array_equal(nib.load(out / m.relative_to(ref)).get_fdata(), nib.load(m).get_fdata())
     assert _manifest(out) == _manifest(ref)
     assert not list(out.glob(".tmp-*")) and not (out / ".probe").exists()
+    assert not list(out.glob("*.index.sqlite*"))  # the header index: removed at the end of the run
 
 
 def test_ray_outputs_equal_local_and_a_rerun_does_nothing(cluster: object, local: dict) -> None:
@@ -131,6 +143,37 @@ def test_ray_outputs_equal_local_and_a_rerun_does_nothing(cluster: object, local
     assert sorted(again.failed) == sorted(result.failed)  # a failed case is retried once per run, fails again
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and not p.name.startswith("manifest")}
     assert after == before
+
+
+def test_device_cuda_without_gpus_stops_before_any_work(cluster: object, local: dict) -> None:
+    from medseg.runtime import TrainingError
+
+    out = local["tmp"] / "ray-cuda"
+    with pytest.raises(TrainingError) as e:
+        run_predict(local["ckpt"], local["root"], out, progress=False, engine="ray", device="cuda")
+    assert str(e.value).startswith("--device cuda: the Ray cluster has no GPU") and "\n" not in str(e.value)
+    assert [p.name for p in out.iterdir()] == ["manifest.lock"]  # the lock only: no manifest, no index, no output
+
+
+def test_device_cpu_gives_cpu_actors_on_a_cluster_with_a_gpu(cluster: object, local: dict) -> None:
+    """A node with a (fake) GPU joins: no --device → GPU actors; --device cpu → CPU actors that ask
+    for no GPU (they would wait forever for one on this fake node otherwise), the same outputs."""
+    from ray.util.state import list_actors
+
+    from medseg.predict.cluster import actor_device
+
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20)  # type: ignore[attr-defined]
+    try:
+        cluster.wait_for_nodes()  # type: ignore[attr-defined]
+        assert actor_device(ray, None) == "cuda" and actor_device(ray, "cpu") == "cpu"
+        out = local["tmp"] / "ray-cpu"
+        result = run_predict(local["ckpt"], local["root"], out, progress=False, engine="ray", device="cpu")
+        assert "1 model actor(s) on cpu" in result.summary
+        _assert_same(out, local["out"])
+        actors = list_actors(filters=[("class_name", "=", "ModelActor")], detail=True)
+        assert actors and all("GPU" not in (a.required_resources or {}) for a in actors)
+    finally:
+        cluster.remove_node(gpu_node)  # type: ignore[attr-defined]
 
 
 def _done(out: Path) -> int:
@@ -188,7 +231,9 @@ def test_a_worker_node_killed_mid_run_completes_each_case_once(cluster: object, 
     _assert_same(out, local["out"])
 
 
-def test_rerun_after_a_killed_driver_finishes_the_rest(cluster: object, local: dict) -> None:
+def test_rerun_after_a_killed_driver_finishes_the_rest_through_ray_client(cluster: object, local: dict) -> None:
+    """The driver (``--address HOST:PORT``) killed mid-run; the rerun connects with ``--address ray://``
+    (Ray Client: the driver outside the cluster) and finishes the rest."""
     out = local["tmp"] / "ray-kill-driver"
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.predict import builders as B; B.register(); "
             "from medseg.cli import main; sys.exit(main(sys.argv[1:]))")
@@ -203,10 +248,48 @@ def test_rerun_after_a_killed_driver_finishes_the_rest(cluster: object, local: d
     proc.wait()
     n = _done(out)
     assert 0 < n < len(local["result"].processed)
-    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    client = cluster.client_address  # type: ignore[attr-defined]
+    rerun = subprocess.run([*args[:-3], client, "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert args[-3] == cluster.address  # type: ignore[attr-defined]
     assert rerun.returncode == 1, rerun.stderr[-2000:]  # 1: done, but the undecodable case failed (as locally)
-    assert f"{n} already done" in rerun.stdout
+    assert f"{n} already done" in rerun.stdout and "ray: 2 node(s)" in rerun.stdout
     _assert_same(out, local["out"])
+
+
+def test_a_node_that_cannot_see_input_stops_the_run_naming_it(cluster: object, local: dict) -> None:
+    """A third node whose processes run in their own mount namespace, INPUT hidden under an empty
+    tmpfs there (as on a machine without the shared mount): the run stops at the probe, one line
+    naming that node, and writes nothing."""
+    from medseg.runtime import TrainingError
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("no mount namespaces here (unshare -m)")
+    before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    hidden = local["root"]
+    node = subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none '{hidden}' && exec "
+                             f"'{Path(sys.executable).parent / 'ray'}' start --address {cluster.address} "  # type: ignore[attr-defined]
+                             "--num-cpus 1 --object-store-memory 83886080 --block"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        new: set[str] = set()
+        while time.time() < deadline and not new:
+            new = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - before
+            time.sleep(0.5)
+        assert new, "the third node did not join"
+        out = local["tmp"] / "ray-unshared"
+        with pytest.raises(TrainingError) as e:
+            run_predict(local["ckpt"], local["root"], out, progress=False, engine="ray")
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("node ") and next(iter(new))[:8] in msg
+        assert "cannot read" in msg and "storage every node sees" in msg
+        assert [p.name for p in out.iterdir()] == ["manifest.lock"]
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(60)
+        deadline = time.time() + 60
+        while time.time() < deadline and any(n["Alive"] for n in ray.nodes() if n["NodeID"] in new):
+            time.sleep(0.5)
 
 
 def test_without_ray_one_line_says_what_to_install(local: dict, tmp_path: Path) -> None:
