@@ -13,12 +13,19 @@
    matrix: the work is the header scan) indexed by the local path (``find_series``) and by Ray with
    one node of ``--node-cpus`` CPUs and with two such nodes (workers started first): the fastest
    of three runs in seconds, and the header tasks.
-3. **Manifest** — 10⁵ series (3 files each) recorded pending in one transaction, then each case
+3. **Driver memory of the index** — a synthetic archive of ``--mem-series`` series of ``--mem-slices``
+   instances each (headers only, as in 2.): the cases found (:func:`medseg.predict.readers.discover`,
+   the headers read here one after the other) with the in-memory reduce (``group_headers``: every
+   instance header held, the local engine's) and with the SQLite index the ray engine streams them into
+   (``index_headers``: a summary per series): tracemalloc's peak during the reduce and what stays held
+   with the cases, in bytes per instance (SQLite's own page cache, bounded at about 2 MiB, is not
+   traced), and that both give the same cases.
+4. **Manifest** — 10⁵ series (3 files each) recorded pending in one transaction, then each case
    recorded done (series + file rows) as the run does: with the index on ``files.series`` and one
    transaction per case, against the earlier manifest (no index, each statement its own commit),
    per case in ms; and the pending rows of the start (one transaction against a commit per series).
 
-Run: ``python benchmarks/bench_predict_cluster.py [--quick]``; prints JSON lines and a table.
+Run: ``python benchmarks/bench_predict_cluster.py [--quick] [--skip predict,index,memory,manifest]``; prints JSON lines and a table.
 """
 
 from __future__ import annotations
@@ -125,29 +132,32 @@ def predict_benchmark(n_series: int, n_slices: int, size: int, repeats: int) -> 
     return rows
 
 
-def write_archive(root: Path, n: int) -> None:
-    """``n`` one-instance CT series with full geometry headers and an 8×8 pixel matrix."""
+def write_archive(root: Path, n: int, slices: int = 1) -> None:
+    """``n`` CT series of ``slices`` instances with full geometry headers and an 8×8 pixel matrix."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-    for s in range(n):
+    for s in range(n * slices):
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
         ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+        if s % slices == 0:
+            study, series, frame = generate_uid(), generate_uid(), generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.Modality, ds.PatientName, ds.PatientID = "CT", "Bench^Mark", f"B{s}"
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [0.0, 0.0, 2.5 * (s % slices)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         ds.PixelSpacing, ds.SliceThickness, ds.Rows, ds.Columns = [0.8, 0.8], 2.5, 8, 8
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         ds.PixelData = np.zeros((8, 8), np.uint16).tobytes()
-        folder = root / f"p{s // 100:03d}"
+        folder = root / f"p{s // slices // 100:03d}" / (f"s{s // slices:05d}" if slices > 1 else "")
         folder.mkdir(parents=True, exist_ok=True)
-        ds.save_as(folder / f"s{s:05d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / (f"i{s % slices:04d}.dcm" if slices > 1 else f"s{s:05d}.dcm"), enforce_file_format=True)
 
 
 def _pid() -> int:
@@ -194,6 +204,50 @@ def index_benchmark(n: int, node_cpus: int, repeats: int = 3) -> list[dict[str, 
     return [report(f"index {n} series, Ray 2 nodes × {node_cpus} CPU vs 1 node × {node_cpus} CPU "
                    f"({tasks['2']} header tasks; local find_series {times['local']:.1f} s, Ray 1 node {times['1']:.1f} s)",
                    times["2"], times["1"], "s", "same series as find_series", ok=True)]
+
+
+def _traced(fn: Any) -> tuple[Any, int, int]:
+    """``(result, peak bytes during fn, bytes still held with the result)`` by tracemalloc."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    result = fn()
+    gc.collect()
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return result, peak - base, held - base
+
+
+def memory_benchmark(n_series: int, slices: int) -> list[dict[str, Any]]:
+    from medseg.config import Config
+    from medseg.predict.readers import discover
+
+    cfg = Config()
+    cfg.predict.min_slices = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "archive"
+        write_archive(root, n_series, slices)
+        discover(root, cfg)  # warm the page cache and the imports (both ways)
+        discover(root, cfg, index=Path(tmp) / "i.sqlite")
+        figures, found = {}, {}
+        for name, index in (("in memory (group_headers)", None), ("SQLite index (index_headers)", Path(tmp) / "i.sqlite")):
+            (cases, skipped), peak, held = _traced(lambda i=index: discover(root, cfg, index=i))
+            n = sum(len(c.info.instances) for c in cases if c.info is not None)
+            assert n == n_series * slices and not skipped
+            found[name] = [(c.key, list(c.files)) for c in cases]
+            figures[name] = {"peak_b_per_instance": round(peak / n), "held_b_per_instance": round(held / n)}
+            del cases
+            print(json.dumps({"memory": name, "series": n_series, "instances": n, "peak_mb": round(peak / 2**20, 2),
+                              "held_mb": round(held / 2**20, 2), **figures[name]}), flush=True)
+        old, new = figures["in memory (group_headers)"], figures["SQLite index (index_headers)"]
+        same = found["in memory (group_headers)"] == found["SQLite index (index_headers)"]
+    return [report(f"driver memory of the index, {n_series} series × {slices} instances: peak during the reduce, "
+                   f"SQLite index vs in memory (held after: {new['held_b_per_instance']} vs "
+                   f"{old['held_b_per_instance']} B/instance)", new["peak_b_per_instance"], old["peak_b_per_instance"],
+                   "B/instance", "same cases", ok=same)]
 
 
 def manifest_benchmark(n_series: int, n_record: int) -> list[dict[str, Any]]:
@@ -252,16 +306,21 @@ def main(argv: list[str] | None = None, quick: bool = False) -> list[dict[str, A
     ap.add_argument("--archive", type=int, default=2000)
     ap.add_argument("--node-cpus", type=int, default=1)
     ap.add_argument("--manifest-series", type=int, default=100_000)
+    ap.add_argument("--mem-series", type=int, default=2000)
+    ap.add_argument("--mem-slices", type=int, default=10)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip", default="", help="comma list of predict,index,manifest")
+    ap.add_argument("--skip", default="", help="comma list of predict,index,memory,manifest")
     a = ap.parse_args(argv or [])
     if quick or a.quick:
         a.series, a.slices, a.size, a.repeats, a.archive, a.manifest_series = 2, 4, 320, 1, 200, 2000
+        a.mem_series, a.mem_slices = 100, 5
     torch.set_num_threads(max(len(os.sched_getaffinity(0)), 1))
     skip = set(filter(None, a.skip.split(",")))
     rows: list[dict[str, Any]] = []
     if "manifest" not in skip:
         rows += manifest_benchmark(a.manifest_series, min(500, a.manifest_series))
+    if "memory" not in skip:
+        rows += memory_benchmark(a.mem_series, a.mem_slices)
     if "index" not in skip:
         rows += index_benchmark(a.archive, a.node_cpus)
     if "predict" not in skip:

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", metavar="OUTPUT_DIR", help="merge the part manifests of --num-parts runs, then stop")
     p.add_argument("--num-parts", type=int, default=1, help="split the cases into N parts (deterministic)")
     p.add_argument("--part-id", type=int, default=0, help="the part this process predicts (0..N-1)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present, else the CPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present, else the CPU; --engine ray: "
+                   "the model actors', cpu or cuda, default: one per GPU when the cluster has GPUs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_set(p)
     _add_trust(p)

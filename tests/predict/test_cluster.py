@@ -237,9 +237,12 @@ def test_rerun_after_a_killed_driver_finishes_the_rest_through_ray_client(cluste
     out = local["tmp"] / "ray-kill-driver"
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.predict import builders as B; B.register(); "
             "from medseg.cli import main; sys.exit(main(sys.argv[1:]))")
-    args = [sys.executable, "-c", code, "predict", "--model", str(local["slow"]), str(local["root"]), str(out),
-            "--engine", "ray", "--address", cluster.address, "--no-progress"]  # type: ignore[attr-defined]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def args(address: str) -> list[str]:
+        return [sys.executable, "-c", code, "predict", "--model", str(local["slow"]), str(local["root"]), str(out),
+                "--engine", "ray", "--address", address, "--no-progress"]
+
+    proc = subprocess.Popen(args(cluster.address), stdout=subprocess.DEVNULL,  # type: ignore[attr-defined]
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and _done(out) < 2:
         time.sleep(0.2)
@@ -248,9 +251,8 @@ def test_rerun_after_a_killed_driver_finishes_the_rest_through_ray_client(cluste
     proc.wait()
     n = _done(out)
     assert 0 < n < len(local["result"].processed)
-    client = cluster.client_address  # type: ignore[attr-defined]
-    rerun = subprocess.run([*args[:-3], client, "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert args[-3] == cluster.address  # type: ignore[attr-defined]
+    rerun = subprocess.run(args(cluster.client_address), capture_output=True, text=True,  # type: ignore[attr-defined]
+                           timeout=300)
     assert rerun.returncode == 1, rerun.stderr[-2000:]  # 1: done, but the undecodable case failed (as locally)
     assert f"{n} already done" in rerun.stdout and "ray: 2 node(s)" in rerun.stdout
     _assert_same(out, local["out"])
