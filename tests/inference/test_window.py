@@ -151,3 +151,16 @@ def test_band_wise_threshold_equals_the_whole_image_threshold(quantile: float | 
     assert torch.equal(labels.long(), ref)
     if quantile is not None:  # the thresholds do move this model's boundary, to every class
         assert not torch.equal(whole, logits.argmax(1)) and set(whole.unique().tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+@pytest.mark.parametrize("tile,sigma", [((256, 256), 0.125), ((96, 160), 0.125), ((33, 64), 0.3), ((1, 7), 0.125)])
+def test_importance_map_is_monais_bit_for_bit(blend: str, tile: tuple[int, int], sigma: float) -> None:
+    from monai.data.utils import compute_importance_map
+
+    from medseg.inference.window import importance_map
+
+    ours = importance_map(tile, blend, sigma)
+    ref = compute_importance_map(tile, mode=blend, sigma_scale=sigma, dtype=torch.float32)
+    assert ours.dtype == torch.float32 and ours.shape == tile
+    assert torch.equal(ours, ref)
