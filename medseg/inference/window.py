@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from medseg.inference.postprocess import pixel_labels
+from medseg.inference.postprocess import pixel_labels, quantise_probability
 from medseg.runtime import TrainingError
 
 __all__ = ["SlidingWindow", "importance_map", "iter_sliding_window", "predict_tiles", "sliding_window", "tile_starts"]
@@ -231,6 +231,7 @@ def sliding_window(
     output: str = "logits",
     probabilities: bool = False,
     threshold: Sequence[float] | None = None,
+    prob_dtype: torch.dtype = torch.float32,
 ) -> Any:
     """Sliding-window inference over ``(B, C, H, W)`` images (see :func:`iter_sliding_window`).
 
@@ -242,6 +243,9 @@ def sliding_window(
             softmax probability; never the per-class maps of the whole image.
         threshold: ``output="labels"`` only: one probability threshold per foreground class
             (``inference.threshold``); None / empty = argmax.
+        prob_dtype: the probability map's dtype: float32, or ``torch.uint16`` for fixed point
+            (:func:`~medseg.inference.postprocess.quantise_probability`, each band as it is finished:
+            half the memory of the whole image's map).
 
     Example:
         >>> labels, prob = sliding_window(img, model, (256, 256), 0.25, output="labels", probabilities=True)
@@ -263,9 +267,10 @@ def sliding_window(
             cuda = band.device if band.is_cuda else None
             labels = torch.empty(b, h, w, dtype=torch.uint8 if band.shape[1] <= 256 else torch.int64,
                                  pin_memory=cuda is not None)
-            prob = torch.empty(b, h, w, dtype=torch.float32, pin_memory=cuda is not None) if probabilities else None
+            prob = torch.empty(b, h, w, dtype=prob_dtype, pin_memory=cuda is not None) if probabilities else None
         lab, p = pixel_labels(band, threshold, probabilities)
         if prob is not None and p is not None:
+            p = quantise_probability(p) if prob_dtype == torch.uint16 else p
             prob[:, y0:y1].copy_(p, non_blocking=cuda is not None)
         labels[:, y0:y1].copy_(lab.to(labels.dtype), non_blocking=cuda is not None)
     if cuda is not None:
@@ -294,7 +299,8 @@ class SlidingWindow:
                    inf.tta_scales, device)
 
     def __call__(self, image: torch.Tensor, predictor: TilePredictor, output: str = "logits",
-                 probabilities: bool = False, threshold: Sequence[float] | None = None) -> Any:
+                 probabilities: bool = False, threshold: Sequence[float] | None = None,
+                 prob_dtype: torch.dtype = torch.float32) -> Any:
         """:func:`sliding_window` with these settings (``threshold`` applies to ``output="labels"``)."""
         return sliding_window(image, predictor, output=output, probabilities=probabilities, threshold=threshold,
-                              **self.kwargs)
+                              prob_dtype=prob_dtype, **self.kwargs)
