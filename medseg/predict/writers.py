@@ -29,7 +29,7 @@ from medseg.data.base import DataError, apply_window
 from medseg.io import atomic_write_bytes, atomic_write_text, write_rows_csv
 from medseg.predict.lesions import COLUMNS
 
-__all__ = ["gray8", "lesion_tracking_uid", "nifti_affine", "outline", "segment_property", "write_csv", "write_json", "write_nifti",
+__all__ = ["gray8", "lesion_tracking_uid", "nifti_affine", "outline", "paint_outline", "segment_property", "write_csv", "write_json", "write_nifti",
            "write_overlays", "write_png_mask", "write_seg"]
 
 _OVERLAY_COLOUR = (0, 0, 255)
@@ -164,6 +164,18 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return mask > inner
 
 
+def paint_outline(rgb: np.ndarray, labels: np.ndarray, band_rows: int = 512) -> None:
+    """``rgb[outline(labels > 0)] = `` the overlay colour, a band of rows at a time: each band is read with
+    one row of context above and below, so the pixels are the whole slice's :func:`outline`, and the
+    temporaries are a band's, not three masks of the whole slice."""
+    h = labels.shape[0]
+    for a in range(0, h, band_rows):
+        b = min(a + band_rows, h)
+        a0, b0 = max(a - 1, 0), min(b + 1, h)
+        edge = outline((labels[a0:b0] > 0).view(np.uint8))
+        rgb[a:b][edge[a - a0: a - a0 + b - a]] = _OVERLAY_COLOUR
+
+
 def write_overlays(folder: Path, images: np.ndarray, labels: np.ndarray, rows: list[dict[str, Any]]) -> list[str]:
     """``folder/slice_NNNN.png`` for every slice with a lesion: the windowed slice, lesion outlines, ids.
 
@@ -185,11 +197,13 @@ def write_overlays(folder: Path, images: np.ndarray, labels: np.ndarray, rows: l
         scale = max(1, int(np.ceil(256 / max(rgb.shape[:2]))))
         if scale > 1:
             rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        m = (labels[k] > 0).view(np.uint8)
         if scale > 1:
-            m = cv2.resize(m, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
-        rgb[outline(m)] = _OVERLAY_COLOUR
-        del m
+            m = cv2.resize((labels[k] > 0).view(np.uint8), (rgb.shape[1], rgb.shape[0]),
+                           interpolation=cv2.INTER_NEAREST)
+            rgb[outline(m)] = _OVERLAY_COLOUR
+            del m
+        else:
+            paint_outline(rgb, labels[k])
         for r in by_slice.get(int(k), []):
             _draw_id(rgb, str(r["lesion_id"]), r["_anchor_yx"], scale)
         name = f"slice_{int(k):04d}.png"

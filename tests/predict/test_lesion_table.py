@@ -328,3 +328,17 @@ def test_display_gray_is_the_windowed_values_without_a_float_copy() -> None:
     np.testing.assert_array_equal(gray8(flt, *lo_hi, chunk_rows=7),
                                   (normalise_2d(flt, "dicom", [0.0, 1.0]) * 255).astype(np.uint8))
     assert intensity_range(np.full((4, 4), 3.0), "dicom", [0.0, 1.0]) is None
+
+
+def test_outline_painted_by_bands_is_the_whole_slices() -> None:
+    from medseg.predict.writers import outline, paint_outline
+
+    rng = np.random.default_rng(5)
+    labels = (cv2.GaussianBlur(rng.random((157, 90)).astype(np.float32), (0, 0), 2) > 0.5).astype(np.uint8)
+    labels[0, :10], labels[-1, 40:], labels[:, 0] = 1, 2, 1  # lesions on the image's edges
+    ref = np.zeros((*labels.shape, 3), np.uint8)
+    ref[outline((labels > 0).view(np.uint8))] = (0, 0, 255)
+    for band in (1, 2, 16, 157, 1000):
+        got = np.zeros_like(ref)
+        paint_outline(got, labels, band_rows=band)
+        np.testing.assert_array_equal(got, ref)
