@@ -167,6 +167,15 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
     px_area = sy * sx
     prob_unit = PROB_SCALE if prob.dtype == np.uint16 else 1.0
     recist_seen: dict[tuple[tuple[int, ...], bytes], tuple[float, float]] = {}
+    # one string object per distinct cell value (areas, axes, HU, probabilities repeat across thousands of
+    # small lesions): the rows are most of the table's memory that grows with the lesion count
+    strings: dict[str, str] = {}
+
+    def same(text: str) -> str:
+        return strings.setdefault(text, text)
+
+    def fmt(v: float, nd: int = 2) -> str:
+        return same(_fmt(v, nd))
     structure = ndimage.generate_binary_structure(3, int(connectivity))
     rows: list[dict[str, Any]] = []
     top = int(labels.max()) if labels.size else 0
@@ -199,14 +208,14 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
             rows.append({
                 "lesion_id": 0, "class": cls, "first_slice": ks[0], "last_slice": ks[-1],
                 "centroid_x_mm": _fmt(centroid[0], 3), "centroid_y_mm": _fmt(centroid[1], 3),
-                "centroid_z_mm": _fmt(centroid[2], 3),
-                "volume_mm3": _fmt(sum(areas[k] * float(extents[k]) for k in ks)),
-                "largest_slice": largest, "largest_area_mm2": _fmt(areas[largest]),
-                "recist_long_mm": _fmt(long_mm), "recist_short_mm": _fmt(short_mm),
-                "mean_hu": _fmt(s.value_sum / n_all, 1), "max_hu": _fmt(s.value_max, 1),
-                "mean_probability": _fmt(s.prob_sum / n_all / prob_unit, 4),
-                "area_mm2_per_slice": ";".join(f"{k}:{areas[k]:.2f}" for k in ks),
-                "_anchor_yx": (s.sum_r[j] / s.count[j], s.sum_c[j] / s.count[j]),
+                "centroid_z_mm": fmt(centroid[2], 3),
+                "volume_mm3": fmt(sum(areas[k] * float(extents[k]) for k in ks)),
+                "largest_slice": largest, "largest_area_mm2": fmt(areas[largest]),
+                "recist_long_mm": fmt(long_mm), "recist_short_mm": fmt(short_mm),
+                "mean_hu": fmt(s.value_sum / n_all, 1), "max_hu": fmt(s.value_max, 1),
+                "mean_probability": fmt(s.prob_sum / n_all / prob_unit, 4),
+                "area_mm2_per_slice": same(";".join(f"{k}:{areas[k]:.2f}" for k in ks)),
+                "_anchor_yx": (float(s.sum_r[j] / s.count[j]), float(s.sum_c[j] / s.count[j])),
                 "_first": (ks[0], int(s.first_row[ks[0] - z0]), cls), "_component": (cls, i),
             })
         del comp
