@@ -102,7 +102,10 @@ def measure_recist(mask: np.ndarray) -> RecistAxes | None:
         The axes (endpoints and lengths in pixels, precise to about a quarter pixel beyond the
         rasterisation itself), or ``None`` for an empty mask.
     """
-    m = np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
+    mask = np.asarray(mask)
+    # 0/1 uint8 as a view of a bool mask (no copy; findContours and map_coordinates only read it): a
+    # lesion's box can be most of a large image
+    m = np.ascontiguousarray(mask if mask.dtype == bool else mask != 0).view(np.uint8)
     if m.ndim != 2:
         raise ValueError(f"measure_recist expects a 2-D mask, got shape {m.shape}")
     if not m.any():
@@ -134,8 +137,8 @@ def measure_recist(mask: np.ndarray) -> RecistAxes | None:
     # squares' extent, but it cuts the squares' corners on oblique lines, which would otherwise
     # lengthen every oblique chord by up to ~0.4 px.
     inside = (
-        ndimage.map_coordinates(
-            m.astype(np.float32), [xy[..., 1].ravel(), xy[..., 0].ravel()], order=1, mode="constant", cval=0.0
+        ndimage.map_coordinates(  # interpolated in float64 from the uint8 mask: no float copy of the box
+            m, [xy[..., 1].ravel(), xy[..., 0].ravel()], order=1, mode="constant", cval=0.0, output=np.float32
         ).reshape(xy.shape[:2])
         >= 0.5
     )

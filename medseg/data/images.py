@@ -30,6 +30,7 @@ __all__ = [
     "SUFFIXES_3D",
     "file_stem",
     "image_shape",
+    "intensity_range",
     "is_nifti",
     "load_canonical",
     "nifti_2d",
@@ -197,24 +198,37 @@ def normalise_2d(arr: np.ndarray, window: str, window_range: list[float]) -> np.
     """Intensities → [0, 1]: ``window_range`` when ``window == "fixed"``, else the dtype's range.
 
     Integer images map their dtype's full range (uint8 0..255, uint16 0..65535, int16
-    −32768..32767) to [0, 1]; float images (no dtype range) use their own min..max.
+    −32768..32767) to [0, 1]; float images (no dtype range) use their own min..max
+    (:func:`intensity_range`); NaN counts as 0.
     """
-    if window == "fixed":
-        return apply_window(arr, window_range[0], window_range[1])
+    rng = intensity_range(arr, window, window_range)
+    if rng is None:
+        return np.zeros(arr.shape, np.float32)
     if arr.dtype == bool:
         return arr.astype(np.float32)
-    if np.issubdtype(arr.dtype, np.integer):
-        info = np.iinfo(arr.dtype)
-        lo, hi = float(info.min), float(info.max)
-    else:
-        finite = arr[np.isfinite(arr)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        if hi <= lo:
-            return np.zeros(arr.shape, np.float32)
+    if np.issubdtype(arr.dtype, np.floating) and window != "fixed":
         # float32 at once (apply_window computes in float32 anyway): no float64 copy of a large image
         arr = np.nan_to_num(arr.astype(np.float32), copy=False)
-    return apply_window(arr, lo, hi)
+    return apply_window(arr, *rng)
 
+
+def intensity_range(arr: np.ndarray, window: str, window_range: list[float]) -> tuple[float, float] | None:
+    """The ``(low, high)`` that :func:`normalise_2d` maps to ``[0, 1]``, or None for a float image with no
+    range (constant or not finite: all zeros)."""
+    if window == "fixed":
+        return float(window_range[0]), float(window_range[1])
+    if arr.dtype == bool:
+        return 0.0, 1.0
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        return float(info.min), float(info.max)
+    lo, hi = np.inf, -np.inf
+    for a in range(0, arr.shape[0], 1024):  # a band of rows at a time: no mask or copy of the whole image
+        band = arr[a: a + 1024]
+        finite = band[np.isfinite(band)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    return (lo, hi) if hi > lo else None
 
 
 def load_canonical(path: Path, what: str) -> Any:

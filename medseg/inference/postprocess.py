@@ -39,8 +39,8 @@ from scipy import ndimage
 
 from medseg.config import Config, ConfigError
 
-__all__ = ["check_operating_point", "object_labels", "pixel_labels", "postprocess", "remove_small_objects",
-           "resolve_operating_point", "threshold_labels"]
+__all__ = ["PROB_SCALE", "check_operating_point", "object_labels", "pixel_labels", "postprocess",
+           "quantise_probability", "remove_small_objects", "resolve_operating_point", "threshold_labels"]
 
 
 def check_operating_point(threshold: Sequence[float] | None, min_object_mm2: float | None, num_classes: int) -> None:
@@ -67,6 +67,17 @@ def threshold_labels(probs: torch.Tensor, threshold: Sequence[float]) -> torch.T
     masked = torch.where(ok, fg, torch.full_like(fg, -1.0))
     best = masked.argmax(1)
     return torch.where(ok.any(1), best + 1, torch.zeros_like(best))
+
+
+#: a probability stored as uint16 fixed point, ``round(p × PROB_SCALE)``: error ≤ 7.7e-6, 2 bytes a pixel
+#: instead of float32's 4 (:func:`quantise_probability`)
+PROB_SCALE = 65535
+
+
+def quantise_probability(prob: torch.Tensor) -> torch.Tensor:
+    """Probabilities in [0, 1] → uint16 fixed point ``round(p × PROB_SCALE)`` (divide by :data:`PROB_SCALE`
+    to read them back)."""
+    return prob.float().mul(PROB_SCALE).round_().to(torch.uint16)
 
 
 def pixel_labels(logits: torch.Tensor, threshold: Sequence[float] | None, probabilities: bool = False

@@ -28,7 +28,13 @@ import torch
 from torch import nn
 
 from medseg.config import Config, from_dict
-from medseg.inference.postprocess import object_labels, pixel_labels, postprocess, resolve_operating_point
+from medseg.inference.postprocess import (
+    object_labels,
+    pixel_labels,
+    postprocess,
+    quantise_probability,
+    resolve_operating_point,
+)
 from medseg.inference.window import SlidingWindow, predict_tiles
 from medseg.models.checkpoint import load_model
 from medseg.runtime import TrainingError, amp_dtype, resolve_device, use_amp
@@ -67,8 +73,8 @@ def predict_logits(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
 
 @torch.no_grad()
 def predict_labels(model: nn.Module, image: torch.Tensor, cfg: Config, device: torch.device,
-                   spacing: Sequence[Sequence[float]] | None = None, probabilities: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   spacing: Sequence[Sequence[float]] | None = None, probabilities: bool = False,
+                   prob_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class maps ``(B, H, W)`` (on the CPU) at the operating point for images ``(B, C, H, W)``.
 
     ``inference.mode = "sliding"`` with the CRF off: the window turns each finished band into labels
@@ -83,7 +89,8 @@ def predict_labels(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
         spacing: per image ``(sy, sx)`` mm/px, for the size filter and the CRF.
         probabilities: also return each pixel's softmax probability of its label before the size
             filter (with the CRF: of its final label) — on every lesion pixel, the probability of
-            its class — float32 ``(B, H, W)`` on the CPU; else None.
+            its class — ``(B, H, W)`` on the CPU, float32 or, with ``prob_dtype = torch.uint16``, fixed point
+            (:func:`~medseg.inference.postprocess.quantise_probability`); else None.
 
     Returns:
         ``(labels, probability or None)``; labels are uint8 (int64 above 256 classes) in sliding
@@ -93,7 +100,8 @@ def predict_labels(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
     if inf.mode == "sliding" and not inf.crf.enabled:
         with _autocast(cfg, device):
             labels, prob = SlidingWindow.from_config(inf, device)(image, model, output="labels",
-                                                                  probabilities=probabilities, threshold=inf.threshold)
+                                                                  probabilities=probabilities, threshold=inf.threshold,
+                                                                  prob_dtype=prob_dtype)
         return object_labels(labels, cfg, spacing), prob
     logits = predict_logits(model, image, cfg, device)
     labels = postprocess(logits, image, cfg, spacing)
@@ -102,7 +110,9 @@ def predict_labels(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
         prob = torch.softmax(logits, 1).gather(1, labels[:, None].to(logits.device)).squeeze(1)
     elif probabilities:
         _, prob = pixel_labels(logits, inf.threshold, probabilities=True)
-    return labels.cpu(), prob.float().cpu() if prob is not None else None
+    if prob is not None:
+        prob = quantise_probability(prob) if prob_dtype == torch.uint16 else prob.float()
+    return labels.cpu(), prob.cpu() if prob is not None else None
 
 
 def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -154,10 +164,11 @@ class Predictor:
         return predict_logits(self.model, image, self.cfg, self.device)
 
     def labels(self, image: torch.Tensor, spacing: Sequence[Sequence[float]] | None = None,
-               probabilities: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+               probabilities: bool = False, prob_dtype: torch.dtype = torch.float32
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Class maps at the operating point and, with ``probabilities``, each label's probability
         (see :func:`predict_labels`)."""
-        return predict_labels(self.model, image, self.cfg, self.device, spacing, probabilities)
+        return predict_labels(self.model, image, self.cfg, self.device, spacing, probabilities, prob_dtype)
 
     def __call__(self, image: torch.Tensor, spacing: Sequence[Sequence[float]] | None = None) -> torch.Tensor:
         """Class maps ``(B, H, W)`` (int64, on the CPU) for ``(B, C, H, W)`` images."""

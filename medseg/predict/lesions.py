@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from medseg.inference.postprocess import PROB_SCALE
 from medseg.lesion import axes_mm, measure_recist
 
 __all__ = ["COLUMNS", "lesion_map", "lesion_table", "slice_extents"]
@@ -114,6 +115,32 @@ def _component_sums(comp: np.ndarray, i: int, box: tuple[slice, ...], prob: np.n
     return out
 
 
+#: crops of at most this many pixels share their RECIST measurement with every identical crop (a bounded
+#: cache of :data:`RECIST_CACHE_SIZE` entries): thousands of small components repeat a few shapes
+RECIST_CACHE_PIXELS = 1024
+RECIST_CACHE_SIZE = 8192
+
+
+def _recist_mm(crop: np.ndarray, spacing: tuple[float, float],
+               seen: dict[tuple[tuple[int, ...], bytes], tuple[float, float]]) -> tuple[float, float]:
+    """RECIST long and short axes (mm) of a bool crop (:func:`medseg.lesion.measure_recist`; 0, 0 when
+    empty). The measurement depends on the crop alone, so an identical small crop (same shape and
+    pixels: the key is exact) reuses the lengths in ``seen``, which holds at most
+    :data:`RECIST_CACHE_SIZE` entries."""
+    key = None
+    if crop.size <= RECIST_CACHE_PIXELS:
+        key = (crop.shape, np.packbits(crop).tobytes())
+        if key in seen:
+            return seen[key]
+    ax = measure_recist(crop)
+    out = axes_mm(ax, spacing) if ax is not None else (0.0, 0.0)
+    if key is not None:
+        if len(seen) >= RECIST_CACHE_SIZE:
+            seen.clear()
+        seen[key] = out
+    return out
+
+
 def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spacing: tuple[float, float],
                  extents: np.ndarray, to_world: ToWorld, connectivity: int = 3) -> list[dict[str, Any]]:
     """One row per 3-D connected lesion of a ``(Z, H, W)`` class map (see the module doc for columns).
@@ -128,7 +155,8 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
 
     Args:
         labels: ``(Z, H, W)`` integer class map, 0 = background.
-        prob: ``(Z, H, W)`` probability of the predicted class.
+        prob: ``(Z, H, W)`` probability of the predicted class: float, or uint16 fixed point
+            (:func:`~medseg.inference.postprocess.quantise_probability`, as ``medseg predict`` keeps it).
         values: ``(Z, H, W)`` source values (HU).
         spacing: ``(sy, sx)`` mm/px.
         extents: ``(Z,)`` slice extents (mm), see :func:`slice_extents`.
@@ -137,6 +165,17 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
     """
     sy, sx = float(spacing[0]), float(spacing[1])
     px_area = sy * sx
+    prob_unit = PROB_SCALE if prob.dtype == np.uint16 else 1.0
+    recist_seen: dict[tuple[tuple[int, ...], bytes], tuple[float, float]] = {}
+    # one string object per distinct cell value (areas, axes, HU, probabilities repeat across thousands of
+    # small lesions): the rows are most of the table's memory that grows with the lesion count
+    strings: dict[str, str] = {}
+
+    def same(text: str) -> str:
+        return strings.setdefault(text, text)
+
+    def fmt(v: float, nd: int = 2) -> str:
+        return same(_fmt(v, nd))
     structure = ndimage.generate_binary_structure(3, int(connectivity))
     rows: list[dict[str, Any]] = []
     top = int(labels.max()) if labels.size else 0
@@ -162,21 +201,21 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
             # is zero beyond the array's edge, so a crop flush with the lesion would cut its border
             (r0, r1), (c0, c1) = (box[1].start, box[1].stop), (box[2].start, box[2].stop)
             h, w = comp.shape[1:]
-            ax = measure_recist(comp[largest, max(r0 - 1, 0): min(r1 + 1, h), max(c0 - 1, 0): min(c1 + 1, w)] == i)
-            long_mm, short_mm = axes_mm(ax, (sy, sx)) if ax is not None else (0.0, 0.0)
+            crop = comp[largest, max(r0 - 1, 0): min(r1 + 1, h), max(c0 - 1, 0): min(c1 + 1, w)] == i
+            long_mm, short_mm = _recist_mm(crop, (sy, sx), recist_seen)
             n_all = float(n_k.sum())
             j = largest - z0
             rows.append({
                 "lesion_id": 0, "class": cls, "first_slice": ks[0], "last_slice": ks[-1],
                 "centroid_x_mm": _fmt(centroid[0], 3), "centroid_y_mm": _fmt(centroid[1], 3),
-                "centroid_z_mm": _fmt(centroid[2], 3),
-                "volume_mm3": _fmt(sum(areas[k] * float(extents[k]) for k in ks)),
-                "largest_slice": largest, "largest_area_mm2": _fmt(areas[largest]),
-                "recist_long_mm": _fmt(long_mm), "recist_short_mm": _fmt(short_mm),
-                "mean_hu": _fmt(s.value_sum / n_all, 1), "max_hu": _fmt(s.value_max, 1),
-                "mean_probability": _fmt(s.prob_sum / n_all, 4),
-                "area_mm2_per_slice": ";".join(f"{k}:{areas[k]:.2f}" for k in ks),
-                "_anchor_yx": (s.sum_r[j] / s.count[j], s.sum_c[j] / s.count[j]),
+                "centroid_z_mm": fmt(centroid[2], 3),
+                "volume_mm3": fmt(sum(areas[k] * float(extents[k]) for k in ks)),
+                "largest_slice": largest, "largest_area_mm2": fmt(areas[largest]),
+                "recist_long_mm": fmt(long_mm), "recist_short_mm": fmt(short_mm),
+                "mean_hu": fmt(s.value_sum / n_all, 1), "max_hu": fmt(s.value_max, 1),
+                "mean_probability": fmt(s.prob_sum / n_all / prob_unit, 4),
+                "area_mm2_per_slice": same(";".join(f"{k}:{areas[k]:.2f}" for k in ks)),
+                "_anchor_yx": (float(s.sum_r[j] / s.count[j]), float(s.sum_c[j] / s.count[j])),
                 "_first": (ks[0], int(s.first_row[ks[0] - z0]), cls), "_component": (cls, i),
             })
         del comp

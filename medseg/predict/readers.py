@@ -80,7 +80,8 @@ class Loaded:
     """A case read into memory and pre-processed for the model.
 
     Attributes:
-        values: ``(Z, H, W)`` float32 source values (HU for CT) on the source grid.
+        values: ``(Z, H, W)`` source values on the source grid: float32 HU for DICOM, float32 for NIfTI,
+            the stored dtype for PNG / TIFF (uint8, uint16, ...; no float copy of a large image).
         images: ``(Z, C, h, w)`` float32 model inputs (after windowing, 2.5-D stacking, resampling).
         meta: the meta of a resampled sample (for :func:`to_source_grid`).
         spacing: ``(sy, sx)`` mm/px of the source grid (1, 1 for PNG / TIFF).
@@ -286,12 +287,16 @@ def _load_image(case: Case, cfg: Config) -> Loaded:
     assert case.path is not None
     arr, colour = read_image_2d(case.path)
     warnings = ["colour image converted to grayscale (BT.601 luma)"] if colour else []
-    img = normalise_2d(arr, cfg.data.window, cfg.data.window_range)
     c = cfg.data.context_slices
     if c != 1:
         warnings.append(f"2-D image: its one slice fills all {c} context channels")
-    sample = resample_sample({"image": np.repeat(img[None], c, 0), "meta": {"spacing": [1.0, 1.0]}},
-                             cfg.data.spacing_mm)
-    values = np.asarray(arr, dtype=np.float32)[None]
-    return Loaded(case, values, sample["image"][None].astype(np.float32), sample["meta"], (1.0, 1.0),
+    # one float32 image (normalise_2d), resampled once (every context channel is the same slice); only
+    # c > 1 pays a copy per extra channel — no float64, repeat-then-resample or astype copies
+    sample = resample_sample({"image": normalise_2d(arr, cfg.data.window, cfg.data.window_range)[None],
+                              "meta": {"spacing": [1.0, 1.0]}}, cfg.data.spacing_mm)
+    image = sample["image"].astype(np.float32, copy=False)
+    if c != 1:
+        image = np.repeat(image, c, 0)
+    # the source values stay in their stored dtype (a uint8 PNG: 1 byte a pixel, not a float32 copy)
+    return Loaded(case, arr[None], image[None], sample["meta"], (1.0, 1.0),
                   warnings=warnings, info={"spacing_unit": "px", "window": cfg.data.window})

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from medseg import __version__
-from medseg.data.base import apply_window, to_source_grid
+from medseg.data.base import to_source_grid
 from medseg.data.dicom import header_window
-from medseg.data.images import normalise_2d
+from medseg.data.images import intensity_range
 from medseg.data.windowing import annotation_window_warning
 from medseg.inference.predictor import Predictor
 from medseg.io import WriteError, atomic_dir, exclusive_lock, write_error_of
@@ -49,6 +49,7 @@ from medseg.predict.manifest import Manifest, manifest_name, merge_manifests
 from medseg.predict.readers import Case, Loaded, discover, load_case
 from medseg.predict.sr import write_seg_and_sr
 from medseg.predict.writers import (
+    gray8,
     nifti_affine,
     write_csv,
     write_json,
@@ -113,30 +114,43 @@ def first_line(e: BaseException) -> str:
 
 @torch.no_grad()
 def predict_case(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class map and each label's probability, ``(Z, H, W)`` each, on the source grid, at the operating
-    point (:meth:`Predictor.labels`: the same class map as ``medseg evaluate``; in sliding mode the
-    window reduces rows to labels as they are finished, memory bounded by a band)."""
+    """Class map (uint8) and each label's probability, ``(Z, H, W)`` each, on the source grid, at the
+    operating point (:meth:`Predictor.labels`: the same class map as ``medseg evaluate``; in sliding mode
+    the window reduces rows to labels as they are finished, memory bounded by a band).
+
+    The probability is uint16 fixed point (:data:`~medseg.inference.postprocess.PROB_SCALE`: 2 bytes a
+    pixel, within 7.7e-6 of the float32 value; the lesion table's ``mean_probability`` is printed to
+    1e-4). The batches are written into the two outputs in place (no concatenated copies).
+    """
     images = torch.from_numpy(loaded.images)
-    labs, probs = [], []
+    labels = prob = None
     for i in range(0, len(images), batch_size):
         x = images[i: i + batch_size]
-        lab, prob = predictor.labels(x, [loaded.meta["spacing"]] * len(x), probabilities=True)
-        assert prob is not None
-        labs.append(lab.numpy().astype(np.uint8))
-        probs.append(prob.numpy())
-    labels = to_source_grid(np.concatenate(labs), loaded.meta)
-    prob = to_source_grid(np.concatenate(probs).astype(np.float32), loaded.meta)
-    return labels, prob
+        lab, p = predictor.labels(x, [loaded.meta["spacing"]] * len(x), probabilities=True, prob_dtype=torch.uint16)
+        assert p is not None
+        if labels is None or prob is None:
+            if len(x) == len(images):  # one batch: its own arrays are the outputs
+                labels, prob = lab.numpy().astype(np.uint8, copy=False), p.numpy()
+                break
+            labels = np.empty((len(images), *lab.shape[1:]), np.uint8)
+            prob = np.empty((len(images), *p.shape[1:]), np.uint16)
+        labels[i: i + len(x)] = lab.numpy()
+        prob[i: i + len(x)] = p.numpy()
+    assert labels is not None and prob is not None
+    return to_source_grid(labels, loaded.meta), to_source_grid(prob, loaded.meta)
 
 
 def _display(loaded: Loaded, cfg: Any) -> np.ndarray:
-    """``(Z, H, W)`` intensities in [0, 1] for the overlays: the series' own display window (its first
-    WindowCenter / WindowWidth pair) where it has one, else as the model saw them."""
+    """``(Z, H, W)`` uint8 display gray for the overlays (:func:`~medseg.predict.writers.gray8`, a band of
+    rows at a time: no float copy of the stack): the series' own display window (its first WindowCenter /
+    WindowWidth pair) where it has one, else as the model saw them (an image: its
+    :func:`~medseg.data.images.intensity_range`)."""
     if loaded.case.kind == "image":
-        return normalise_2d(loaded.values[0], cfg.data.window, cfg.data.window_range)[None]
+        rng = intensity_range(loaded.values[0], cfg.data.window, cfg.data.window_range)
+        return gray8(loaded.values, *rng) if rng is not None else np.zeros(loaded.values.shape, np.uint8)
     own = header_window(loaded.geom.windows) if loaded.geom is not None else None
     low, high = own if own is not None else loaded.info["window"]
-    return apply_window(loaded.values, low, high)
+    return gray8(loaded.values, low, high)
 
 
 def _world(loaded: Loaded) -> Any:
@@ -171,14 +185,35 @@ def _extents(loaded: Loaded) -> np.ndarray:
 
 def process_case(loaded: Loaded, predictor: Predictor, out_dir: Path, tmp_root: Path, fingerprint: str
                  ) -> dict[str, Any]:
-    """Predict one case, write and verify its outputs in a temporary folder, then rename it into place."""
+    """Predict one case, write and verify its outputs in a temporary folder, then rename it into place.
+
+    The case's model inputs (``loaded.images``) are released once predicted: the writers never use them,
+    and the lesion table and overlays then run without them in memory.
+    """
     t0 = time.perf_counter()
     labels, prob = predict_case(loaded, predictor, predictor.cfg.predict.batch_size)
+    loaded.images = loaded.images[:0]
+    release_freed_memory()
     predict_s = time.perf_counter() - t0
     # the case's folder appears whole or not at all; one already there (renamed by a run killed before
     # its manifest said done) is replaced
     with atomic_dir(out_dir / loaded.case.out_rel, tmp_root / loaded.case.key) as tmp:
         return write_case(tmp, loaded, labels, prob, predictor.cfg, fingerprint, predict_s)
+
+
+def release_freed_memory() -> None:
+    """Give the memory the model's forward passes freed back to the system (glibc ``malloc_trim``; a no-op
+    elsewhere). Activations of a few tiles (tens of MiB each, below glibc's mmap threshold) stay in the
+    allocator's free lists after the window — ~200 MiB of resident memory that the lesion table's and
+    overlays' large arrays (mapped separately) cannot reuse, so it would add to the process's peak."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)  # type: ignore[arg-type]
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
 
 
 def write_case(tmp: Path, loaded: Loaded, labels: np.ndarray, prob: np.ndarray, cfg: Any, fingerprint: str,

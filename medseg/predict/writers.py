@@ -25,11 +25,12 @@ import cv2
 import numpy as np
 
 from medseg import __version__
-from medseg.data.base import DataError
+from medseg.data.base import DataError, apply_window
 from medseg.io import atomic_write_bytes, atomic_write_text, write_rows_csv
 from medseg.predict.lesions import COLUMNS
 
-__all__ = ["lesion_tracking_uid", "nifti_affine", "outline", "segment_property", "write_csv", "write_json", "write_nifti", "write_overlays", "write_png_mask", "write_seg"]
+__all__ = ["gray8", "lesion_tracking_uid", "nifti_affine", "outline", "paint_outline", "segment_property", "write_csv", "write_json", "write_nifti",
+           "write_overlays", "write_png_mask", "write_seg"]
 
 _OVERLAY_COLOUR = (0, 0, 255)
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
@@ -139,12 +140,20 @@ def _draw_id(rgb: np.ndarray, text: str, anchor_yx: tuple[float, float], scale: 
     cv2.putText(rgb, text, (x, y), font, size, (0, 255, 255), thick, cv2.LINE_AA)
 
 
-def _gray8(image: np.ndarray, chunk_rows: int = 256) -> np.ndarray:
-    """``(H, W)`` intensities in [0, 1] → uint8 (×255, truncated), a chunk of rows at a time (no float copy
-    of the whole slice)."""
-    out = np.empty(image.shape, np.uint8)
-    for a in range(0, image.shape[0], chunk_rows):
-        out[a: a + chunk_rows] = np.clip(image[a: a + chunk_rows], 0, 1) * 255
+def gray8(values: np.ndarray, low: float = 0.0, high: float = 1.0, chunk_rows: int = 256) -> np.ndarray:
+    """Display gray of ``(..., H, W)`` values: ``apply_window(values, low, high) × 255`` truncated to uint8
+    (NaN counts as 0), a chunk of rows at a time — no float copy of the whole slice or stack.
+    ``low, high = 0, 1`` takes intensities already in [0, 1]."""
+    out = np.empty(values.shape, np.uint8)
+    flat_in = values.reshape(-1, *values.shape[-2:]) if values.ndim > 2 else values[None]
+    flat_out = out.reshape(flat_in.shape)
+    floating = np.issubdtype(values.dtype, np.floating)
+    for z in range(flat_in.shape[0]):
+        for a in range(0, flat_in.shape[1], chunk_rows):
+            band = flat_in[z, a: a + chunk_rows]
+            if floating:
+                band = np.nan_to_num(band.astype(np.float32), copy=False)
+            flat_out[z, a: a + chunk_rows] = apply_window(band, low, high) * 255
     return out
 
 
@@ -155,11 +164,24 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return mask > inner
 
 
+def paint_outline(rgb: np.ndarray, labels: np.ndarray, band_rows: int = 512) -> None:
+    """``rgb[outline(labels > 0)] = `` the overlay colour, a band of rows at a time: each band is read with
+    one row of context above and below, so the pixels are the whole slice's :func:`outline`, and the
+    temporaries are a band's, not three masks of the whole slice."""
+    h = labels.shape[0]
+    for a in range(0, h, band_rows):
+        b = min(a + band_rows, h)
+        a0, b0 = max(a - 1, 0), min(b + 1, h)
+        edge = outline((labels[a0:b0] > 0).view(np.uint8))
+        rgb[a:b][edge[a - a0: a - a0 + b - a]] = _OVERLAY_COLOUR
+
+
 def write_overlays(folder: Path, images: np.ndarray, labels: np.ndarray, rows: list[dict[str, Any]]) -> list[str]:
     """``folder/slice_NNNN.png`` for every slice with a lesion: the windowed slice, lesion outlines, ids.
 
     Args:
-        images: ``(Z, H, W)`` display intensities in [0, 1] on the source grid.
+        images: ``(Z, H, W)`` display intensities on the source grid: in [0, 1] (float), or 8-bit gray
+            already (uint8, :func:`gray8`).
         labels: ``(Z, H, W)`` class map.
         rows: the lesion table: each id is drawn on the lesion's largest slice, centred on its pixel
             centroid there (``_anchor_yx``, set by :func:`~medseg.predict.lesions.lesion_table`).
@@ -169,17 +191,19 @@ def write_overlays(folder: Path, images: np.ndarray, labels: np.ndarray, rows: l
     for r in rows:
         by_slice.setdefault(int(r["largest_slice"]), []).append(r)
     for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1)):
-        gray = _gray8(images[k])
+        gray = images[k] if images.dtype == np.uint8 else gray8(images[k])
         rgb = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
         del gray
         scale = max(1, int(np.ceil(256 / max(rgb.shape[:2]))))
         if scale > 1:
             rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        m = (labels[k] > 0).view(np.uint8)
         if scale > 1:
-            m = cv2.resize(m, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
-        rgb[outline(m)] = _OVERLAY_COLOUR
-        del m
+            m = cv2.resize((labels[k] > 0).view(np.uint8), (rgb.shape[1], rgb.shape[0]),
+                           interpolation=cv2.INTER_NEAREST)
+            rgb[outline(m)] = _OVERLAY_COLOUR
+            del m
+        else:
+            paint_outline(rgb, labels[k])
         for r in by_slice.get(int(k), []):
             _draw_id(rgb, str(r["lesion_id"]), r["_anchor_yx"], scale)
         name = f"slice_{int(k):04d}.png"

@@ -253,3 +253,27 @@ def test_multi_window_channels_and_the_annotation_window_warning(small: dict, or
     with caplog.at_level("WARNING", logger="medseg.predict"):
         run_predict(_ckpt(tmp_path, "f"), small["root"] / "a", tmp_path / "o2", progress=False)
     assert not any("data.window: dicom" in r.getMessage() for r in caplog.records)
+
+
+def test_png_reader_keeps_the_stored_dtype_and_builds_the_model_input_once(tmp_path: Path) -> None:
+    """A PNG's values stay uint8 (1 byte a pixel, not a float32 copy); the model input is normalise_2d's
+    float32 image in every context channel, resampled like the training dataset."""
+    from medseg.data.base import resample_sample
+    from medseg.data.images import normalise_2d
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (60, 80)).astype(np.uint8)
+    (tmp_path / "imgs").mkdir()
+    cv2.imwrite(str(tmp_path / "imgs" / "a.png"), img)
+    for context, spacing in ((1, None), (3, 0.5)):
+        cfg = Config()
+        cfg.data.context_slices, cfg.data.spacing_mm, cfg.data.window = context, spacing, "dicom"
+        (case,), _ = discover(tmp_path / "imgs", cfg)
+        loaded = load_case(case, cfg)
+        assert loaded.values.dtype == np.uint8 and loaded.values.shape == (1, 60, 80)
+        np.testing.assert_array_equal(loaded.values[0], img)
+        ref = resample_sample({"image": np.repeat(normalise_2d(img, "dicom", [0.0, 1.0])[None], context, 0),
+                               "meta": {"spacing": [1.0, 1.0]}}, spacing)
+        assert loaded.images.dtype == np.float32 and loaded.images.flags.c_contiguous
+        np.testing.assert_array_equal(loaded.images[0], ref["image"])
+        assert loaded.meta == ref["meta"]

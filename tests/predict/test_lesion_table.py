@@ -144,8 +144,9 @@ def test_table_memory_does_not_grow_with_the_foreground() -> None:
 
     The per-voxel formula allocated ~77 bytes per foreground pixel. Now, whatever the foreground: one
     class mask and its int32 component map (5 B/px of the image), one chunk, the rows; and for RECIST
-    the largest slice's box of the lesion being measured (``measure_recist`` copies it as bool, uint8
-    and float32: ≤ 7 B/px of that box).
+    the largest slice's box of the lesion being measured (one bool crop, which ``measure_recist`` reads
+    as a uint8 view: 1 B/px of that box — it made uint8 and float32 copies too, 7 B/px, before), and
+    RECIST's sampling grid (fixed: ≤ 256 × 1024 samples).
     """
     size = 2048
     n_px = size * size
@@ -165,7 +166,7 @@ def test_table_memory_does_not_grow_with_the_foreground() -> None:
     assert (n_small, n_cells, n_one) == (3, 4096, 1)
     assert peak_small < 6 * n_px  # the mask and component map of the image
     assert peak_cells - peak_small < 1.5 * n_px  # many lesions over most of the image: the rows only
-    assert peak_one < 14 * n_px  # + one RECIST box the size of the image (the per-voxel formula: ~67 B/px)
+    assert peak_one < 9 * n_px  # + one RECIST box the size of the image (the per-voxel formula: ~67 B/px)
 
 
 # ----------------------------------------------------------------------------- overlays
@@ -237,3 +238,108 @@ def test_overlay_outline_is_the_traced_contour() -> None:
         contours, _ = cv2.findContours(m, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(traced, contours, -1, (0, 0, 255), 1)
         np.testing.assert_array_equal(outline(m), traced[..., 2] > 0)
+
+
+# ----------------------------------------------------------------------------- what medseg predict keeps
+
+
+def _pixels(z, r, c):
+    return np.stack([c, r, np.zeros_like(c)], 1).astype(np.float64)
+
+
+def test_uint16_probability_gives_the_float_mean_to_the_printed_precision() -> None:
+    """``medseg predict`` keeps the probability as uint16 fixed point: each ``mean_probability`` is within
+    the quantisation step of the float32 map's (printed to 1e-4; a value may round the other way only
+    when it lies within 8e-6 of a rounding boundary)."""
+    import torch
+
+    from medseg.inference.postprocess import PROB_SCALE, quantise_probability
+
+    labels, prob, values = _case()
+    q = quantise_probability(torch.from_numpy(prob)).numpy()
+    assert q.dtype == np.uint16 and np.abs(q / PROB_SCALE - prob).max() <= 0.5 / PROB_SCALE + 1e-7
+    ref = _reference_table(labels, prob, values, (1.0, 1.0), np.ones(labels.shape[0]), _pixels)
+    got = lesion_table(labels, q, values, (1.0, 1.0), np.ones(labels.shape[0]), _pixels)
+    flt = lesion_table(labels, prob, values, (1.0, 1.0), np.ones(labels.shape[0]), _pixels)
+    assert len(got) == len(ref) > 5
+    for g, f, r in zip(got, flt, ref, strict=True):
+        assert abs(float(g["mean_probability"]) - r["mean_probability"]) <= 0.5e-4 + 0.5 / PROB_SCALE
+        assert {k: v for k, v in g.items() if k != "mean_probability"} == \
+            {k: v for k, v in f.items() if k != "mean_probability"}
+
+
+def test_recist_shared_by_identical_crops_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small components, most repeating a few shapes (as cells do), some random: the table with the
+    shared RECIST measurements equals the table measuring every lesion (RECIST_CACHE_PIXELS = 0), and
+    each RECIST cell equals measure_recist of that lesion's own crop."""
+    import medseg.predict.lesions as L
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((2, 300, 300), np.uint8)
+    shapes = [np.ones((1, 1)), np.ones((1, 2)), np.ones((3, 1)), np.eye(3), np.ones((4, 5))]
+    for k in range(400):
+        z, y, x = rng.integers(0, 2), rng.integers(0, 290), rng.integers(0, 290)
+        s = shapes[k % len(shapes)] if k % 4 else rng.random((rng.integers(2, 9), rng.integers(2, 9))) < 0.6
+        labels[z, y: y + s.shape[0], x: x + s.shape[1]] = np.where(s > 0, 1 + k % 2, labels[z, y: y + s.shape[0],
+                                                                                        x: x + s.shape[1]])
+    prob = rng.uniform(0.5, 1.0, labels.shape).astype(np.float32)
+    values = rng.normal(0, 100, labels.shape).astype(np.float32)
+    args = (labels, prob, values, (0.8, 0.6), np.ones(2), _pixels, 1)
+    calls = []
+    real = L.measure_recist
+    monkeypatch.setattr(L, "measure_recist", lambda m: calls.append(1) or real(m))
+    shared = L.lesion_table(*args)
+    n_shared = len(calls)
+    monkeypatch.setattr(L, "RECIST_CACHE_PIXELS", 0)
+    every = L.lesion_table(*args)
+    assert len(shared) == len(every) > 200
+    assert n_shared < len(every) / 2 and len(calls) - n_shared == len(every)  # shared: far fewer measurements
+    assert shared == every
+    structure = ndimage.generate_binary_structure(3, 1)
+    for r in every[::17]:  # independently: measure_recist of the lesion's own crop on its largest slice
+        cls, i = r["_component"]
+        comp, _ = ndimage.label(labels == cls, structure=structure)
+        m = comp[r["largest_slice"]] == i
+        ys, xs = np.nonzero(m)
+        crop = m[max(ys.min() - 1, 0): ys.max() + 2, max(xs.min() - 1, 0): xs.max() + 2]
+        long_mm, short_mm = axes_mm(measure_recist(crop), (0.8, 0.6))
+        assert (r["recist_long_mm"], r["recist_short_mm"]) == (f"{long_mm:.2f}", f"{short_mm:.2f}")
+
+
+def test_display_gray_is_the_windowed_values_without_a_float_copy() -> None:
+    """gray8 (the overlays' display, a band of rows at a time) equals ``apply_window × 255`` truncated,
+    the formula the overlays used on the whole float image; NaN counts as 0 as in normalise_2d."""
+    from medseg.data.base import apply_window
+    from medseg.data.images import intensity_range, normalise_2d
+    from medseg.predict.writers import gray8
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(40, 400, (3, 300, 70)).astype(np.float32)
+    ref = (np.clip(apply_window(hu, -160, 240), 0, 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(gray8(hu, -160, 240, chunk_rows=64), ref)
+    img = rng.integers(0, 256, (300, 70)).astype(np.uint8)
+    rng_ = intensity_range(img, "dicom", [0.0, 1.0])
+    assert rng_ == (0.0, 255.0)
+    np.testing.assert_array_equal(gray8(img, *rng_), (normalise_2d(img, "dicom", [0.0, 1.0]) * 255).astype(np.uint8))
+    flt = rng.normal(5, 2, (300, 70))
+    flt[3, 4], flt[200, 1] = np.nan, np.inf
+    lo_hi = intensity_range(flt, "dicom", [0.0, 1.0])
+    finite = flt[np.isfinite(flt)]
+    assert lo_hi == (finite.min(), finite.max())
+    np.testing.assert_array_equal(gray8(flt, *lo_hi, chunk_rows=7),
+                                  (normalise_2d(flt, "dicom", [0.0, 1.0]) * 255).astype(np.uint8))
+    assert intensity_range(np.full((4, 4), 3.0), "dicom", [0.0, 1.0]) is None
+
+
+def test_outline_painted_by_bands_is_the_whole_slices() -> None:
+    from medseg.predict.writers import outline, paint_outline
+
+    rng = np.random.default_rng(5)
+    labels = (cv2.GaussianBlur(rng.random((157, 90)).astype(np.float32), (0, 0), 2) > 0.5).astype(np.uint8)
+    labels[0, :10], labels[-1, 40:], labels[:, 0] = 1, 2, 1  # lesions on the image's edges
+    ref = np.zeros((*labels.shape, 3), np.uint8)
+    ref[outline((labels > 0).view(np.uint8))] = (0, 0, 255)
+    for band in (1, 2, 16, 157, 1000):
+        got = np.zeros_like(ref)
+        paint_outline(got, labels, band_rows=band)
+        np.testing.assert_array_equal(got, ref)
