@@ -82,7 +82,7 @@ def _verdict(ratio: float, unit: str) -> str:
     higher = unit in HIGHER_IS_BETTER_UNITS
     better = ratio > 1 if higher else ratio < 1
     factor = max(ratio, 1.0 / ratio)
-    if unit in ("MiB", "MB", "GiB"):
+    if unit in ("MiB", "MB", "GiB", "B/instance"):
         return f"{factor:.2f}× {'less' if better else 'more'} memory"
     return f"{factor:.2f}× {'faster' if better else 'slower'}"
 
