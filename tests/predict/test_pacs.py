@@ -166,6 +166,17 @@ def _start_listener(ckpt: Path, out: Path, port: int, orthanc: Orthanc, *extra: 
     return proc
 
 
+def _stop(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """SIGINT the listener and return its output; one that outlives ``timeout`` is killed (so it cannot keep
+    the module's port and answer the next test's associations) and fails the test."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the listener did not stop within {timeout:.0f} s of SIGINT:\n{proc.communicate()[0]}")
+
+
 def _wait_echo(port: int, proc: subprocess.Popen, aet: str = AE_TITLE) -> bool:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
@@ -205,8 +216,7 @@ def test_orthanc_pushes_to_the_listener_which_stores_back(orthanc: Orthanc, orac
         _wait(lambda: _medseg_series(orthanc, study) == {"SEG": 1, "SR": 1})
         assert not _wait_echo(listen_port, proc, aet="INTRUDER")  # a calling AE title not allowed is refused
     finally:
-        proc.send_signal(signal.SIGINT)
-        text = proc.communicate(timeout=60)[0]
+        text = _stop(proc)
     lines = [ln for ln in text.splitlines() if "series " in ln and "instances" in ln]
     assert len(lines) == 1 and "6 instances, 1 case(s) predicted, 2 lesion(s); stored back: ok" in lines[0], text
     assert B.PATIENT_NAME.split("^")[0] not in text and B.PATIENT_ID not in text
@@ -235,6 +245,5 @@ def test_listener_killed_after_ack_predicts_on_restart(orthanc: Orthanc, oracle:
     try:
         _wait(lambda: _medseg_series(orthanc, study) == {"SEG": 1, "SR": 1})
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        _stop(proc)
     assert len(list(out.glob("study-*/series-*/sr.dcm"))) == 1 and not list((out / ".incoming").rglob("*.dcm"))
