@@ -44,7 +44,7 @@ from medseg.data.images import intensity_range
 from medseg.data.windowing import annotation_window_warning
 from medseg.inference.predictor import Predictor
 from medseg.io import WriteError, atomic_dir, exclusive_lock, write_error_of
-from medseg.predict.lesions import lesion_table, slice_extents
+from medseg.predict.lesions import lesion_table, release_freed_memory, slice_extents
 from medseg.predict.manifest import Manifest, manifest_name, merge_manifests
 from medseg.predict.readers import Case, Loaded, discover, load_case
 from medseg.predict.sr import write_seg_and_sr
@@ -199,21 +199,6 @@ def process_case(loaded: Loaded, predictor: Predictor, out_dir: Path, tmp_root: 
     # its manifest said done) is replaced
     with atomic_dir(out_dir / loaded.case.out_rel, tmp_root / loaded.case.key) as tmp:
         return write_case(tmp, loaded, labels, prob, predictor.cfg, fingerprint, predict_s)
-
-
-def release_freed_memory() -> None:
-    """Give the memory the model's forward passes freed back to the system (glibc ``malloc_trim``; a no-op
-    elsewhere). Activations of a few tiles (tens of MiB each, below glibc's mmap threshold) stay in the
-    allocator's free lists after the window — ~200 MiB of resident memory that the lesion table's and
-    overlays' large arrays (mapped separately) cannot reuse, so it would add to the process's peak."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)  # type: ignore[arg-type]
-    except (OSError, AttributeError, TypeError):  # not glibc
-        pass
 
 
 def write_case(tmp: Path, loaded: Loaded, labels: np.ndarray, prob: np.ndarray, cfg: Any, fingerprint: str,
