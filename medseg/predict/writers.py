@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import struct
@@ -29,7 +30,7 @@ import numpy as np
 
 from medseg import __version__
 from medseg.data.base import DataError, apply_window
-from medseg.io import atomic_path, atomic_write_bytes, atomic_write_text, write_rows_csv
+from medseg.io import atomic_path, atomic_write_bytes, atomic_write_text
 from medseg.predict.lesions import COLUMNS
 
 __all__ = ["gray8", "lesion_tracking_uid", "nifti_affine", "outline", "paint_outline", "segment_property", "write_csv", "write_json", "write_nifti",
@@ -119,13 +120,22 @@ def write_png_mask(path: Path, labels: np.ndarray) -> None:
         raise DataError(f"{path}: the written PNG does not read back as the mask")
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, rows: list[dict[str, Any]], chunk_rows: int = 4096) -> None:
     """``lesions.csv``: the :data:`~medseg.predict.lesions.COLUMNS` of each row (the header even when there is
-    no lesion); a row's private keys (``_anchor_yx``) are not written."""
-    if rows:
-        write_rows_csv([{k: r[k] for k in COLUMNS} for r in rows], path)
-    else:
-        atomic_write_text(path, ",".join(COLUMNS) + "\r\n")
+    no lesion); a row's private keys (``_anchor_yx``) are not written. Written a chunk of rows at a time
+    (the bytes of :func:`medseg.io.write_rows_csv` of the columns, without a copy of every row or the
+    whole text in memory)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(COLUMNS)
+        for n, r in enumerate(rows, start=1):
+            writer.writerow([r[k] for k in COLUMNS])
+            if n % chunk_rows == 0:
+                f.write(buf.getvalue().encode())
+                buf.seek(0)
+                buf.truncate()
+        f.write(buf.getvalue().encode())
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

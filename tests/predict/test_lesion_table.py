@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from medseg.io import write_rows_csv
 from medseg.lesion import axes_mm, measure_recist
 from medseg.predict.lesions import COLUMNS, lesion_table, slice_extents
 from medseg.predict.run import predict_threads
@@ -120,6 +121,14 @@ def test_csv_holds_the_columns_only(tmp_path: Path) -> None:
     write_csv(tmp_path / "lesions.csv", rows)
     lines = (tmp_path / "lesions.csv").read_text().splitlines()
     assert lines[0] == ",".join(COLUMNS) and len(lines) == len(rows) + 1
+    # written in chunks: the bytes of the whole table written at once
+    rows[0]["area_mm2_per_slice"] = 'a,"b"'  # a cell the CSV quotes
+    write_rows_csv([{k: r[k] for k in COLUMNS} for r in rows], tmp_path / "ref2.csv")
+    for chunk in (1, 2, 1000):
+        write_csv(tmp_path / "lesions.csv", rows, chunk_rows=chunk)
+        assert (tmp_path / "lesions.csv").read_bytes() == (tmp_path / "ref2.csv").read_bytes()
+    write_csv(tmp_path / "empty.csv", [])
+    assert (tmp_path / "empty.csv").read_bytes() == (",".join(COLUMNS) + "\r\n").encode()
 
 
 # ----------------------------------------------------------------------------- memory
