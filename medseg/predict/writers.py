@@ -111,12 +111,14 @@ def write_nifti_like(path: Path, labels_canonical: np.ndarray, nifti: dict[str, 
 
 def write_png_mask(path: Path, labels: np.ndarray) -> None:
     """A 2-D class map as an 8-bit PNG (0 = background, 1..K−1), re-read and checked."""
-    ok, buf = cv2.imencode(".png", labels.astype(np.uint8))
+    mask = labels.astype(np.uint8, copy=False)  # no copy of a uint8 map
+    ok, buf = cv2.imencode(".png", mask)
     if not ok:
         raise DataError(f"{path}: cannot encode the mask as PNG")
-    atomic_write_bytes(path, buf.tobytes())
+    atomic_write_bytes(path, buf.reshape(-1).data)  # the encoded bytes, not a tobytes() copy
+    del buf
     back = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
-    if back is None or not np.array_equal(back, labels.astype(np.uint8)):
+    if back is None or not np.array_equal(back, mask):
         raise DataError(f"{path}: the written PNG does not read back as the mask")
 
 
