@@ -210,7 +210,8 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
     pending: list[tuple[Any, ...]] = []
     top = int(labels.max()) if labels.size else 0
     for cls in range(1, top + 1):
-        mask = labels == cls
+        # one class in an unsigned map: the map is its own mask (no bool copy beside the component map)
+        mask = labels if top == 1 and labels.dtype.kind == "u" else labels == cls
         if not mask.any():
             continue
         comp, _n = ndimage.label(mask, structure=structure)
