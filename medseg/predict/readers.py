@@ -41,7 +41,14 @@ from medseg.data.dicom import (
     read_series_hu,
     series_geometry,
 )
-from medseg.data.images import SUFFIXES_2D, SUFFIXES_3D, file_stem, normalise_2d, read_image_2d
+from medseg.data.images import (
+    SUFFIXES_2D,
+    SUFFIXES_3D,
+    file_stem,
+    intensity_range,
+    normalise_2d,
+    read_image_2d,
+)
 from medseg.data.windowing import apply_windows, window_set
 
 __all__ = ["Case", "Loaded", "discover", "load_case", "model_inputs", "safe_name"]
@@ -82,7 +89,11 @@ class Loaded:
     Attributes:
         values: ``(Z, H, W)`` source values on the source grid: float32 HU for DICOM, float32 for NIfTI,
             the stored dtype for PNG / TIFF (uint8, uint16, ...; no float copy of a large image).
-        images: ``(Z, C, h, w)`` float32 model inputs (after windowing, 2.5-D stacking, resampling).
+        images: ``(Z, C, h, w)`` float32 model inputs (after windowing, 2.5-D stacking, resampling); with
+            ``input_window``, the source values themselves (a ``(Z, 1, H, W)`` view of ``values``).
+        input_window: ``(low, high)`` when the model input is ``apply_window(images, low, high)``, left for
+            :func:`~medseg.predict.run.predict_case` to build a tile batch at a time (an integer PNG / TIFF
+            the model sees on its own grid, one context channel: 1–2 bytes a pixel instead of 4).
         meta: the meta of a resampled sample (for :func:`to_source_grid`).
         spacing: ``(sy, sx)`` mm/px of the source grid (1, 1 for PNG / TIFF).
         geom: the DICOM geometry (None for files).
@@ -100,6 +111,7 @@ class Loaded:
     warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     read_s: float = 0.0
+    input_window: tuple[float, float] | None = None
 
 
 def safe_name(stem: str, unique: str) -> str:
@@ -290,6 +302,17 @@ def _load_image(case: Case, cfg: Config) -> Loaded:
     c = cfg.data.context_slices
     if c != 1:
         warnings.append(f"2-D image: its one slice fills all {c} context channels")
+    info = {"spacing_unit": "px", "window": cfg.data.window}
+    target = cfg.data.spacing_mm
+    h, w = arr.shape
+    if c == 1 and np.issubdtype(arr.dtype, np.integer) and (
+            target is None or (max(1, round(h / target)), max(1, round(w / target))) == (h, w)):
+        # no resampling, one channel: the model input is normalise_2d's apply_window of the stored values,
+        # left to predict_case (a tile batch at a time where the window allows) — no float32 copy here
+        rng = intensity_range(arr, cfg.data.window, cfg.data.window_range)
+        assert rng is not None  # an integer image always has its dtype's range, or the fixed window
+        return Loaded(case, arr[None], arr[None, None], {"spacing": [1.0, 1.0]}, (1.0, 1.0), warnings=warnings,
+                      info=info, input_window=rng)
     # one float32 image (normalise_2d), resampled once (every context channel is the same slice); only
     # c > 1 pays a copy per extra channel — no float64, repeat-then-resample or astype copies
     sample = resample_sample({"image": normalise_2d(arr, cfg.data.window, cfg.data.window_range)[None],
@@ -298,5 +321,4 @@ def _load_image(case: Case, cfg: Config) -> Loaded:
     if c != 1:
         image = np.repeat(image, c, 0)
     # the source values stay in their stored dtype (a uint8 PNG: 1 byte a pixel, not a float32 copy)
-    return Loaded(case, arr[None], image[None], sample["meta"], (1.0, 1.0),
-                  warnings=warnings, info={"spacing_unit": "px", "window": cfg.data.window})
+    return Loaded(case, arr[None], image[None], sample["meta"], (1.0, 1.0), warnings=warnings, info=info)

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 
 from medseg import __version__
-from medseg.data.base import to_source_grid
+from medseg.data.base import apply_window, to_source_grid
 from medseg.data.dicom import header_window
 from medseg.data.images import intensity_range
 from medseg.data.windowing import annotation_window_warning
-from medseg.inference.predictor import Predictor
+from medseg.inference.predictor import Predictor, predict_labels
 from medseg.io import WriteError, atomic_dir, exclusive_lock, write_error_of
-from medseg.predict.lesions import lesion_table, slice_extents
+from medseg.predict.lesions import lesion_table, release_freed_memory, slice_extents
 from medseg.predict.manifest import Manifest, manifest_name, merge_manifests
 from medseg.predict.readers import Case, Loaded, discover, load_case
 from medseg.predict.sr import write_seg_and_sr
@@ -122,11 +122,12 @@ def predict_case(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple
     pixel, within 7.7e-6 of the float32 value; the lesion table's ``mean_probability`` is printed to
     1e-4). The batches are written into the two outputs in place (no concatenated copies).
     """
-    images = torch.from_numpy(loaded.images)
+    images, model = _model_input(loaded, predictor)
     labels = prob = None
     for i in range(0, len(images), batch_size):
         x = images[i: i + batch_size]
-        lab, p = predictor.labels(x, [loaded.meta["spacing"]] * len(x), probabilities=True, prob_dtype=torch.uint16)
+        lab, p = predict_labels(model, x, predictor.cfg, predictor.device, [loaded.meta["spacing"]] * len(x),
+                                probabilities=True, prob_dtype=torch.uint16)
         assert p is not None
         if labels is None or prob is None:
             if len(x) == len(images):  # one batch: its own arrays are the outputs
@@ -138,6 +139,32 @@ def predict_case(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple
         prob[i: i + len(x)] = p.numpy()
     assert labels is not None and prob is not None
     return to_source_grid(labels, loaded.meta), to_source_grid(prob, loaded.meta)
+
+
+def _model_input(loaded: Loaded, predictor: Predictor) -> tuple[torch.Tensor, Any]:
+    """The model input of a case and the model to run on it.
+
+    With ``loaded.input_window`` (an 8- or 16-bit signed integer image on its own grid; uint16 lacks
+    torch's flip) and a window that cuts every tile
+    from the image as it is (sliding on the CPU, Gaussian or constant blend, no padding, no CRF, no
+    scale TTA), the input stays the stored values and the model is given each tile batch windowed
+    (:func:`~medseg.data.base.apply_window`, the function the reader would have applied to the whole
+    image: the same float32 values, so the same logits) — no float32 copy of the image (4 B/px).
+    Otherwise the whole input is windowed here, as the reader did before."""
+    model = predictor.model
+    if loaded.input_window is None:
+        return torch.from_numpy(loaded.images), model
+    low, high = loaded.input_window
+    inf = predictor.cfg.inference
+    th, tw = (int(t) for t in inf.tile_size)
+    # torch implements every op of the window (cat, flip) for these; uint16 only partly
+    if (loaded.images.dtype in (np.uint8, np.int8, np.int16) and predictor.device.type == "cpu" and inf.mode == "sliding" and not inf.crf.enabled
+            and inf.blend in ("gaussian", "constant") and [float(s) for s in inf.tta_scales] == [1.0]
+            and loaded.images.shape[-2] >= th and loaded.images.shape[-1] >= tw):
+        def windowed(tiles: torch.Tensor) -> torch.Tensor:
+            return model(torch.from_numpy(apply_window(tiles.numpy(), low, high)))
+        return torch.from_numpy(loaded.images), windowed
+    return torch.from_numpy(apply_window(loaded.images, low, high)), model
 
 
 def _display(loaded: Loaded, cfg: Any) -> np.ndarray:
@@ -192,28 +219,14 @@ def process_case(loaded: Loaded, predictor: Predictor, out_dir: Path, tmp_root: 
     """
     t0 = time.perf_counter()
     labels, prob = predict_case(loaded, predictor, predictor.cfg.predict.batch_size)
-    loaded.images = loaded.images[:0]
+    # a new empty array: a slice such as ``images[:0]`` is a view that would keep the whole input alive
+    loaded.images = np.empty((0, *loaded.images.shape[1:]), loaded.images.dtype)
     release_freed_memory()
     predict_s = time.perf_counter() - t0
     # the case's folder appears whole or not at all; one already there (renamed by a run killed before
     # its manifest said done) is replaced
     with atomic_dir(out_dir / loaded.case.out_rel, tmp_root / loaded.case.key) as tmp:
         return write_case(tmp, loaded, labels, prob, predictor.cfg, fingerprint, predict_s)
-
-
-def release_freed_memory() -> None:
-    """Give the memory the model's forward passes freed back to the system (glibc ``malloc_trim``; a no-op
-    elsewhere). Activations of a few tiles (tens of MiB each, below glibc's mmap threshold) stay in the
-    allocator's free lists after the window — ~200 MiB of resident memory that the lesion table's and
-    overlays' large arrays (mapped separately) cannot reuse, so it would add to the process's peak."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)  # type: ignore[arg-type]
-    except (OSError, AttributeError, TypeError):  # not glibc
-        pass
 
 
 def write_case(tmp: Path, loaded: Loaded, labels: np.ndarray, prob: np.ndarray, cfg: Any, fingerprint: str,

@@ -16,21 +16,25 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
 
 from medseg import __version__
 from medseg.data.base import DataError, apply_window
-from medseg.io import atomic_write_bytes, atomic_write_text, write_rows_csv
+from medseg.io import atomic_path, atomic_write_bytes, atomic_write_text
 from medseg.predict.lesions import COLUMNS
 
 __all__ = ["gray8", "lesion_tracking_uid", "nifti_affine", "outline", "paint_outline", "segment_property", "write_csv", "write_json", "write_nifti",
-           "write_overlays", "write_png_mask", "write_seg"]
+           "write_overlays", "write_png_bgr", "write_png_mask", "write_seg"]
 
 _OVERLAY_COLOUR = (0, 0, 255)
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
@@ -107,22 +111,33 @@ def write_nifti_like(path: Path, labels_canonical: np.ndarray, nifti: dict[str, 
 
 def write_png_mask(path: Path, labels: np.ndarray) -> None:
     """A 2-D class map as an 8-bit PNG (0 = background, 1..K−1), re-read and checked."""
-    ok, buf = cv2.imencode(".png", labels.astype(np.uint8))
+    mask = labels.astype(np.uint8, copy=False)  # no copy of a uint8 map
+    ok, buf = cv2.imencode(".png", mask)
     if not ok:
         raise DataError(f"{path}: cannot encode the mask as PNG")
-    atomic_write_bytes(path, buf.tobytes())
+    atomic_write_bytes(path, buf.reshape(-1).data)  # the encoded bytes, not a tobytes() copy
+    del buf
     back = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
-    if back is None or not np.array_equal(back, labels.astype(np.uint8)):
+    if back is None or not np.array_equal(back, mask):
         raise DataError(f"{path}: the written PNG does not read back as the mask")
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, rows: list[dict[str, Any]], chunk_rows: int = 4096) -> None:
     """``lesions.csv``: the :data:`~medseg.predict.lesions.COLUMNS` of each row (the header even when there is
-    no lesion); a row's private keys (``_anchor_yx``) are not written."""
-    if rows:
-        write_rows_csv([{k: r[k] for k in COLUMNS} for r in rows], path)
-    else:
-        atomic_write_text(path, ",".join(COLUMNS) + "\r\n")
+    no lesion); a row's private keys (``_anchor_yx``) are not written. Written a chunk of rows at a time
+    (the bytes of :func:`medseg.io.write_rows_csv` of the columns, without a copy of every row or the
+    whole text in memory)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(COLUMNS)
+        for n, r in enumerate(rows, start=1):
+            writer.writerow([r[k] for k in COLUMNS])
+            if n % chunk_rows == 0:
+                f.write(buf.getvalue().encode())
+                buf.seek(0)
+                buf.truncate()
+        f.write(buf.getvalue().encode())
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -130,14 +145,112 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True, default=float) + "\n")
 
 
+_FONT, _FONT_SCALE, _FONT_THICK = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
+#: rows a drawn id may reach beyond its ``getTextSize`` box (anti-aliasing, the glyphs' own overhang)
+_TEXT_PAD = 4
+
+
+def _id_place(text: str, anchor_yx: tuple[float, float], scale: int, shape: tuple[int, int]
+              ) -> tuple[int, int, int, int]:
+    """Where :func:`_draw_id` puts ``text``: its origin ``(x, y)`` and the rows ``[top, bottom)`` it may
+    touch (its ``getTextSize`` box with :data:`_TEXT_PAD` rows either side)."""
+    (w, h), base = cv2.getTextSize(text, _FONT, _FONT_SCALE, _FONT_THICK)
+    cy, cx = (float(anchor_yx[0]) + 0.5) * scale, (float(anchor_yx[1]) + 0.5) * scale
+    x = int(min(max(round(cx - w / 2), 0), max(shape[1] - w, 0)))
+    y = int(min(max(round(cy + h / 2), h), shape[0] - 1))
+    return x, y, y - h - _TEXT_PAD, y + base + _TEXT_PAD + 1
+
+
 def _draw_id(rgb: np.ndarray, text: str, anchor_yx: tuple[float, float], scale: int) -> None:
     """Draw a lesion id centred on ``anchor_yx`` (source pixels), kept inside the image."""
-    font, size, thick = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
-    (w, h), _base = cv2.getTextSize(text, font, size, thick)
-    cy, cx = (float(anchor_yx[0]) + 0.5) * scale, (float(anchor_yx[1]) + 0.5) * scale
-    x = int(min(max(round(cx - w / 2), 0), max(rgb.shape[1] - w, 0)))
-    y = int(min(max(round(cy + h / 2), h), rgb.shape[0] - 1))
-    cv2.putText(rgb, text, (x, y), font, size, (0, 255, 255), thick, cv2.LINE_AA)
+    x, y, _top, _bottom = _id_place(text, anchor_yx, scale, rgb.shape[:2])
+    cv2.putText(rgb, text, (x, y), _FONT, _FONT_SCALE, (0, 255, 255), _FONT_THICK, cv2.LINE_AA)
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
+
+
+#: bytes of compressed data per IDAT chunk (libpng's default, as ``cv2.imencode`` writes them)
+_IDAT_BYTES = 8192
+
+
+def write_png_bgr(f: BinaryIO, height: int, width: int, bands: Iterable[np.ndarray]) -> None:
+    """An 8-bit RGB PNG of a ``(height, width, 3)`` BGR image given as consecutive bands of rows, to the
+    binary file ``f`` — the bytes ``cv2.imencode(".png", image)`` writes, without the whole image.
+
+    Hand-written because neither OpenCV nor Pillow encodes a PNG a band of rows at a time: for an 8192²
+    overlay ``imencode`` needs the 192 MiB image and its whole encoded buffer (plus the ``tobytes`` copy)
+    at once. The format is small (IHDR, IDAT chunks of a zlib stream, IEND); this writer uses OpenCV's
+    default encoding — every row with PNG filter 1 ("Sub"), zlib level 1 with the ``Z_RLE`` strategy,
+    IDAT chunks of 8 KiB — so that with the same zlib it writes the very same file (checked in
+    ``tests/predict/test_lesion_table.py``; any decoder reads the same pixels either way).
+    """
+    f.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))
+    z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    pending = bytearray()
+
+    def flush(final: bool) -> None:
+        n = len(pending) if final else len(pending) - len(pending) % _IDAT_BYTES
+        for i in range(0, n, _IDAT_BYTES):
+            f.write(_png_chunk(b"IDAT", bytes(pending[i: i + _IDAT_BYTES])))
+        del pending[:n]
+
+    rows = 0
+    for band in bands:
+        rgb = np.ascontiguousarray(band[:, :, ::-1]).reshape(len(band), 3 * width)
+        filtered = np.empty((len(band), 3 * width + 1), np.uint8)
+        filtered[:, 0] = 1  # "Sub": each byte minus the byte of the pixel to its left (mod 256)
+        filtered[:, 1:4] = rgb[:, :3]
+        np.subtract(rgb[:, 3:], rgb[:, :-3], out=filtered[:, 4:])
+        del rgb
+        pending += z.compress(filtered)
+        del filtered
+        flush(False)
+        rows += len(band)
+    if rows != height:
+        raise ValueError(f"write_png_bgr: {rows} rows given for a PNG of {height}")
+    pending += z.flush()
+    flush(True)
+    f.write(_png_chunk(b"IEND", b""))
+
+
+def overlay_bands(gray: np.ndarray, labels: np.ndarray, ids: list[tuple[str, tuple[float, float]]],
+                  band_rows: int = 256) -> Iterator[np.ndarray]:
+    """The overlay of one slice at scale 1 — BGR gray, lesion outlines (:func:`paint_outline`), then the
+    ids (:func:`_draw_id`, in order) — as consecutive bands of ``band_rows`` rows: the pixels of the whole
+    slice's drawing, never its whole RGB image.
+
+    Each band is drawn on a buffer that reaches past it to every row the band's ids may touch (their
+    text boxes, :func:`_id_place`), so no id is clipped where the whole image would not clip it: its
+    pixels in the band are those of the whole slice (drawing is exact under a whole-row shift; checked
+    against the whole-slice drawing in ``tests/predict/test_lesion_table.py``).
+
+    Args:
+        gray: ``(H, W)`` uint8 display gray, or intensities in [0, 1] (:func:`gray8`, a band at a time).
+        labels: ``(H, W)`` class map.
+        ids: ``(text, anchor_yx)`` of each id drawn on the slice, in drawing order.
+    """
+    h, w = labels.shape
+    places = [(t, *_id_place(t, yx, 1, (h, w))) for t, yx in ids]
+    tops = np.array([p[3] for p in places], np.int64)
+    bottoms = np.array([p[4] for p in places], np.int64)
+    for a in range(0, h, band_rows):
+        b = min(a + band_rows, h)
+        sel = np.flatnonzero((bottoms > a) & (tops < b))
+        lo = max(min(a, int(tops[sel].min())) if sel.size else a, 0)
+        hi = min(max(b, int(bottoms[sel].max())) if sel.size else b, h)
+        g = gray[lo:hi] if gray.dtype == np.uint8 else gray8(gray[lo:hi])
+        buf = cv2.cvtColor(g, cv2.COLOR_GRAY2BGR)
+        del g
+        a0, b0 = max(lo - 1, 0), min(hi + 1, h)
+        edge = outline((labels[a0:b0] > 0).view(np.uint8))
+        buf[edge[lo - a0: hi - a0]] = _OVERLAY_COLOUR
+        del edge
+        for i in sel:
+            text, x, y, _top, _bottom = places[i]
+            cv2.putText(buf, text, (x, y - lo), _FONT, _FONT_SCALE, (0, 255, 255), _FONT_THICK, cv2.LINE_AA)
+        yield buf[a - lo: b - lo]
 
 
 def gray8(values: np.ndarray, low: float = 0.0, high: float = 1.0, chunk_rows: int = 256) -> np.ndarray:
@@ -191,22 +304,25 @@ def write_overlays(folder: Path, images: np.ndarray, labels: np.ndarray, rows: l
     for r in rows:
         by_slice.setdefault(int(r["largest_slice"]), []).append(r)
     for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1)):
+        name = f"slice_{int(k):04d}.png"
+        ids = [(str(r["lesion_id"]), r["_anchor_yx"]) for r in by_slice.get(int(k), [])]
+        h, w = labels.shape[1:]
+        if max(h, w) >= 256:  # scale 1: drawn and encoded a band of rows at a time
+            with atomic_path(folder / name) as tmp, open(tmp, "wb") as f:
+                write_png_bgr(f, h, w, overlay_bands(images[k], labels[k], ids))
+            names.append(name)
+            continue
         gray = images[k] if images.dtype == np.uint8 else gray8(images[k])
         rgb = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
         del gray
-        scale = max(1, int(np.ceil(256 / max(rgb.shape[:2]))))
-        if scale > 1:
-            rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        if scale > 1:
-            m = cv2.resize((labels[k] > 0).view(np.uint8), (rgb.shape[1], rgb.shape[0]),
-                           interpolation=cv2.INTER_NEAREST)
-            rgb[outline(m)] = _OVERLAY_COLOUR
-            del m
-        else:
-            paint_outline(rgb, labels[k])
-        for r in by_slice.get(int(k), []):
-            _draw_id(rgb, str(r["lesion_id"]), r["_anchor_yx"], scale)
-        name = f"slice_{int(k):04d}.png"
+        scale = int(np.ceil(256 / max(rgb.shape[:2])))
+        rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        m = cv2.resize((labels[k] > 0).view(np.uint8), (rgb.shape[1], rgb.shape[0]),
+                       interpolation=cv2.INTER_NEAREST)
+        rgb[outline(m)] = _OVERLAY_COLOUR
+        del m
+        for text, yx in ids:
+            _draw_id(rgb, text, yx, scale)
         ok, buf = cv2.imencode(".png", rgb)
         atomic_write_bytes(folder / name, buf.tobytes())
         names.append(name)

@@ -258,7 +258,7 @@ def test_multi_window_channels_and_the_annotation_window_warning(small: dict, or
 def test_png_reader_keeps_the_stored_dtype_and_builds_the_model_input_once(tmp_path: Path) -> None:
     """A PNG's values stay uint8 (1 byte a pixel, not a float32 copy); the model input is normalise_2d's
     float32 image in every context channel, resampled like the training dataset."""
-    from medseg.data.base import resample_sample
+    from medseg.data.base import apply_window, resample_sample
     from medseg.data.images import normalise_2d
 
     rng = np.random.default_rng(1)
@@ -274,6 +274,12 @@ def test_png_reader_keeps_the_stored_dtype_and_builds_the_model_input_once(tmp_p
         np.testing.assert_array_equal(loaded.values[0], img)
         ref = resample_sample({"image": np.repeat(normalise_2d(img, "dicom", [0.0, 1.0])[None], context, 0),
                                "meta": {"spacing": [1.0, 1.0]}}, spacing)
-        assert loaded.images.dtype == np.float32 and loaded.images.flags.c_contiguous
-        np.testing.assert_array_equal(loaded.images[0], ref["image"])
+        images = loaded.images
+        if context == 1:  # the stored values, windowed by predict_case (a tile batch at a time where it can)
+            assert loaded.input_window is not None and images.dtype == np.uint8
+            images = apply_window(images, *loaded.input_window)
+        else:
+            assert loaded.input_window is None
+        assert images.dtype == np.float32 and images.flags.c_contiguous
+        np.testing.assert_array_equal(images[0], ref["image"])
         assert loaded.meta == ref["meta"]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from medseg.io import write_rows_csv
 from medseg.lesion import axes_mm, measure_recist
 from medseg.predict.lesions import COLUMNS, lesion_table, slice_extents
 from medseg.predict.run import predict_threads
@@ -120,6 +121,14 @@ def test_csv_holds_the_columns_only(tmp_path: Path) -> None:
     write_csv(tmp_path / "lesions.csv", rows)
     lines = (tmp_path / "lesions.csv").read_text().splitlines()
     assert lines[0] == ",".join(COLUMNS) and len(lines) == len(rows) + 1
+    # written in chunks: the bytes of the whole table written at once
+    rows[0]["area_mm2_per_slice"] = 'a,"b"'  # a cell the CSV quotes
+    write_rows_csv([{k: r[k] for k in COLUMNS} for r in rows], tmp_path / "ref2.csv")
+    for chunk in (1, 2, 1000):
+        write_csv(tmp_path / "lesions.csv", rows, chunk_rows=chunk)
+        assert (tmp_path / "lesions.csv").read_bytes() == (tmp_path / "ref2.csv").read_bytes()
+    write_csv(tmp_path / "empty.csv", [])
+    assert (tmp_path / "empty.csv").read_bytes() == (",".join(COLUMNS) + "\r\n").encode()
 
 
 # ----------------------------------------------------------------------------- memory
@@ -343,3 +352,61 @@ def test_outline_painted_by_bands_is_the_whole_slices() -> None:
         got = np.zeros_like(ref)
         paint_outline(got, labels, band_rows=band)
         np.testing.assert_array_equal(got, ref)
+
+
+def _whole_slice_overlay(gray: np.ndarray, labels: np.ndarray, ids: list) -> np.ndarray:
+    """The overlay drawn on the whole slice at once (the drawing the banded writer must reproduce)."""
+    from medseg.predict.writers import _draw_id, paint_outline
+
+    rgb = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    paint_outline(rgb, labels, band_rows=labels.shape[0])
+    for text, yx in ids:
+        _draw_id(rgb, text, yx, 1)
+    return rgb
+
+
+def test_png_written_by_bands_is_imencodes_file() -> None:
+    import io
+
+    from medseg.predict.writers import write_png_bgr
+
+    rng = np.random.default_rng(3)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (203, 131, 3), dtype=np.uint8), (0, 0), 1.5)
+    img[::9, ::4] = (0, 0, 255)
+    ok, ref = cv2.imencode(".png", img)
+    assert ok
+    for band in (1, 7, 64, 203, 1000):
+        f = io.BytesIO()
+        write_png_bgr(f, *img.shape[:2], (img[a: a + band] for a in range(0, len(img), band)))
+        back = cv2.imdecode(np.frombuffer(f.getvalue(), np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(back, img)  # what any decoder reads
+        # OpenCV's own encoding settings, so the very file (with the same zlib as OpenCV's build)
+        assert f.getvalue() == ref.tobytes()
+    with pytest.raises(ValueError, match="rows"):
+        write_png_bgr(io.BytesIO(), 204, 131, [img])
+
+
+def test_overlay_drawn_by_bands_is_the_whole_slices(tmp_path: Path) -> None:
+    from medseg.predict.writers import overlay_bands
+
+    rng = np.random.default_rng(11)
+    h, w = 300, 277
+    labels = (cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 4) > 0.5).astype(np.uint8)
+    labels[0, :20], labels[-1, 30:], labels[:, -1] = 1, 1, 1  # lesions on the image's edges
+    gray = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    # ids everywhere, overlapping each other, across band boundaries and clamped at every edge
+    anchors = [(float(y), float(x)) for y, x in zip(rng.uniform(-5, h + 5, 120), rng.uniform(-5, w + 5, 120), strict=True)]
+    anchors += [(0.0, 0.0), (h - 1.0, w - 1.0), (63.5, 100.0), (64.0, 101.0), (127.2, 50.0)]
+    ids = [(str(rng.integers(1, 10 ** rng.integers(1, 7))), yx) for yx in anchors]
+    ref = _whole_slice_overlay(gray, labels, ids)
+    for band in (1, 5, 16, 64, 299, 1000):
+        got = np.concatenate(list(overlay_bands(gray, labels, ids, band_rows=band)))
+        np.testing.assert_array_equal(got, ref, err_msg=f"band_rows={band}")
+    # through write_overlays: the file imencode writes of the whole-slice drawing (float display too)
+    rows = [{"lesion_id": t, "largest_slice": 0, "_anchor_yx": yx} for t, yx in ids]
+    (name,) = write_overlays(tmp_path, gray[None].astype(np.float32) / 255.0, labels[None], rows)
+    from medseg.predict.writers import gray8
+
+    ref = _whole_slice_overlay(gray8(gray.astype(np.float32) / 255.0), labels, ids)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / name), cv2.IMREAD_UNCHANGED), ref)
+    assert (tmp_path / name).read_bytes() == cv2.imencode(".png", ref)[1].tobytes()
