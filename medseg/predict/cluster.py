@@ -18,8 +18,8 @@ Stages (each the local engine's own function, so there is one code path per oper
   headers read from the index file, on the shared storage);
 * model — a pool of :class:`ModelActor` (the model shipped once per actor; one GPU each when the
   cluster has GPUs or ``--device cuda``, else ``predict.actors`` CPU actors: :func:`actor_device`),
-  :func:`medseg.predict.run.predict_case`;
-* write — :func:`medseg.predict.run.write_case` in a CPU task into its own per-attempt folder
+  :func:`medseg.predict.case.predict_case`;
+* write — :func:`medseg.predict.case.write_case` in a CPU task into its own per-attempt folder
   ``.tmp-part0/<key>.<attempt>``; the driver renames the first finished attempt of a case into place,
   then records it. A worker (or node) that dies mid-case has its task retried by Ray (the model
   actor restarts and reloads); what the dead attempt left in its own folder is never renamed and is
@@ -44,6 +44,7 @@ import torch
 
 from medseg.inference.predictor import Predictor
 from medseg.io import WriteError, fsync_dir, write_error_of
+from medseg.predict.case import predict_case, write_case
 from medseg.predict.manifest import manifest_name
 from medseg.predict.readers import Case, Loaded, load_case
 from medseg.predict.run import (
@@ -51,12 +52,10 @@ from medseg.predict.run import (
     Prepared,
     finish_run,
     first_line,
-    predict_case,
     predict_threads,
     prepare_run,
     record_done,
     record_failed,
-    write_case,
 )
 from medseg.runtime import TrainingError
 

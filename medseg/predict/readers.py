@@ -92,7 +92,7 @@ class Loaded:
         images: ``(Z, C, h, w)`` float32 model inputs (after windowing, 2.5-D stacking, resampling); with
             ``input_window``, the source values themselves (a ``(Z, 1, H, W)`` view of ``values``).
         input_window: ``(low, high)`` when the model input is ``apply_window(images, low, high)``, left for
-            :func:`~medseg.predict.run.predict_case` to build a tile batch at a time (an integer PNG / TIFF
+            :func:`~medseg.predict.case.predict_case` to build a tile batch at a time (an integer PNG / TIFF
             the model sees on its own grid, one context channel: 1–2 bytes a pixel instead of 4).
         meta: the meta of a resampled sample (for :func:`to_source_grid`).
         spacing: ``(sy, sx)`` mm/px of the source grid (1, 1 for PNG / TIFF).

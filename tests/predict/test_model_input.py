@@ -22,8 +22,8 @@ from medseg.data.base import apply_window
 from medseg.data.images import normalise_2d
 from medseg.inference.predictor import Predictor
 from medseg.models import build_model
+from medseg.predict.case import _model_input, predict_case
 from medseg.predict.readers import _file_case, load_case
-from medseg.predict.run import _model_input, predict_case
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def test_the_model_input_is_freed_once_predicted(tmp_path: Path) -> None:
     import gc
     import weakref
 
-    from medseg.predict.run import process_case
+    from medseg.predict.case import process_case
 
     path = tmp_path / "img.png"
     cv2.imwrite(str(path), (np.random.default_rng(0).random((96, 80)) * 255).astype(np.uint8))
