@@ -409,8 +409,9 @@ def _write_failure(e: BaseException) -> WriteError | None:
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         we = write_error_of(cur)
-        if we is not None:
-            found = we  # the earliest in the chain wins
+        if we is not None and (found is None or str(we.filename) != "?"):
+            found = we  # the earliest in the chain wins, unless it names no file and a later one does (a
+            # buffered file's close failing again on the full disk: its error is the one a wrapper named)
             while cur.__cause__ is not None:  # what it wraps (the OSError, a temporary's name): already said
                 cur = cur.__cause__
                 seen.add(id(cur))
