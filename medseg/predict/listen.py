@@ -21,6 +21,7 @@ import hashlib
 import logging
 import queue
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -209,14 +210,29 @@ class Listener:
             self.worker.join(timeout=600)
 
     def serve_forever(self) -> None:
+        """Serve until SIGINT or SIGTERM (a service manager's stop), then stop cleanly (:meth:`stop`).
+
+        Both signals are handled here whatever the process inherited: a listener started by a parent that
+        ignores SIGINT (``SIG_IGN`` survives ``exec``, and Python then installs no handler of its own) would
+        otherwise ignore Ctrl-C and its stop."""
+
+        def _interrupt(signum: int, _frame: Any) -> None:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, _interrupt)
         self.start()
         try:
             while True:
                 time.sleep(1.0)
-        except KeyboardInterrupt:
-            pass
+        except KeyboardInterrupt as e:
+            log.info("stopping (%s): finishing the series being predicted", e.args[0] if e.args else "SIGINT")
         finally:
             self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _rows(result: PredictResult) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -152,7 +153,7 @@ def test_unreachable_server_and_401_are_one_line_each(oracle: None, ckpt: Path, 
 # ----------------------------------------------------------------------------- push: medseg listen
 
 
-def _start_listener(ckpt: Path, out: Path, port: int, orthanc: Orthanc, *extra: str) -> subprocess.Popen:
+def _start_listener(ckpt: Path, out: Path, port: int, orthanc: Orthanc, *extra: str, **popen: Any) -> subprocess.Popen:
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.predict import builders as B; B.register(); "
             "from medseg.cli import main; sys.exit(main(sys.argv[2:]))")
     root = str(Path(__file__).resolve().parents[2])
@@ -161,7 +162,8 @@ def _start_listener(ckpt: Path, out: Path, port: int, orthanc: Orthanc, *extra: 
          "--port", str(port), "--host", "127.0.0.1", "--calling-aet", AE_TITLE, "--min-free-mb", "1", *extra,
          "--set", f"predict.store.ae_title={AE_TITLE}", "--set", "predict.store.host=127.0.0.1",
          "--set", f"predict.store.port={orthanc.dicom_port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **popen)
     _wait_echo(port, proc)
     return proc
 
@@ -221,6 +223,20 @@ def test_orthanc_pushes_to_the_listener_which_stores_back(orthanc: Orthanc, orac
     assert len(lines) == 1 and "6 instances, 1 case(s) predicted, 2 lesion(s); stored back: ok" in lines[0], text
     assert B.PATIENT_NAME.split("^")[0] not in text and B.PATIENT_ID not in text
     assert not list((out / ".incoming").rglob("*.dcm"))
+
+
+def test_listener_stops_on_sigint_and_sigterm_even_when_its_parent_ignores_sigint(
+        orthanc: Orthanc, ckpt: Path, listen_port: int, tmp_path: Path) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = _start_listener(ckpt, tmp_path / sig.name, listen_port, orthanc,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        proc.send_signal(sig)
+        try:
+            text = proc.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"the listener ignored {sig.name}:\n{proc.communicate()[0]}")
+        assert proc.returncode == 0 and f"stopping ({sig.name})" in text, text
 
 
 def test_listener_killed_after_ack_predicts_on_restart(orthanc: Orthanc, oracle: None, ckpt: Path, listen_port: int,
