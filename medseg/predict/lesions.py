@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,14 +69,21 @@ def release_freed_memory() -> None:
     that outlive them: ~0.6 KiB a lesion of the table's per-component temporaries, or the model's
     activations after the window (~200 MiB) — memory the next stage's arrays cannot reuse, so it would
     add to the process's peak."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``); None where there is none."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)  # type: ignore[arg-type]
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim  # type: ignore[arg-type]
     except (OSError, AttributeError, TypeError):  # not glibc
-        pass
+        return None
 
 
 def slice_extents(z_mm: np.ndarray, thickness: float | None = None) -> np.ndarray:
