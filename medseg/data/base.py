@@ -132,6 +132,12 @@ def stack_context(
     return np.stack(out, axis=0)
 
 
+def resampled_shape(shape: tuple[int, int], spacing: tuple[float, float], target_mm: float) -> tuple[int, int]:
+    """``(H, W)`` of an image of ``spacing`` mm/px once :func:`resample_sample` has taken it to ``target_mm``."""
+    (h, w), (sy, sx) = shape, spacing
+    return max(1, round(h * sy / target_mm)), max(1, round(w * sx / target_mm))
+
+
 def resample_sample(sample: dict[str, Any], target_mm: float | None) -> dict[str, Any]:
     """Resample ``image`` (linear), ``label`` and ``instance`` (nearest) to ``target_mm`` mm/px.
 
@@ -145,7 +151,7 @@ def resample_sample(sample: dict[str, Any], target_mm: float | None) -> dict[str
 
     sy, sx = (float(s) for s in sample["meta"]["spacing"])
     h, w = sample["image"].shape[-2:]
-    nh, nw = max(1, round(h * sy / target_mm)), max(1, round(w * sx / target_mm))
+    nh, nw = resampled_shape((h, w), (sy, sx), target_mm)
     if (nh, nw) == (h, w):
         return sample
     out = dict(sample)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from medseg.config import Config
-from medseg.data.base import DataError, context_indices, resample_sample, stack_context
+from medseg.data.base import DataError, context_indices, resample_sample, resampled_shape, stack_context
 from medseg.data.dicom import (
     HeaderRecord,
     SeriesGeometry,
@@ -306,7 +306,7 @@ def _load_image(case: Case, cfg: Config) -> Loaded:
     target = cfg.data.spacing_mm
     h, w = arr.shape
     if c == 1 and np.issubdtype(arr.dtype, np.integer) and (
-            target is None or (max(1, round(h / target)), max(1, round(w / target))) == (h, w)):
+            target is None or resampled_shape((h, w), (1.0, 1.0), target) == (h, w)):
         # no resampling, one channel: the model input is normalise_2d's apply_window of the stored values,
         # left to predict_case (a tile batch at a time where the window allows) — no float32 copy here
         rng = intensity_range(arr, cfg.data.window, cfg.data.window_range)
