@@ -30,7 +30,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 from medseg.data.dicom.discover import (
     HeaderRecord,
@@ -49,6 +49,8 @@ CREATE TABLE files (seq INTEGER PRIMARY KEY, sop TEXT NOT NULL UNIQUE, series TE
                     heads TEXT NOT NULL);
 CREATE INDEX files_series ON files (series, seq);
 """
+T = TypeVar("T")
+
 #: records per transaction while the index is written
 BATCH = 5000
 
@@ -76,7 +78,24 @@ def _reader(index: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-class IndexedInstances(Sequence[InstanceHeader]):
+class _Lazy(Sequence[T]):
+    """A sequence of known length whose items :meth:`load` reads from the index file on each use."""
+
+    def load(self) -> list[T]:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[T]: ...
+    def __getitem__(self, i: Any) -> Any:
+        return self.load()[i]
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.load())
+
+
+class IndexedInstances(_Lazy[InstanceHeader]):
     """The instance headers of one series (``stack`` None) or one stack of a split series, in path
     order, read from the index file each time they are used (never kept; small to pickle)."""
 
@@ -85,16 +104,6 @@ class IndexedInstances(Sequence[InstanceHeader]):
 
     def __len__(self) -> int:
         return self.n
-
-    @overload
-    def __getitem__(self, i: int) -> InstanceHeader: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[InstanceHeader]: ...
-    def __getitem__(self, i: Any) -> Any:
-        return self.load()[i]
-
-    def __iter__(self) -> Iterator[InstanceHeader]:
-        return iter(self.load())
 
     def __repr__(self) -> str:
         return f"IndexedInstances({self.index}, {self.series}, {self.n} instance(s))"
@@ -111,7 +120,7 @@ class IndexedInstances(Sequence[InstanceHeader]):
         return IndexedFiles(self)
 
 
-class IndexedFiles(Sequence[Path]):
+class IndexedFiles(_Lazy[Path]):
     """The distinct files of an :class:`IndexedInstances`, read from the index file when used."""
 
     def __init__(self, instances: IndexedInstances) -> None:
@@ -119,16 +128,6 @@ class IndexedFiles(Sequence[Path]):
 
     def __len__(self) -> int:
         return self.instances.n_files
-
-    @overload
-    def __getitem__(self, i: int) -> Path: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[Path]: ...
-    def __getitem__(self, i: Any) -> Any:
-        return self.load()[i]
-
-    def __iter__(self) -> Iterator[Path]:
-        return iter(self.load())
 
     def load(self) -> list[Path]:
         """The paths, read from the file."""
