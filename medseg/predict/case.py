@@ -6,7 +6,6 @@ Ray engine (:mod:`medseg.predict.cluster`) both call these: one code path per op
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,6 @@ from medseg.predict.writers import (
 )
 
 __all__ = ["predict_case", "process_case", "write_case"]
-
-log = logging.getLogger("medseg.predict")
-
-
 
 
 @torch.no_grad()
