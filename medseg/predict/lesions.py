@@ -19,8 +19,9 @@ mean_probability     mean softmax probability of the predicted class over the le
 area_mm2_per_slice   ``slice:area`` pairs, ``;``-separated
 ==================== =====================================================================
 
-Each component is measured inside its bounding box from per-slice sums (no per-voxel coordinate
-arrays), so the table's memory does not grow with the foreground.
+All components of a class are measured in one pass over the component map, a band of rows at a
+time, as per-(component, slice) sums (no per-voxel coordinate arrays), so the table's memory does not
+grow with the foreground, and its time is one pass plus a short Python step per lesion (RECIST, text).
 
 Example:
     >>> rows = lesion_table(labels, prob, hu, (0.8, 0.8), slice_extents(z_mm), to_world)
@@ -56,9 +57,9 @@ ToWorld = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 #: components measured between two returns of freed memory to the system (:func:`release_freed_memory`)
 TRIM_EVERY = 4096
 
-#: pixels of one chunk of a component's bounding box: the table's temporaries stay this size whatever
-#: the foreground covers
-CHUNK_PIXELS = 1 << 20
+#: pixels of one band of the component map measured at a time (~40 bytes of temporaries a pixel): the
+#: table's temporaries stay this size whatever the foreground covers
+CHUNK_PIXELS = 1 << 16
 
 
 def release_freed_memory() -> None:
@@ -103,60 +104,91 @@ def _fmt(v: float, nd: int = 2) -> str:
 
 
 @dataclass
-class _Sums:
-    """Per-slice counts and index sums of one component, and the sums of its values and probabilities."""
+class _Records:
+    """Per-slice sums of every component of one component map, one record per (component, slice) it
+    shows on, grouped by component in slice order; and per-component value and probability sums."""
 
-    count: np.ndarray  # (nz,) voxels per slice of the box
-    sum_r: np.ndarray  # (nz,) Σ row index
-    sum_c: np.ndarray  # (nz,) Σ column index
-    first_row: np.ndarray  # (nz,) first row holding the component (−1: none)
-    value_sum: float = 0.0
-    value_max: float = -np.inf
-    prob_sum: float = 0.0
+    label: np.ndarray  # (R,) component index 1..n
+    z: np.ndarray  # (R,) slice
+    count: np.ndarray  # (R,) voxels of the component on the slice
+    sum_r: np.ndarray  # (R,) Σ row index
+    sum_c: np.ndarray  # (R,) Σ column index
+    start: np.ndarray  # (n + 2,) records of component i are start[i]:start[i + 1]
+    first_row: np.ndarray  # (n + 1,) first row holding the component on its first slice
+    box: np.ndarray  # (n + 1, 4) row and column bounds (r0, r1, c0, c1; stop exclusive) over all slices
+    value_sum: np.ndarray  # (n + 1,)
+    value_max: np.ndarray  # (n + 1,)
+    prob_sum: np.ndarray  # (n + 1,)
 
 
-def _component_sums(comp: np.ndarray, i: int, box: tuple[slice, ...], prob: np.ndarray, values: np.ndarray
-                    ) -> _Sums:
-    """Sums over component ``i`` inside its bounding box, in chunks of at most :data:`CHUNK_PIXELS`."""
-    (z0, z1), (r0, r1), (c0, c1) = ((b.start, b.stop) for b in box)
-    nz = z1 - z0
-    out = _Sums(np.zeros(nz, np.int64), np.zeros(nz), np.zeros(nz), np.full(nz, -1, np.int64))
-    rows = np.arange(r0, r1, dtype=np.float64)
-    cols = np.arange(c0, c1, dtype=np.float64)
-    step = max(1, CHUNK_PIXELS // (c1 - c0))
-    for j, z in enumerate(range(z0, z1)):
-        for a in range(r0, r1, step):
-            b = min(a + step, r1)
-            m = comp[z, a:b, c0:c1] == i
-            per_row = m.sum(1)
-            n = int(per_row.sum())
-            if n == 0:
+def _component_records(comp: np.ndarray, n: int, prob: np.ndarray, values: np.ndarray) -> _Records:
+    """:class:`_Records` of a ``(Z, H, W)`` component map with components 1..n, all components at once.
+
+    A band of at most :data:`CHUNK_PIXELS` pixels at a time: its foreground's component indices, rows
+    and columns feed weighted ``bincount``s over the band's index range (``ufunc.at`` for the maxima and
+    bounds). Work is one pass over the image whatever the number of components, and memory is the
+    band's temporaries and a few numbers per component and slice.
+    """
+    _z, h, w = comp.shape
+    cnt, sr, sc = np.zeros(n + 1, np.int64), np.zeros(n + 1), np.zeros(n + 1)
+    v_sum, p_sum = np.zeros(n + 1), np.zeros(n + 1)
+    v_max = np.full(n + 1, -np.inf)
+    first_row = np.full(n + 1, -1, np.int64)
+    box = np.empty((4, n + 1), np.int64)  # r0, r1 - 1, c0, c1 - 1 while accumulating
+    box[0::2], box[1::2] = max(h, w), -1
+    parts: list[tuple[np.ndarray, ...]] = []
+    step = max(1, CHUNK_PIXELS // w)
+    for z in range(comp.shape[0]):
+        lo_z, hi_z = n + 1, 0
+        for a in range(0, h, step):
+            band = comp[z, a: a + step]
+            fg = band != 0
+            rr, cc = np.nonzero(fg)
+            if rr.size == 0:
                 continue
-            if out.first_row[j] < 0:
-                out.first_row[j] = a + int(np.argmax(per_row > 0))
-            out.count[j] += n
-            out.sum_r[j] += float(per_row @ rows[a - r0: b - r0])
-            out.sum_c[j] += float(m.sum(0) @ cols)
-            v = values[z, a:b, c0:c1][m]
-            out.value_sum += float(v.sum(dtype=np.float64))
-            out.value_max = max(out.value_max, float(v.max()))
-            out.prob_sum += float(prob[z, a:b, c0:c1][m].sum(dtype=np.float64))
-    return out
+            lab = band[fg]
+            lo, hi = int(lab.min()), int(lab.max())
+            lo_z, hi_z = min(lo_z, lo), max(hi_z, hi)
+            idx = lab - lo
+            del lab
+            m = hi - lo + 1
+            k = np.bincount(idx, minlength=m)
+            cnt[lo: hi + 1] += k
+            sr[lo: hi + 1] += np.bincount(idx, rr, m) + a * k
+            sc[lo: hi + 1] += np.bincount(idx, cc, m)
+            vals = values[z, a: a + step][fg].astype(np.float64)  # ufunc.at is ~20x slower when it casts
+            v_sum[lo: hi + 1] += np.bincount(idx, vals, m)
+            np.maximum.at(v_max[lo: hi + 1], idx, vals)
+            del vals
+            p_sum[lo: hi + 1] += np.bincount(idx, prob[z, a: a + step][fg], m)
+            top = np.full(m, h, np.int64)
+            np.minimum.at(top, idx, rr)
+            on = top < h
+            new = (first_row[lo: hi + 1] < 0) & on
+            first_row[lo: hi + 1][new] = top[new] + a
+            np.minimum(box[0, lo: hi + 1], top + a, out=box[0, lo: hi + 1], where=on)
+            np.maximum.at(box[1, lo: hi + 1], idx, rr + a)
+            np.minimum.at(box[2, lo: hi + 1], idx, cc)
+            np.maximum.at(box[3, lo: hi + 1], idx, cc)
+        if hi_z == 0:
+            continue
+        on = np.flatnonzero(cnt[lo_z: hi_z + 1]) + lo_z
+        parts.append((on, np.full(len(on), z, np.int64), cnt[on], sr[on], sc[on]))
+        cnt[lo_z: hi_z + 1] = 0
+        sr[lo_z: hi_z + 1] = 0
+        sc[lo_z: hi_z + 1] = 0
+    cols = [np.concatenate(p) for p in zip(*parts)] if parts else [np.zeros(0, np.int64)] * 5
+    order = np.argsort(cols[0], kind="stable")  # by component; each component's slices stay in order
+    label, zs, count, sum_r, sum_c = (x[order] for x in cols)
+    start = np.searchsorted(label, np.arange(n + 2))
+    box[1::2] += 1
+    return _Records(label, zs, count, sum_r, sum_c, start, first_row, box.T, v_sum, v_max, p_sum)
 
 
 #: crops of at most this many pixels share their RECIST measurement with every identical crop (a bounded
 #: cache of :data:`RECIST_CACHE_SIZE` entries): thousands of small components repeat a few shapes
 RECIST_CACHE_PIXELS = 1024
 RECIST_CACHE_SIZE = 8192
-
-
-def _box_array(objects: list[tuple[slice, ...] | None]) -> np.ndarray:
-    """``(N, 6)`` (z0, z1, r0, r1, c0, c1) of :func:`scipy.ndimage.find_objects`' boxes; −1 where None."""
-    out = np.full((len(objects), 6), -1, np.int64)
-    for n, box in enumerate(objects):
-        if box is not None:
-            out[n] = (box[0].start, box[0].stop, box[1].start, box[1].stop, box[2].start, box[2].stop)
-    return out
 
 
 def _recist_mm(crop: np.ndarray, spacing: tuple[float, float],
@@ -183,10 +215,11 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
                  extents: np.ndarray, to_world: ToWorld, connectivity: int = 3) -> list[dict[str, Any]]:
     """One row per 3-D connected lesion of a ``(Z, H, W)`` class map (see the module doc for columns).
 
-    Each component is measured inside its bounding box (:func:`scipy.ndimage.find_objects`), a chunk
-    of rows at a time: centroids and means come from per-slice sums, so besides the inputs the table
-    holds one class mask and its component map (5 bytes a pixel), one chunk, and the largest slice's
-    box of the lesion being measured for RECIST — never arrays per foreground voxel.
+    All components of a class are measured in one pass (:func:`_component_records`, a band of rows at
+    a time): centroids and means come from per-slice sums, so besides the inputs the table holds one
+    class mask and its component map (5 bytes a pixel), one band's temporaries, a few numbers per
+    component and slice, and the largest slice's box of the lesion being measured for RECIST — never
+    arrays per foreground voxel.
 
     Each row also carries ``_anchor_yx``: the ``(row, column)`` pixel centroid of the lesion on its
     largest slice, where the overlays draw its id (not a ``lesions.csv`` column).
@@ -222,44 +255,51 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
         mask = labels if top == 1 and labels.dtype.kind == "u" else labels == cls
         if not mask.any():
             continue
-        comp, _n = ndimage.label(mask, structure=structure)
+        comp, n_comp = ndimage.label(mask, structure=structure)
         del mask
-        # the boxes as one int array (find_objects' list of slice tuples: ~0.4 KiB a lesion)
-        objects = ndimage.find_objects(comp)
-        boxes = _box_array(objects)
-        del objects
-        for i, bx in enumerate(boxes, start=1):
-            if bx[0] < 0:
+        rec = _component_records(comp, n_comp, prob, values)
+        n_rec = rec.count.astype(np.float64)
+        world = to_world(rec.z, rec.sum_r / n_rec, rec.sum_c / n_rec) * n_rec[:, None] if len(n_rec) else \
+            np.zeros((0, 3))
+        n_all = np.bincount(rec.label, n_rec, n_comp + 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            centroid = np.stack([np.bincount(rec.label, world[:, j], n_comp + 1) for j in range(3)], 1) / n_all[:, None]
+        del world
+        area = n_rec * px_area
+        volume = np.bincount(rec.label, area * extents[rec.z], n_comp + 1)
+        # the largest slice: most voxels, the first such slice on a tie
+        largest_rec = np.lexsort((rec.z, -rec.count, rec.label))[rec.start[1:-1].clip(max=max(len(n_rec) - 1, 0))]
+        h, w = comp.shape[1:]
+        # Python numbers for the per-lesion loop (indexing numpy arrays one element at a time is slower)
+        z_l, area_l = rec.z.tolist(), area.tolist()
+        start, first_row, box = rec.start.tolist(), rec.first_row.tolist(), rec.box.tolist()
+        cx, cy, cz = centroid.T.tolist()
+        vol, n_l = volume.tolist(), n_all.tolist()
+        v_sum, v_max, p_sum = rec.value_sum.tolist(), rec.value_max.tolist(), rec.prob_sum.tolist()
+        anchor_r, anchor_c = (rec.sum_r[largest_rec] / rec.count[largest_rec]).tolist(), \
+            (rec.sum_c[largest_rec] / rec.count[largest_rec]).tolist()
+        for i, j in enumerate(largest_rec.tolist(), start=1):
+            s0, s1 = start[i], start[i + 1]
+            if s0 == s1:
                 continue
-            box = (slice(int(bx[0]), int(bx[1])), slice(int(bx[2]), int(bx[3])), slice(int(bx[4]), int(bx[5])))
-            s = _component_sums(comp, i, box, prob, values)
-            z0 = box[0].start
-            present = np.flatnonzero(s.count)
-            ks = [int(z0 + j) for j in present]
-            areas = {k: float(s.count[k - z0]) * px_area for k in ks}
-            n_k = s.count[present].astype(np.float64)
-            r_k, c_k = s.sum_r[present] / n_k, s.sum_c[present] / n_k
-            centroid = (to_world(np.asarray(ks), r_k, c_k) * n_k[:, None]).sum(0) / n_k.sum()
-            largest = max(ks, key=lambda k: (areas[k], -k))
+            largest = z_l[j]
             # one pixel of margin where the image has one: measure_recist samples a bilinear mask that
             # is zero beyond the array's edge, so a crop flush with the lesion would cut its border
-            (r0, r1), (c0, c1) = (box[1].start, box[1].stop), (box[2].start, box[2].stop)
-            h, w = comp.shape[1:]
+            r0, r1, c0, c1 = box[i]
             crop = comp[largest, max(r0 - 1, 0): min(r1 + 1, h), max(c0 - 1, 0): min(c1 + 1, w)] == i
             long_mm, short_mm = _recist_mm(crop, (sy, sx), recist_seen)
-            n_all = float(n_k.sum())
-            j = largest - z0
+            n_i = n_l[i]
+            per_slice = ";".join(f"{z_l[k]}:{area_l[k]:.2f}" for k in range(s0, s1))
             # a flat tuple while the component map is alive (floats kept, formatted with the dict): ~0.5 KiB
             # a row less than the dict it becomes
             pending.append((
-                ks[0], int(s.first_row[ks[0] - z0]), cls, ks[-1], float(centroid[0]), float(centroid[1]),
-                fmt(centroid[2], 3), fmt(sum(areas[k] * float(extents[k]) for k in ks)), largest,
-                fmt(areas[largest]), fmt(long_mm), fmt(short_mm), fmt(s.value_sum / n_all, 1), fmt(s.value_max, 1),
-                fmt(s.prob_sum / n_all / prob_unit, 4), same(";".join(f"{k}:{areas[k]:.2f}" for k in ks)),
-                float(s.sum_r[j] / s.count[j]), float(s.sum_c[j] / s.count[j]), i,
+                z_l[s0], first_row[i], cls, z_l[s1 - 1], cx[i], cy[i], fmt(cz[i], 3), fmt(vol[i]), largest,
+                fmt(area_l[j]), fmt(long_mm), fmt(short_mm), fmt(v_sum[i] / n_i, 1), fmt(v_max[i], 1),
+                fmt(p_sum[i] / n_i / prob_unit, 4), same(per_slice), anchor_r[i - 1], anchor_c[i - 1], i,
             ))
             if len(pending) % TRIM_EVERY == 0:
                 release_freed_memory()
+        del rec, n_rec, area, centroid, volume, largest_rec, z_l, area_l
         del comp
     release_freed_memory()
     pending.sort(key=lambda t: t[:3])  # stable: raster order of each lesion's first voxel (slice, row), class
