@@ -177,9 +177,13 @@ def _component_records(comp: np.ndarray, n: int, prob: np.ndarray, values: np.nd
         cnt[lo_z: hi_z + 1] = 0
         sr[lo_z: hi_z + 1] = 0
         sc[lo_z: hi_z + 1] = 0
-    cols = [np.concatenate(p) for p in zip(*parts)] if parts else [np.zeros(0, np.int64)] * 5
-    order = np.argsort(cols[0], kind="stable")  # by component; each component's slices stay in order
-    label, zs, count, sum_r, sum_c = (x[order] for x in cols)
+    if len(parts) == 1:  # one slice (a 2-D image): its records are in component order already
+        label, zs, count, sum_r, sum_c = parts[0]
+    else:
+        cols = [np.concatenate(p) for p in zip(*parts)] if parts else [np.zeros(0, np.int64)] * 5
+        del parts
+        order = np.argsort(cols[0], kind="stable")  # by component; each component's slices stay in order
+        label, zs, count, sum_r, sum_c = (x[order] for x in cols)
     start = np.searchsorted(label, np.arange(n + 2))
     box[1::2] += 1
     return _Records(label, zs, count, sum_r, sum_c, start, first_row, box.T, v_sum, v_max, p_sum)
@@ -270,36 +274,42 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
         # the largest slice: most voxels, the first such slice on a tie
         largest_rec = np.lexsort((rec.z, -rec.count, rec.label))[rec.start[1:-1].clip(max=max(len(n_rec) - 1, 0))]
         h, w = comp.shape[1:]
-        # Python numbers for the per-lesion loop (indexing numpy arrays one element at a time is slower)
-        z_l, area_l = rec.z.tolist(), area.tolist()
-        start, first_row, box = rec.start.tolist(), rec.first_row.tolist(), rec.box.tolist()
-        cx, cy, cz = centroid.T.tolist()
-        vol, n_l = volume.tolist(), n_all.tolist()
-        v_sum, v_max, p_sum = rec.value_sum.tolist(), rec.value_max.tolist(), rec.prob_sum.tolist()
-        anchor_r, anchor_c = (rec.sum_r[largest_rec] / rec.count[largest_rec]).tolist(), \
-            (rec.sum_c[largest_rec] / rec.count[largest_rec]).tolist()
-        for i, j in enumerate(largest_rec.tolist(), start=1):
-            s0, s1 = start[i], start[i + 1]
-            if s0 == s1:
-                continue
-            largest = z_l[j]
-            # one pixel of margin where the image has one: measure_recist samples a bilinear mask that
-            # is zero beyond the array's edge, so a crop flush with the lesion would cut its border
-            r0, r1, c0, c1 = box[i]
-            crop = comp[largest, max(r0 - 1, 0): min(r1 + 1, h), max(c0 - 1, 0): min(c1 + 1, w)] == i
-            long_mm, short_mm = _recist_mm(crop, (sy, sx), recist_seen)
-            n_i = n_l[i]
-            per_slice = ";".join(f"{z_l[k]}:{area_l[k]:.2f}" for k in range(s0, s1))
-            # a flat tuple while the component map is alive (floats kept, formatted with the dict): ~0.5 KiB
-            # a row less than the dict it becomes
-            pending.append((
-                z_l[s0], first_row[i], cls, z_l[s1 - 1], cx[i], cy[i], fmt(cz[i], 3), fmt(vol[i]), largest,
-                fmt(area_l[j]), fmt(long_mm), fmt(short_mm), fmt(v_sum[i] / n_i, 1), fmt(v_max[i], 1),
-                fmt(p_sum[i] / n_i / prob_unit, 4), same(per_slice), anchor_r[i - 1], anchor_c[i - 1], i,
-            ))
-            if len(pending) % TRIM_EVERY == 0:
-                release_freed_memory()
-        del rec, n_rec, area, centroid, volume, largest_rec, z_l, area_l
+        anchor = np.stack([rec.sum_r[largest_rec] / rec.count[largest_rec],
+                           rec.sum_c[largest_rec] / rec.count[largest_rec]], 1)
+        for i0 in range(1, n_comp + 1, TRIM_EVERY):
+            # Python numbers for a block of lesions (indexing numpy arrays one element at a time is slower;
+            # lists of every lesion at once would hold ~0.7 KiB a lesion)
+            i1 = min(i0 + TRIM_EVERY, n_comp + 1)
+            s_lo, s_hi = int(rec.start[i0]), int(rec.start[i1])
+            z_l, area_l = rec.z[s_lo:s_hi].tolist(), area[s_lo:s_hi].tolist()
+            start = (rec.start[i0: i1 + 1] - s_lo).tolist()
+            cx, cy, cz = centroid[i0:i1].T.tolist()
+            vol, n_l, first_row = volume[i0:i1].tolist(), n_all[i0:i1].tolist(), rec.first_row[i0:i1].tolist()
+            v_sum, v_max = rec.value_sum[i0:i1].tolist(), rec.value_max[i0:i1].tolist()
+            p_sum, box, anc = rec.prob_sum[i0:i1].tolist(), rec.box[i0:i1].tolist(), anchor[i0 - 1: i1 - 1].tolist()
+            for n, j in enumerate((largest_rec[i0 - 1: i1 - 1] - s_lo).tolist()):
+                i = i0 + n
+                s0, s1 = start[n], start[n + 1]
+                if s0 == s1:
+                    continue
+                largest = z_l[j]
+                # one pixel of margin where the image has one: measure_recist samples a bilinear mask that
+                # is zero beyond the array's edge, so a crop flush with the lesion would cut its border
+                r0, r1, c0, c1 = box[n]
+                crop = comp[largest, max(r0 - 1, 0): min(r1 + 1, h), max(c0 - 1, 0): min(c1 + 1, w)] == i
+                long_mm, short_mm = _recist_mm(crop, (sy, sx), recist_seen)
+                n_i = n_l[n]
+                per_slice = ";".join(f"{z_l[k]}:{area_l[k]:.2f}" for k in range(s0, s1))
+                # a flat tuple while the component map is alive (floats kept, formatted with the dict):
+                # ~0.5 KiB a row less than the dict it becomes
+                pending.append((
+                    z_l[s0], first_row[n], cls, z_l[s1 - 1], cx[n], cy[n], fmt(cz[n], 3), fmt(vol[n]), largest,
+                    fmt(area_l[j]), fmt(long_mm), fmt(short_mm), fmt(v_sum[n] / n_i, 1), fmt(v_max[n], 1),
+                    fmt(p_sum[n] / n_i / prob_unit, 4), same(per_slice), anc[n][0], anc[n][1], i,
+                ))
+            del z_l, area_l, start, cx, cy, cz, vol, n_l, first_row, v_sum, v_max, p_sum, box, anc
+            release_freed_memory()
+        del rec, n_rec, area, centroid, volume, largest_rec, anchor
         del comp
     release_freed_memory()
     pending.sort(key=lambda t: t[:3])  # stable: raster order of each lesion's first voxel (slice, row), class
