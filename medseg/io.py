@@ -43,11 +43,12 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["WRITE_ERRNOS", "FolderBusy", "WriteError", "atomic_dir", "atomic_path", "atomic_torch_save",
+           "atomic_write_chunks",
            "atomic_write_bytes", "atomic_write_text", "exclusive_lock", "fsync_dir", "tmp_name", "write_error_of",
            "write_rows_csv"]
 
@@ -209,16 +210,33 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     Raises:
         WriteError: the disk is full, an I/O error, a read-only file system (the old file is kept).
     """
+    atomic_write_chunks(path, [data], len(data))
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes | bytearray | memoryview], size: int | None = None
+                        ) -> int:
+    """Write the concatenated ``chunks`` to ``path`` as :func:`atomic_write_bytes` writes one buffer, one
+    chunk at a time as the iterable makes them (a file larger than what a writer keeps in memory: a
+    streamed CSV, a PNG encoded by bands). ``size``: the whole file's length where known (for the full
+    disk's message). Returns the bytes written.
+
+    Raises:
+        WriteError: the disk is full, an I/O error, a read-only file system (the old file is kept).
+    """
     path = Path(path)
     tmp = tmp_name(path)
+    written = 0
     try:
-        with _writing(path, len(data)):
+        with _writing(path, size):
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             try:
-                view = memoryview(data)
-                while view:  # os.write: the one system call every medseg file goes through
-                    view = view[os.write(fd, view):]
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:  # os.write: the one system call every medseg file goes through
+                        n = os.write(fd, view)
+                        written += n
+                        view = view[n:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -228,6 +246,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+    return written
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -245,14 +264,30 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(Path(path), buf.getbuffer())
 
 
-def write_rows_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """Rows of equal keys as a CSV file (header from the first row), written atomically."""
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-    atomic_write_text(Path(path), buf.getvalue())
+def write_rows_csv(rows: Iterable[dict[str, Any]], path: Path, fieldnames: Sequence[str] | None = None,
+                   chunk_rows: int = 4096) -> None:
+    """Rows as a CSV file, written atomically a chunk of ``chunk_rows`` rows at a time (never the whole
+    text in memory). ``fieldnames``: the columns, in order (keys of a row outside them are not written;
+    the header is written even with no rows); None: the first row's keys (no rows: an empty file)."""
+
+    def chunks() -> Iterator[bytes]:
+        buf = io.StringIO()
+        writer = None
+        if fieldnames is not None:
+            writer = csv.DictWriter(buf, fieldnames=list(fieldnames), extrasaction="ignore")
+            writer.writeheader()
+        for n, row in enumerate(rows, start=1):
+            if writer is None:
+                writer = csv.DictWriter(buf, fieldnames=list(row.keys()))
+                writer.writeheader()
+            writer.writerow(row)
+            if n % chunk_rows == 0:
+                yield buf.getvalue().encode()
+                buf.seek(0)
+                buf.truncate()
+        yield buf.getvalue().encode()
+
+    atomic_write_chunks(Path(path), chunks())
 
 
 # ----------------------------------------------------------------------------- one writer per folder

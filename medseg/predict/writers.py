@@ -16,25 +16,24 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import cv2
 import numpy as np
 
 from medseg import __version__
 from medseg.data.base import DataError, apply_window
-from medseg.io import atomic_path, atomic_write_bytes, atomic_write_text
+from medseg.io import atomic_write_bytes, atomic_write_chunks, atomic_write_text, write_rows_csv
 from medseg.predict.lesions import COLUMNS
 
 __all__ = ["gray8", "lesion_tracking_uid", "nifti_affine", "outline", "paint_outline", "segment_property", "write_csv", "write_json", "write_nifti",
-           "write_overlays", "write_png_bgr", "write_png_mask", "write_seg"]
+           "png_bgr_chunks", "write_overlays", "write_png_mask", "write_seg"]
 
 _OVERLAY_COLOUR = (0, 0, 255)
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
@@ -124,20 +123,9 @@ def write_png_mask(path: Path, labels: np.ndarray) -> None:
 
 def write_csv(path: Path, rows: list[dict[str, Any]], chunk_rows: int = 4096) -> None:
     """``lesions.csv``: the :data:`~medseg.predict.lesions.COLUMNS` of each row (the header even when there is
-    no lesion); a row's private keys (``_anchor_yx``) are not written. Written a chunk of rows at a time
-    (the bytes of :func:`medseg.io.write_rows_csv` of the columns, without a copy of every row or the
-    whole text in memory)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(COLUMNS)
-        for n, r in enumerate(rows, start=1):
-            writer.writerow([r[k] for k in COLUMNS])
-            if n % chunk_rows == 0:
-                f.write(buf.getvalue().encode())
-                buf.seek(0)
-                buf.truncate()
-        f.write(buf.getvalue().encode())
+    no lesion); a row's private keys (``_anchor_yx``) are not written. Streamed a chunk of rows at a time
+    (:func:`medseg.io.write_rows_csv`: no copy of every row, nor the whole text, in memory)."""
+    write_rows_csv(rows, path, COLUMNS, chunk_rows)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -175,9 +163,10 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 _IDAT_BYTES = 8192
 
 
-def write_png_bgr(f: BinaryIO, height: int, width: int, bands: Iterable[np.ndarray]) -> None:
-    """An 8-bit RGB PNG of a ``(height, width, 3)`` BGR image given as consecutive bands of rows, to the
-    binary file ``f`` — the bytes ``cv2.imencode(".png", image)`` writes, without the whole image.
+def png_bgr_chunks(height: int, width: int, bands: Iterable[np.ndarray]) -> Iterator[bytes]:
+    """An 8-bit RGB PNG of a ``(height, width, 3)`` BGR image given as consecutive bands of rows, as the
+    file's consecutive pieces — the bytes ``cv2.imencode(".png", image)`` writes, without the whole image
+    (:func:`medseg.io.atomic_write_chunks` writes them as they come).
 
     Hand-written because neither OpenCV nor Pillow encodes a PNG a band of rows at a time: for an 8192²
     overlay ``imencode`` needs the 192 MiB image and its whole encoded buffer (plus the ``tobytes`` copy)
@@ -186,15 +175,15 @@ def write_png_bgr(f: BinaryIO, height: int, width: int, bands: Iterable[np.ndarr
     IDAT chunks of 8 KiB — so that with the same zlib it writes the very same file (checked in
     ``tests/predict/test_lesion_table.py``; any decoder reads the same pixels either way).
     """
-    f.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))
+    yield (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))
     z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
     pending = bytearray()
 
-    def flush(final: bool) -> None:
+    def flush(final: bool) -> bytes:
         n = len(pending) if final else len(pending) - len(pending) % _IDAT_BYTES
-        for i in range(0, n, _IDAT_BYTES):
-            f.write(_png_chunk(b"IDAT", bytes(pending[i: i + _IDAT_BYTES])))
+        out = b"".join(_png_chunk(b"IDAT", bytes(pending[i: i + _IDAT_BYTES])) for i in range(0, n, _IDAT_BYTES))
         del pending[:n]
+        return out
 
     rows = 0
     for band in bands:
@@ -206,13 +195,12 @@ def write_png_bgr(f: BinaryIO, height: int, width: int, bands: Iterable[np.ndarr
         del rgb
         pending += z.compress(filtered)
         del filtered
-        flush(False)
+        yield flush(False)
         rows += len(band)
     if rows != height:
-        raise ValueError(f"write_png_bgr: {rows} rows given for a PNG of {height}")
+        raise ValueError(f"png_bgr_chunks: {rows} rows given for a PNG of {height}")
     pending += z.flush()
-    flush(True)
-    f.write(_png_chunk(b"IEND", b""))
+    yield flush(True) + _png_chunk(b"IEND", b"")
 
 
 def overlay_bands(gray: np.ndarray, labels: np.ndarray, ids: list[tuple[str, tuple[float, float]]],
@@ -308,8 +296,7 @@ def write_overlays(folder: Path, images: np.ndarray, labels: np.ndarray, rows: l
         ids = [(str(r["lesion_id"]), r["_anchor_yx"]) for r in by_slice.get(int(k), [])]
         h, w = labels.shape[1:]
         if max(h, w) >= 256:  # scale 1: drawn and encoded a band of rows at a time
-            with atomic_path(folder / name) as tmp, open(tmp, "wb") as f:
-                write_png_bgr(f, h, w, overlay_bands(images[k], labels[k], ids))
+            atomic_write_chunks(folder / name, png_bgr_chunks(h, w, overlay_bands(images[k], labels[k], ids)))
             names.append(name)
             continue
         gray = images[k] if images.dtype == np.uint8 else gray8(images[k])

@@ -366,9 +366,7 @@ def _whole_slice_overlay(gray: np.ndarray, labels: np.ndarray, ids: list) -> np.
 
 
 def test_png_written_by_bands_is_imencodes_file() -> None:
-    import io
-
-    from medseg.predict.writers import write_png_bgr
+    from medseg.predict.writers import png_bgr_chunks
 
     rng = np.random.default_rng(3)
     img = cv2.GaussianBlur(rng.integers(0, 256, (203, 131, 3), dtype=np.uint8), (0, 0), 1.5)
@@ -376,14 +374,13 @@ def test_png_written_by_bands_is_imencodes_file() -> None:
     ok, ref = cv2.imencode(".png", img)
     assert ok
     for band in (1, 7, 64, 203, 1000):
-        f = io.BytesIO()
-        write_png_bgr(f, *img.shape[:2], (img[a: a + band] for a in range(0, len(img), band)))
-        back = cv2.imdecode(np.frombuffer(f.getvalue(), np.uint8), cv2.IMREAD_UNCHANGED)
+        data = b"".join(png_bgr_chunks(*img.shape[:2], (img[a: a + band] for a in range(0, len(img), band))))
+        back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         np.testing.assert_array_equal(back, img)  # what any decoder reads
         # OpenCV's own encoding settings, so the very file (with the same zlib as OpenCV's build)
-        assert f.getvalue() == ref.tobytes()
+        assert data == ref.tobytes()
     with pytest.raises(ValueError, match="rows"):
-        write_png_bgr(io.BytesIO(), 204, 131, [img])
+        b"".join(png_bgr_chunks(204, 131, [img]))
 
 
 def test_overlay_drawn_by_bands_is_the_whole_slices(tmp_path: Path) -> None:
