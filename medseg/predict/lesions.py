@@ -263,16 +263,16 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
         del mask
         rec = _component_records(comp, n_comp, prob, values)
         n_rec = rec.count.astype(np.float64)
-        world = to_world(rec.z, rec.sum_r / n_rec, rec.sum_c / n_rec) * n_rec[:, None] if len(n_rec) else \
-            np.zeros((0, 3))
-        n_all = np.bincount(rec.label, n_rec, n_comp + 1)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        world = to_world(rec.z, rec.sum_r / n_rec, rec.sum_c / n_rec) * n_rec[:, None]
+        n_all = np.bincount(rec.label, n_rec, n_comp + 1)  # [0]: background, no records
+        with np.errstate(invalid="ignore"):
             centroid = np.stack([np.bincount(rec.label, world[:, j], n_comp + 1) for j in range(3)], 1) / n_all[:, None]
         del world
         area = n_rec * px_area
         volume = np.bincount(rec.label, area * extents[rec.z], n_comp + 1)
-        # the largest slice: most voxels, the first such slice on a tie
-        largest_rec = np.lexsort((rec.z, -rec.count, rec.label))[rec.start[1:-1].clip(max=max(len(n_rec) - 1, 0))]
+        # the largest slice's record: most voxels, the first such slice on a tie (every component 1..n has
+        # a record: ndimage.label numbers only components it found)
+        largest_rec = np.lexsort((rec.z, -rec.count, rec.label))[rec.start[1:-1]]
         h, w = comp.shape[1:]
         anchor = np.stack([rec.sum_r[largest_rec] / rec.count[largest_rec],
                            rec.sum_c[largest_rec] / rec.count[largest_rec]], 1)
@@ -290,8 +290,6 @@ def lesion_table(labels: np.ndarray, prob: np.ndarray, values: np.ndarray, spaci
             for n, j in enumerate((largest_rec[i0 - 1: i1 - 1] - s_lo).tolist()):
                 i = i0 + n
                 s0, s1 = start[n], start[n + 1]
-                if s0 == s1:
-                    continue
                 largest = z_l[j]
                 # one pixel of margin where the image has one: measure_recist samples a bilinear mask that
                 # is zero beyond the array's edge, so a crop flush with the lesion would cut its border
