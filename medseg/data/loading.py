@@ -176,7 +176,7 @@ def collate_by_shape(batch: list[dict[str, Any] | None]) -> list[dict[str, Any]]
 
 
 def make_loader(dataset: Dataset, cfg: TrainConfig, sampler: Sampler[Key], batch_size: int,
-                pin_memory: bool = False, by_shape: bool = False) -> DataLoader:
+                pin_memory: bool = False, by_shape: bool = False, collate_fn: Any = None) -> DataLoader:
     """One DataLoader for a whole run: persistent workers, a private generator.
 
     Args:
@@ -186,12 +186,13 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, sampler: Sampler[Key], batch
         batch_size: samples per batch.
         pin_memory: page-locked batches (for CUDA).
         by_shape: yield a list of same-shape batches (evaluation of slices of different sizes).
+        collate_fn: instead of :func:`~medseg.data.base.collate` (e.g. one that also augments the batch).
     """
     nw = cfg.num_workers
     # a private generator: creating a loader must not draw from torch's global RNG, or a
     # resumed run would see different dropout masks
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=nw,
-        collate_fn=collate_by_shape if by_shape else collate, pin_memory=pin_memory,
+        collate_fn=collate_fn or (collate_by_shape if by_shape else collate), pin_memory=pin_memory,
         persistent_workers=nw > 0, generator=torch.Generator().manual_seed(cfg.seed),
     )

@@ -60,7 +60,7 @@ from medseg.training.resume import (
     restore_trainer,
     trainer_state,
 )
-from medseg.transforms.accelerated import DeviceAugment
+from medseg.transforms.accelerated import CollateAugment, DeviceAugment
 
 log = logging.getLogger("medseg.engine")
 
@@ -142,7 +142,11 @@ class Trainer:
         self.val_set = TransformedDataset(val_base, build_transforms(cfg.transforms, train=False), t.seed)
         pin = self.device.type == "cuda"
         self.sampler = EpochSampler(len(self.train_set), 0, t.seed, rank=self.rank, world=self.world)
-        self.train_loader = make_loader(self.train_set, t, self.sampler, t.batch_size, pin_memory=pin)
+        augment = DeviceAugment(cfg.transforms) if cfg.transforms.accelerator else None
+        # on the CPU the accelerator's part runs in the loader's workers, beside the step (not between steps)
+        in_workers = augment is not None and self.device.type == "cpu" and t.num_workers > 0
+        self.train_loader = make_loader(self.train_set, t, self.sampler, t.batch_size, pin_memory=pin,
+                                        collate_fn=CollateAugment(augment) if in_workers and augment else None)
         self.val_loader = eval_loader(self.val_set, cfg, self.rank, self.world, pin_memory=pin)
 
         self.net = build_model(cfg.model.name, self.in_channels, self.num_classes, cfg.model.params)
@@ -158,7 +162,7 @@ class Trainer:
         if t.compile:  # the training forward only; checkpoints and validation use self.net
             self.model = compile_model(self.model, "train.compile")
         self.loss_fn = LOSSES.build(cfg.loss.name, cfg.loss.params)
-        self.device_augment = DeviceAugment(cfg.transforms) if cfg.transforms.accelerator else None
+        self.device_augment = None if in_workers else augment
         # fused on CUDA: the GradScaler hands it the found-inf flag on the device (no read-back per step)
         self.optimizer = build_optimizer(cfg.train, self.model.parameters(), fused=self.device.type == "cuda")
         # loss scaling is for float16 on CUDA only (bfloat16 has float32's range)

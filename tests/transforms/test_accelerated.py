@@ -142,6 +142,40 @@ def test_trainer_trains_with_device_augmentation(demo_root: Path, tmp_path: Path
     assert result.steps_done == 2 and math.isfinite(result.history[-1]["train_loss"])
 
 
+def test_on_the_cpu_the_batch_is_augmented_in_the_loaders_worker(demo_root: Path, tmp_path: Path) -> None:
+    """``train.device: cpu`` with workers: the accelerator's part runs in the worker (the loader's collate),
+    not in the training process between steps — and gives the batch the training process would have made."""
+    from medseg.config import load_config
+    from medseg.training.trainer import Trainer
+    from medseg.transforms.accelerated import CollateAugment
+    from tests.conftest import tiny_overrides
+
+    def first_batch(workers: int) -> tuple[Trainer, dict[str, Any]]:
+        cfg = load_config(QUICK, tiny_overrides(demo_root, tmp_path / str(workers), **{
+            "transforms.accelerator": True, "tracking.enabled": False, "train.num_workers": workers}))
+        trainer = Trainer(cfg)
+        trainer.sampler.set_epoch(0, num_samples=2)
+        batch = next(iter(trainer.train_loader))
+        if trainer.device_augment is not None:
+            batch = trainer.device_augment(batch)
+        return trainer, batch
+
+    in_process, ref = first_batch(0)
+    in_worker, got = first_batch(1)
+    assert isinstance(in_worker.train_loader.collate_fn, CollateAugment) and in_worker.device_augment is None
+    assert in_process.device_augment is not None and not isinstance(in_process.train_loader.collate_fn, CollateAugment)
+    assert set(got) == set(ref) and "elastic_disp" not in got
+    torch.testing.assert_close(got["image"], ref["image"], rtol=0, atol=1e-5)
+    assert torch.equal(got["label"], ref["label"])
+    torch.testing.assert_close(got["weight"], ref["weight"], rtol=1e-5, atol=1e-5)
+    # slice propagation rebuilds the loader with its new training set: the augmentation stays in the worker
+    assert in_worker.propagator is not None
+    in_worker.propagator.rebuild(in_worker)
+    assert isinstance(in_worker.train_loader.collate_fn, CollateAugment)
+    result = in_worker.fit()
+    assert result.steps_done == 2 and math.isfinite(result.history[-1]["train_loss"])
+
+
 def test_accelerator_needs_a_crop() -> None:
     from medseg.config import ConfigError, TransformsConfig
     from medseg.transforms import build_transforms
