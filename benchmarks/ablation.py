@@ -9,9 +9,10 @@ Four variants of a pipeline, trained on the same data for the same wall-clock bu
 * ``neither``      — both off
 
 and, named with ``--variants`` (quickstart only; issue 23): ``no_propagate`` (``train.propagate.enabled=false``),
-``no_negatives`` (``data.negative_rate=0``), ``window_multi`` (wide + soft-tissue + lung windows as
-channels) and ``window_dicom`` (each lesion's annotated window, the former default) against ``full``
-(the wide fixed window, negatives and slice propagation, as shipped)
+``no_negatives`` (``data.negative_rate=0``), ``window_fixed`` (the wide window −1024…3071 alone, the
+default until 2026-12-06), ``no_growth`` (propagation one slice a round, no growth: the earlier rules) and
+``window_dicom`` (each lesion's annotated window) against ``full`` (wide + soft-tissue + lung windows as
+channels, negatives and slice propagation, as shipped)
 
 each with ``--seeds`` (default 0, 1, 2: ``train.seed`` — initialisation, sample order and
 augmentation; the data and its split stay fixed). Pipelines: ``quickstart`` (generated
@@ -35,7 +36,7 @@ Usage::
     python benchmarks/ablation.py --pipeline quickstart --seeds 0,1,2 --out docs/ablation.md   # ≈ 2 h
     python benchmarks/ablation.py --pipeline cells --budget-min 8                               # ≈ 1.8 h
     python benchmarks/ablation.py --pipeline quickstart --table-only
-    python benchmarks/ablation.py --pipeline quickstart --variants full,no_propagate,window_multi,window_dicom
+    python benchmarks/ablation.py --pipeline quickstart --variants full,no_propagate,window_fixed,window_dicom
     python benchmarks/ablation.py --pipeline quickstart --budget-min 0.33 --seeds 0   # a smoke run
 """
 
@@ -66,7 +67,8 @@ VARIANTS: dict[str, list[str]] = {
     # issue 23's arms (quickstart only; not in the default --variants): propagation, negatives, window rule
     "no_propagate": ["train.propagate.enabled=false"],
     "no_negatives": ["data.negative_rate=0"],
-    "window_multi": ["data.window=multi"],
+    "window_fixed": ["data.window=fixed"],
+    "no_growth": ["train.propagate.slices_per_round=1", "train.propagate.max_area_ratio=1.0"],
     "window_dicom": ["data.window=dicom"],
 }
 #: what a plain run trains (the U-Net paper's ablation); name the others with --variants
