@@ -34,7 +34,8 @@ from medseg.runtime import TrainingError, sample_seed
 log = logging.getLogger("medseg.data")
 
 __all__ = [
-    "EpochSampler", "ShardSampler", "TransformedDataset", "cache_dataset", "collate_by_shape", "first_readable",
+    "CollateThen", "EpochSampler", "ShardSampler", "TransformedDataset", "cache_dataset", "collate_by_shape",
+    "first_readable",
     "make_loader", "sample_nbytes",
 ]
 
@@ -173,6 +174,19 @@ def collate_by_shape(batch: list[dict[str, Any] | None]) -> list[dict[str, Any]]
         if s is not None:
             groups.setdefault(tuple(np.shape(s["image"])), []).append(s)
     return [b for g in groups.values() if (b := collate(g)) is not None]
+
+
+class CollateThen:
+    """:func:`~medseg.data.base.collate`, then ``fn`` on the batch, as a DataLoader's ``collate_fn`` (in
+    its workers): e.g. the accelerator's batch augmentation when the training device is the CPU, where
+    it would otherwise run in the training process between optimizer steps on the cores the step uses."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+        batch = collate(samples)
+        return None if batch is None else self.fn(batch)
 
 
 def make_loader(dataset: Dataset, cfg: TrainConfig, sampler: Sampler[Key], batch_size: int,

@@ -374,7 +374,7 @@ class Propagator:
         trainer.sampler = EpochSampler(len(trainer.train_set), 0, t.seed, rank=trainer.rank, world=trainer.world)
         trainer.train_loader = make_loader(trainer.train_set, t, trainer.sampler, t.batch_size,
                                            pin_memory=trainer.device.type == "cuda",
-                                           collate_fn=trainer.train_loader.collate_fn)  # e.g. CollateAugment
+                                           collate_fn=trainer.train_loader.collate_fn)  # e.g. CollateThen
         return len(extra)
 
 

@@ -31,7 +31,14 @@ from torch import nn
 import medseg.training.losses  # noqa: F401  (registers the losses)
 from medseg.config import Config, save_config
 from medseg.data import build_dataset
-from medseg.data.loading import EpochSampler, TransformedDataset, cache_dataset, first_readable, make_loader
+from medseg.data.loading import (
+    CollateThen,
+    EpochSampler,
+    TransformedDataset,
+    cache_dataset,
+    first_readable,
+    make_loader,
+)
 from medseg.evaluation.evaluate import check_monitor, eval_loader, evaluate_loader
 from medseg.evaluation.plots import save_overlay_grid
 from medseg.io import atomic_torch_save, atomic_write_text
@@ -55,12 +62,8 @@ from medseg.training.losses import check_label_range, labels_checked
 from medseg.training.losslog import HOST_CHECK_RANGE, LossLog
 from medseg.training.optim import build_optimizer, lr_factor
 from medseg.training.propagate import Propagator
-from medseg.training.resume import (
-    new_run_dir,
-    restore_trainer,
-    trainer_state,
-)
-from medseg.transforms.accelerated import CollateAugment, DeviceAugment
+from medseg.training.resume import new_run_dir, restore_trainer, trainer_state
+from medseg.transforms.accelerated import DeviceAugment
 
 log = logging.getLogger("medseg.engine")
 
@@ -146,7 +149,7 @@ class Trainer:
         # on the CPU the accelerator's part runs in the loader's workers, beside the step (not between steps)
         in_workers = augment is not None and self.device.type == "cpu" and t.num_workers > 0
         self.train_loader = make_loader(self.train_set, t, self.sampler, t.batch_size, pin_memory=pin,
-                                        collate_fn=CollateAugment(augment) if in_workers and augment else None)
+                                        collate_fn=CollateThen(augment) if in_workers else None)
         self.val_loader = eval_loader(self.val_set, cfg, self.rank, self.world, pin_memory=pin)
 
         self.net = build_model(cfg.model.name, self.in_channels, self.num_classes, cfg.model.params)

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg.data.base import collate
 from medseg.transforms.functional import border_cutoff, spline_axis_weights
 
 __all__ = ["DeviceAugment", "border_weight_map_torch", "bspline_matrix", "dense_field", "random_displacements",
@@ -378,18 +377,3 @@ def device_margin(cfg: Any) -> int:
     has probability ≈ 6e-5; a position that still leaves the grown crop is mirrored at its edge)."""
     el = cfg.elastic
     return int(np.ceil(4 * el.sigma)) + 2 if el.enabled and el.prob > 0 and el.sigma > 0 else 0
-
-
-class CollateAugment:
-    """:func:`~medseg.data.base.collate`, then :class:`DeviceAugment` on the CPU, as a DataLoader's
-    ``collate_fn``: the accelerator path when the training device *is* the CPU. There the "device" part
-    would otherwise run in the training process between optimizer steps, on the cores the step uses;
-    in the loader's workers it runs beside the step, as the CPU chain does — the same operations on the
-    same batch, so the same samples (exact resume unchanged: the random numbers are drawn per sample)."""
-
-    def __init__(self, augment: DeviceAugment) -> None:
-        self.augment = augment
-
-    def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-        batch = collate(samples)
-        return None if batch is None else self.augment(batch)

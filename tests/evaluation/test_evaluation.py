@@ -47,7 +47,9 @@ def assert_same_evaluation(a: Any, b: Any) -> None:
 
 def _unet(cfg: Any, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(cfg.model.name, 3, cfg.data.num_classes, cfg.model.params).eval()
+    from medseg.data.windowing import input_channels
+
+    return build_model(cfg.model.name, input_channels(cfg.data), cfg.data.num_classes, cfg.model.params).eval()
 
 
 def test_batched_evaluation_equals_one_at_a_time(demo_root: Path, tmp_path: Path) -> None:

@@ -102,7 +102,7 @@ def test_todays_checkpoint_and_logged_model_hold_data_only(trained: dict[str, An
     assert "pytorch" not in (local / "MLmodel").read_text().split("flavors:")[1].split("mlflow_version")[0]
     assert get_unsafe_globals_in_checkpoint(str(local / "data" / "medseg" / "weights.pt")) == []
 
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, next(model.parameters()).shape[1], 64, 64)  # the first convolution's input channels
     via_uri, uri_info = load_model(f"runs:/{trained['run_id']}/model", trust=False)
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{trained['run_id']}/model")  # MLflow's own loader, no pickle
     with torch.no_grad():

@@ -134,9 +134,10 @@ def test_a_round_accepts_masks_on_the_true_lesions_and_they_join_training(demo_r
     for series, n, _, inst in items:
         truth = _truth(demo_root, series, n, inst.shape)
         assert (inst > 0).any() and not ((inst > 0) & ~truth).any()  # every accepted pixel is a true lesion pixel
-    # one slice outward per direction and round: every accepted slice is next to its key slice
+    # slices_per_round outward per direction and round: every accepted slice is that close to its key slice
     keys = {(s.series, s.key) for s in ds.samples}
-    assert all((se, n - 1) in keys or (se, n + 1) in keys for se, n, _, _ in items)
+    k = trainer.cfg.train.propagate.slices_per_round
+    assert all(any((se, n + d) in keys for d in range(-k, k + 1) if d) for se, n, _, _ in items)
     # the propagated samples are the slices with their masks as labels
     extra = trainer.train_set.base.datasets[1]
     smp = extra[0]

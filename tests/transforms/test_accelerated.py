@@ -146,8 +146,8 @@ def test_on_the_cpu_the_batch_is_augmented_in_the_loaders_worker(demo_root: Path
     """``train.device: cpu`` with workers: the accelerator's part runs in the worker (the loader's collate),
     not in the training process between steps — and gives the batch the training process would have made."""
     from medseg.config import load_config
+    from medseg.data.loading import CollateThen
     from medseg.training.trainer import Trainer
-    from medseg.transforms.accelerated import CollateAugment
     from tests.conftest import tiny_overrides
 
     def first_batch(workers: int) -> tuple[Trainer, dict[str, Any]]:
@@ -162,8 +162,8 @@ def test_on_the_cpu_the_batch_is_augmented_in_the_loaders_worker(demo_root: Path
 
     in_process, ref = first_batch(0)
     in_worker, got = first_batch(1)
-    assert isinstance(in_worker.train_loader.collate_fn, CollateAugment) and in_worker.device_augment is None
-    assert in_process.device_augment is not None and not isinstance(in_process.train_loader.collate_fn, CollateAugment)
+    assert isinstance(in_worker.train_loader.collate_fn, CollateThen) and in_worker.device_augment is None
+    assert in_process.device_augment is not None and not isinstance(in_process.train_loader.collate_fn, CollateThen)
     assert set(got) == set(ref) and "elastic_disp" not in got
     torch.testing.assert_close(got["image"], ref["image"], rtol=0, atol=1e-5)
     assert torch.equal(got["label"], ref["label"])
@@ -171,7 +171,7 @@ def test_on_the_cpu_the_batch_is_augmented_in_the_loaders_worker(demo_root: Path
     # slice propagation rebuilds the loader with its new training set: the augmentation stays in the worker
     assert in_worker.propagator is not None
     in_worker.propagator.rebuild(in_worker)
-    assert isinstance(in_worker.train_loader.collate_fn, CollateAugment)
+    assert isinstance(in_worker.train_loader.collate_fn, CollateThen)
     result = in_worker.fit()
     assert result.steps_done == 2 and math.isfinite(result.history[-1]["train_loss"])
 
