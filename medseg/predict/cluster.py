@@ -30,6 +30,7 @@ The driver holds the output folder's lock and is the only writer of the manifest
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -58,6 +59,8 @@ from medseg.predict.run import (
     record_failed,
 )
 from medseg.runtime import TrainingError
+
+log = logging.getLogger("medseg.predict")
 
 __all__ = ["ModelActor", "RAY_MISSING", "actor_device", "check_shared_storage", "import_ray", "index_name",
            "index_reader", "run_ray"]
@@ -167,8 +170,14 @@ def probe(input_file: str, probe_dir: str, token: str) -> str:
 # ----------------------------------------------------------------------------- the driver
 
 
+#: connection attempts through Ray Client (``ray://``): its proxy starts a server process per client, and
+#: on a loaded head that start sometimes fails ("Starting Ray client server failed"), a transient error
+CLIENT_TRIES = 3
+
+
 def _connect(ray: Any, address: str | None) -> bool:
-    """Join (``address``) or start a Ray cluster; True when this call started Ray (and must stop it)."""
+    """Join (``address``) or start a Ray cluster; True when this call started Ray (and must stop it). A
+    Ray Client server that fails to start is tried again (:data:`CLIENT_TRIES` in all, 2 s, 4 s apart)."""
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
@@ -176,7 +185,17 @@ def _connect(ray: Any, address: str | None) -> bool:
         kwargs["address"] = address
     else:
         kwargs["include_dashboard"] = False
-    ray.init(**kwargs)
+    for attempt in range(1, CLIENT_TRIES + 1):
+        try:
+            ray.init(**kwargs)
+            return True
+        except RuntimeError as e:
+            client = (address or "").startswith("ray://") and "client server failed" in str(e)
+            if not client or attempt == CLIENT_TRIES:
+                raise
+            log.warning("Ray Client at %s: %s (attempt %d of %d); trying again", address, str(e).splitlines()[0],
+                        attempt, CLIENT_TRIES)
+            time.sleep(2.0 * attempt)
     return True
 
 

@@ -303,3 +303,36 @@ def test_without_ray_one_line_says_what_to_install(local: dict, tmp_path: Path) 
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].endswith("pip install 'medseg[cluster]' (that is, pip install 'ray[data,default]>=2.40')")
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_a_ray_client_server_that_fails_to_start_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Client's proxy starts a server per client; on a loaded head that start sometimes fails (seen in
+    this suite's full runs: "Starting Ray client server failed"). ``_connect`` tries such a start again,
+    and nothing else."""
+    from medseg.predict import cluster as C
+
+    class FakeRay:
+        def __init__(self, fail: int, message: str) -> None:
+            self.fail, self.message, self.calls = fail, message, 0
+
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kwargs: object) -> None:
+            self.calls += 1
+            if self.calls <= self.fail:
+                raise RuntimeError(self.message)
+
+    monkeypatch.setattr(C.time, "sleep", lambda s: None)
+    failed = "Starting Ray client server failed. See ray_client_server_23000.err for detailed logs."
+    ok = FakeRay(C.CLIENT_TRIES - 1, failed)
+    assert C._connect(ok, "ray://127.0.0.1:10001") and ok.calls == C.CLIENT_TRIES
+    gone = FakeRay(C.CLIENT_TRIES, failed)
+    with pytest.raises(RuntimeError, match="client server failed"):
+        C._connect(gone, "ray://127.0.0.1:10001")
+    assert gone.calls == C.CLIENT_TRIES
+    for address, message in (("127.0.0.1:6379", failed), ("ray://127.0.0.1:10001", "version mismatch")):
+        other = FakeRay(1, message)  # not a Ray Client server start: raised at once
+        with pytest.raises(RuntimeError):
+            C._connect(other, address)
+        assert other.calls == 1
