@@ -78,5 +78,20 @@ def tiny_runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         cfg = load_config(root / "pipelines" / "quickstart.yaml", ov)
         result, _ = run_training(cfg, pipeline_path=root / "pipelines" / "quickstart.yaml")
         runs.append(result)
+    # under load the run can end before its journal's sender has given the store every record (the run's
+    # warning says so, and the sender goes on in this process): wait for it, as the tests read the store
+    import time
+
+    from medseg.tracking.journal import read_journal, sync
+
+    for r in runs:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            _, records, sent = read_journal(r.run_dir)
+            if sent >= len(records):
+                break
+            time.sleep(0.5)
+        else:
+            sync(r.run_dir, uri)
     return {"uri": uri, "out": out, "run_ids": [r.run_id for r in runs], "run_dirs": [r.run_dir for r in runs],
             "experiment": "tiny"}
