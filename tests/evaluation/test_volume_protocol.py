@@ -28,6 +28,7 @@ from torch import nn
 from medseg.config import Config, to_dict
 from medseg.data.deeplesion import HU_OFFSET, DeepLesionDataset
 from medseg.data.deeplesion.volume import volume_blocks
+from medseg.data.windowing import input_channels
 from medseg.evaluation.evaluate import evaluate, format_report
 from medseg.metrics.volume import VolumeMetrics
 from medseg.predict import run_predict
@@ -109,9 +110,8 @@ def _config(root: Path, out: Path, window: str) -> Config:
 def _checkpoint(cfg: Config, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     model = ContextMean(cfg.data.context_slices, 2, **cfg.model.params)
-    channels = cfg.data.context_slices * (len(cfg.data.windows) if cfg.data.window == "multi" else 1)
     torch.save({"version": 1, "model": model.state_dict(), "config": to_dict(cfg),
-                "in_channels": channels, "num_classes": 2}, path)
+                "in_channels": input_channels(cfg.data), "num_classes": 2}, path)
     return path
 
 
