@@ -372,9 +372,9 @@ class Propagator:
         base = ConcatDataset([self.base, extra]) if len(extra) else self.base
         trainer.train_set = TransformedDataset(base, trainer.train_set.transform, t.seed)
         trainer.sampler = EpochSampler(len(trainer.train_set), 0, t.seed, rank=trainer.rank, world=trainer.world)
+        old = trainer.train_loader  # its settings (pinning, the collate: e.g. CollateThen), the new set
         trainer.train_loader = make_loader(trainer.train_set, t, trainer.sampler, t.batch_size,
-                                           pin_memory=trainer.device.type == "cuda",
-                                           collate_fn=trainer.train_loader.collate_fn)  # e.g. CollateThen
+                                           pin_memory=old.pin_memory, collate_fn=old.collate_fn)
         return len(extra)
 
 
