@@ -357,6 +357,9 @@ class PredictConfig:
     connectivity: int = 3
     #: torch CPU threads while predicting (None = every core this process may use); never ``train.threads``
     threads: int | None = None
+    #: glibc: freed blocks up to this many MiB stay in the heap for the next forward instead of being
+    #: unmapped and faulted back in (medseg.runtime.hold_freed_memory; process-wide; 0 = glibc's default)
+    hold_freed_mib: int = 1024
     #: wrap the model with torch.compile (needs a C++ compiler; first forward of each shape compiles)
     compile: bool = False
 

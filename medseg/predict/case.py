@@ -19,7 +19,7 @@ from medseg.data.dicom import header_window
 from medseg.data.images import intensity_range
 from medseg.inference.predictor import Predictor, predict_labels
 from medseg.io import atomic_dir
-from medseg.predict.lesions import lesion_table, release_freed_memory, slice_extents
+from medseg.predict.lesions import lesion_table, slice_extents
 from medseg.predict.readers import Loaded
 from medseg.predict.sr import write_seg_and_sr
 from medseg.predict.writers import (
@@ -32,6 +32,7 @@ from medseg.predict.writers import (
     write_overlays,
     write_png_mask,
 )
+from medseg.runtime import release_freed_memory
 
 __all__ = ["predict_case", "process_case", "write_case"]
 

@@ -58,7 +58,7 @@ from medseg.predict.run import (
     record_done,
     record_failed,
 )
-from medseg.runtime import TrainingError
+from medseg.runtime import TrainingError, hold_freed_memory
 
 log = logging.getLogger("medseg.predict")
 
@@ -114,6 +114,7 @@ class ModelActor:
 
     def __init__(self, predictor: Predictor, threads: int | None, device: str) -> None:
         torch.set_num_threads(predict_threads(threads))
+        hold_freed_memory(predictor.cfg.predict.hold_freed_mib)
         self.predictor = Predictor(predictor.model, predictor.cfg, torch.device(device))
 
     def predict(self, loaded: Loaded | Failed) -> tuple[np.ndarray, np.ndarray, float] | Failed:

@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +39,9 @@ from scipy import ndimage
 
 from medseg.inference.postprocess import PROB_SCALE
 from medseg.lesion import axes_mm, measure_recist
+from medseg.runtime import release_freed_memory
 
-__all__ = ["COLUMNS", "lesion_map", "lesion_table", "release_freed_memory", "slice_extents"]
+__all__ = ["COLUMNS", "lesion_map", "lesion_table", "slice_extents"]
 
 COLUMNS = [
     "lesion_id", "class", "first_slice", "last_slice", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
@@ -60,31 +60,6 @@ TRIM_EVERY = 4096
 #: pixels of one band of the component map measured at a time (~40 bytes of temporaries a pixel): the
 #: table's temporaries stay this size whatever the foreground covers
 CHUNK_PIXELS = 1 << 16
-
-
-def release_freed_memory() -> None:
-    """Give the heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    After ``medseg predict``'s window has freed large blocks, glibc serves every later allocation below
-    its (raised) mmap threshold from the heap, where freed temporaries stay resident between the rows
-    that outlive them: ~0.6 KiB a lesion of the table's per-component temporaries, or the model's
-    activations after the window (~200 MiB) — memory the next stage's arrays cannot reuse, so it would
-    add to the process's peak."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``); None where there is none."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim  # type: ignore[arg-type]
-    except (OSError, AttributeError, TypeError):  # not glibc
-        return None
 
 
 def slice_extents(z_mm: np.ndarray, thickness: float | None = None) -> np.ndarray:

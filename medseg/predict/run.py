@@ -42,7 +42,7 @@ from medseg.io import WriteError, exclusive_lock, write_error_of
 from medseg.predict.case import process_case
 from medseg.predict.manifest import Manifest, manifest_name, merge_manifests
 from medseg.predict.readers import Case, discover, load_case
-from medseg.runtime import compile_model
+from medseg.runtime import compile_model, hold_freed_memory
 
 __all__ = [
     "PredictResult", "Prepared", "finish_run", "first_line", "model_fingerprint", "predict_threads",
@@ -176,6 +176,7 @@ def prepare_run(model: str | Path, root: Path, out: Path, overrides: list[str] |
     if (warn := annotation_window_warning(cfg.data)) is not None:
         log.warning("%s", warn)
     torch.set_num_threads(predict_threads(cfg.predict.threads))
+    hold_freed_memory(cfg.predict.hold_freed_mib)  # no page faults of every activation at every forward
     fingerprint = model_fingerprint(predictor.model)
     if cfg.predict.compile:  # after the fingerprint: a compiled module's state_dict keys differ
         predictor.model = compile_model(predictor.model, "predict.compile")

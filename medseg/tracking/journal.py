@@ -9,7 +9,10 @@ that is away makes the journal grow (one warning per outage, the sender retries 
 :data:`RETRY_S`), and when it answers again the rest is sent. How many records the store has is kept
 in ``<run_dir>/tracking/sent`` (written atomically after each acknowledged batch), so a process that
 ends while the store is away leaves the rest for ``medseg track sync RUN_DIR`` (:func:`sync`) or for
-``medseg train --resume``, whose tracker sends it first.
+``medseg train --resume``, whose tracker sends it first. Every sender — a run's thread, ``track sync``
+in another process — sends a batch and counts it while holding ``<run_dir>/tracking/send.lock``
+(``flock``) and starts from the count it reads under it, so two senders neither send a record twice
+nor write the count back lower.
 
 Format: the first line is ``{"kind": "run", "run_id": ..., "uri": <redacted URI>}``; then one record
 per call: ``{"kind": "metrics", "step": 3, "ts": 1733450000000, "data": {"train/loss": 0.5}}``,
@@ -30,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -106,9 +110,25 @@ def read_journal(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, An
             break
     if not rows or rows[0].get("kind") != "run":
         raise FileNotFoundError(f"{run_dir}: no tracking journal ({path})")
+    return rows[0], rows[1:], _acknowledged(path)
+
+
+def _acknowledged(path: Path) -> int:
+    """The count in the journal's ``sent`` file (0 when there is none)."""
     sent_file = path.with_name("sent")
-    sent = int(sent_file.read_text()) if sent_file.is_file() else 0
-    return rows[0], rows[1:], sent
+    return int(sent_file.read_text()) if sent_file.is_file() else 0
+
+
+@contextlib.contextmanager
+def _send_lock(path: Path):  # noqa: ANN202 — a context manager
+    """Hold the journal's ``send.lock`` (exclusive ``flock``; a lock per open file, so two senders of
+    one process exclude each other too)."""
+    fd = os.open(path.with_name("send.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _batches(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -279,9 +299,17 @@ class Journal:
                 while not self.pending:
                     if not self.cond.wait(RETRY_S * 6):  # idle: the thread ends, the next append starts one
                         return
-                batch = _batches(self.pending)[0]
             try:
-                send_records(self.client, self.run_id, batch, self.path.parent.parent)
+                with _send_lock(self.path):
+                    self._skip_acknowledged()
+                    with self.cond:
+                        batch = _batches(self.pending)[0] if self.pending else []
+                    if batch:
+                        send_records(self.client, self.run_id, batch, self.path.parent.parent)
+                        # the count first: whoever sees the records gone sees them counted; on a full
+                        # disk the count stays behind (a later one catches up) and the sender goes on
+                        with contextlib.suppress(OSError):
+                            atomic_write_text(self.path.with_name("sent"), str(self.sent + len(batch)))
             except Exception as e:  # noqa: BLE001 — the store is away: keep the records, try again
                 self.failing = True
                 away_since = away_since or time.monotonic()
@@ -293,16 +321,23 @@ class Journal:
                     self.cond.wait(RETRY_S)
                 continue
             away_since = None
-            # the count first: whoever sees the records gone sees them counted (only this thread writes it);
-            # on a full disk the count stays behind (a later one catches up) and the sender goes on
-            with contextlib.suppress(OSError):
-                atomic_write_text(self.path.with_name("sent"), str(self.sent + len(batch)))
             with self.cond:
                 del self.pending[: len(batch)]
                 self.sent += len(batch)
                 self.failing = False
                 self.cond.notify_all()
             self.on_success()
+
+    def _skip_acknowledged(self) -> None:
+        """Drop the pending records another sender (``track sync``) has sent meanwhile (under the lock)."""
+        with contextlib.suppress(OSError, ValueError):
+            done = _acknowledged(self.path) - self.sent
+            if done > 0:
+                with self.cond:
+                    done = min(done, len(self.pending))
+                    del self.pending[:done]
+                    self.sent += done
+                    self.cond.notify_all()
 
     def drain(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the store to have every record (not at all while it is away)."""
@@ -331,10 +366,15 @@ def sync(run_dir: str | Path, uri: str) -> dict[str, Any]:
     import mlflow.tracking._tracking_service.utils as mlflow_utils
 
     getattr(mlflow_utils, "_artifact_repos_cache", {}).pop(header["run_id"], None)
+    path = journal_path(run_dir)
     done = 0
-    sent_file = journal_path(run_dir).with_name("sent")
-    for batch in _batches(records[sent:]):
-        send_records(client, header["run_id"], batch, run_dir)
-        done += len(batch)
-        atomic_write_text(sent_file, str(sent + done))
+    while True:
+        with _send_lock(path):  # a run's own sender may still be trying: one sender at a time
+            start = max(_acknowledged(path), sent)
+            batch = (_batches(records[start:]) or [[]])[0]
+            if not batch:
+                break
+            send_records(client, header["run_id"], batch, run_dir)
+            done += len(batch)
+            atomic_write_text(path.with_name("sent"), str(start + len(batch)))
     return {"run_id": header["run_id"], "sent": done}

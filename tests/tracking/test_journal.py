@@ -19,7 +19,7 @@ class Flaky:
     """An ``MlflowClient`` that fails every call while ``away`` (a store that is gone)."""
 
     def __init__(self, client: Any) -> None:
-        self.client, self.away, self.failed = client, False, 0
+        self.client, self.away, self.failed, self.calls = client, False, 0, 0
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.client, name)
@@ -28,6 +28,7 @@ class Flaky:
             if self.away:
                 self.failed += 1
                 raise ConnectionError("server gone")
+            self.calls += 1
             return method(*a, **k)
 
         return call
@@ -181,3 +182,35 @@ def test_a_full_disk_keeps_the_journal_whole_and_is_one_write_error(
     tracker.log_metrics({"train/loss": 0.25}, 2)
     _, records, _ = read_journal(run_dir)
     assert [r["step"] for r in records if r["kind"] == "metrics"] == [1, 2]
+
+
+def test_track_sync_beside_the_runs_own_sender_sends_each_record_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run whose sender still retries (the store was away) and ``medseg track sync`` run at once: the
+    records reach the store once each and the acknowledged count never goes back (the sender used to
+    send its batch again after sync had sent it, and write its own, lower count over sync's)."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setattr("medseg.tracking.journal.RETRY_S", 0.1)
+    tracker, run_id, run_dir, _ = _tracker(tmp_path, "run")
+    flaky = Flaky(tracker.client)
+    tracker.client = tracker.journal.client = flaky
+    flaky.away = True
+    for step in range(1, 6):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    tracker.journal.append("status", status="FINISHED", ts=1)
+    tracker.journal.drain(0.3)
+    assert read_journal(run_dir)[2] == 0 and tracker.journal.thread.is_alive()  # still trying
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert sync(run_dir, uri)["sent"] >= 1  # the whole record through another client
+    flaky.away = False  # the run's own sender now reaches the store too
+    deadline = time.monotonic() + 20
+    while tracker.journal.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert not tracker.journal.pending and read_journal(run_dir)[2] == 6
+    assert flaky.calls == 0  # the run's sender found everything acknowledged: it sent nothing again
+    history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]  # each once
