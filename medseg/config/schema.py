@@ -182,6 +182,8 @@ class TrainConfig:
     num_workers: int = 0
     #: torch CPU threads (None = torch's default)
     threads: int | None = None
+    #: glibc: freed blocks up to this many MiB stay in the heap (medseg.runtime.hold_freed_memory; 0 = default)
+    hold_freed_mib: int = 1024
     #: number of validation examples drawn in the overlay grid
     overlay_count: int = 8
     #: keep decoded (pre-augmentation) samples in memory (read once, before training, shared by workers)

@@ -1,15 +1,13 @@
 """Training: the :class:`Trainer` (fit / validate / checkpoint / resume) and :func:`run_training`.
 
 One :class:`Trainer`, configured by the :class:`~medseg.config.Config` tree — never subclassed.
-:meth:`Trainer.fit` reads top to bottom: an epoch loop that trains, validates, checkpoints and
-decides whether to stop. Device and RNG live in :mod:`medseg.runtime`, loaders in
-:mod:`medseg.data.loading`, checkpoints in :mod:`medseg.models.checkpoint`, the validation loop in
-:mod:`medseg.evaluation.evaluate`, figures in :mod:`medseg.evaluation.plots`, the LR schedule in :mod:`medseg.training.optim`.
+:meth:`Trainer.fit` reads top to bottom: an epoch loop that trains, validates, checkpoints and decides whether
+to stop. Device, RNG and the heap: :mod:`medseg.runtime`; loaders: :mod:`medseg.data.loading`; checkpoints:
+:mod:`medseg.models.checkpoint`; validation: :mod:`medseg.evaluation.evaluate`; LR: :mod:`medseg.training.optim`.
 
 Reproducibility: every random choice in an epoch is a function of ``(train.seed, epoch, index)``
-(see :mod:`medseg.data.loading`), and torch's RNG (dropout) is saved in each checkpoint. So a run
-killed at any point and resumed from its last checkpoint replays the same batches and ends with the
-same weights as an uninterrupted run (on the CPU).
+(:mod:`medseg.data.loading`) and each checkpoint saves torch's RNG, so a run killed anywhere and resumed
+ends with the weights of an uninterrupted run (on the CPU).
 """
 
 from __future__ import annotations
@@ -51,6 +49,7 @@ from medseg.runtime import (
     broadcast_buffers,
     broadcast_object,
     compile_model,
+    hold_freed_memory,
     init_distributed,
     resolve_device,
     seed_everything,
@@ -120,6 +119,7 @@ class Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
+        hold_freed_memory(t.hold_freed_mib)  # DataLoader workers forked later inherit it
         seed_everything(t.seed)
         self.rank, self.world, local = init_distributed()
         self.device = resolve_device(t.device)
