@@ -164,6 +164,17 @@ def test_predict_end_to_end_row_runs_both_processes() -> None:
     assert row["labels_equal"] > 0.99 and row["lesions"] > 0, row
 
 
+@pytest.mark.slow  # three medseg predict runs over a small DICOM series
+def test_predict_dicom_row_runs_with_the_quick_start_window_rule() -> None:
+    """``bench_predict.py``'s DICOM row: the model it saves takes the quick start's input channels (three
+    windows × the context slices) — it had kept 3 and failed when the default window became ``multi``."""
+    row = _bench("bench_predict").dicom_benchmark("cpu", 1, 3, repeats=1)
+    assert row["slices"] == 3
+    for key in ("forward_s", "end_to_end_s_prefetch0", "end_to_end_s_prefetch2", "ratio_prefetch2"):
+        assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+    assert row["ratio_prefetch2"] == pytest.approx(row["forward_s"] / row["end_to_end_s_prefetch2"])
+
+
 def test_run_all_cli_writes_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_all = _bench("run_all")
     monkeypatch.setattr(run_all, "BENCHMARKS", {"weight_map": _bench("bench_weight_map").main})
