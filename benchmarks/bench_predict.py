@@ -221,10 +221,23 @@ def write_series(root: Path, n_series: int, n_slices: int, size: int = 512) -> N
             ds.save_as(folder / f"{k:04d}.dcm", enforce_file_format=True)
 
 
-def dicom_benchmark(device: str, n_series: int, n_slices: int, repeats: int = 2) -> dict[str, Any]:
-    """Slices/s end to end (with and without overlapped reading) vs the model forward pass alone."""
+def quick_start_checkpoint(path: Path, overrides: list[str]) -> Path:
+    """A checkpoint at ``path``: the benchmark U-Net (random weights, seed 0) with the quick start's config
+    (plus ``overrides``) and that config's input channels (its window rule × context slices)."""
     from medseg.config import load_config, to_dict
     from medseg.data.windowing import input_channels
+
+    cfg = load_config(ROOT / "pipelines" / "quickstart.yaml", overrides)
+    channels = input_channels(cfg.data)
+    torch.manual_seed(0)
+    model = build_model(MODEL[0], channels, MODEL[2], MODEL[3]).eval()
+    torch.save({"version": 1, "model": model.state_dict(), "config": to_dict(cfg), "in_channels": channels,
+                "num_classes": 2}, path)
+    return path
+
+
+def dicom_benchmark(device: str, n_series: int, n_slices: int, repeats: int = 2) -> dict[str, Any]:
+    """Slices/s end to end (with and without overlapped reading) vs the model forward pass alone."""
     from medseg.inference.predictor import Predictor
     from medseg.predict import run_predict
     from medseg.predict.readers import discover, load_case
@@ -232,14 +245,8 @@ def dicom_benchmark(device: str, n_series: int, n_slices: int, repeats: int = 2)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_p = Path(tmp)
         write_series(tmp_p / "in", n_series, n_slices)
-        cfg = load_config(ROOT / "pipelines" / "quickstart.yaml", ["train.threads=1", f"train.device={device}",
-                                                                   "train.amp=off", "tracking.enabled=false"])
-        channels = input_channels(cfg.data)  # the quick start's window rule (three windows × 3 slices: 9)
-        torch.manual_seed(0)
-        model = build_model(MODEL[0], channels, MODEL[2], MODEL[3]).eval()
-        ckpt = tmp_p / "model.pt"
-        torch.save({"version": 1, "model": model.state_dict(), "config": to_dict(cfg), "in_channels": channels,
-                    "num_classes": 2}, ckpt)
+        ckpt = quick_start_checkpoint(tmp_p / "model.pt", ["train.threads=1", f"train.device={device}", "train.amp=off",
+                                                          "tracking.enabled=false"])
         out: dict[str, Any] = {"series": n_series, "slices": n_series * n_slices, "device": device}
         run_predict(ckpt, tmp_p / "in", tmp_p / "warm-up", device=device, progress=False)  # caches, kernels
         predictor = Predictor.from_ref(ckpt, device=device)

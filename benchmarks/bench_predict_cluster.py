@@ -48,10 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_predict import make_model, write_series  # noqa: E402
+from bench_predict import quick_start_checkpoint, write_series  # noqa: E402
 from common import markdown_table, report  # noqa: E402
-
-from medseg.config import load_config, to_dict  # noqa: E402
 
 
 def _digest(out: Path) -> str:
@@ -64,12 +62,8 @@ def _digest(out: Path) -> str:
 
 
 def _checkpoint(path: Path) -> Path:
-    cfg = load_config(ROOT / "pipelines" / "quickstart.yaml", ["train.device=cpu", "train.amp=off",
-                                                               "tracking.enabled=false", "predict.overlays=false",
-                                                               "inference.tta_flips=false"])
-    torch.save({"version": 1, "model": make_model("cpu").state_dict(), "config": to_dict(cfg), "in_channels": 3,
-                "num_classes": 2}, path)
-    return path
+    return quick_start_checkpoint(path, ["train.device=cpu", "train.amp=off", "tracking.enabled=false",
+                                         "predict.overlays=false", "inference.tta_flips=false"])
 
 
 def _cluster(nodes: int, cpus: int) -> Any:
