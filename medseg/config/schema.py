@@ -259,6 +259,10 @@ class CalibrationConfig:
     thresholds: list[float] = field(default_factory=lambda: [round(0.1 + 0.05 * i, 2) for i in range(17)])
     #: minimum object sizes tried, in mm²
     min_object_mm2: list[float] = field(default_factory=lambda: [0.0, 10.0, 25.0, 50.0, 100.0])
+    #: the most false-positive components allowed at the chosen point — per series on the volume protocol
+    #: (vol_fp_per_volume), per image on key slices (fp_per_image); points above it are not chosen (none
+    #: within it: the point with the fewest, with a warning). None = no limit
+    max_fp: float | None = None
 
 
 @dataclass

@@ -110,9 +110,10 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
     the volume counterpart of ``calibration.metric`` (:func:`volume_metric`).
 
     Returns:
-        ``{"threshold", "min_object_mm2", "metric", "protocol", "score", "argmax_score", "grid", "checkpoint",
-        "at_grid_edge"}``; ``grid`` holds one ``{"threshold", "min_object_mm2", <metric>}`` row per
-        candidate; ``at_grid_edge`` is true (and a warning is logged) when the chosen threshold is the
+        ``{"threshold", "min_object_mm2", "metric", "protocol", "max_fp", "fp_key", "score", "argmax_score",
+        "grid", "checkpoint", "at_grid_edge"}``; ``grid`` holds one ``{"threshold", "min_object_mm2", <metric>,
+        <fp_key>}`` row per candidate (``fp_key``: false-positive components per series on volumes, per
+        image on key slices; ``calibration.max_fp`` limits the points chosen); ``at_grid_edge`` is true (and a warning is logged) when the chosen threshold is the
         grid's smallest or largest value.
     """
     c = cfg.calibration
@@ -153,17 +154,27 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
         return {**suite.compute(), **(errors.compute() if errors is not None else {})}
 
     argmax = score(None, 0.0).get(metric, math.nan)
+    fp_key = "vol_fp_per_volume" if volumes else "fp_per_image"
     grid: list[dict[str, Any]] = []
     best: tuple[list[float] | None, float] = (None, 0.0)
     best_value: float | None = None
     for threshold, min_mm2 in _candidates(cfg):
-        value = score(threshold, min_mm2).get(metric, math.nan)
-        grid.append({"threshold": threshold, "min_object_mm2": min_mm2, metric: value})
+        res = score(threshold, min_mm2)
+        value, fp = res.get(metric, math.nan), res.get(fp_key, math.nan)
+        grid.append({"threshold": threshold, "min_object_mm2": min_mm2, metric: value, fp_key: fp})
+        if c.max_fp is not None and not fp <= c.max_fp:  # above the limit (or not measured): not a candidate
+            continue
         if _better(value, best_value, c.mode):
             best, best_value = (threshold, min_mm2), value
+    if c.max_fp is not None and best_value is None:
+        row = min(grid, key=lambda r: r[fp_key] if math.isfinite(r[fp_key]) else math.inf)
+        best, best_value = (row["threshold"], row["min_object_mm2"]), row[metric]
+        log.warning("calibrate: no point of the grid has at most calibration.max_fp = %g %s; the one with the "
+                    "fewest (%.2f) is chosen — add larger thresholds or minimum sizes to the grid, or raise the "
+                    "limit", c.max_fp, fp_key, row[fp_key])
     threshold, min_mm2 = best
     result = {"threshold": threshold or [], "min_object_mm2": min_mm2, "metric": metric, "split": SPLIT,
-              "protocol": "volume" if volumes else "key",
+              "protocol": "volume" if volumes else "key", "max_fp": c.max_fp, "fp_key": fp_key,
               "score": best_value, "argmax_score": argmax, "grid": grid, "checkpoint": str(ckpt_path)}
     log.info("operating point on %s (%s protocol): threshold %s, min object %.1f mm² → %s %.4f (argmax %.4f)", SPLIT,
              result["protocol"], result["threshold"], min_mm2, metric,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def test_predict_on_a_dicom_export_equals_the_volume_protocol(sentinel_root: Pat
 
 @pytest.mark.slow
 def test_calibrate_chooses_the_operating_point_on_volumes(sentinel_root: Path, tmp_path: Path,
-                                                         context_mean: None) -> None:
+                                                         context_mean: None, caplog: pytest.LogCaptureFixture) -> None:
     from medseg.evaluation.calibrate import calibrate
 
     cfg = _config(sentinel_root, tmp_path / "eval", "fixed")
@@ -198,6 +199,21 @@ def test_calibrate_chooses_the_operating_point_on_volumes(sentinel_root: Path, t
     assert res["protocol"] == "volume" and res["metric"] == "vol_lesion_dice"
     values = [row["vol_lesion_dice"] for row in res["grid"]]
     assert res["score"] == max(values) and len(set(np.round(values, 6))) > 1  # the grid differs; the best is kept
+    # a false-positive limit: the best point within it, never one above it; none within it: the fewest, said
+    fps = [row["vol_fp_per_volume"] for row in res["grid"]]
+    cfg.calibration.max_fp = min(fps)
+    lim = calibrate(cfg, ckpt, write=False)
+    allowed = [row for row in lim["grid"] if row["vol_fp_per_volume"] <= min(fps)]
+    assert lim["score"] == max(row["vol_lesion_dice"] for row in allowed) and lim["fp_key"] == "vol_fp_per_volume"
+    chosen = [row for row in lim["grid"] if (row["threshold"], row["min_object_mm2"]) == (lim["threshold"], lim["min_object_mm2"])]
+    assert chosen and chosen[0]["vol_fp_per_volume"] <= min(fps)
+    cfg.calibration.max_fp = -1.0
+    with caplog.at_level(logging.WARNING, logger="medseg"):
+        none = calibrate(cfg, ckpt, write=False)
+    assert "no point of the grid has at most calibration.max_fp" in caplog.text
+    assert [r["vol_fp_per_volume"] for r in none["grid"] if r["threshold"] == none["threshold"]
+            and r["min_object_mm2"] == none["min_object_mm2"]] == [min(fps)]
+    cfg.calibration.max_fp = None
     # independent: evaluate at the chosen point (float32 logits) gives the score calibration saw (float16 logits)
     cfg.inference.threshold, cfg.inference.min_object_mm2 = res["threshold"], res["min_object_mm2"]
     cfg.evaluation.protocol = "volume"
