@@ -11,7 +11,7 @@ in ``<run_dir>/tracking/sent`` (written atomically after each acknowledged batch
 ends while the store is away leaves the rest for ``medseg track sync RUN_DIR`` (:func:`sync`) or for
 ``medseg train --resume``, whose tracker sends it first. Every sender — a run's thread, ``track sync``
 in another process — sends a batch and counts it while holding ``<run_dir>/tracking/send.lock``
-(``flock``) and starts from the count it reads under it, so two senders neither send a record twice
+(a POSIX record lock, and a thread lock within a process) and starts from the count it reads under it, so two senders neither send a record twice
 nor write the count back lower.
 
 Format: the first line is ``{"kind": "run", "run_id": ..., "uri": <redacted URI>}``; then one record
@@ -119,16 +119,27 @@ def _acknowledged(path: Path) -> int:
     return int(sent_file.read_text()) if sent_file.is_file() else 0
 
 
+#: one thread lock per journal's send.lock path: the senders of one process (POSIX locks do not exclude them)
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
 def _send_lock(path: Path):  # noqa: ANN202 — a context manager
-    """Hold the journal's ``send.lock`` (exclusive ``flock``; a lock per open file, so two senders of
-    one process exclude each other too)."""
-    fd = os.open(path.with_name("send.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    """Hold the journal's ``send.lock``: a thread lock for the senders of this process, and a POSIX record
+    lock (``fcntl.lockf``) for those of other processes. Not ``flock``: its lock belongs to the open file,
+    which a process forked meanwhile (a DataLoader worker) shares and keeps — the lock would then outlive
+    the sender that took it, and every later send would wait on it for good."""
+    name = str(path.with_name("send.lock"))
+    with _THREAD_LOCKS_GUARD:
+        thread_lock = _THREAD_LOCKS.setdefault(name, threading.Lock())
+    with thread_lock:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the record lock
 
 
 def _batches(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -214,3 +214,31 @@ def test_track_sync_beside_the_runs_own_sender_sends_each_record_once(
     assert flaky.calls == 0  # the run's sender found everything acknowledged: it sent nothing again
     history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]  # each once
+
+
+def test_the_send_lock_is_not_kept_by_a_process_forked_while_it_was_held(tmp_path: Path) -> None:
+    """A DataLoader worker forked while the run's sender held the lock must not keep it (with ``flock`` the
+    forked child shared the lock, and every later send of the run waited for good: the run ended with
+    most of its journal unsent)."""
+    import multiprocessing
+    import threading
+
+    from medseg.tracking.journal import _send_lock
+
+    path = tmp_path / "tracking" / "journal.jsonl"
+    path.parent.mkdir()
+    with _send_lock(path):
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        child.start()
+    try:
+        taken = threading.Event()
+
+        def take() -> None:
+            with _send_lock(path):
+                taken.set()
+
+        threading.Thread(target=take, daemon=True).start()
+        assert taken.wait(5.0), "the forked child kept the send lock"
+    finally:
+        child.terminate()
+        child.join()
