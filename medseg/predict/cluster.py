@@ -173,12 +173,13 @@ def probe(input_file: str, probe_dir: str, token: str) -> str:
 
 #: connection attempts through Ray Client (``ray://``): its proxy starts a server process per client, and
 #: on a loaded head that start sometimes fails ("Starting Ray client server failed"), a transient error
-CLIENT_TRIES = 3
+#: that three tries 2 s and 4 s apart did not always outlast in the test suite's full runs: five, 30 s in all
+CLIENT_TRIES = 5
 
 
 def _connect(ray: Any, address: str | None) -> bool:
     """Join (``address``) or start a Ray cluster; True when this call started Ray (and must stop it). A
-    Ray Client server that fails to start is tried again (:data:`CLIENT_TRIES` in all, 2 s, 4 s apart)."""
+    Ray Client server that fails to start is tried again (:data:`CLIENT_TRIES` in all, 2, 4, 8, 16 s apart)."""
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
@@ -196,7 +197,7 @@ def _connect(ray: Any, address: str | None) -> bool:
                 raise
             log.warning("Ray Client at %s: %s (attempt %d of %d); trying again", address, str(e).splitlines()[0],
                         attempt, CLIENT_TRIES)
-            time.sleep(2.0 * attempt)
+            time.sleep(2.0 ** attempt)
     return True
 
 
