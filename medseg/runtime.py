@@ -223,7 +223,8 @@ def hold_freed_memory(mib: int) -> bool:
     page faults, 10 s of system time beside 24 s of user time, and 1.7× the wall time of the same
     window with the blocks held (``benchmarks/bench_predict.py``; PyTorch's CPU tuning guide gets the
     same effect from jemalloc / tcmalloc). The peak stays the forward's own; what is held is returned by
-    :func:`release_freed_memory`. Process-wide: ``medseg predict`` sets it (``predict.hold_freed_mib``).
+    :func:`release_freed_memory`. Process-wide: ``medseg predict`` and training set it
+    (``predict.hold_freed_mib``, ``train.hold_freed_mib``).
     """
     mallopt = glibc("mallopt")
     if mallopt is None or mib <= 0:

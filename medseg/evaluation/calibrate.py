@@ -113,8 +113,8 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
         ``{"threshold", "min_object_mm2", "metric", "protocol", "max_fp", "fp_key", "score", "argmax_score",
         "grid", "checkpoint", "at_grid_edge"}``; ``grid`` holds one ``{"threshold", "min_object_mm2", <metric>,
         <fp_key>}`` row per candidate (``fp_key``: false-positive components per series on volumes, per
-        image on key slices; ``calibration.max_fp`` limits the points chosen); ``at_grid_edge`` is true (and a warning is logged) when the chosen threshold is the
-        grid's smallest or largest value.
+        image on key slices; ``calibration.max_fp`` limits the points chosen); ``at_grid_edge`` is true
+        (and a warning is logged) when the chosen threshold is the grid's smallest or largest value.
     """
     c = cfg.calibration
     names = [n for n in validation_metric_names(cfg) if n != "loss"]

@@ -10,9 +10,9 @@ that is away makes the journal grow (one warning per outage, the sender retries 
 in ``<run_dir>/tracking/sent`` (written atomically after each acknowledged batch), so a process that
 ends while the store is away leaves the rest for ``medseg track sync RUN_DIR`` (:func:`sync`) or for
 ``medseg train --resume``, whose tracker sends it first. Every sender — a run's thread, ``track sync``
-in another process — sends a batch and counts it while holding ``<run_dir>/tracking/send.lock``
-(a POSIX record lock, and a thread lock within a process) and starts from the count it reads under it, so two senders neither send a record twice
-nor write the count back lower.
+in another process — sends a batch and counts it while holding ``<run_dir>/tracking/send.lock`` (a
+POSIX record lock, and a thread lock within a process) and starts from the count it reads under it, so
+two senders neither send a record twice nor write the count back lower.
 
 Format: the first line is ``{"kind": "run", "run_id": ..., "uri": <redacted URI>}``; then one record
 per call: ``{"kind": "metrics", "step": 3, "ts": 1733450000000, "data": {"train/loss": 0.5}}``,
@@ -370,7 +370,7 @@ def sync(run_dir: str | Path, uri: str) -> dict[str, Any]:
     """
     from mlflow.tracking import MlflowClient
 
-    header, records, sent = read_journal(run_dir)
+    header, records, _ = read_journal(run_dir)
     client = MlflowClient(tracking_uri=uri)
     # MLflow caches a run's artifact repository per run id with the URI it was first reached at (in
     # this process: the address the run was logged to); the store may answer elsewhere now
@@ -381,7 +381,7 @@ def sync(run_dir: str | Path, uri: str) -> dict[str, Any]:
     done = 0
     while True:
         with _send_lock(path):  # a run's own sender may still be trying: one sender at a time
-            start = max(_acknowledged(path), sent)
+            start = _acknowledged(path)  # never lower than read_journal's: only raised
             batch = (_batches(records[start:]) or [[]])[0]
             if not batch:
                 break
