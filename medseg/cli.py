@@ -175,7 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"best val {cfg.train.monitor}: {result.best_metric:.4f}")
     op = result.operating_point
     if op is not None:
-        print(f"operating point (val): threshold {op['threshold'] or 'argmax'}, min object {op['min_object_mm2']:g} mm² "
+        low = f", low threshold {op['low_threshold']} (hysteresis)" if op.get("low_threshold") else ""
+        print(f"operating point (val): threshold {op['threshold'] or 'argmax'}{low}, min object {op['min_object_mm2']:g} mm² "
               f"→ val {op['metric']} {op['score']:.4f} (argmax {op['argmax_score']:.4f})")
     for split, ev in evaluations.items():
         m = ev["metrics"]
@@ -287,16 +288,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     prepare_data(cfg.data)
     result = calibrate(cfg, args.model)
     for row in result["grid"]:
-        print(f"threshold {row['threshold']}  min object {row['min_object_mm2']:g} mm²  "
-              f"{result['metric']} {row[result['metric']]:.4f}")
-    print(f"\noperating point (val split): threshold {result['threshold'] or 'argmax'}, "
+        low = f"  low {row['low_threshold']}" if row.get("low_threshold") else ""
+        print(f"threshold {row['threshold']}{low}  min object {row['min_object_mm2']:g} mm²  "
+              f"{result['metric']} {row[result['metric']]:.4f}  {result['fp_key']} {row[result['fp_key']]:.2f}")
+    low = f", low threshold {result['low_threshold']} (hysteresis)" if result.get("low_threshold") else ""
+    print(f"\noperating point (val split): threshold {result['threshold'] or 'argmax'}{low}, "
           f"min object {result['min_object_mm2']:g} mm² → {result['metric']} {result['score']:.4f} "
           f"(argmax, no size filter: {result['argmax_score']:.4f})")
     if result.get("at_grid_edge"):
         print("warning:      the chosen threshold is at the end of calibration.thresholds; the best point may "
               "lie beyond it: widen the grid and calibrate again")
     print(f"stored in:    {result['checkpoint']} (and its run's config.yaml); override with --set "
-          f"inference.threshold=... / inference.min_object_mm2=...")
+          f"inference.threshold=... / inference.min_object_mm2=... / inference.low_threshold=...")
     return 0
 
 

@@ -244,6 +244,11 @@ class InferenceConfig:
     #: connected components smaller than this (mm²) become background; None = the model's calibrated
     #: value if it has one, else 0 (keep all)
     min_object_mm2: float | None = None
+    #: hysteresis (one per foreground class, each below its ``threshold``): a lesion's pixels down to
+    #: this probability are kept when its connected component — 3-D within a series (``predict.connectivity``),
+    #: 2-D on a single image — reaches ``threshold`` somewhere; components that never do are dropped.
+    #: None = the model's calibrated value if it has one, else off; [] = off
+    low_threshold: list[float] | None = None
 
 
 @dataclass
@@ -259,6 +264,9 @@ class CalibrationConfig:
     thresholds: list[float] = field(default_factory=lambda: [round(0.1 + 0.05 * i, 2) for i in range(17)])
     #: minimum object sizes tried, in mm²
     min_object_mm2: list[float] = field(default_factory=lambda: [0.0, 10.0, 25.0, 50.0, 100.0])
+    #: hysteresis low thresholds tried beside plain thresholding (``inference.low_threshold``; each paired
+    #: with every larger threshold of the grid); [] = plain thresholds only
+    low_thresholds: list[float] = field(default_factory=list)
     #: the most false-positive components allowed at the chosen point — per series on the volume protocol
     #: (vol_fp_per_volume), per image on key slices (fp_per_image); points above it are not chosen (none
     #: within it: the point with the fewest, with a warning). None = no limit

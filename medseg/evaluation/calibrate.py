@@ -5,11 +5,12 @@ On data with true masks on every slice the point is chosen on the volume protoco
 false-positive rate differs from a key-slice one), else on the key slices.
 
 The model predicts every validation slice once; then each candidate operating point
-(``calibration.thresholds`` × ``calibration.min_object_mm2``) is applied to the kept logits by the
+(``calibration.thresholds`` × ``calibration.min_object_mm2``, and hysteresis with each of
+``calibration.low_thresholds`` below a threshold) is applied to the kept logits by the
 same :func:`medseg.inference.postprocess` that validation, ``medseg evaluate`` and the
 ``Predictor`` use, and scored with the run's metric suite. The best point by
 ``calibration.metric`` is written into the checkpoint (``operating_point`` and the stored config's
-``inference.threshold`` / ``inference.min_object_mm2``) and into the run folder's ``config.yaml``.
+``inference.threshold`` / ``min_object_mm2`` / ``low_threshold``) and into the run folder's ``config.yaml``.
 The test split is never looked at.
 
 Example:
@@ -68,14 +69,26 @@ def checkpoint_path(ref: str | Path) -> Path:
     return p
 
 
-def _candidates(cfg: Config) -> list[tuple[list[float] | None, float]]:
-    """Every (thresholds, min size) pair to try; thresholds None = argmax (the CRF: its own labels)."""
+#: one candidate operating point: (thresholds or None = argmax, min size mm², hysteresis low thresholds or None)
+Candidate = tuple[list[float] | None, float, list[float] | None]
+
+
+def _candidates(cfg: Config) -> list[Candidate]:
+    """Every (thresholds, min size, low thresholds) to try; thresholds None = argmax (the CRF: its own labels).
+
+    Each of ``calibration.low_thresholds`` is tried with every larger threshold of the grid (hysteresis,
+    :func:`medseg.inference.postprocess.keep_seeded`), beside the plain thresholds.
+    """
     k = cfg.data.num_classes
-    thresholds: list[list[float] | None] = [[float(t)] * (k - 1) for t in cfg.calibration.thresholds]
-    if cfg.inference.crf.enabled or not thresholds:
+    c = cfg.calibration
+    thresholds: list[list[float] | None] = [[float(t)] * (k - 1) for t in c.thresholds]
+    crf = cfg.inference.crf.enabled
+    if crf or not thresholds:
         thresholds = [None]  # the CRF decides the labels; only the size filter is calibrated
-    sizes = [float(m) for m in cfg.calibration.min_object_mm2] or [0.0]
-    return [(t, m) for t in thresholds for m in sizes]
+    sizes = [float(m) for m in c.min_object_mm2] or [0.0]
+    lows: list[float | None] = [None] + ([] if crf else [float(lo) for lo in c.low_thresholds])
+    return [(t, m, None if lo is None else [lo] * (k - 1)) for t in thresholds for lo in lows for m in sizes
+            if lo is None or (t is not None and lo < t[0])]
 
 
 def grid_edge(threshold: list[float] | None, grid: list[float]) -> str | None:
@@ -110,9 +123,9 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
     the volume counterpart of ``calibration.metric`` (:func:`volume_metric`).
 
     Returns:
-        ``{"threshold", "min_object_mm2", "metric", "protocol", "max_fp", "fp_key", "score", "argmax_score",
-        "grid", "checkpoint", "at_grid_edge"}``; ``grid`` holds one ``{"threshold", "min_object_mm2", <metric>,
-        <fp_key>}`` row per candidate (``fp_key``: false-positive components per series on volumes, per
+        ``{"threshold", "min_object_mm2", "low_threshold", "metric", "protocol", "max_fp", "fp_key", "score",
+        "argmax_score", "grid", "checkpoint", "at_grid_edge"}``; ``grid`` holds one ``{"threshold",
+        "min_object_mm2", "low_threshold", <metric>, <fp_key>}`` row per candidate (``fp_key``: false-positive components per series on volumes, per
         image on key slices; ``calibration.max_fp`` limits the points chosen); ``at_grid_edge`` is true
         (and a warning is logged) when the chosen threshold is the grid's smallest or largest value.
     """
@@ -138,9 +151,10 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
     else:
         kept = _key_slice_logits(model, base, cfg, device)
 
-    def score(threshold: list[float] | None, min_mm2: float) -> dict[str, float]:
+    def score(threshold: list[float] | None, min_mm2: float, low: list[float] | None = None) -> dict[str, float]:
         trial = copy.deepcopy(cfg)
         trial.inference.threshold, trial.inference.min_object_mm2 = (threshold or []), min_mm2
+        trial.inference.low_threshold = low or []
         if volumes:
             trial.metrics.froc = "froc" in metric  # 3-D FROC candidates only when they are the target
             return score_volumes(kept_volumes, trial).metrics
@@ -156,28 +170,31 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
     argmax = score(None, 0.0).get(metric, math.nan)
     fp_key = "vol_fp_per_volume" if volumes else "fp_per_image"
     grid: list[dict[str, Any]] = []
-    best: tuple[list[float] | None, float] = (None, 0.0)
+    best: Candidate = (None, 0.0, None)
     best_value: float | None = None
-    for threshold, min_mm2 in _candidates(cfg):
-        res = score(threshold, min_mm2)
+    for threshold, min_mm2, low in _candidates(cfg):
+        res = score(threshold, min_mm2, low)
         value, fp = res.get(metric, math.nan), res.get(fp_key, math.nan)
-        grid.append({"threshold": threshold, "min_object_mm2": min_mm2, metric: value, fp_key: fp})
+        grid.append({"threshold": threshold, "min_object_mm2": min_mm2, "low_threshold": low, metric: value,
+                     fp_key: fp})
         if c.max_fp is not None and not fp <= c.max_fp:  # above the limit (or not measured): not a candidate
             continue
         if _better(value, best_value, c.mode):
-            best, best_value = (threshold, min_mm2), value
+            best, best_value = (threshold, min_mm2, low), value
     if c.max_fp is not None and best_value is None:
         row = min(grid, key=lambda r: r[fp_key] if math.isfinite(r[fp_key]) else math.inf)
-        best, best_value = (row["threshold"], row["min_object_mm2"]), row[metric]
+        best, best_value = (row["threshold"], row["min_object_mm2"], row["low_threshold"]), row[metric]
         log.warning("calibrate: no point of the grid has at most calibration.max_fp = %g %s; the one with the "
                     "fewest (%.2f) is chosen — add larger thresholds or minimum sizes to the grid, or raise the "
                     "limit", c.max_fp, fp_key, row[fp_key])
-    threshold, min_mm2 = best
-    result = {"threshold": threshold or [], "min_object_mm2": min_mm2, "metric": metric, "split": SPLIT,
+    threshold, min_mm2, low = best
+    result = {"threshold": threshold or [], "min_object_mm2": min_mm2, "low_threshold": low or [],
+              "metric": metric, "split": SPLIT,
               "protocol": "volume" if volumes else "key", "max_fp": c.max_fp, "fp_key": fp_key,
               "score": best_value, "argmax_score": argmax, "grid": grid, "checkpoint": str(ckpt_path)}
-    log.info("operating point on %s (%s protocol): threshold %s, min object %.1f mm² → %s %.4f (argmax %.4f)", SPLIT,
-             result["protocol"], result["threshold"], min_mm2, metric,
+    log.info("operating point on %s (%s protocol): threshold %s, low threshold %s, min object %.1f mm² → %s %.4f "
+             "(argmax %.4f)", SPLIT, result["protocol"], result["threshold"], result["low_threshold"] or "-", min_mm2,
+             metric,
              best_value if best_value is not None else math.nan, argmax)
     edge = grid_edge(threshold, [float(t) for t in c.thresholds])
     result["at_grid_edge"] = edge is not None
@@ -191,7 +208,9 @@ def calibrate(cfg: Config, model_ref: str | Path, tracker: Tracker | None = None
         tracker.log_metrics({f"calibration/{metric}": best_value if best_value is not None else math.nan,
                              f"calibration/{metric}_argmax": argmax,
                              "calibration/min_object_mm2": min_mm2,
-                             **{f"calibration/threshold_class_{i + 1}": t for i, t in enumerate(result["threshold"])}}, 0)
+                             **{f"calibration/threshold_class_{i + 1}": t for i, t in enumerate(result["threshold"])},
+                             **{f"calibration/low_threshold_class_{i + 1}": t
+                                for i, t in enumerate(result["low_threshold"])}}, 0)
     return result
 
 
@@ -242,14 +261,15 @@ def store_operating_point(ckpt_path: Path, result: dict[str, Any]) -> None:
     ckpt = read_checkpoint(ckpt_path)
     point = {k: result[k] for k in ("threshold", "min_object_mm2", "metric", "split", "score", "argmax_score")}
     point["protocol"] = result.get("protocol", "key")
+    point["low_threshold"] = list(result.get("low_threshold") or [])
     ckpt["operating_point"] = point
-    ckpt["config"].setdefault("inference", {}).update(threshold=point["threshold"],
-                                                      min_object_mm2=point["min_object_mm2"])
+    stored = {k: point[k] for k in ("threshold", "min_object_mm2", "low_threshold")}
+    ckpt["config"].setdefault("inference", {}).update(stored)
     atomic_torch_save(ckpt, ckpt_path)
     run_cfg = ckpt_path.parent.parent / "config.yaml"
     if ckpt_path.parent.name == "checkpoints" and run_cfg.is_file():
         data = yaml.safe_load(run_cfg.read_text()) or {}
-        data.setdefault("inference", {}).update(threshold=point["threshold"], min_object_mm2=point["min_object_mm2"])
+        data.setdefault("inference", {}).update(stored)
         atomic_write_text(run_cfg, yaml.safe_dump(data, sort_keys=False))
 
 

@@ -129,7 +129,7 @@ def predicted_volumes(model: nn.Module, dataset: Any, cfg: Config, device: torch
 def class_maps(vol: PredictedVolume, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """Class map and foreground probability ``(Z, H, W)`` on the source grid at ``cfg``'s operating point."""
     logits = vol.logits.float()
-    pred = postprocess(logits, vol.images, cfg, vol.spacing).cpu().numpy()
+    pred = postprocess(logits, vol.images, cfg, vol.spacing, volume=True).cpu().numpy()  # hysteresis in 3-D
     prob = foreground_probability(logits).cpu().numpy()
     return to_source_grid(pred, vol.meta), to_source_grid(prob, vol.meta)
 

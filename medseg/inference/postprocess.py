@@ -10,8 +10,11 @@ for every caller (validation, ``medseg evaluate``, calibration, the ``Predictor`
    (:func:`threshold_labels`). Per pixel, so the sliding window applies it band by band
    (:func:`medseg.inference.window.sliding_window` with ``output="labels"``) and never holds the
    per-class maps of a large image; the result equals the whole-image one pixel for pixel.
-2. :func:`object_labels` — on the whole class map: components smaller than ``min_object_mm2``
-   become background (:func:`remove_small_objects`).
+2. :func:`object_labels` — on the whole class map: with hysteresis (``inference.low_threshold``)
+   step 1 cuts at the low thresholds and only the components that reach ``threshold`` somewhere are
+   kept (:func:`keep_seeded`: 3-D within a series — the volume protocol, ``medseg predict`` — 2-D on
+   single images); then components smaller than ``min_object_mm2`` become background
+   (:func:`remove_small_objects`).
 
 :func:`postprocess` is both steps on whole-image logits (with the dense CRF in place of step 1 when
 ``inference.crf.enabled``: the CRF needs the probabilities of the whole image).
@@ -39,12 +42,23 @@ from scipy import ndimage
 
 from medseg.config import Config, ConfigError
 
-__all__ = ["PROB_SCALE", "check_operating_point", "object_labels", "pixel_labels", "postprocess",
-           "quantise_probability", "remove_small_objects", "resolve_operating_point", "threshold_labels"]
+__all__ = ["PROB_SCALE", "check_operating_point", "hysteresis_on", "keep_seeded", "object_labels", "pixel_labels",
+           "pixel_step", "pixel_threshold", "postprocess", "quantise_probability", "remove_small_objects",
+           "resolve_operating_point", "threshold_labels"]
 
 
-def check_operating_point(threshold: Sequence[float] | None, min_object_mm2: float | None, num_classes: int) -> None:
-    """Raise :class:`ConfigError` for thresholds that are not one per foreground class in [0, 1]."""
+def check_operating_point(threshold: Sequence[float] | None, min_object_mm2: float | None, num_classes: int,
+                          low_threshold: Sequence[float] | None = None) -> None:
+    """Raise :class:`ConfigError` for thresholds that are not one per foreground class in [0, 1], or
+    hysteresis low thresholds without thresholds or above them."""
+    if low_threshold:
+        if not threshold:
+            raise ConfigError(f"inference.low_threshold = {list(low_threshold)} needs inference.threshold (hysteresis "
+                              "keeps a component down to the low threshold where it reaches the threshold); set "
+                              "inference.threshold or --set inference.low_threshold=[]")
+        if len(low_threshold) != len(threshold) or not all(0.0 <= lo <= t for lo, t in zip(low_threshold, threshold)):
+            raise ConfigError(f"inference.low_threshold = {list(low_threshold)} needs one value per foreground class, "
+                              f"each between 0 and its inference.threshold {list(threshold)}")
     if threshold:
         if len(threshold) != num_classes - 1:
             raise ConfigError(f"inference.threshold = {list(threshold)} needs one value per foreground class "
@@ -103,11 +117,67 @@ def pixel_labels(logits: torch.Tensor, threshold: Sequence[float] | None, probab
     return logits.max(1).indices, None  # = argmax (first maximum); torch's CPU argmax over dim 1 is ~16× slower
 
 
-def object_labels(labels: torch.Tensor, cfg: Config, spacing: Sequence[Sequence[float]] | None = None
-                  ) -> torch.Tensor:
-    """Step 2 of the operating point, on whole class maps ``(B, H, W)``: components smaller than
-    ``inference.min_object_mm2`` (mm² with ``spacing``, per image ``(sy, sx)``) become background
-    (``metrics.connectivity``); unchanged when it is unset or 0."""
+def hysteresis_on(inf: Any) -> bool:
+    """Whether the operating point in ``inf`` (an ``inference`` config) uses hysteresis."""
+    return bool(inf.threshold) and bool(inf.low_threshold)
+
+
+def pixel_threshold(inf: Any) -> list[float] | None:
+    """The thresholds step 1 cuts at: ``inference.low_threshold`` with hysteresis, else ``inference.threshold``."""
+    return list(inf.low_threshold) if hysteresis_on(inf) else inf.threshold
+
+
+def keep_seeded(labels: np.ndarray, prob: np.ndarray, threshold: Sequence[float], volume: bool,
+                connectivity: int) -> np.ndarray:
+    """Hysteresis: the connected components of ``labels`` that hold a pixel at their class's ``threshold``.
+
+    Args:
+        labels: ``(B, H, W)`` class map cut at the low thresholds.
+        prob: ``(B, H, W)`` each pixel's probability of its label, float or uint16 fixed point
+            (:data:`PROB_SCALE`); compared in fixed point, so both give the same answer.
+        threshold: one per foreground class: a component of class ``c`` is kept when one of its pixels
+            has probability ≥ ``threshold[c - 1]``.
+        volume: components in 3-D across the ``B`` slices of one series, else per image in 2-D.
+        connectivity: 1 … 3 in 3-D, 1 … 2 in 2-D (as :func:`scipy.ndimage.generate_binary_structure`).
+
+    Returns:
+        A copy of ``labels`` with every other component set to 0.
+    """
+    q = prob if prob.dtype == np.uint16 else quantise_probability(torch.from_numpy(np.asarray(prob))).numpy()
+    t_q = [round(float(t) * PROB_SCALE) for t in threshold]
+    if volume:
+        structure = ndimage.generate_binary_structure(3, connectivity)
+    else:  # the 2-D neighbourhood in the middle plane only: slices are labelled on their own
+        structure = np.zeros((3, 3, 3), bool)
+        structure[1] = ndimage.generate_binary_structure(2, connectivity)
+    out = labels.copy()
+    for c in range(1, len(t_q) + 1):
+        mask = labels == c
+        if not mask.any():
+            continue
+        comps, n = ndimage.label(mask, structure=structure)
+        seeded = np.zeros(n + 1, bool)
+        seeded[comps[mask & (q >= t_q[c - 1])]] = True
+        seeded[0] = True
+        out[~seeded[comps]] = 0
+    return out
+
+
+def object_labels(labels: torch.Tensor, cfg: Config, spacing: Sequence[Sequence[float]] | None = None,
+                  prob: torch.Tensor | None = None, volume: bool = False) -> torch.Tensor:
+    """Step 2 of the operating point, on whole class maps ``(B, H, W)``: with hysteresis
+    (``inference.low_threshold``; needs ``prob``, each pixel's probability of its label) the components
+    that never reach ``inference.threshold`` become background (:func:`keep_seeded`; ``volume``: the
+    ``B`` images are the slices of one series, components in 3-D with ``predict.connectivity``, else
+    2-D with ``metrics.connectivity``); then components smaller than ``inference.min_object_mm2`` (mm²
+    with ``spacing``, per image ``(sy, sx)``) become background (``metrics.connectivity``)."""
+    inf = cfg.inference
+    if hysteresis_on(inf):
+        if prob is None:
+            raise ValueError("object_labels: hysteresis (inference.low_threshold) needs each pixel's probability")
+        conn = cfg.predict.connectivity if volume else cfg.metrics.connectivity
+        kept = keep_seeded(labels.cpu().numpy(), prob.cpu().numpy(), inf.threshold, volume, conn)
+        labels = torch.as_tensor(kept).to(labels.device)
     if cfg.inference.min_object_mm2:
         return remove_small_objects(labels, cfg.inference.min_object_mm2, spacing, cfg.metrics.connectivity)
     return labels
@@ -151,7 +221,7 @@ def resolve_operating_point(cfg: Config, model_config: Mapping[str, Any] | None)
         model_config: the config stored with the model (checkpoint or run), or None.
 
     Returns:
-        A copy of ``cfg`` whose ``inference.threshold`` / ``inference.min_object_mm2`` are the
+        A copy of ``cfg`` whose ``inference.threshold`` / ``min_object_mm2`` / ``low_threshold`` are the
         model's where ``cfg`` had None (unchanged when the model has none).
     """
     inf = (model_config or {}).get("inference") or {}
@@ -160,29 +230,46 @@ def resolve_operating_point(cfg: Config, model_config: Mapping[str, Any] | None)
         out.inference.threshold = [float(t) for t in inf["threshold"]]
     if out.inference.min_object_mm2 is None and inf.get("min_object_mm2") is not None:
         out.inference.min_object_mm2 = float(inf["min_object_mm2"])
-    check_operating_point(out.inference.threshold, out.inference.min_object_mm2, out.data.num_classes)
+    if out.inference.low_threshold is None and inf.get("low_threshold") is not None:
+        out.inference.low_threshold = [float(t) for t in inf["low_threshold"]]
+    check_operating_point(out.inference.threshold, out.inference.min_object_mm2, out.data.num_classes,
+                          out.inference.low_threshold)
     return out
 
 
-def postprocess(
-    logits: torch.Tensor, image: torch.Tensor, cfg: Config, spacing: Sequence[Sequence[float]] | None = None
-) -> torch.Tensor:
-    """Class map ``(B, H, W)`` (int64, on the logits' device) from whole-image logits, at the configured
-    operating point: :func:`pixel_labels` then :func:`object_labels`.
+def pixel_step(logits: torch.Tensor, image: torch.Tensor, cfg: Config,
+               spacing: Sequence[Sequence[float]] | None = None, probabilities: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step 1 on whole-image logits: :func:`pixel_labels` at :func:`pixel_threshold`, or the dense CRF's
+    labels (``inference.crf.enabled``: it sees every context channel of the image as a multi-channel
+    bilateral feature and, with ``spacing``, measures its kernels in millimetres).
 
-    With ``inference.crf.enabled`` the dense CRF replaces :func:`pixel_labels`: it sees every context
-    channel of the image (as a multi-channel bilateral feature) and, with ``spacing`` (per image
-    ``(sy, sx)`` mm/px), measures its kernels in millimetres.
+    Returns:
+        ``(labels int64, each pixel's probability of its label or None)`` as :func:`pixel_labels`.
     """
     inf = cfg.inference
-    if inf.crf.enabled:
-        from medseg.inference.crf import crf_labels
+    if not inf.crf.enabled:
+        return pixel_labels(logits, pixel_threshold(inf), probabilities)
+    if hysteresis_on(inf):
+        raise ConfigError("inference.low_threshold (hysteresis) does not apply with the dense CRF, which decides "
+                          "the labels itself; --set inference.low_threshold=[] or inference.crf.enabled=false")
+    from medseg.inference.crf import crf_labels
 
-        probs = torch.softmax(logits, 1).cpu().numpy()
-        img = image.cpu().numpy()
-        out = [crf_labels(probs[b], img[b], inf.crf, spacing[b] if spacing is not None else None)
-               for b in range(len(probs))]
-        labels = torch.as_tensor(np.stack(out)).long().to(logits.device)
-    else:
-        labels, _ = pixel_labels(logits, inf.threshold)
-    return object_labels(labels, cfg, spacing)
+    probs = torch.softmax(logits.float(), 1)
+    p_np, img = probs.cpu().numpy(), image.cpu().numpy()
+    out = [crf_labels(p_np[b], img[b], inf.crf, spacing[b] if spacing is not None else None) for b in range(len(p_np))]
+    labels = torch.as_tensor(np.stack(out)).long().to(logits.device)
+    prob = probs.gather(1, labels[:, None]).squeeze(1) if probabilities else None
+    return labels, prob
+
+
+def postprocess(
+    logits: torch.Tensor, image: torch.Tensor, cfg: Config, spacing: Sequence[Sequence[float]] | None = None,
+    volume: bool = False,
+) -> torch.Tensor:
+    """Class map ``(B, H, W)`` (int64, on the logits' device) from whole-image logits, at the configured
+    operating point: :func:`pixel_step` then :func:`object_labels` (``volume``: the ``B`` images are the
+    slices of one series, hysteresis in 3-D).
+    """
+    labels, prob = pixel_step(logits, image, cfg, spacing, probabilities=hysteresis_on(cfg.inference))
+    return object_labels(labels, cfg, spacing, prob, volume)

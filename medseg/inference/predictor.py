@@ -29,9 +29,10 @@ from torch import nn
 
 from medseg.config import Config, from_dict
 from medseg.inference.postprocess import (
+    hysteresis_on,
     object_labels,
-    pixel_labels,
-    postprocess,
+    pixel_step,
+    pixel_threshold,
     quantise_probability,
     resolve_operating_point,
 )
@@ -74,45 +75,47 @@ def predict_logits(model: nn.Module, image: torch.Tensor, cfg: Config, device: t
 @torch.no_grad()
 def predict_labels(model: nn.Module, image: torch.Tensor, cfg: Config, device: torch.device,
                    spacing: Sequence[Sequence[float]] | None = None, probabilities: bool = False,
-                   prob_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   prob_dtype: torch.dtype = torch.float32, objects: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class maps ``(B, H, W)`` (on the CPU) at the operating point for images ``(B, C, H, W)``.
 
     ``inference.mode = "sliding"`` with the CRF off: the window turns each finished band into labels
-    (:func:`~medseg.inference.postprocess.pixel_labels` at ``inference.threshold``) and never holds
-    the per-class maps of the whole image; then
-    :func:`~medseg.inference.postprocess.object_labels` (``inference.min_object_mm2``) runs on the
-    class map. Otherwise (whole-slice mode, or the CRF, which needs the whole image's
-    probabilities): :func:`predict_logits` then :func:`~medseg.inference.postprocess.postprocess`.
-    Both give the class map of ``postprocess(predict_logits(...))``.
+    (:func:`~medseg.inference.postprocess.pixel_labels` at
+    :func:`~medseg.inference.postprocess.pixel_threshold`) and never holds the per-class maps of the
+    whole image. Otherwise (whole-slice mode, or the CRF, which needs the whole image's probabilities):
+    :func:`predict_logits` then :func:`~medseg.inference.postprocess.pixel_step`. Then, with
+    ``objects``, :func:`~medseg.inference.postprocess.object_labels` on each image (hysteresis in 2-D,
+    ``inference.min_object_mm2``). Both give the class map of ``postprocess(predict_logits(...))``.
 
     Args:
         spacing: per image ``(sy, sx)`` mm/px, for the size filter and the CRF.
-        probabilities: also return each pixel's softmax probability of its label before the size
-            filter (with the CRF: of its final label) — on every lesion pixel, the probability of
+        probabilities: also return each pixel's softmax probability of its label before the object
+            step (with the CRF: of its final label) — on every lesion pixel, the probability of
             its class — ``(B, H, W)`` on the CPU, float32 or, with ``prob_dtype = torch.uint16``, fixed point
             (:func:`~medseg.inference.postprocess.quantise_probability`); else None.
+        objects: False = step 1 only: the caller runs ``object_labels`` itself, e.g. on a whole series
+            (``medseg predict``: hysteresis in 3-D), with the probabilities this returns.
 
     Returns:
         ``(labels, probability or None)``; labels are uint8 (int64 above 256 classes) in sliding
         mode and int64 otherwise.
     """
     inf = cfg.inference
+    want_prob = probabilities or (objects and hysteresis_on(inf))
     if inf.mode == "sliding" and not inf.crf.enabled:
         with _autocast(cfg, device):
             labels, prob = SlidingWindow.from_config(inf, device)(image, model, output="labels",
-                                                                  probabilities=probabilities, threshold=inf.threshold,
+                                                                  probabilities=want_prob,
+                                                                  threshold=pixel_threshold(inf),
                                                                   prob_dtype=prob_dtype)
-        return object_labels(labels, cfg, spacing), prob
-    logits = predict_logits(model, image, cfg, device)
-    labels = postprocess(logits, image, cfg, spacing)
-    prob = None
-    if probabilities and inf.crf.enabled:
-        prob = torch.softmax(logits, 1).gather(1, labels[:, None].to(logits.device)).squeeze(1)
-    elif probabilities:
-        _, prob = pixel_labels(logits, inf.threshold, probabilities=True)
-    if prob is not None:
-        prob = quantise_probability(prob) if prob_dtype == torch.uint16 else prob.float()
-    return labels.cpu(), prob.cpu() if prob is not None else None
+    else:
+        labels, prob = pixel_step(predict_logits(model, image, cfg, device), image, cfg, spacing, want_prob)
+        labels = labels.cpu()
+        if prob is not None:
+            prob = (quantise_probability(prob) if prob_dtype == torch.uint16 else prob.float()).cpu()
+    if objects:
+        labels = object_labels(labels, cfg, spacing, prob)
+    return labels, prob if probabilities else None
 
 
 def foreground_probability(logits: torch.Tensor) -> torch.Tensor:

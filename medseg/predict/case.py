@@ -17,6 +17,7 @@ from medseg import __version__
 from medseg.data.base import apply_window, to_source_grid
 from medseg.data.dicom import header_window
 from medseg.data.images import intensity_range
+from medseg.inference.postprocess import object_labels
 from medseg.inference.predictor import Predictor, predict_labels
 from medseg.io import atomic_dir
 from medseg.predict.lesions import lesion_table, slice_extents
@@ -40,8 +41,9 @@ __all__ = ["predict_case", "process_case", "write_case"]
 @torch.no_grad()
 def predict_case(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Class map (uint8) and each label's probability, ``(Z, H, W)`` each, on the source grid, at the
-    operating point (:meth:`Predictor.labels`: the same class map as ``medseg evaluate``; in sliding mode
-    the window reduces rows to labels as they are finished, memory bounded by a band).
+    operating point (the same class map as ``medseg evaluate``'s volume protocol: the pixel step per batch
+    of slices — in sliding mode the window reduces rows to labels as they are finished, memory bounded by
+    a band — then the object step on the whole series, hysteresis in 3-D).
 
     The probability is uint16 fixed point (:data:`~medseg.inference.postprocess.PROB_SCALE`: 2 bytes a
     pixel, within 7.7e-6 of the float32 value; the lesion table's ``mean_probability`` is printed to
@@ -51,8 +53,8 @@ def predict_case(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple
     labels = prob = None
     for i in range(0, len(images), batch_size):
         x = images[i: i + batch_size]
-        lab, p = predict_labels(model, x, predictor.cfg, predictor.device, [loaded.meta["spacing"]] * len(x),
-                                probabilities=True, prob_dtype=torch.uint16)
+        lab, p = predict_labels(model, x, predictor.cfg, predictor.device, probabilities=True, prob_dtype=torch.uint16,
+                                objects=False)
         assert p is not None
         if labels is None or prob is None:
             if len(x) == len(images):  # one batch: its own arrays are the outputs
@@ -63,6 +65,9 @@ def predict_case(loaded: Loaded, predictor: Predictor, batch_size: int) -> tuple
         labels[i: i + len(x)] = lab.numpy()
         prob[i: i + len(x)] = p.numpy()
     assert labels is not None and prob is not None
+    # the object step on the whole series: hysteresis in 3-D, then the per-slice size filter
+    labels = object_labels(torch.from_numpy(labels), predictor.cfg, [loaded.meta["spacing"]] * len(labels),
+                           torch.from_numpy(prob), volume=True).numpy().astype(np.uint8, copy=False)
     return to_source_grid(labels, loaded.meta), to_source_grid(prob, loaded.meta)
 
 

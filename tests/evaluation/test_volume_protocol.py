@@ -145,10 +145,13 @@ def _predicted(out: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("window", ["fixed", "dicom", "multi"])
+@pytest.mark.parametrize("window", ["fixed", "dicom", "multi", "fixed+hysteresis"])
 def test_predict_on_a_dicom_export_equals_the_volume_protocol(sentinel_root: Path, tmp_path: Path, context_mean: None,
                                                               window: str) -> None:
+    window, _, hysteresis = window.partition("+")
     cfg = _config(sentinel_root, tmp_path / "eval", window)
+    if hysteresis:  # components down to 0.3 where they reach 0.6: 3-D across each series in both paths
+        cfg.inference.low_threshold = [0.3]
     ckpt = _checkpoint(cfg, tmp_path / "model" / "best.pt")
     res = evaluate(cfg, ckpt, SPLIT, save_predictions=tmp_path / "pred")
     assert res["protocol"] == ["key", "volume"]
@@ -193,12 +196,21 @@ def test_calibrate_chooses_the_operating_point_on_volumes(sentinel_root: Path, t
     cfg.model.params = {"level": 0.75, "slope": 4.0}  # soft probabilities: the threshold matters
     cfg.inference.threshold, cfg.inference.min_object_mm2 = None, None
     cfg.calibration.metric, cfg.calibration.thresholds, cfg.calibration.min_object_mm2 = "lesion_dice", [0.4, 0.5, 0.6], [0.0, 8.0]
+    cfg.calibration.low_thresholds = [0.3]
     cfg.evaluation.protocol = "auto"
     ckpt = _checkpoint(cfg, tmp_path / "model" / "best.pt")
     res = calibrate(cfg, ckpt, write=False)
     assert res["protocol"] == "volume" and res["metric"] == "vol_lesion_dice"
     values = [row["vol_lesion_dice"] for row in res["grid"]]
     assert res["score"] == max(values) and len(set(np.round(values, 6))) > 1  # the grid differs; the best is kept
+    # hysteresis rows: the low threshold with each larger threshold, at every size
+    assert [(r["threshold"], r["min_object_mm2"]) for r in res["grid"] if r["low_threshold"]] == [
+        ([t], m) for t in (0.4, 0.5, 0.6) for m in (0.0, 8.0)]
+    hyst = next(r for r in res["grid"] if r["low_threshold"] and r["threshold"] == [0.6] and r["min_object_mm2"] == 0.0)
+    plain = {r["threshold"][0]: r for r in res["grid"] if not r["low_threshold"] and r["min_object_mm2"] == 0.0}
+    # seeded at 0.6, grown down to 0.3: more of each lesion than cutting at 0.6, no more false positives than at 0.4
+    assert hyst["vol_lesion_dice"] > plain[0.6]["vol_lesion_dice"]
+    assert hyst["vol_fp_per_volume"] <= plain[0.4]["vol_fp_per_volume"]
     # a false-positive limit: the best point within it, never one above it; none within it: the fewest, said
     fps = [row["vol_fp_per_volume"] for row in res["grid"]]
     cfg.calibration.max_fp = min(fps)
@@ -212,7 +224,8 @@ def test_calibrate_chooses_the_operating_point_on_volumes(sentinel_root: Path, t
         none = calibrate(cfg, ckpt, write=False)
     assert "no point of the grid has at most calibration.max_fp" in caplog.text
     assert [r["vol_fp_per_volume"] for r in none["grid"] if r["threshold"] == none["threshold"]
-            and r["min_object_mm2"] == none["min_object_mm2"]] == [min(fps)]
+            and r["min_object_mm2"] == none["min_object_mm2"]
+            and (r["low_threshold"] or []) == none["low_threshold"]] == [min(fps)]
     cfg.calibration.max_fp = None
     # independent: evaluate at the chosen point (float32 logits) gives the score calibration saw (float16 logits)
     cfg.inference.threshold, cfg.inference.min_object_mm2 = res["threshold"], res["min_object_mm2"]
