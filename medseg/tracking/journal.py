@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +143,12 @@ def _send_lock(path: Path):  # noqa: ANN202 — a context manager
             os.close(fd)  # releases the record lock
 
 
-def _batches(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Consecutive data records grouped within MLflow's per-call limits; a status record alone."""
+def _batches(records: Iterable[dict[str, Any]], first_only: bool = False) -> list[list[dict[str, Any]]]:
+    """Consecutive data records grouped within MLflow's per-call limits; a status or artifact record alone.
+
+    ``first_only``: stop when the first batch is complete (a sender sends one batch at a time: the work
+    stays one batch's, not the journal's, so sending a long journal is linear in its length).
+    """
     out: list[list[dict[str, Any]]] = []
     counts = dict.fromkeys(_LIMITS, 0)
     for rec in records:
@@ -151,6 +156,8 @@ def _batches(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         kind = rec["kind"]
         n = len(rec.get("data") or {})
         if kind in ("status", "artifact") or not out or alone or counts[kind] + n > _LIMITS[kind]:
+            if out and first_only:
+                break
             out.append([])
             counts = dict.fromkeys(_LIMITS, 0)
         out[-1].append(rec)
@@ -314,7 +321,7 @@ class Journal:
                 with _send_lock(self.path):
                     self._skip_acknowledged()
                     with self.cond:
-                        batch = _batches(self.pending)[0] if self.pending else []
+                        batch = (_batches(self.pending, first_only=True) or [[]])[0]
                     if batch:
                         send_records(self.client, self.run_id, batch, self.path.parent.parent)
                         # the count first: whoever sees the records gone sees them counted; on a full
@@ -382,7 +389,7 @@ def sync(run_dir: str | Path, uri: str) -> dict[str, Any]:
     while True:
         with _send_lock(path):  # a run's own sender may still be trying: one sender at a time
             start = _acknowledged(path)  # never lower than read_journal's: only raised
-            batch = (_batches(records[start:]) or [[]])[0]
+            batch = (_batches(itertools.islice(records, start, None), first_only=True) or [[]])[0]
             if not batch:
                 break
             send_records(client, header["run_id"], batch, run_dir)
