@@ -222,16 +222,18 @@ def resolve_operating_point(cfg: Config, model_config: Mapping[str, Any] | None)
 
     Returns:
         A copy of ``cfg`` whose ``inference.threshold`` / ``min_object_mm2`` / ``low_threshold`` are the
-        model's where ``cfg`` had None (unchanged when the model has none).
+        model's where ``cfg`` had None (the model's ``low_threshold`` only with the model's thresholds: a
+        threshold set in ``cfg``, or ``[]`` for argmax, runs without the model's hysteresis) (unchanged when the model has none).
     """
     inf = (model_config or {}).get("inference") or {}
     out = copy.deepcopy(cfg)
+    if out.inference.low_threshold is None and out.inference.threshold is None and inf.get("low_threshold") is not None:
+        # the model's hysteresis belongs with the model's thresholds: a threshold set here (or [] = argmax) drops it
+        out.inference.low_threshold = [float(t) for t in inf["low_threshold"]]
     if out.inference.threshold is None and inf.get("threshold") is not None:
         out.inference.threshold = [float(t) for t in inf["threshold"]]
     if out.inference.min_object_mm2 is None and inf.get("min_object_mm2") is not None:
         out.inference.min_object_mm2 = float(inf["min_object_mm2"])
-    if out.inference.low_threshold is None and inf.get("low_threshold") is not None:
-        out.inference.low_threshold = [float(t) for t in inf["low_threshold"]]
     check_operating_point(out.inference.threshold, out.inference.min_object_mm2, out.data.num_classes,
                           out.inference.low_threshold)
     return out

@@ -52,6 +52,11 @@ def test_the_model_point_applies_unless_the_config_sets_one() -> None:
     assert got.inference.threshold == [] and got.inference.min_object_mm2 == 0.0
     with pytest.raises(ConfigError, match="inference.threshold"):
         resolve_operating_point(load_config(QUICK, ["inference.threshold=[0.5,0.5]"]), None)
+    # a stored hysteresis comes with the stored threshold only: a threshold set here (or argmax) runs without it
+    hyst = {"inference": {"threshold": [0.9], "min_object_mm2": 0.0, "low_threshold": [0.2]}}
+    assert resolve_operating_point(cfg, hyst).inference.low_threshold == [0.2]
+    assert not resolve_operating_point(forced, hyst).inference.low_threshold
+    assert not resolve_operating_point(load_config(QUICK, ["inference.threshold=[0.1]"]), hyst).inference.low_threshold
 
 
 @pytest.mark.slow
@@ -70,8 +75,10 @@ def test_stored_operating_point_is_applied_identically_by_evaluate_and_predictor
         "calibration.min_object_mm2": [5.0, 40.0]})
     result, _ = run_training(load_config(QUICK, ov))
     op = result.operating_point
-    assert op is not None and op["split"] == "val" and len(op["grid"]) == 4
+    # the quick start's hysteresis lows (0.1, 0.2, 0.3, 0.5) pair with both thresholds: 4 plain + 16 rows
+    assert op is not None and op["split"] == "val" and len(op["grid"]) == 4 + 16
     assert op["threshold"] in ([0.52], [0.6]) and op["min_object_mm2"] in (5.0, 40.0)
+    assert op["low_threshold"] in ([], [0.1], [0.2], [0.3], [0.5])
     ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
     assert ckpt["operating_point"]["threshold"] == op["threshold"]
     assert ckpt["config"]["inference"]["min_object_mm2"] == op["min_object_mm2"]
@@ -86,7 +93,8 @@ def test_stored_operating_point_is_applied_identically_by_evaluate_and_predictor
     plain = Predictor.from_ref(result.run_dir, overrides=["inference.threshold=[]"], device="cpu")
     p1 = torch.cat([torch.softmax(plain.logits(torch.as_tensor(transform(data[i])["image"])[None]), 1)[:, 1].flatten()
                     for i in range(len(data))])
-    point = {**op, "threshold": [round(float(p1.median()), 4)], "min_object_mm2": 3.0}
+    point = {**op, "threshold": [round(float(p1.quantile(0.7)), 4)], "min_object_mm2": 3.0,
+             "low_threshold": [round(float(p1.quantile(0.4)), 4)]}  # with hysteresis (2-D on key slices)
     store_operating_point(result.best_checkpoint, point)
 
     # evaluate with the pipeline's own config (no operating point there): the model's applies
@@ -98,7 +106,7 @@ def test_stored_operating_point_is_applied_identically_by_evaluate_and_predictor
 
     predictor = Predictor.from_ref(result.run_dir, device="cpu")
     assert predictor.cfg.inference.threshold == point["threshold"]
-    assert predictor.cfg.inference.min_object_mm2 == 3.0
+    assert predictor.cfg.inference.min_object_mm2 == 3.0 and predictor.cfg.inference.low_threshold == point["low_threshold"]
     differs = 0
     for i in range(len(data)):
         sample = transform(data[i])
