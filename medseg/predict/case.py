@@ -17,7 +17,7 @@ from medseg import __version__
 from medseg.data.base import apply_window, to_source_grid
 from medseg.data.dicom import header_window
 from medseg.data.images import intensity_range
-from medseg.inference.postprocess import object_labels
+from medseg.inference.postprocess import hysteresis_on, object_labels
 from medseg.inference.predictor import Predictor, predict_labels
 from medseg.io import atomic_dir
 from medseg.predict.lesions import lesion_table, slice_extents
@@ -35,7 +35,7 @@ from medseg.predict.writers import (
 )
 from medseg.runtime import release_freed_memory
 
-__all__ = ["predict_case", "process_case", "write_case"]
+__all__ = ["operating_point", "predict_case", "process_case", "write_case"]
 
 
 @torch.no_grad()
@@ -159,6 +159,15 @@ def process_case(loaded: Loaded, predictor: Predictor, out_dir: Path, tmp_root: 
         return write_case(tmp, loaded, labels, prob, predictor.cfg, fingerprint, predict_s)
 
 
+def operating_point(cfg: Any) -> dict[str, Any]:
+    """The operating point a class map was made at, as ``series.json`` records it (thresholds None = argmax,
+    low thresholds None = no hysteresis)."""
+    inf = cfg.inference
+    return {"threshold": list(inf.threshold) if inf.threshold else None,
+            "low_threshold": list(inf.low_threshold) if hysteresis_on(inf) else None,
+            "min_object_mm2": float(inf.min_object_mm2 or 0.0)}
+
+
 def write_case(tmp: Path, loaded: Loaded, labels: np.ndarray, prob: np.ndarray, cfg: Any, fingerprint: str,
                predict_s: float) -> dict[str, Any]:
     """Post-process and write one case's outputs into the folder ``tmp`` (each writer re-reads what it
@@ -166,7 +175,8 @@ def write_case(tmp: Path, loaded: Loaded, labels: np.ndarray, prob: np.ndarray, 
     case = loaded.case
     t1 = time.perf_counter()
     info: dict[str, Any] = {"kind": case.kind, "key": case.key, "output": case.out_rel, "medseg_version": __version__,
-                            "model": {"name": cfg.model.name, "fingerprint": fingerprint},
+                            "model": {"name": cfg.model.name, "fingerprint": fingerprint,
+                                      "operating_point": operating_point(cfg)},
                             "input": {**loaded.info, "files": len(case.files)}, "warnings": loaded.warnings,
                             "shape": list(labels.shape), "spacing_yx": list(loaded.spacing)}
     num_classes = int(cfg.data.num_classes)

@@ -166,6 +166,9 @@ def test_predict_on_a_dicom_export_equals_the_volume_protocol(sentinel_root: Pat
     result = run_predict(ckpt, tmp_path / "dicom", tmp_path / "out", progress=False)
     assert not result.failed and len(result.processed) == len(blocks)
     predicted = _predicted(tmp_path / "out")
+    for js in (tmp_path / "out").glob("study-*/series-*/series.json"):  # each series says how it was cut
+        assert json.loads(js.read_text())["model"]["operating_point"] == {
+            "threshold": [0.6], "low_threshold": [0.3] if hysteresis else None, "min_object_mm2": 4.0}
     vm = VolumeMetrics.from_config(cfg.metrics, cfg.predict.connectivity)
     n_fg = 0
     for uid, info in blocks.items():
