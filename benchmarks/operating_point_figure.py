@@ -30,30 +30,21 @@ sys.path.insert(0, str(ROOT))
 
 from medseg.config import load_config  # noqa: E402
 from medseg.data.deeplesion import DeepLesionDataset  # noqa: E402
-from medseg.data.deeplesion.volume import volume_blocks, volume_slices  # noqa: E402
+from medseg.data.deeplesion.volume import volume_blocks  # noqa: E402
 from medseg.data.windowing import model_window_rule  # noqa: E402
-from medseg.evaluation.volume import PredictedVolume, class_maps  # noqa: E402
+from medseg.evaluation.volume import class_maps, predict_volume  # noqa: E402
 from medseg.inference.postprocess import resolve_operating_point  # noqa: E402
-from medseg.inference.predictor import predict_logits  # noqa: E402
-from medseg.metrics.volume import label_components_3d  # noqa: E402
+from medseg.metrics.volume import label_components_3d, match_3d  # noqa: E402
 from medseg.models.checkpoint import load_model  # noqa: E402
 
 
-def _volume(model: torch.nn.Module, ds: DeepLesionDataset, block, cfg) -> PredictedVolume:  # type: ignore[no-untyped-def]
-    samples = list(volume_slices(ds, block))
-    images = torch.from_numpy(np.stack([s["image"] for s in samples]))
-    logits = predict_logits(model, images, cfg, torch.device("cpu")).cpu()
-    return PredictedVolume(block, logits, images, [list(s["meta"]["spacing"]) for s in samples], samples[0]["meta"],
-                           np.stack([s["source_truth"] for s in samples]),
-                           np.array([bool(s["meta"]["key"]) for s in samples]))
-
-
-def _false_positives(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, int]:
-    """Mask of the predicted 3-D components touching no true lesion, and their count."""
-    comps = label_components_3d(pred > 0)
-    hit = np.unique(comps[(truth > 0) & (comps > 0)])
-    fp = (comps > 0) & ~np.isin(comps, hit)
-    return fp, len(np.setdiff1d(np.unique(comps[comps > 0]), hit))
+def _false_positives(pred: np.ndarray, truth: np.ndarray, cfg) -> tuple[np.ndarray, int]:  # type: ignore[no-untyped-def]
+    """Mask of the predicted 3-D components matched to no true lesion (the volume protocol's matching), and
+    their count."""
+    comps = label_components_3d(pred > 0, cfg.predict.connectivity)
+    m = match_3d(comps, truth.astype(np.int32), cfg.metrics.match_rule, cfg.metrics.iou_threshold,
+                 cfg.metrics.min_overlap_px)
+    return np.isin(comps, m.false_positive_ids), len(m.false_positive_ids)
 
 
 def _panel(hu: np.ndarray, pred: np.ndarray, fp: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -95,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         blocks = [b for b in blocks if b.name == args.block] or sys.exit(f"no block {args.block} in {args.split}")
     best = None
     for b in blocks:
-        vol = _volume(model, ds, b, hyst)
+        vol = predict_volume(model, ds, b, hyst, torch.device("cpu"))
         p_plain, _ = class_maps(vol, plain)
-        n_fp = _false_positives(p_plain, vol.truth)[1]
+        n_fp = _false_positives(p_plain, vol.truth, hyst)[1]
         if best is None or n_fp > best[0]:
             best = (n_fp, vol, p_plain)
     assert best is not None
@@ -112,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, labels = [], []
     for pred, name, point in ((p_plain, "threshold alone", f"{args.threshold:g}"),
                               (p_hyst, "hysteresis", f"{hyst.inference.threshold[0]:g} / low {hyst.inference.low_threshold[0]:g}")):
-        fp, n_fp = _false_positives(pred, vol.truth)
+        fp, n_fp = _false_positives(pred, vol.truth, hyst)
         tiles = [_panel(ds.images.read(b.series, ns[i]), pred[i] > 0, fp[i], vol.truth[i])[y0:y1, x0:x1] for i in keep]
         rows.append(np.concatenate(tiles, axis=1))
         labels.append(f"{name} ({point}): {n_fp} false-positive components")

@@ -40,8 +40,8 @@ from medseg.inference.predictor import foreground_probability, predict_logits
 from medseg.io import atomic_write_bytes
 from medseg.metrics.volume import VolumeMetrics
 
-__all__ = ["PROTOCOLS", "PredictedVolume", "VolumeResult", "class_maps", "evaluate_volumes", "predicted_volumes",
-           "resolve_protocol", "score_volumes"]
+__all__ = ["PROTOCOLS", "PredictedVolume", "VolumeResult", "class_maps", "evaluate_volumes", "predict_volume",
+           "predicted_volumes", "resolve_protocol", "score_volumes"]
 
 #: a callback that sees each volume and its class map (source grid)
 OnVolume = Callable[["PredictedVolume", np.ndarray], None]
@@ -96,9 +96,26 @@ class VolumeResult:
 
 
 @torch.no_grad()
+def predict_volume(model: nn.Module, dataset: Any, block: VolumeBlock, cfg: Config, device: torch.device,
+                   compact: bool = False) -> PredictedVolume:
+    """Run ``model`` (in the mode it is in) on every slice of one block, ``evaluation.batch_size`` slices at a
+    time. ``compact``: as :func:`predicted_volumes`."""
+    samples = list(volume_slices(dataset, block))
+    images = torch.from_numpy(np.stack([s["image"] for s in samples]))
+    spacing = [list(s["meta"]["spacing"]) for s in samples]
+    bs = max(1, int(cfg.evaluation.batch_size))
+    logits = torch.cat([predict_logits(model, images[i: i + bs], cfg, device).cpu() for i in range(0, len(images), bs)])
+    if compact:
+        logits = logits.half()
+        images = images if cfg.inference.crf.enabled else images[:, :0]
+    return PredictedVolume(block, logits, images, spacing, samples[0]["meta"],
+                           np.stack([s["source_truth"] for s in samples]),
+                           np.array([bool(s["meta"]["key"]) for s in samples]))
+
+
 def predicted_volumes(model: nn.Module, dataset: Any, cfg: Config, device: torch.device,
                       progress: str | None = None, compact: bool = False) -> Iterator[PredictedVolume]:
-    """Run ``model`` on every slice of every block of ``dataset``, ``evaluation.batch_size`` slices at a time.
+    """Run ``model`` on every slice of every block of ``dataset`` (:func:`predict_volume`, in eval mode).
 
     ``compact``: keep the logits as float16 and the images only when the dense CRF needs them (for
     calibration, which keeps every volume of the split in memory to try operating points on).
@@ -107,21 +124,10 @@ def predicted_volumes(model: nn.Module, dataset: Any, cfg: Config, device: torch
 
     was_training = model.training
     model.eval()
-    blocks = volume_blocks(dataset)
-    bs = max(1, int(cfg.evaluation.batch_size))
     try:
-        for block in tqdm(blocks, desc=progress, unit="volume", disable=progress is None, dynamic_ncols=True):
-            samples = list(volume_slices(dataset, block))
-            images = torch.from_numpy(np.stack([s["image"] for s in samples]))
-            spacing = [list(s["meta"]["spacing"]) for s in samples]
-            logits = torch.cat([predict_logits(model, images[i: i + bs], cfg, device).cpu()
-                                for i in range(0, len(images), bs)])
-            if compact:
-                logits = logits.half()
-                images = images if cfg.inference.crf.enabled else images[:, :0]
-            yield PredictedVolume(block, logits, images, spacing, samples[0]["meta"],
-                                  np.stack([s["source_truth"] for s in samples]),
-                                  np.array([bool(s["meta"]["key"]) for s in samples]))
+        for block in tqdm(volume_blocks(dataset), desc=progress, unit="volume", disable=progress is None,
+                          dynamic_ncols=True):
+            yield predict_volume(model, dataset, block, cfg, device, compact)
     finally:
         model.train(was_training)
 
