@@ -143,27 +143,22 @@ def _send_lock(path: Path):  # noqa: ANN202 — a context manager
             os.close(fd)  # releases the record lock
 
 
-def _batches(records: Iterable[dict[str, Any]], first_only: bool = False) -> list[list[dict[str, Any]]]:
-    """Consecutive data records grouped within MLflow's per-call limits; a status or artifact record alone.
-
-    ``first_only``: stop when the first batch is complete (a sender sends one batch at a time: the work
-    stays one batch's, not the journal's, so sending a long journal is linear in its length).
-    """
-    out: list[list[dict[str, Any]]] = []
+def _first_batch(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The next batch to send: consecutive data records within MLflow's per-call limits, or a status or
+    artifact record alone; empty when there are none. Reads only as far as the record that ends the batch
+    (a sender sends one batch at a time, so sending a long journal stays linear in its length)."""
+    batch: list[dict[str, Any]] = []
     counts = dict.fromkeys(_LIMITS, 0)
     for rec in records:
-        alone = bool(out) and out[-1][0]["kind"] in ("status", "artifact")
         kind = rec["kind"]
         n = len(rec.get("data") or {})
-        if kind in ("status", "artifact") or not out or alone or counts[kind] + n > _LIMITS[kind]:
-            if out and first_only:
-                break
-            out.append([])
-            counts = dict.fromkeys(_LIMITS, 0)
-        out[-1].append(rec)
+        if batch and (kind in ("status", "artifact") or batch[0]["kind"] in ("status", "artifact")
+                      or counts[kind] + n > _LIMITS[kind]):
+            break
+        batch.append(rec)
         if kind in counts:
             counts[kind] += n
-    return out
+    return batch
 
 
 def _send_artifact(client: Any, run_id: str, rec: dict[str, Any], run_dir: Path) -> None:
@@ -186,7 +181,7 @@ def _send_artifact(client: Any, run_id: str, rec: dict[str, Any], run_dir: Path)
 
 
 def send_records(client: Any, run_id: str, batch: list[dict[str, Any]], run_dir: str | Path = ".") -> None:
-    """Send one batch of :func:`_batches` (raises what the client raises); ``run_dir`` holds the staged
+    """Send one batch of :func:`_first_batch` (raises what the client raises); ``run_dir`` holds the staged
     artifacts."""
     from mlflow.entities import Metric, Param, RunTag
 
@@ -321,7 +316,7 @@ class Journal:
                 with _send_lock(self.path):
                     self._skip_acknowledged()
                     with self.cond:
-                        batch = (_batches(self.pending, first_only=True) or [[]])[0]
+                        batch = _first_batch(self.pending)
                     if batch:
                         send_records(self.client, self.run_id, batch, self.path.parent.parent)
                         # the count first: whoever sees the records gone sees them counted; on a full
@@ -389,7 +384,7 @@ def sync(run_dir: str | Path, uri: str) -> dict[str, Any]:
     while True:
         with _send_lock(path):  # a run's own sender may still be trying: one sender at a time
             start = _acknowledged(path)  # never lower than read_journal's: only raised
-            batch = (_batches(itertools.islice(records, start, None), first_only=True) or [[]])[0]
+            batch = _first_batch(itertools.islice(records, start, None))
             if not batch:
                 break
             send_records(client, header["run_id"], batch, run_dir)

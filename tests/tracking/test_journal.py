@@ -247,11 +247,14 @@ def test_the_send_lock_is_not_kept_by_a_process_forked_while_it_was_held(tmp_pat
 def test_a_sender_groups_one_batch_without_reading_the_rest_of_the_journal() -> None:
     """MLflow's per-call limits (1000 metrics, 100 params), a status record alone; a sender takes the first
     batch of a long journal after reading only as far as the record that starts the second."""
-    from medseg.tracking.journal import _batches
+    from medseg.tracking.journal import _first_batch
 
     records = ([{"kind": "metrics", "data": {f"m{i}": 0.0 for i in range(300)}} for _ in range(5)]
                + [{"kind": "params", "data": {"p": "1"}}, {"kind": "status", "status": "FINISHED"}])
-    groups = _batches(records)
+    groups, rest = [], records
+    while rest:  # the batches a sender sends one after another
+        groups.append(_first_batch(rest))
+        rest = rest[len(groups[-1]):]
     assert [len(g) for g in groups] == [3, 3, 1]  # 900 metrics; 600 metrics and the params; the status alone
     assert sum(len(r["data"]) for r in groups[0]) <= 1000
     read = []
@@ -261,5 +264,5 @@ def test_a_sender_groups_one_batch_without_reading_the_rest_of_the_journal() -> 
             read.append(rec)
             yield rec
 
-    assert _batches(journal(), first_only=True) == [groups[0]]
+    assert _first_batch(journal()) == groups[0]
     assert len(read) == 4  # the first batch's three records and the one that ended it
