@@ -175,9 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"best val {cfg.train.monitor}: {result.best_metric:.4f}")
     op = result.operating_point
     if op is not None:
-        low = f", low threshold {op['low_threshold']} (hysteresis)" if op.get("low_threshold") else ""
-        print(f"operating point (val): threshold {op['threshold'] or 'argmax'}{low}, min object {op['min_object_mm2']:g} mm² "
-              f"→ val {op['metric']} {op['score']:.4f} (argmax {op['argmax_score']:.4f})")
+        print(f"operating point (val): {_point_text(op)} → val {op['metric']} {op['score']:.4f} "
+              f"(argmax {op['argmax_score']:.4f})")
     for split, ev in evaluations.items():
         m = ev["metrics"]
         print(f"{split}: " + ", ".join(_with_interval(m, k) for k in ("dice", "lesion_dice", "lesion_sensitivity",
@@ -278,6 +277,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _point_text(point: dict) -> str:
+    """``threshold …[, low threshold … (hysteresis)], min object … mm²`` of a calibrated operating point."""
+    low = f", low threshold {point['low_threshold']} (hysteresis)" if point.get("low_threshold") else ""
+    return f"threshold {point['threshold'] or 'argmax'}{low}, min object {point['min_object_mm2']:g} mm²"
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``medseg calibrate``."""
     from medseg.config import load_config
@@ -291,9 +296,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         low = f"  low {row['low_threshold']}" if row.get("low_threshold") else ""
         print(f"threshold {row['threshold']}{low}  min object {row['min_object_mm2']:g} mm²  "
               f"{result['metric']} {row[result['metric']]:.4f}  {result['fp_key']} {row[result['fp_key']]:.2f}")
-    low = f", low threshold {result['low_threshold']} (hysteresis)" if result.get("low_threshold") else ""
-    print(f"\noperating point (val split): threshold {result['threshold'] or 'argmax'}{low}, "
-          f"min object {result['min_object_mm2']:g} mm² → {result['metric']} {result['score']:.4f} "
+    print(f"\noperating point (val split): {_point_text(result)} → {result['metric']} {result['score']:.4f} "
           f"(argmax, no size filter: {result['argmax_score']:.4f})")
     if result.get("at_grid_edge"):
         print("warning:      the chosen threshold is at the end of calibration.thresholds; the best point may "
