@@ -33,6 +33,7 @@ def tiny_overrides(root: Path, out: Path, **extra: object) -> list[str]:
         "train.num_workers": 0, "train.val_every": 1, "train.overlay_count": 2, "train.evaluate_splits": [],
         "train.device": "cpu", "train.amp": "off", "transforms.crop_size": [64, 64], "output_dir": str(out),
         "train.time_limit_min": None, "calibration.after_training": False, "inference.tta_flips": False,
+        "train.propagate.start": 0.4,  # no propagation round inside a tiny run (tests/training/test_propagate.py)
     }
     ov.update(extra)
     import json

@@ -145,6 +145,12 @@ class PropagateConfig:
     min_area_px: int = 4
     #: "none" or "grabcut" (OpenCV GrabCut in the grown box, seeded by the propagated mask)
     refine: Literal["none", "grabcut"] = "none"
+    #: where a slice's candidate mask comes from: "model" (the current model's prediction) or "grabcut"
+    #: (GrabCut in the grown box seeded by the previous slice's mask; needs no model, so start can be 0)
+    source: Literal["model", "grabcut"] = "model"
+    #: acceptance (0 = off): the mask's mean intensity differs from the previous mask's by less than this
+    #: × the difference of its surrounding 3-pixel ring (past the lesion's end the mask looks like its ring)
+    min_contrast: float = 0.0
     #: accepted slices drawn in the MLflow montage per round
     montage: int = 8
 

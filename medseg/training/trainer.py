@@ -452,10 +452,10 @@ class Trainer:
             if self.budget is not None:
                 self.budget.start(self.step)
             self.model.train()
-            while not self._schedule_done():
-                losses = self._train_epoch()
+            while not self._schedule_done():  # a round due at step 0 (start 0) runs before any step
                 if self.propagator is not None and self.propagator.due(self.step, self.total_steps):
                     self.propagator.run_round(self)
+                losses = self._train_epoch()
                 record: dict[str, float] = {"epoch": self.epoch,
                                             "train_loss": float(np.mean(losses)) if losses else float("nan")}
                 self.tracker.log_metrics({"train/epoch_loss": record["train_loss"]}, self.step)

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from medseg.config import PropagateConfig, load_config
-from medseg.training.propagate import Propagator, accept_mask, grown_box, lesion_window
+from medseg.training.propagate import (
+    Propagator,
+    accept_mask,
+    grabcut_from,
+    grown_box,
+    lesion_window,
+    looks_like,
+)
 from medseg.training.run import run_training
 from medseg.training.trainer import Trainer
 from tests.conftest import tiny_overrides
@@ -103,7 +110,9 @@ def _trainer(demo_root: Path, out: Path, **extra: object) -> Trainer:
     ov = tiny_overrides(demo_root, out, **{"tracking.enabled": False, "train.overlay_count": 0,
                                            "train.propagate.enabled": True, "train.propagate.rounds": 2,
                                            "train.propagate.max_area_ratio": 3.0, "data.negative_rate": 0.0,
-                                           **extra})
+                                           "train.propagate.source": "model", "train.propagate.start": 0.4,
+                                           "train.propagate.slices_per_round": 1,
+                                           "train.propagate.min_contrast": 0.0, **extra})
     return Trainer(load_config(QUICK, ov))
 
 
@@ -162,6 +171,53 @@ def test_a_round_accepts_masks_on_the_true_lesions_and_they_join_training(demo_r
     assert out2["round"] == 2 and out2["propagated_slices"] >= out["propagated_slices"]
 
 
+def _noisy(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.6, 0.03, shape).astype(np.float32)  # host tissue, 0.6 ± 0.03
+
+
+def test_grabcut_from_follows_a_lesion_and_finds_its_end() -> None:
+    lesion = _disk((64, 64), 31, 29, 8)  # this slice's section: smaller and shifted against the previous one
+    image = _noisy((64, 64))
+    image[lesion] -= 0.25  # hypodense lesion
+    prev = _disk((64, 64), 30, 30, 10)
+    out = grabcut_from(image, prev, grown_box(BOX, 0.2, image.shape))
+    assert 2 * (out & lesion).sum() / (out.sum() + lesion.sum()) > 0.9
+    assert looks_like(image, out, image, lesion, 0.5)  # the same lesion
+    # past the lesion's end: whatever GrabCut keeps of the host tissue looks like its ring, not the lesion
+    host = _noisy((64, 64), 1)
+    left = grabcut_from(host, prev, grown_box(BOX, 0.2, host.shape))
+    assert not left.any() or not looks_like(host, left, image, lesion, 0.5)
+    assert not looks_like(host, prev, image, lesion, 0.5)
+
+
+def test_a_grabcut_round_needs_no_model_and_stops_where_the_lesions_end(tmp_path: Path) -> None:
+    from medseg.data.synthetic import generate_demo_data
+
+    # full-size slices (the shared 128² release's lesions are a few pixels: too small for GrabCut)
+    demo_root = generate_demo_data(tmp_path / "dl", patients=5, seed=3, progress=False)
+    trainer = _trainer(demo_root, tmp_path / "out", **{"train.propagate.source": "grabcut",
+                                               "train.propagate.min_contrast": 0.5,
+                                               "train.propagate.max_area_ratio": 1.5,
+                                               "train.propagate.slices_per_round": 16})
+
+    class NoNet(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("a GrabCut round ran the model")
+
+    trainer.net = NoNet()
+    out = trainer.propagator.run_round(trainer)
+    items = trainer.propagator.items()
+    assert out["accepted"] > 0 and len(items), str(sorted(out.items()))
+    assert len(items) == out["propagated_slices"]
+    assert out.get("rejected_ended", 0) + out.get("rejected_low_contrast", 0) > 0  # lesions end before their range
+    dices = []
+    for series, n, _, inst in items:
+        truth = _truth(demo_root, series, n, inst.shape)
+        assert (truth & (inst > 0)).any()  # never a slice past the lesion's end
+        dices.append(2 * ((inst > 0) & truth).sum() / ((inst > 0).sum() + truth.sum()))
+    assert np.mean(dices) > 0.75  # against the generated true masks (the slice's every lesion)
+
+
 def test_rounds_follow_the_schedule() -> None:
     class T:
         pass
@@ -179,7 +235,8 @@ def test_training_with_propagation_resumes_with_its_slices(demo_root: Path, tmp_
     ov = tiny_overrides(demo_root, tmp_path, **{
         "tracking.enabled": False, "train.epochs": 4, "train.max_steps": None, "train.steps_per_epoch": 2,
         "train.propagate.enabled": True, "train.propagate.rounds": 2, "train.propagate.start": 0.25,
-        "train.propagate.max_area_ratio": 3.0, "train.val_every": 4})
+        "train.propagate.max_area_ratio": 3.0, "train.val_every": 4, "train.propagate.source": "model",
+        "train.propagate.slices_per_round": 1, "train.propagate.min_contrast": 0.0})
     result, _ = run_training(load_config(QUICK, ov))
     assert result.steps_done == 8
     ck = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
@@ -188,6 +245,18 @@ def test_training_with_propagation_resumes_with_its_slices(demo_root: Path, tmp_
     assert longer.steps_done == 10
     ck2 = torch.load(longer.last_checkpoint, map_location="cpu", weights_only=True)
     assert ck2["propagation"]["round"] == 2 and ck2["propagation"]["lesions"].keys() == ck["propagation"]["lesions"].keys()
+
+
+@pytest.mark.slow
+def test_a_round_at_start_zero_runs_before_the_first_step(demo_root: Path, tmp_path: Path) -> None:
+    ov = tiny_overrides(demo_root, tmp_path, **{
+        "tracking.enabled": False, "train.epochs": 1, "train.max_steps": None, "train.steps_per_epoch": 2,
+        "train.propagate.enabled": True, "train.propagate.rounds": 1, "train.propagate.start": 0.0,
+        "train.propagate.source": "grabcut", "train.val_every": 1})
+    result, _ = run_training(load_config(QUICK, ov))
+    assert result.steps_done == 2
+    ck = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert ck["propagation"]["round"] == 1  # after the only epoch it would be the schedule's end: no round
 
 
 def test_lesion_window_is_centred_on_the_box_and_inside_the_slice() -> None:
