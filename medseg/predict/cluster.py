@@ -191,7 +191,8 @@ def _connect(ray: Any, address: str | None) -> bool:
         try:
             ray.init(**kwargs)
             return True
-        except RuntimeError as e:
+        except (RuntimeError, ConnectionError) as e:  # the server's failure reaches the client as a
+            # ConnectionAbortedError("Initialization failure from server: …RuntimeError: Starting Ray client server failed")
             client = (address or "").startswith("ray://") and "client server failed" in str(e)
             if not client or attempt == CLIENT_TRIES:
                 raise
