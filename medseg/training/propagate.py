@@ -315,14 +315,15 @@ class Propagator:
                 images[series, n] = None if sample is None else np.asarray(sample["image"], np.float32)
             return images[series, n]
 
-        def predict(series: str, n: int, rec: Any, box: Sequence[float]) -> tuple[np.ndarray, np.ndarray] | None:
-            """The slice's image and the model's foreground in a window around the lesion (at least the
-            training crop; the rest of the slice is background)."""
+        def candidate(series: str, n: int, rec: Any, box: Sequence[float], prev: np.ndarray,
+                      bounds: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+            """The slice's image and its candidate foreground: GrabCut seeded by ``prev`` (``source: grabcut``)
+            or the model's in a window around the lesion (at least the training crop; the rest background)."""
             image = read(series, n, rec)
             if image is None:
                 return None
             if c.source == "grabcut":
-                return image, np.zeros(image.shape[-2:], bool)
+                return image, grabcut_from(image[image.shape[0] // 2], prev, bounds)
             (y0, y1), (x0, x1) = lesion_window(box, c.box_margin, crop, image.shape[-2:])
             x = torch.as_tensor(np.ascontiguousarray(image[:, y0:y1, x0:x1]))[None]
             with torch.no_grad():
@@ -353,17 +354,15 @@ class Propagator:
                         state["stopped"][d] = True
                         counts["end_of_range"] += 1
                         break
-                    got = predict(s.series, n, rec, state["box"])
+                    prev = _paste(state["slices"][prev_n], tuple(state["shape"]))
+                    bounds = grown_box(state["box"], c.box_margin, prev.shape)
+                    got = candidate(s.series, n, rec, state["box"], prev, bounds)
                     if got is None:
                         state["stopped"][d] = True
                         counts["unreadable"] += 1
                         break
                     image, pred = got
-                    prev = _paste(state["slices"][prev_n], tuple(state["shape"]))
-                    bounds = grown_box(state["box"], c.box_margin, prev.shape)
                     mid = image.shape[0] // 2
-                    if c.source == "grabcut":
-                        pred = grabcut_from(image[mid], prev, bounds)
                     if c.source == "grabcut" and not pred.any():
                         mask, why = None, "ended"
                     else:
@@ -374,7 +373,7 @@ class Propagator:
                                                                      c.min_contrast):
                             mask, why = None, "low_contrast"
                     if mask is not None and c.refine == "grabcut":
-                        mask, why = accept_mask(refine_grabcut(image[image.shape[0] // 2], mask, bounds), prev,
+                        mask, why = accept_mask(refine_grabcut(image[mid], mask, bounds), prev,
                                                 state["box"], c)
                     counts[why] += 1
                     if mask is None:
