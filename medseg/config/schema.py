@@ -151,6 +151,8 @@ class PropagateConfig:
     #: acceptance (0 = off): the mask's mean intensity differs from the previous mask's by less than this
     #: × the difference of its surrounding 3-pixel ring (past the lesion's end the mask looks like its ring)
     min_contrast: float = 0.0
+    #: lesions extended at once with ``source: grabcut`` (threads; 0 = one per CPU core; the model source: 1)
+    workers: int = 0
     #: accepted slices drawn in the MLflow montage per round
     montage: int = 8
 

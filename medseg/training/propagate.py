@@ -20,7 +20,8 @@ model, so its one round can run at the start of training); an empty GrabCut resu
 has ended. ``min_contrast`` adds a rule for either source: the candidate's mean intensity must differ
 from the previous mask's mean by less than ``min_contrast`` × the difference between its surrounding
 ring's mean and it (past the lesion's end GrabCut keeps a piece of the host tissue, which looks like
-its surroundings, not like the lesion).
+its surroundings, not like the lesion). A GrabCut round extends ``workers`` lesions at once in threads
+(GrabCut releases the GIL; each lesion's masks depend on that lesion alone, so the round is the same).
 
 An accepted mask is optionally refined (``refine: grabcut``, then checked again), becomes the
 previous mask of the next slice outward, and joins the training set as a label; a rejection stops
@@ -40,9 +41,11 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -304,8 +307,6 @@ class Propagator:
         icfg = self._inference_cfg(trainer)
         was_training = net.training
         net.eval()
-        counts: Counter[str] = Counter()
-        montage: list[dict[str, Any]] = []
         images: dict[tuple[str, int], np.ndarray | None] = {}
         crop = trainer.cfg.transforms.crop_size or [96, 96]
 
@@ -332,16 +333,19 @@ class Propagator:
             fg[y0:y1, x0:x1] = logits.argmax(1)[0].cpu().numpy() > 0
             return image, fg
 
-        for key in sorted(self._keys):
+        def extend(key: str) -> tuple[Counter[str], list[tuple[int, int]]]:
+            """Extend one lesion outward (both directions); its counts and accepted ``(slice, previous)``."""
+            counts: Counter[str] = Counter()
+            accepted: list[tuple[int, int]] = []
             i, j = self._keys[key]
             s = self.dataset.samples[i]
             rec = s.rows[j]
             state = self.lesions.get(key)
             if state is None:
                 key_mask, box, shape = self._key_mask(key)
-                state = self.lesions[key] = {"stopped": [False, False], "slices": {}, "box": box,
-                                             "shape": list(shape), "key_slice": s.key}
+                state = {"stopped": [False, False], "slices": {}, "box": box, "shape": list(shape), "key_slice": s.key}
                 state["slices"][s.key] = _crop(key_mask)
+                self.lesions[key] = state
             first, last = rec.slice_range
             for d, direction in enumerate((1, -1)):
                 for _ in range(c.slices_per_round):
@@ -380,8 +384,27 @@ class Propagator:
                         state["stopped"][d] = True
                         break
                     state["slices"][n] = _crop(mask)
-                    if len(montage) < c.montage:
-                        montage.append({"image": image, "mask": mask, "prev": prev, "title": f"{s.series} #{n}"})
+                    accepted.append((n, prev_n))
+            return counts, accepted
+
+        # GrabCut releases the GIL: lesions are independent, so threads extend several at once; each
+        # result depends on its lesion only, and counts and montage are gathered in the sequential order
+        keys = sorted(self._keys)
+        workers = (c.workers or os.cpu_count() or 1) if c.source == "grabcut" else 1
+        if workers > 1:
+            with ThreadPoolExecutor(min(workers, len(keys) or 1)) as pool:
+                results = list(pool.map(extend, keys))
+        else:
+            results = [extend(key) for key in keys]
+        counts: Counter[str] = Counter()
+        montage: list[dict[str, Any]] = []
+        for key, (got, accepted) in zip(keys, results):
+            counts.update(got)
+            st, s = self.lesions[key], self.dataset.samples[self._keys[key][0]]
+            for n, prev_n in accepted[: max(c.montage - len(montage), 0)]:
+                shape = tuple(st["shape"])
+                montage.append({"image": images[s.series, n], "mask": _paste(st["slices"][n], shape),
+                                "prev": _paste(st["slices"][prev_n], shape), "title": f"{s.series} #{n}"})
         net.train(was_training)
         self.round += 1
         slices = self.rebuild(trainer)

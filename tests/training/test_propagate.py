@@ -4,6 +4,7 @@ state in checkpoints, and a run that resumes with its propagated slices."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
@@ -198,7 +199,8 @@ def test_a_grabcut_round_needs_no_model_and_stops_where_the_lesions_end(tmp_path
     trainer = _trainer(demo_root, tmp_path / "out", **{"train.propagate.source": "grabcut",
                                                "train.propagate.min_contrast": 0.5,
                                                "train.propagate.max_area_ratio": 1.5,
-                                               "train.propagate.slices_per_round": 16})
+                                               "train.propagate.slices_per_round": 16,
+                                               "train.propagate.workers": 3})
 
     class NoNet(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,6 +218,20 @@ def test_a_grabcut_round_needs_no_model_and_stops_where_the_lesions_end(tmp_path
         assert (truth & (inst > 0)).any()  # never a slice past the lesion's end
         dices.append(2 * ((inst > 0) & truth).sum() / ((inst > 0).sum() + truth.sum()))
     assert np.mean(dices) > 0.75  # against the generated true masks (the slice's every lesion)
+
+    # three threads gave what one gives: the same masks, counts and montage
+    prop = trainer.propagator
+    threaded, montage = copy.deepcopy(prop.lesions), (trainer.run_dir / "propagate" / "round_1.png").read_bytes()
+    prop.lesions, prop.round, prop.cfg.workers = {}, 0, 1
+    again = prop.run_round(trainer)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in out.items() if k != "seconds"}
+    assert prop.lesions.keys() == threaded.keys()
+    for key, st in prop.lesions.items():
+        assert st["slices"].keys() == threaded[key]["slices"].keys() and st["stopped"] == threaded[key]["stopped"]
+        for n, (y0, x0, m) in st["slices"].items():
+            ty0, tx0, tm = threaded[key]["slices"][n]
+            assert (y0, x0) == (ty0, tx0) and torch.equal(m, tm), (key, n)
+    assert (trainer.run_dir / "propagate" / "round_1.png").read_bytes() == montage
 
 
 def test_rounds_follow_the_schedule() -> None:
