@@ -127,6 +127,19 @@ def test_same_samples_sees_a_changed_pixel() -> None:
     assert not bench.same_samples(a, [{**a[0], "truth": np.zeros((1, 4, 4))}])
 
 
+def test_propagate_agreement_sees_one_changed_pixel() -> None:
+    import torch
+
+    same = _bench("bench_propagate")._same
+    m = torch.zeros((4, 5), dtype=torch.uint8)
+    a = {("k#0", 3): (1, 2, m)}
+    assert same(a, {("k#0", 3): (1, 2, m.clone())})
+    changed = m.clone()
+    changed[2, 2] = 1
+    assert not same(a, {("k#0", 3): (1, 2, changed)})
+    assert not same(a, {("k#0", 3): (1, 3, m)}) and not same(a, {("k#0", 4): (1, 2, m)})
+
+
 def test_confusion_references_agree_on_hand_counts() -> None:
     bench = _bench("bench_metrics")
     target = np.array([0, 0, 1, 1, 1, 255, 2])
@@ -142,7 +155,8 @@ def test_confusion_references_agree_on_hand_counts() -> None:
 @pytest.mark.parametrize(
     "name",
     ["bench_weight_map", "bench_metrics", "bench_data", pytest.param("bench_inference", marks=pytest.mark.slow),
-     pytest.param("bench_augment", marks=pytest.mark.slow), pytest.param("bench_trainer", marks=pytest.mark.slow)],
+     pytest.param("bench_augment", marks=pytest.mark.slow), pytest.param("bench_trainer", marks=pytest.mark.slow),
+     pytest.param("bench_propagate", marks=pytest.mark.slow)],
 )
 def test_quick_benchmark_reports_finite_ratios(name: str) -> None:
     rows = _bench(name).main(quick=True)

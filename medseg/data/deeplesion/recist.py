@@ -241,6 +241,8 @@ def grabcut_mask(
         try:
             for n_it in sorted(iterations):
                 mode = cv2.GC_INIT_WITH_MASK if done == 0 else cv2.GC_EVAL
+                if done == 0:  # the GMMs' k-means start draws from the calling thread's RNG: seed it, so that
+                    cv2.setRNGSeed(0)  # a mask does not depend on the thread or on earlier calls (sample cache)
                 cv2.grabCut(crop, trimap, None, bgd, fgd, n_it - done, mode)
                 done = n_it
                 fg = _clean((trimap == cv2.GC_FGD) | (trimap == cv2.GC_PR_FGD), seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import cv2
 import numpy as np
@@ -141,6 +142,24 @@ def test_grabcut_recovers_a_bright_blob_at_least_as_well_as_the_ellipse(kind: st
     # uint8 input is accepted too and gives a comparable result
     gc8 = grabcut_mask((img * 255).astype(np.uint8), coords, bbox, truth.shape)
     assert _dice(gc8, truth) > 0.95
+
+
+def test_grabcut_mask_is_the_same_in_any_thread_after_any_calls() -> None:
+    # GrabCut's k-means start draws from OpenCV's per-thread RNG: unseeded, a key-slice mask made in a
+    # sample-cache thread differed from the same mask made in the main process (2 pixels here)
+    truth, _, coords, bbox = _blob_case("two_discs", 0)
+    rng = np.random.default_rng(100)
+    texture = cv2.GaussianBlur(rng.standard_normal(truth.shape).astype(np.float32), (0, 0), 3)
+    img = np.clip(0.35 + 0.25 * texture + 0.08 * rng.standard_normal(truth.shape) + 0.12 * truth, 0, 1)
+    img = img.astype(np.float32)
+    cv2.setRNGSeed(1)
+    cv2.randu(np.zeros((13, 1)), 0, 1)  # the main thread's RNG moved on by earlier calls
+    here = grabcut_mask(img, coords, bbox, truth.shape)
+    there: list[np.ndarray] = []
+    worker = threading.Thread(target=lambda: there.append(grabcut_mask(img, coords, bbox, truth.shape)))
+    worker.start()
+    worker.join()
+    assert np.array_equal(here, there[0])
 
 
 def test_grabcut_falls_back_to_the_ellipse_when_far_off(caplog: pytest.LogCaptureFixture) -> None:
