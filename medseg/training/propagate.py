@@ -204,8 +204,9 @@ class Propagator:
         if not hasattr(ds, "unlabelled_slice") or not hasattr(ds, "samples"):
             raise TrainingError("train.propagate needs data.name: deeplesion (lesions with a Slice_range); "
                                 "set train.propagate.enabled=false for other data")
-        if self.cfg.rounds < 1 or not 0.0 <= self.cfg.start < 1.0 or self.cfg.slices_per_round < 1:
-            raise TrainingError("train.propagate: rounds >= 1, 0 <= start < 1, slices_per_round >= 1")
+        if (self.cfg.rounds < 1 or not 0.0 <= self.cfg.start < 1.0 or self.cfg.slices_per_round < 1
+                or self.cfg.workers < 0):
+            raise TrainingError("train.propagate: rounds >= 1, 0 <= start < 1, slices_per_round >= 1, workers >= 0")
         self.dataset = ds
         self.base = trainer.train_set.base
         self.round = 0

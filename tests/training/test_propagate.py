@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from medseg.config import PropagateConfig, load_config
+from medseg.runtime import TrainingError
 from medseg.training.propagate import (
     Propagator,
     accept_mask,
@@ -232,6 +233,11 @@ def test_a_grabcut_round_needs_no_model_and_stops_where_the_lesions_end(tmp_path
             ty0, tx0, tm = threaded[key]["slices"][n]
             assert (y0, x0) == (ty0, tx0) and torch.equal(m, tm), (key, n)
     assert (trainer.run_dir / "propagate" / "round_1.png").read_bytes() == montage
+
+
+def test_bad_propagate_settings_are_named(demo_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="workers >= 0"):
+        _trainer(demo_root, tmp_path, **{"train.propagate.workers": -1})
 
 
 def test_rounds_follow_the_schedule() -> None:
