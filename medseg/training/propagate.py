@@ -56,6 +56,7 @@ from scipy import ndimage
 from torch.utils.data import ConcatDataset, Dataset
 
 from medseg.config import PropagateConfig
+from medseg.data.deeplesion.recist import seeded_grabcut
 from medseg.data.loading import EpochSampler, TransformedDataset, make_loader
 from medseg.inference.predictor import predict_logits
 from medseg.io import atomic_write_bytes
@@ -136,10 +137,8 @@ def grabcut_from(image: np.ndarray, seed: np.ndarray, bounds: tuple[int, int, in
     gc[y0: y1 + 1, x0: x1 + 1] = cv2.GC_PR_BGD
     gc[seed] = cv2.GC_PR_FGD
     rgb = np.repeat((np.clip(image, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
-    cv2.setRNGSeed(0)
     try:
-        cv2.grabCut(rgb, gc, None, np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64), 3,
-                    cv2.GC_INIT_WITH_MASK)
+        seeded_grabcut(rgb, gc, np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64), 3, cv2.GC_INIT_WITH_MASK)
     except cv2.error:
         return np.zeros(seed.shape, bool)
     return (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)

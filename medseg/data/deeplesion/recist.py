@@ -172,6 +172,16 @@ def _candidate_score(mask: np.ndarray, coords: np.ndarray, long_px: float, short
     return err + (1.0 - _diameter_coverage(mask, coords))
 
 
+def seeded_grabcut(image: np.ndarray, trimap: np.ndarray, bgd: np.ndarray, fgd: np.ndarray, iterations: int,
+                   mode: int) -> None:
+    """``cv2.grabCut`` on ``trimap`` in place (no rectangle), with OpenCV's RNG seeded before an initialising
+    call: the GMMs' k-means start draws from the calling thread's RNG, so without the seed a mask depends on
+    the thread and on earlier calls (a sample-cache thread gave other key masks than the main process)."""
+    if mode != cv2.GC_EVAL:
+        cv2.setRNGSeed(0)
+    cv2.grabCut(image, trimap, None, bgd, fgd, iterations, mode)
+
+
 def grabcut_mask(
     image_windowed: np.ndarray,
     coords: Sequence[float] | np.ndarray,
@@ -241,9 +251,7 @@ def grabcut_mask(
         try:
             for n_it in sorted(iterations):
                 mode = cv2.GC_INIT_WITH_MASK if done == 0 else cv2.GC_EVAL
-                if done == 0:  # the GMMs' k-means start draws from the calling thread's RNG: seed it, so that
-                    cv2.setRNGSeed(0)  # a mask does not depend on the thread or on earlier calls (sample cache)
-                cv2.grabCut(crop, trimap, None, bgd, fgd, n_it - done, mode)
+                seeded_grabcut(crop, trimap, bgd, fgd, n_it - done, mode)
                 done = n_it
                 fg = _clean((trimap == cv2.GC_FGD) | (trimap == cv2.GC_PR_FGD), seed)
                 score = _candidate_score(fg, crop_coords, long_px, short_px)
