@@ -154,7 +154,7 @@ def test_confusion_references_agree_on_hand_counts() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["bench_weight_map", "bench_metrics", "bench_data", pytest.param("bench_inference", marks=pytest.mark.slow),
+    ["bench_weight_map", "bench_metrics", "bench_data", "bench_layout", pytest.param("bench_inference", marks=pytest.mark.slow),
      pytest.param("bench_augment", marks=pytest.mark.slow), pytest.param("bench_trainer", marks=pytest.mark.slow),
      pytest.param("bench_propagate", marks=pytest.mark.slow)],
 )

@@ -17,11 +17,14 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 
 from medseg.runtime import dist_ready
+
+log = logging.getLogger("medseg.budget")
 
 __all__ = ["StepBudget", "steps_for_budget"]
 
@@ -93,18 +96,24 @@ class StepBudget:
             flag = bool(t.item())
         return flag
 
-    def convert(self, step: int, val_s: float, steps_per_epoch: int, val_every: int, cap: int) -> int:
+    def convert(self, step: int, val_s: float, steps_per_epoch: int, val_every: int, cap: int,
+                other_s: float = 0.0) -> int:
         """Fix :attr:`steps` from the probe (``step`` steps done, ``val_s`` per validation), at most ``cap``.
 
-        Call after the timed validation, so that :meth:`elapsed` includes it. Under DDP rank 0's
+        Call after the timed validation, so that :meth:`elapsed` includes it. ``other_s``: further
+        seconds since the last probe step that were no step's (the propagation reserve's timing): like
+        ``val_s`` they count against the budget but not into the time per step. Under DDP rank 0's
         count is used by every rank.
         """
         elapsed = self.elapsed()
         if self._t1 is not None and step - self._step0 > 1:  # steps after the first (worker start-up, warm-up)
-            step_s = (time.monotonic() - self._t1 - val_s) / (step - self._step0 - 1)
+            step_s = (time.monotonic() - self._t1 - val_s - other_s) / (step - self._step0 - 1)
         else:
-            step_s = (elapsed - val_s) / max(step - self._step0, 1)
+            step_s = (elapsed - val_s - other_s) / max(step - self._step0, 1)
+        step_s = max(step_s, 0.0)
         total = min(steps_for_budget(self.budget_s, elapsed, step, step_s, val_s, steps_per_epoch, val_every), cap)
+        log.info("time budget %.1f min: %.1f s spent at step %d; %.3f s per step, %.1f s per validation "
+                 "→ %d optimizer steps in total", self.budget_s / 60, elapsed, step, step_s, val_s, total)
         if dist_ready():
             import torch.distributed as dist
 

@@ -223,10 +223,10 @@ class Trainer:
             reserve = self.propagator.reserve_s(self)
             self.budget.budget_s -= reserve
             self.tracker.log_metrics({"train/propagate_reserve_s": reserve}, self.step)
-        steps = self.budget.convert(self.step, val_s, self.steps_per_epoch, self.cfg.train.val_every, self._step_cap())
+        steps = self.budget.convert(self.step, val_s, self.steps_per_epoch, self.cfg.train.val_every,
+                                    self._step_cap(), other_s=time.monotonic() - tick - val_s)  # the reserve's
         self._set_lr()  # the next step already follows the new schedule (as a resumed run would)
         self.tracker.log_metrics({"train/budget_steps": steps}, self.step)
-        log.info("time budget %.1f min → %d optimizer steps in total", self.budget.budget_s / 60, steps)
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -292,9 +292,9 @@ class Trainer:
             batch = self.device_augment({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                                          for k, v in batch.items()})
         image = batch["image"].to(self.device, non_blocking=True)
+        image = image.contiguous(memory_format=torch.channels_last) if image.dim() == 4 else image  # as the model's
         label = batch["label"].to(self.device, non_blocking=True)
-        weight = batch.get("weight")
-        weight = weight.to(self.device, non_blocking=True) if weight is not None else None
+        weight = batch["weight"].to(self.device, non_blocking=True) if batch.get("weight") is not None else None
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=amp_dtype(self.device), enabled=self.amp):
             logits = self.model(image)
