@@ -27,7 +27,9 @@ An accepted mask is optionally refined (``refine: grabcut``, then checked again)
 previous mask of the next slice outward, and joins the training set as a label; a rejection stops
 that lesion in that direction. Rounds run at fixed fractions of the schedule
 (:meth:`Propagator.milestones`); each adds ``slices_per_round`` slices per direction and training
-continues on the larger set. The state (round, accepted masks as crops, stopped directions) is in
+continues on the larger set (held in memory with ``train.cache_samples``, bounded by ``train.cache_max_gb``
+like the key slices: read from disk, an accepted slice cost its DataLoader worker more than the
+optimizer step did). The state (round, accepted masks as crops, stopped directions) is in
 every checkpoint: a resumed run rebuilds the same training set. The wall-clock budget reserves the
 rounds' time at its conversion (:meth:`Propagator.reserve_s`). Each round logs its counts
 (``propagate/*``) and a montage PNG (``propagate/round_<k>.png``) to MLflow.
@@ -57,7 +59,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from medseg.config import PropagateConfig
 from medseg.data.deeplesion.recist import seeded_grabcut
-from medseg.data.loading import EpochSampler, TransformedDataset, make_loader
+from medseg.data.loading import EpochSampler, TransformedDataset, cache_dataset, first_readable, make_loader
 from medseg.inference.predictor import predict_logits
 from medseg.io import atomic_write_bytes
 from medseg.runtime import TrainingError
@@ -438,7 +440,10 @@ class Propagator:
         """The training set = the key slices (and negatives) + the accepted slices; new sampler and loader.
         Returns the number of accepted slices in it."""
         t = trainer.cfg.train
-        extra = PropagatedSlices(self.dataset, self.items())
+        extra: Dataset = PropagatedSlices(self.dataset, self.items())
+        if len(extra) and t.cache_samples:  # read once, now, like the key slices (each read decodes 3-4 PNGs)
+            extra = cache_dataset(extra, t.cache_max_gb, first_readable(extra), self.cfg.workers or os.cpu_count() or 1,
+                                  trainer.rank == 0)
         base = ConcatDataset([self.base, extra]) if len(extra) else self.base
         trainer.train_set = TransformedDataset(base, trainer.train_set.transform, t.seed)
         trainer.sampler = EpochSampler(len(trainer.train_set), 0, t.seed, rank=trainer.rank, world=trainer.world)

@@ -17,6 +17,7 @@ from torch import nn
 from medseg.config import PropagateConfig, load_config
 from medseg.runtime import TrainingError
 from medseg.training.propagate import (
+    PropagatedSlices,
     Propagator,
     accept_mask,
     grabcut_from,
@@ -155,6 +156,14 @@ def test_a_round_accepts_masks_on_the_true_lesions_and_they_join_training(demo_r
     np.testing.assert_array_equal(smp["label"][0], items[0][3] > 0)
     assert smp["meta"]["propagated"] and smp["meta"]["slice"] == items[0][1]
     np.testing.assert_array_equal(smp["truth"][0] > 0, _truth(demo_root, items[0][0], items[0][1], items[0][3].shape))
+    # held in memory (train.cache_samples, the default): what a read from disk gives, read once
+    from monai.data import CacheDataset
+
+    assert isinstance(extra, CacheDataset) and len(extra) == len(items)
+    from_disk = PropagatedSlices(ds, items)
+    for i in (0, len(items) - 1):
+        for k in ("image", "label", "instance", "truth"):
+            np.testing.assert_array_equal(extra[i][k], from_disk[i][k])
     augmented = trainer.train_set[(0, n_before)]  # through the training transforms (crop, elastic warp, weights)
     assert augmented["label"].shape[-2:] == tuple(trainer.cfg.transforms.crop_size) and "weight" in augmented
 
