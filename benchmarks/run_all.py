@@ -20,6 +20,7 @@ from typing import Any
 
 import bench_data
 import bench_inference
+import bench_layout
 import bench_metrics
 import bench_weight_map
 from common import THREADS, markdown_table
@@ -30,6 +31,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
     "metrics": bench_metrics.main,
     "data": bench_data.main,
     "inference": bench_inference.main,
+    "layout": bench_layout.main,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.md"
 
