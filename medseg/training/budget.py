@@ -112,8 +112,6 @@ class StepBudget:
             step_s = (elapsed - val_s - other_s) / max(step - self._step0, 1)
         step_s = max(step_s, 0.0)
         total = min(steps_for_budget(self.budget_s, elapsed, step, step_s, val_s, steps_per_epoch, val_every), cap)
-        log.info("time budget %.1f min: %.1f s spent at step %d; %.3f s per step, %.1f s per validation "
-                 "→ %d optimizer steps in total", self.budget_s / 60, elapsed, step, step_s, val_s, total)
         if dist_ready():
             import torch.distributed as dist
 
@@ -121,4 +119,6 @@ class StepBudget:
             dist.broadcast_object_list(shared, src=0)
             total = int(shared[0])
         self.steps = max(total, step)
+        log.info("time budget %.1f min: %.1f s spent at step %d; %.3f s per step, %.1f s per validation "
+                 "→ %d optimizer steps in total", self.budget_s / 60, elapsed, step, step_s, val_s, self.steps)
         return self.steps
