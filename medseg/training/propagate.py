@@ -27,9 +27,8 @@ An accepted mask is optionally refined (``refine: grabcut``, then checked again)
 previous mask of the next slice outward, and joins the training set as a label; a rejection stops
 that lesion in that direction. Rounds run at fixed fractions of the schedule
 (:meth:`Propagator.milestones`); each adds ``slices_per_round`` slices per direction and training
-continues on the larger set (held in memory with ``train.cache_samples``, bounded by ``train.cache_max_gb``
-like the key slices: read from disk, an accepted slice cost its DataLoader worker more than the
-optimizer step did). The state (round, accepted masks as crops, stopped directions) is in
+continues on the larger set (held in memory with ``train.cache_samples`` within ``train.cache_max_gb``, like
+the key slices: read from disk, one cost the DataLoader worker more than an optimizer step). The state (round, accepted masks as crops, stopped directions) is in
 every checkpoint: a resumed run rebuilds the same training set. The wall-clock budget reserves the
 rounds' time at its conversion (:meth:`Propagator.reserve_s`). Each round logs its counts
 (``propagate/*``) and a montage PNG (``propagate/round_<k>.png``) to MLflow.
@@ -313,9 +312,11 @@ class Propagator:
         crop = trainer.cfg.transforms.crop_size or [96, 96]
 
         def read(series: str, n: int, rec: Any) -> np.ndarray | None:
-            if (series, n) not in images:
+            if (series, n) not in images:  # GrabCut, the contrast rule, the montage: the middle channel alone
                 sample = self.dataset.unlabelled_slice(series, n, rec)
-                images[series, n] = None if sample is None else np.asarray(sample["image"], np.float32)
+                arr = None if sample is None else np.asarray(sample["image"], np.float32)
+                mid = slice(arr.shape[0] // 2, arr.shape[0] // 2 + 1) if arr is not None and c.source == "grabcut" else None
+                images[series, n] = None if arr is None else arr[mid].copy() if mid else arr
             return images[series, n]
 
         def candidate(series: str, n: int, rec: Any, box: Sequence[float], prev: np.ndarray,
@@ -407,6 +408,7 @@ class Propagator:
                 shape = tuple(st["shape"])
                 montage.append({"image": images[s.series, n], "mask": _paste(st["slices"][n], shape),
                                 "prev": _paste(st["slices"][prev_n], shape), "title": f"{s.series} #{n}"})
+        images.clear()  # the slices read (the montage keeps its few) before the accepted ones are cached
         net.train(was_training)
         self.round += 1
         slices = self.rebuild(trainer)
