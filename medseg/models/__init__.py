@@ -9,8 +9,8 @@ training forward; the Trainer adds it when present.
 Every model is built with its 4-D weights in the ``channels_last`` (NHWC) memory layout: oneDNN's
 convolutions on the CPU and cuDNN's under mixed precision run fastest in it (the quick-start U-Net:
 0.13 instead of 0.17 s per training step on one core, whole-slice inference 1.6× faster on one
-core and 1.9× on two; ``benchmarks/bench_layout.py``). Only the layout changes: the values, the state dict's keys and
-shapes, and what a checkpoint holds are the same.
+core and 1.9× on two; ``benchmarks/bench_layout.py``). Only the layout changes: the values, the
+state dict's keys and shapes, and what a checkpoint holds are the same.
 """
 
 from __future__ import annotations

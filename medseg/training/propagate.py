@@ -23,14 +23,14 @@ ring's mean and it (past the lesion's end GrabCut keeps a piece of the host tiss
 its surroundings, not like the lesion). A GrabCut round extends ``workers`` lesions at once in threads
 (GrabCut releases the GIL; each lesion's masks depend on that lesion alone, so the round is the same).
 
-An accepted mask is optionally refined (``refine: grabcut``, then checked again), becomes the
-previous mask of the next slice outward, and joins the training set as a label; a rejection stops
-that lesion in that direction. Rounds run at fixed fractions of the schedule
-(:meth:`Propagator.milestones`); each adds ``slices_per_round`` slices per direction and training
-continues on the larger set (held in memory with ``train.cache_samples`` within ``train.cache_max_gb``, like
-the key slices: read from disk, one cost the DataLoader worker more than an optimizer step). The state (round, accepted masks as crops, stopped directions) is in
-every checkpoint: a resumed run rebuilds the same training set. The wall-clock budget reserves the
-rounds' time at its conversion (:meth:`Propagator.reserve_s`). Each round logs its counts
+An accepted mask is optionally refined (``refine: grabcut``, then checked again), becomes the previous mask
+of the next slice outward, and joins the training set as a label; a rejection stops that lesion in that
+direction. Rounds run at fixed fractions of the schedule (:meth:`Propagator.milestones`); each adds
+``slices_per_round`` slices per direction and training continues on the larger set (held in memory with
+``train.cache_samples`` within ``train.cache_max_gb``, like the key slices: read from disk, one cost the
+DataLoader worker more than an optimizer step). The state (round, accepted masks as crops, stopped
+directions) is in every checkpoint: a resumed run rebuilds the same training set. The wall-clock budget
+reserves the rounds' time at its conversion (:meth:`Propagator.reserve_s`). Each round logs its counts
 (``propagate/*``) and a montage PNG (``propagate/round_<k>.png``) to MLflow.
 
 Example:
@@ -200,12 +200,11 @@ class Propagator:
 
     def __init__(self, trainer: Any) -> None:
         self.cfg: PropagateConfig = trainer.cfg.train.propagate
-        ds = trainer.train_data
+        c, ds = self.cfg, trainer.train_data
         if not hasattr(ds, "unlabelled_slice") or not hasattr(ds, "samples"):
             raise TrainingError("train.propagate needs data.name: deeplesion (lesions with a Slice_range); "
                                 "set train.propagate.enabled=false for other data")
-        if (self.cfg.rounds < 1 or not 0.0 <= self.cfg.start < 1.0 or self.cfg.slices_per_round < 1
-                or self.cfg.workers < 0):
+        if c.rounds < 1 or not 0.0 <= c.start < 1.0 or c.slices_per_round < 1 or c.workers < 0:
             raise TrainingError("train.propagate: rounds >= 1, 0 <= start < 1, slices_per_round >= 1, workers >= 0")
         self.dataset = ds
         self.base = trainer.train_set.base
@@ -229,6 +228,10 @@ class Propagator:
         if self.round >= self.cfg.rounds or step >= total_steps:
             return False
         return step >= self.milestones(total_steps)[self.round]
+
+    def threads(self) -> int:
+        """``train.propagate.workers`` resolved (0: one per CPU core): the GrabCut round's and the cache fill's."""
+        return self.cfg.workers or os.cpu_count() or 1
 
     def _inference_cfg(self, trainer: Any) -> Any:
         icfg = copy.deepcopy(trainer.cfg)
@@ -315,8 +318,8 @@ class Propagator:
             if (series, n) not in images:  # GrabCut, the contrast rule, the montage: the middle channel alone
                 sample = self.dataset.unlabelled_slice(series, n, rec)
                 arr = None if sample is None else np.asarray(sample["image"], np.float32)
-                mid = slice(arr.shape[0] // 2, arr.shape[0] // 2 + 1) if arr is not None and c.source == "grabcut" else None
-                images[series, n] = None if arr is None else arr[mid].copy() if mid else arr
+                middle_only = arr is not None and c.source == "grabcut"
+                images[series, n] = arr[arr.shape[0] // 2][None].copy() if middle_only else arr
             return images[series, n]
 
         def candidate(series: str, n: int, rec: Any, box: Sequence[float], prev: np.ndarray,
@@ -346,9 +349,8 @@ class Propagator:
             state = self.lesions.get(key)
             if state is None:
                 key_mask, box, shape = self._key_mask(key)
-                state = {"stopped": [False, False], "slices": {}, "box": box, "shape": list(shape), "key_slice": s.key}
-                state["slices"][s.key] = _crop(key_mask)
-                self.lesions[key] = state
+                state = self.lesions[key] = {"stopped": [False, False], "slices": {s.key: _crop(key_mask)},
+                                             "box": box, "shape": list(shape), "key_slice": s.key}
             first, last = rec.slice_range
             for d, direction in enumerate((1, -1)):
                 for _ in range(c.slices_per_round):
@@ -390,10 +392,9 @@ class Propagator:
                     accepted.append((n, prev_n))
             return counts, accepted
 
-        # GrabCut releases the GIL: lesions are independent, so threads extend several at once; each
-        # result depends on its lesion only, and counts and montage are gathered in the sequential order
+        # lesions are independent and GrabCut releases the GIL: threads extend several, gathered in key order
         keys = sorted(self._keys)
-        workers = (c.workers or os.cpu_count() or 1) if c.source == "grabcut" else 1
+        workers = self.threads() if c.source == "grabcut" else 1
         if workers > 1:
             with ThreadPoolExecutor(min(workers, len(keys) or 1)) as pool:
                 results = list(pool.map(extend, keys))
@@ -404,8 +405,8 @@ class Propagator:
         for key, (got, accepted) in zip(keys, results):
             counts.update(got)
             st, s = self.lesions[key], self.dataset.samples[self._keys[key][0]]
+            shape = tuple(st["shape"])
             for n, prev_n in accepted[: max(c.montage - len(montage), 0)]:
-                shape = tuple(st["shape"])
                 montage.append({"image": images[s.series, n], "mask": _paste(st["slices"][n], shape),
                                 "prev": _paste(st["slices"][prev_n], shape), "title": f"{s.series} #{n}"})
         images.clear()  # the slices read (the montage keeps its few) before the accepted ones are cached
@@ -444,8 +445,7 @@ class Propagator:
         t = trainer.cfg.train
         extra: Dataset = PropagatedSlices(self.dataset, self.items())
         if len(extra) and t.cache_samples:  # read once, now, like the key slices (each read decodes 3-4 PNGs)
-            extra = cache_dataset(extra, t.cache_max_gb, first_readable(extra), self.cfg.workers or os.cpu_count() or 1,
-                                  trainer.rank == 0)
+            extra = cache_dataset(extra, t.cache_max_gb, first_readable(extra), self.threads(), trainer.rank == 0)
         base = ConcatDataset([self.base, extra]) if len(extra) else self.base
         trainer.train_set = TransformedDataset(base, trainer.train_set.transform, t.seed)
         trainer.sampler = EpochSampler(len(trainer.train_set), 0, t.seed, rank=trainer.rank, world=trainer.world)
