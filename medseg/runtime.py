@@ -22,7 +22,8 @@ import torch
 
 __all__ = [
     "TrainingError", "amp_dtype", "barrier", "broadcast_buffers", "broadcast_object", "compile_model", "dist_ready",
-    "environment_info", "gather_objects", "glibc", "hold_freed_memory", "init_distributed", "redact_uri",
+    "environment_info", "gather_objects", "glibc", "hold_freed_memory", "init_distributed", "mean_over_ranks",
+    "redact_uri",
     "release_freed_memory", "resolve_device", "rng_state", "sample_seed",
     "seed_everything", "set_rng_state", "use_amp",
 ]
@@ -109,6 +110,17 @@ def barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    """``value`` averaged over the ranks (an all-reduce on the device, no host read); itself for one process."""
+    if world <= 1:
+        return value
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / world
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

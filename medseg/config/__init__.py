@@ -35,6 +35,7 @@ from medseg.config.schema import (  # noqa: E402
     DataConfig,
     ElasticConfig,
     EvaluationConfig,
+    HardNegativeConfig,
     InferenceConfig,
     LossConfig,
     MetricsConfig,
@@ -48,7 +49,7 @@ from medseg.config.schema import (  # noqa: E402
 )
 
 __all__ = ["ConfigError", "apply_override", "deep_merge", "flatten", "from_dict", "load_config", "public_dict",
-           "read_yaml", "save_config", "to_dict", "CRFConfig", "CalibrationConfig", "Config", "DataConfig", "ElasticConfig", "EvaluationConfig", "InferenceConfig", "LossConfig", "MetricsConfig", "ModelConfig", "PredictConfig", "PropagateConfig", "TrackingConfig", "TrainConfig", "TransformsConfig", "WeightMapConfig"]
+           "read_yaml", "save_config", "to_dict", "CRFConfig", "CalibrationConfig", "Config", "DataConfig", "ElasticConfig", "EvaluationConfig", "HardNegativeConfig", "InferenceConfig", "LossConfig", "MetricsConfig", "ModelConfig", "PredictConfig", "PropagateConfig", "TrackingConfig", "TrainConfig", "TransformsConfig", "WeightMapConfig"]
 
 # ----------------------------------------------------------------------------- conversion
 

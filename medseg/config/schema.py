@@ -158,6 +158,23 @@ class PropagateConfig:
 
 
 @dataclass
+class HardNegativeConfig:
+    """Hard-negative mining (medseg/training/hardneg.py, docs/training.md): at fractions of the schedule the
+    current model segments lesion-free slices of the training series; slices where it finds lesions join the
+    training set with an empty label, their crops centred on what it found."""
+
+    enabled: bool = False
+    #: rounds after these fractions of the schedule's optimizer steps
+    at: list[float] = field(default_factory=lambda: [0.5])
+    #: lesion-free slices of the training series the model segments per round (drawn seeded)
+    slices: int = 64
+    #: a pixel is a false positive at this foreground probability or above
+    threshold: float = 0.5
+    #: components smaller than this (pixels on the model's grid) are left alone
+    min_pixels: int = 10
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, schedule, validation and checkpointing."""
 
@@ -211,6 +228,8 @@ class TrainConfig:
     budget_probe_steps: int = 20
     #: slice-propagated training (PropagateConfig; on in the DeepLesion pipelines)
     propagate: PropagateConfig = field(default_factory=PropagateConfig)
+    #: hard-negative mining (HardNegativeConfig)
+    hard_negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)
     #: wrap the model with torch.compile for the training steps (needs a C++ compiler; validation runs eager)
     compile: bool = False
 

@@ -54,19 +54,19 @@ import cv2
 import numpy as np
 import torch
 from scipy import ndimage
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
 from medseg.config import PropagateConfig
 from medseg.data.deeplesion.recist import seeded_grabcut
-from medseg.data.loading import EpochSampler, TransformedDataset, cache_dataset, first_readable, make_loader
 from medseg.inference.predictor import predict_logits
 from medseg.io import atomic_write_bytes
 from medseg.runtime import TrainingError
+from medseg.training.trainset import assemble, cached
 
 log = logging.getLogger("medseg.propagate")
 
-__all__ = ["PropagatedSlices", "Propagator", "accept_mask", "grabcut_from", "grown_box", "lesion_window",
-           "looks_like", "refine_grabcut", "save_montage"]
+__all__ = ["PropagatedSlices", "Propagator", "accept_mask", "crop_mask", "grabcut_from", "grown_box", "lesion_window",
+           "looks_like", "paste_mask", "refine_grabcut", "save_montage"]
 
 _EIGHT = ndimage.generate_binary_structure(2, 2)
 
@@ -209,6 +209,7 @@ class Propagator:
         self.dataset = ds
         self.base = trainer.train_set.base
         self.round = 0
+        self.extra: Dataset | None = None  # the accepted slices as samples (cached), once a round ran
         #: lesion key → {"stopped": [up, down], "slices": {slice: [y0, x0, crop uint8 tensor]}}
         self.lesions: dict[str, dict[str, Any]] = {}
         self._keys: dict[str, tuple[int, int]] = {}  # lesion key → (sample index, row)
@@ -349,7 +350,7 @@ class Propagator:
             state = self.lesions.get(key)
             if state is None:
                 key_mask, box, shape = self._key_mask(key)
-                state = self.lesions[key] = {"stopped": [False, False], "slices": {s.key: _crop(key_mask)},
+                state = self.lesions[key] = {"stopped": [False, False], "slices": {s.key: crop_mask(key_mask)},
                                              "box": box, "shape": list(shape), "key_slice": s.key}
             first, last = rec.slice_range
             for d, direction in enumerate((1, -1)):
@@ -363,7 +364,7 @@ class Propagator:
                         state["stopped"][d] = True
                         counts["end_of_range"] += 1
                         break
-                    prev = _paste(state["slices"][prev_n], tuple(state["shape"]))
+                    prev = paste_mask(state["slices"][prev_n], tuple(state["shape"]))
                     bounds = grown_box(state["box"], c.box_margin, prev.shape)
                     got = candidate(s.series, n, rec, state["box"], prev, bounds)
                     if got is None:
@@ -388,7 +389,7 @@ class Propagator:
                     if mask is None:
                         state["stopped"][d] = True
                         break
-                    state["slices"][n] = _crop(mask)
+                    state["slices"][n] = crop_mask(mask)
                     accepted.append((n, prev_n))
             return counts, accepted
 
@@ -407,8 +408,8 @@ class Propagator:
             st, s = self.lesions[key], self.dataset.samples[self._keys[key][0]]
             shape = tuple(st["shape"])
             for n, prev_n in accepted[: max(c.montage - len(montage), 0)]:
-                montage.append({"image": images[s.series, n], "mask": _paste(st["slices"][n], shape),
-                                "prev": _paste(st["slices"][prev_n], shape), "title": f"{s.series} #{n}"})
+                montage.append({"image": images[s.series, n], "mask": paste_mask(st["slices"][n], shape),
+                                "prev": paste_mask(st["slices"][prev_n], shape), "title": f"{s.series} #{n}"})
         images.clear()  # the slices read (the montage keeps its few) before the accepted ones are cached
         net.train(was_training)
         self.round += 1
@@ -436,26 +437,18 @@ class Propagator:
                 if n == st["key_slice"]:
                     continue
                 rec, inst = slices.setdefault((s.series, n), (s.rows[j], np.zeros(tuple(st["shape"]), np.int32)))
-                inst[_paste(st["slices"][n], inst.shape)] = int(inst.max()) + 1
+                inst[paste_mask(st["slices"][n], inst.shape)] = int(inst.max()) + 1
         return [(se, n, rec, inst) for (se, n), (rec, inst) in sorted(slices.items(), key=lambda kv: kv[0])]
 
     def rebuild(self, trainer: Any) -> int:
-        """The training set = the key slices (and negatives) + the accepted slices; new sampler and loader.
-        Returns the number of accepted slices in it."""
-        t = trainer.cfg.train
-        extra: Dataset = PropagatedSlices(self.dataset, self.items())
-        if len(extra) and t.cache_samples:  # read once, now, like the key slices (each read decodes 3-4 PNGs)
-            extra = cache_dataset(extra, t.cache_max_gb, first_readable(extra), self.threads(), trainer.rank == 0)
-        base = ConcatDataset([self.base, extra]) if len(extra) else self.base
-        trainer.train_set = TransformedDataset(base, trainer.train_set.transform, t.seed)
-        trainer.sampler = EpochSampler(len(trainer.train_set), 0, t.seed, rank=trainer.rank, world=trainer.world)
-        old = trainer.train_loader  # its settings (pinning, the collate: e.g. CollateThen), the new set
-        trainer.train_loader = make_loader(trainer.train_set, t, trainer.sampler, t.batch_size,
-                                           pin_memory=old.pin_memory, collate_fn=old.collate_fn)
-        return len(extra)
+        """The training set = the key slices (and negatives) + the accepted slices (+ any hard negatives,
+        :func:`~medseg.training.trainset.assemble`). Returns the number of accepted slices in it."""
+        self.extra = cached(trainer, PropagatedSlices(self.dataset, self.items()), self.threads())
+        assemble(trainer, self.base)
+        return len(self.extra)
 
 
-def _crop(mask: np.ndarray) -> list[Any]:
+def crop_mask(mask: np.ndarray) -> list[Any]:
     """A bool mask as ``[y0, x0, uint8 tensor of its bounding box]`` (small in a checkpoint)."""
     ys, xs = np.nonzero(mask)
     if ys.size == 0:
@@ -464,8 +457,8 @@ def _crop(mask: np.ndarray) -> list[Any]:
     return [y0, x0, torch.from_numpy(mask[y0: ys.max() + 1, x0: xs.max() + 1].astype(np.uint8))]
 
 
-def _paste(crop: list[Any], shape: tuple[int, int]) -> np.ndarray:
-    """The inverse of :func:`_crop`."""
+def paste_mask(crop: list[Any], shape: tuple[int, int]) -> np.ndarray:
+    """The inverse of :func:`crop_mask`."""
     y0, x0, t = crop
     out = np.zeros(shape, bool)
     arr = t.numpy().astype(bool) if isinstance(t, torch.Tensor) else np.asarray(t, bool)

@@ -51,12 +51,14 @@ from medseg.runtime import (
     compile_model,
     hold_freed_memory,
     init_distributed,
+    mean_over_ranks,
     resolve_device,
     seed_everything,
     use_amp,
 )
 from medseg.tracking import Tracker, start_training_run
 from medseg.training.budget import StepBudget
+from medseg.training.hardneg import HardNegatives
 from medseg.training.losses import check_label_range, labels_checked
 from medseg.training.losslog import HOST_CHECK_RANGE, LossLog
 from medseg.training.optim import build_optimizer, lr_factor
@@ -191,8 +193,9 @@ class Trainer:
         # every rank uses rank 0's folder
         self.run_dir = Path(run_dir) if run_dir is not None else Path(broadcast_object(str(new_run_dir(cfg))))
         self.ckpt_dir = self.run_dir / "checkpoints"
-        # train.propagate: rounds that add propagated slices to the training set (medseg.training.propagate)
+        # the rounds that grow the training set: propagated slices, the model's false positives as hard negatives
         self.propagator = Propagator(self) if t.propagate.enabled else None
+        self.miner = HardNegatives(self) if t.hard_negatives.enabled else None
 
     # -- schedule ---------------------------------------------------------------------------
 
@@ -219,10 +222,10 @@ class Trainer:
             self.model.train()
             self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
         val_s = time.monotonic() - tick
-        if self.propagator is not None:  # the budget pays for the propagation rounds too
-            reserve = self.propagator.reserve_s(self)
-            self.budget.budget_s -= reserve
-            self.tracker.log_metrics({"train/propagate_reserve_s": reserve}, self.step)
+        for name, rounds in (("propagate", self.propagator), ("hard_negatives", self.miner)):
+            if rounds is not None:  # the budget pays for the rounds too
+                self.budget.budget_s -= (reserve := rounds.reserve_s(self))
+                self.tracker.log_metrics({f"train/{name}_reserve_s": reserve}, self.step)
         steps = self.budget.convert(self.step, val_s, self.steps_per_epoch, self.cfg.train.val_every,
                                     self._step_cap(), other_s=time.monotonic() - tick - val_s)  # the reserve's
         self._set_lr()  # the next step already follows the new schedule (as a resumed run would)
@@ -236,7 +239,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: model, optimizer, scheduler, scaler, RNG, counters."""
         return trainer_state(self, self.COUNTERS, budget_steps=self.budget.steps if self.budget else None,
-                             propagation=self.propagator.state_dict() if self.propagator else None)
+                             propagation=self.propagator.state_dict() if self.propagator else None,
+                             hard_negatives=self.miner.state_dict() if self.miner else None)
 
     def save_checkpoint(self, name: str = "last.pt") -> Path:
         """Write a checkpoint atomically (temp file + rename) under ``<run_dir>/checkpoints`` (rank 0)."""
@@ -255,8 +259,9 @@ class Trainer:
         self._good_checkpoint = Path(path)
         if self.budget is not None:  # the measured step count is reused, never measured again
             self.budget.steps = ckpt.get("budget_steps")
-        if self.propagator is not None:  # the propagated slices join the training set again
-            self.propagator.load_state_dict(ckpt.get("propagation"), self)
+        for rounds, key in ((self.propagator, "propagation"), (self.miner, "hard_negatives")):
+            if rounds is not None:  # the slices the rounds added join the training set again
+                rounds.load_state_dict(ckpt.get(key), self)
         self._set_lr()  # the LR follows the (possibly extended) schedule from the restored step
 
     def _set_lr(self) -> None:
@@ -303,13 +308,7 @@ class Trainer:
         extra = getattr(self.net, "extra_loss", None)
         if callable(extra):
             loss = loss + extra(label)
-        check = loss.detach()
-        if self.world > 1:  # every rank reads the same value: they stop together (or the others hang)
-            import torch.distributed as dist
-
-            check = check.clone()
-            dist.all_reduce(check)
-            check = check / self.world
+        check = mean_over_ranks(loss.detach(), self.world)  # every rank reads the same: they stop together
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -453,8 +452,9 @@ class Trainer:
                 self.budget.start(self.step)
             self.model.train()
             while not self._schedule_done():  # a round due at step 0 (start 0) runs before any step
-                if self.propagator is not None and self.propagator.due(self.step, self.total_steps):
-                    self.propagator.run_round(self)
+                for rounds in (self.propagator, self.miner):  # propagation, hard negatives (their order)
+                    if rounds is not None and rounds.due(self.step, self.total_steps):
+                        rounds.run_round(self)
                 losses = self._train_epoch()
                 record: dict[str, float] = {"epoch": self.epoch,
                                             "train_loss": float(np.mean(losses)) if losses else float("nan")}

@@ -38,6 +38,15 @@ def _as_ids(x: Any) -> np.ndarray:
     return a if np.issubdtype(a.dtype, np.integer) else np.rint(a).astype(np.int64)
 
 
+def _centre_source(d: dict[Hashable, Any], instance_key: str) -> Any:
+    """The map a crop's centre is drawn from: the instance map (or ``label``); on a slice without a lesion
+    the sample's ``focus`` map when it has one (hard negatives: where the model saw a lesion, see
+    :mod:`medseg.training.hardneg`). ``focus`` is taken out of ``d`` either way (it is not cropped)."""
+    src = d[instance_key] if instance_key in d else d["label"]
+    focus = d.pop("focus", None)
+    return focus if focus is not None and not np.any(convert_to_numpy(src)) else src
+
+
 class ElasticDeformd(RandomizableTransform, MapTransform):
     """Crop-relative elastic deformation: one random coarse-grid field over the array it is given.
 
@@ -135,7 +144,8 @@ class RandCropAroundLesiond(Randomizable, MapTransform):
     With probability ``lesion_prob`` the centre is a random pixel of a randomly chosen instance
     plus a uniform jitter of up to ``jitter · size`` pixels per axis (so lesions are not always in
     the middle, yet stay inside the crop since ``jitter < 0.5``); otherwise (or on a slice without
-    lesions) the window is placed uniformly anywhere in the image. A window is moved to lie inside
+    lesions) the window is placed uniformly anywhere in the image; a slice without lesions that has a
+    ``focus`` map (hard negatives) is treated as if its focus blobs were lesions. A window is moved to lie inside
     the image; an image smaller than ``size`` is padded with 0 (image and labels alike).
     Hand-written because MONAI's ``RandCropByPosNegLabeld`` weights centres by lesion area and has
     no jitter.
@@ -190,7 +200,7 @@ class RandCropAroundLesiond(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        src = d[self.instance_key] if self.instance_key in d else d["label"]
+        src = _centre_source(d, self.instance_key)
         self.randomize(_as_ids(src)[0])
         for key in self.key_iterator(d):
             d[key] = F.crop_or_pad(convert_to_numpy(d[key]), self._start, self.size, 0)
@@ -272,7 +282,7 @@ class RandElasticCropd(RandCropAroundLesiond):
         d = dict(data)
         pairs = list(self.key_iterator(d, self.order))
         arrays = [convert_to_numpy(d[k]) for k, _ in pairs]
-        src = d[self.instance_key] if self.instance_key in d else d["label"]
+        src = _centre_source(d, self.instance_key)
         ids = _as_ids(src)
         shape = ids.shape[-2:]
         size = shape if self.whole else self.size

@@ -125,17 +125,25 @@ class DeepLesionDataset(Dataset):
         ]
         #: lesion-free slices added to the train split (``data.negative_rate`` per key slice)
         self.negatives: list[tuple[str, int, LesionRecord]] = []
+        series = {s.series for s in self.samples}
+        self._series_rows = [r for r in records if r.series in series]  # every row: a filtered lesion is one too
+        self._negative_candidates: list[tuple[str, int, LesionRecord]] | None = None
         if split == "train" and cfg.negative_rate > 0 and self.samples:
-            series = {s.series for s in self.samples}
-            cands = negative_slices([r for r in records if r.series in series],
-                                    self.masks_dir if self.has_masks else None)
-            self.negatives = choose_negatives(cands, round(cfg.negative_rate * len(self.samples)), cfg.split_seed)
+            self.negatives = choose_negatives(self.negative_candidates(), round(cfg.negative_rate * len(self.samples)),
+                                              cfg.split_seed)
         if not self.samples:
             raise DataError(
                 f"{self.csv_path}: no samples for split {split!r} with data.include_noisy="
                 f"{cfg.include_noisy} and data.lesion_types={list(cfg.lesion_types) or 'all'} "
                 f"({len(records)} rows in the file)"
             )
+
+    def negative_candidates(self) -> list[tuple[str, int, LesionRecord]]:
+        """Every lesion-free slice of this split's series (:func:`~medseg.data.deeplesion.negatives.negative_slices`:
+        ``(series, slice, row)``), found once (with true masks it reads each slice's mask)."""
+        if self._negative_candidates is None:
+            self._negative_candidates = negative_slices(self._series_rows, self.masks_dir if self.has_masks else None)
+        return self._negative_candidates
 
     def __len__(self) -> int:
         return len(self.samples) + len(self.negatives)
