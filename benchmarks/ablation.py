@@ -10,8 +10,10 @@ Four variants of a pipeline, trained on the same data for the same wall-clock bu
 
 and, named with ``--variants`` (quickstart only; issue 23): ``no_propagate`` (``train.propagate.enabled=false``),
 ``no_negatives`` (``data.negative_rate=0``), ``window_fixed`` (the wide window −1024…3071 alone, the
-default until 2026-12-06), ``no_growth`` (propagation one slice a round, no growth: the earlier rules) and
-``window_dicom`` (each lesion's annotated window) against ``full`` (wide + soft-tissue + lung windows as
+default until 2026-12-06), ``no_growth`` (propagation one slice a round, no growth: the earlier rules),
+``window_dicom`` (each lesion's annotated window), ``hard_negatives`` (``train.hard_negatives.enabled=true``: the
+model's false positives on lesion-free slices mined at half the schedule) and ``context_5`` (five slices of
+context instead of three: 15 input channels) against ``full`` (wide + soft-tissue + lung windows as
 channels, negatives and slice propagation, as shipped)
 
 each with ``--seeds`` (default 0, 1, 2: ``train.seed`` — initialisation, sample order and
@@ -70,6 +72,8 @@ VARIANTS: dict[str, list[str]] = {
     "window_fixed": ["data.window=fixed"],
     "no_growth": ["train.propagate.slices_per_round=1", "train.propagate.max_area_ratio=1.0"],
     "window_dicom": ["data.window=dicom"],
+    "hard_negatives": ["train.hard_negatives.enabled=true"],
+    "context_5": ["data.context_slices=5"],
 }
 #: what a plain run trains (the U-Net paper's ablation); name the others with --variants
 DEFAULT_VARIANTS = ["full", "no_border", "no_elastic", "neither"]
