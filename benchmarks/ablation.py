@@ -11,10 +11,10 @@ Four variants of a pipeline, trained on the same data for the same wall-clock bu
 and, named with ``--variants`` (quickstart only; issue 23): ``no_propagate`` (``train.propagate.enabled=false``),
 ``no_negatives`` (``data.negative_rate=0``), ``window_fixed`` (the wide window −1024…3071 alone, the
 default until 2026-12-06), ``no_growth`` (propagation one slice a round, no growth: the earlier rules),
-``window_dicom`` (each lesion's annotated window), ``hard_negatives`` (``train.hard_negatives.enabled=true``: the
-model's false positives on lesion-free slices mined at half the schedule) and ``context_5`` (five slices of
+``window_dicom`` (each lesion's annotated window), ``no_hard_negatives`` (``train.hard_negatives.enabled=false``:
+without the model's false positives on lesion-free slices mined at half the schedule) and ``context_5`` (five slices of
 context instead of three: 15 input channels) against ``full`` (wide + soft-tissue + lung windows as
-channels, negatives and slice propagation, as shipped)
+channels, negatives, slice propagation and hard negatives, as shipped)
 
 each with ``--seeds`` (default 0, 1, 2: ``train.seed`` — initialisation, sample order and
 augmentation; the data and its split stay fixed). Pipelines: ``quickstart`` (generated
@@ -72,7 +72,7 @@ VARIANTS: dict[str, list[str]] = {
     "window_fixed": ["data.window=fixed"],
     "no_growth": ["train.propagate.slices_per_round=1", "train.propagate.max_area_ratio=1.0"],
     "window_dicom": ["data.window=dicom"],
-    "hard_negatives": ["train.hard_negatives.enabled=true"],
+    "no_hard_negatives": ["train.hard_negatives.enabled=false"],
     "context_5": ["data.context_slices=5"],
 }
 #: what a plain run trains (the U-Net paper's ablation); name the others with --variants

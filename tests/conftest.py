@@ -34,6 +34,7 @@ def tiny_overrides(root: Path, out: Path, **extra: object) -> list[str]:
         "train.device": "cpu", "train.amp": "off", "transforms.crop_size": [64, 64], "output_dir": str(out),
         "train.time_limit_min": None, "calibration.after_training": False, "inference.tta_flips": False,
         "train.propagate.start": 0.4,  # no propagation round inside a tiny run (tests/training/test_propagate.py)
+        "train.hard_negatives.enabled": False,  # nor a mining round (tests/training/test_hardneg.py)
     }
     ov.update(extra)
     import json
