@@ -45,7 +45,7 @@ from medseg.data.deeplesion.negatives import choose_negatives
 from medseg.inference.predictor import predict_logits
 from medseg.runtime import TrainingError, broadcast_object
 from medseg.training.propagate import crop_mask, paste_mask, save_montage
-from medseg.training.trainset import assemble, cached
+from medseg.training.trainset import assemble, cached, round_inference_cfg
 
 log = logging.getLogger("medseg.hardneg")
 
@@ -123,11 +123,6 @@ class HardNegatives:
             return False
         return step >= int(np.ceil(self.cfg.at[self.round] * total_steps))
 
-    def _inference_cfg(self, trainer: Any) -> Any:
-        icfg = copy.deepcopy(trainer.cfg)
-        icfg.inference.tta_flips, icfg.inference.tta_scales, icfg.inference.mode = False, [1.0], "whole"
-        return icfg
-
     def _draw(self, trainer: Any, round_: int) -> list[tuple[str, int, Any]]:
         return choose_negatives(self.dataset.negative_candidates(), self.cfg.slices,
                                 int(trainer.cfg.train.seed) * 7919 + round_ + 1)
@@ -149,7 +144,7 @@ class HardNegatives:
         left = len(self.cfg.at) - self.round
         if left <= 0:
             return 0.0
-        icfg, was_training = self._inference_cfg(trainer), trainer.net.training
+        icfg, was_training = round_inference_cfg(trainer), trainer.net.training
         trainer.net.eval()
         times = []
         for series, n, rec in self._draw(trainer, -1)[: probes + 1]:
@@ -194,7 +189,7 @@ class HardNegatives:
     def run_round(self, trainer: Any) -> dict[str, int]:
         """One round: segment the drawn slices, keep those with false positives, rebuild, log."""
         c, t0 = self.cfg, time.monotonic()
-        icfg, was_training = self._inference_cfg(trainer), trainer.net.training
+        icfg, was_training = round_inference_cfg(trainer), trainer.net.training
         trainer.net.eval()
         found: dict[str, dict[str, Any]] = {}
         counts = {"examined": 0, "unreadable": 0, "components": 0, "pixels": 0}

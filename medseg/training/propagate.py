@@ -61,7 +61,7 @@ from medseg.data.deeplesion.recist import seeded_grabcut
 from medseg.inference.predictor import predict_logits
 from medseg.io import atomic_write_bytes
 from medseg.runtime import TrainingError
-from medseg.training.trainset import assemble, cached
+from medseg.training.trainset import assemble, cached, round_inference_cfg
 
 log = logging.getLogger("medseg.propagate")
 
@@ -234,17 +234,12 @@ class Propagator:
         """``train.propagate.workers`` resolved (0: one per CPU core): the GrabCut round's and the cache fill's."""
         return self.cfg.workers or os.cpu_count() or 1
 
-    def _inference_cfg(self, trainer: Any) -> Any:
-        icfg = copy.deepcopy(trainer.cfg)
-        icfg.inference.tta_flips, icfg.inference.tta_scales, icfg.inference.mode = False, [1.0], "whole"
-        return icfg
-
     def reserve_s(self, trainer: Any, probes: int = 4) -> float:
         """Seconds the remaining rounds will take at most (the budget sets them aside): a few slice reads
         and window predictions are timed (the median, after a warm-up one), times the predictions the
         rounds can make (each lesion, each direction, as far as its ``Slice_range`` and the rounds
         reach), plus the key slices' masks (read once, from the sample cache when there is one)."""
-        net, icfg = trainer.net, self._inference_cfg(trainer)
+        net, icfg = trainer.net, round_inference_cfg(trainer)
         crop = trainer.cfg.transforms.crop_size or [96, 96]
         was_training = net.training
         net.eval()
@@ -309,7 +304,7 @@ class Propagator:
         """One round: extend every lesion outward, rebuild the training set, log counts and a montage."""
         c, t0 = self.cfg, time.monotonic()
         net, device = trainer.net, trainer.device
-        icfg = self._inference_cfg(trainer)
+        icfg = round_inference_cfg(trainer)
         was_training = net.training
         net.eval()
         images: dict[tuple[str, int], np.ndarray | None] = {}

@@ -6,13 +6,21 @@ the trainer a new set, sampler and loader (the same for a resumed run that resto
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch.utils.data import ConcatDataset, Dataset
 
 from medseg.data.loading import EpochSampler, TransformedDataset, cache_dataset, first_readable, make_loader
 
-__all__ = ["assemble", "cached"]
+__all__ = ["assemble", "cached", "round_inference_cfg"]
+
+
+def round_inference_cfg(trainer: Any) -> Any:
+    """The trainer's config for a round's predictions: whole slices, no test-time augmentation."""
+    icfg = copy.deepcopy(trainer.cfg)
+    icfg.inference.tta_flips, icfg.inference.tta_scales, icfg.inference.mode = False, [1.0], "whole"
+    return icfg
 
 
 def cached(trainer: Any, extra: Dataset, threads: int) -> Dataset:
