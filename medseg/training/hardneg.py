@@ -45,7 +45,7 @@ from medseg.data.deeplesion.negatives import choose_negatives
 from medseg.inference.predictor import predict_logits
 from medseg.runtime import TrainingError, broadcast_object
 from medseg.training.propagate import crop_mask, paste_mask, save_montage
-from medseg.training.trainset import assemble, cached, round_inference_cfg
+from medseg.training.trainset import assemble, cached, median_after_warmup, round_inference_cfg
 
 log = logging.getLogger("medseg.hardneg")
 
@@ -55,7 +55,7 @@ __all__ = ["HardNegativeSlices", "HardNegatives", "false_positive_blobs"]
 def false_positive_blobs(fg_prob: np.ndarray, threshold: float, min_pixels: int) -> tuple[np.ndarray, int]:
     """The 8-connected components of ``fg_prob ≥ threshold`` with at least ``min_pixels`` pixels, as a bool
     map, and how many there are."""
-    n, comp, stats, _ = cv2.connectedComponentsWithStats((fg_prob >= threshold).astype(np.uint8), connectivity=8)
+    _, comp, stats, _ = cv2.connectedComponentsWithStats((fg_prob >= threshold).astype(np.uint8), connectivity=8)
     keep = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_pixels) + 1
     return np.isin(comp, keep), int(keep.size)
 
@@ -152,7 +152,7 @@ class HardNegatives:
             self._segment(trainer, series, n, rec, icfg)
             times.append(time.monotonic() - t0)
         trainer.net.train(was_training)
-        per_slice = float(np.median(times[1:] if len(times) > 1 else times)) if times else 0.0
+        per_slice = median_after_warmup(times)
         return 1.1 * per_slice * self.cfg.slices * left
 
     # -- state ------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from medseg.data.deeplesion.recist import seeded_grabcut
 from medseg.inference.predictor import predict_logits
 from medseg.io import atomic_write_bytes
 from medseg.runtime import TrainingError
-from medseg.training.trainset import assemble, cached, round_inference_cfg
+from medseg.training.trainset import assemble, cached, median_after_warmup, round_inference_cfg
 
 log = logging.getLogger("medseg.propagate")
 
@@ -261,7 +261,7 @@ class Propagator:
                     predict_logits(net, x[None], icfg, trainer.device)
             times.append(time.monotonic() - t0)
         net.train(was_training)
-        per_slice = float(np.median(times[1:] if len(times) > 1 else times)) if times else 0.0
+        per_slice = median_after_warmup(times)
         reach = max(self.cfg.rounds - self.round, 0) * self.cfg.slices_per_round
         count = 0
         for key, (i, j) in self._keys.items():

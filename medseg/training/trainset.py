@@ -2,6 +2,8 @@
 round added — the propagated slices (:mod:`medseg.training.propagate`) and the hard negatives
 (:mod:`medseg.training.hardneg`). A round sets its ``extra`` dataset and calls :func:`assemble`, which gives
 the trainer a new set, sampler and loader (the same for a resumed run that restored the rounds' states).
+Both kinds of round predict with :func:`round_inference_cfg` and time their budget reserve with
+:func:`median_after_warmup`.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
 from medseg.data.loading import EpochSampler, TransformedDataset, cache_dataset, first_readable, make_loader
 
-__all__ = ["assemble", "cached", "round_inference_cfg"]
+__all__ = ["assemble", "cached", "median_after_warmup", "round_inference_cfg"]
 
 
 def round_inference_cfg(trainer: Any) -> Any:
@@ -21,6 +24,13 @@ def round_inference_cfg(trainer: Any) -> Any:
     icfg = copy.deepcopy(trainer.cfg)
     icfg.inference.tta_flips, icfg.inference.tta_scales, icfg.inference.mode = False, [1.0], "whole"
     return icfg
+
+
+def median_after_warmup(times: list[float]) -> float:
+    """The median of timed repetitions without the first (a warm-up) when there are others; 0 for none."""
+    if not times:
+        return 0.0
+    return float(np.median(times[1:] if len(times) > 1 else times))
 
 
 def cached(trainer: Any, extra: Dataset, threads: int) -> Dataset:
