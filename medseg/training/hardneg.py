@@ -67,17 +67,22 @@ class HardNegativeSlices(Dataset):
     Args:
         dataset: the training :class:`~medseg.data.deeplesion.DeepLesionDataset`.
         items: ``(series, slice, row, focus map (H, W) bool on the model's grid)``.
+        read: slices already read, ``(series, slice)`` → ``unlabelled_slice``'s sample (the round's own reads:
+            the cache then fills without decoding them again); the others are read from disk.
     """
 
-    def __init__(self, dataset: Any, items: list[tuple[str, int, Any, np.ndarray]]) -> None:
-        self.dataset, self.items = dataset, items
+    def __init__(self, dataset: Any, items: list[tuple[str, int, Any, np.ndarray]],
+                 read: dict[tuple[str, int], dict[str, Any]] | None = None) -> None:
+        self.dataset, self.items, self.read = dataset, items, read or {}
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, idx: int) -> dict[str, Any] | None:
         series, n, rec, focus = self.items[idx]
-        sample = self.dataset.unlabelled_slice(series, n, rec)
+        done = self.read.get((series, n))
+        sample = ({**done, "meta": dict(done["meta"])} if done is not None
+                  else self.dataset.unlabelled_slice(series, n, rec))
         if sample is None:
             return None
         if tuple(sample["image"].shape[-2:]) != focus.shape:
@@ -128,15 +133,15 @@ class HardNegatives:
                                 int(trainer.cfg.train.seed) * 7919 + round_ + 1)
 
     def _segment(self, trainer: Any, series: str, n: int, rec: Any, icfg: Any
-                 ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The slice's image and the model's foreground probability on it (None: unreadable)."""
+                 ) -> tuple[dict[str, Any], np.ndarray] | None:
+        """The slice's sample and the model's foreground probability on it (None: unreadable)."""
         sample = self.dataset.unlabelled_slice(series, n, rec)
         if sample is None:
             return None
         image = np.asarray(sample["image"], np.float32)
         with torch.no_grad():
             logits = predict_logits(trainer.net, torch.as_tensor(image)[None], icfg, trainer.device)
-        return image, (1.0 - torch.softmax(logits, 1)[0, 0]).cpu().numpy()
+        return sample, (1.0 - torch.softmax(logits, 1)[0, 0]).cpu().numpy()
 
     def reserve_s(self, trainer: Any, probes: int = 2) -> float:
         """Seconds the remaining rounds will take at most: a few slices read and segmented (the median after a
@@ -178,9 +183,10 @@ class HardNegatives:
             out.append((series, int(n), rows[series, int(n)], paste_mask(st["blobs"], tuple(st["shape"]))))
         return out
 
-    def rebuild(self, trainer: Any) -> int:
-        """The training set with the mined slices (:func:`~medseg.training.trainset.assemble`); their count."""
-        self.extra = cached(trainer, HardNegativeSlices(self.dataset, self.items()), os.cpu_count() or 1)
+    def rebuild(self, trainer: Any, read: dict[tuple[str, int], dict[str, Any]] | None = None) -> int:
+        """The training set with the mined slices (:func:`~medseg.training.trainset.assemble`; ``read``: the
+        slices a round has just read, see :class:`HardNegativeSlices`); their count."""
+        self.extra = cached(trainer, HardNegativeSlices(self.dataset, self.items(), read), os.cpu_count() or 1)
         assemble(trainer, self.base)
         return len(self.extra)
 
@@ -192,6 +198,7 @@ class HardNegatives:
         icfg, was_training = round_inference_cfg(trainer), trainer.net.training
         trainer.net.eval()
         found: dict[str, dict[str, Any]] = {}
+        read: dict[tuple[str, int], dict[str, Any]] = {}  # the found slices' samples: the cache reuses them
         counts = {"examined": 0, "unreadable": 0, "components": 0, "pixels": 0}
         montage: list[dict[str, Any]] = []
         for series, n, rec in self._draw(trainer, self.round):
@@ -200,13 +207,16 @@ class HardNegatives:
                 counts["unreadable"] += 1
                 continue
             counts["examined"] += 1
-            image, prob = got
+            sample, prob = got
+            image = np.asarray(sample["image"], np.float32)
             blobs, k = false_positive_blobs(prob, c.threshold, c.min_pixels)
             if not k:
                 continue
             counts["components"] += k
             counts["pixels"] += int(blobs.sum())
             found[f"{series}#{n}"] = {"blobs": crop_mask(blobs), "shape": list(blobs.shape)}
+            if trainer.cfg.train.cache_samples:
+                read[series, n] = sample
             if len(montage) < 8:
                 mid = image.shape[0] // 2
                 montage.append({"image": image[mid][None], "mask": blobs, "prev": np.zeros_like(blobs),
@@ -214,7 +224,7 @@ class HardNegatives:
         trainer.net.train(was_training)
         self.found.update(broadcast_object(found))  # every rank trains on rank 0's
         self.round += 1
-        slices = self.rebuild(trainer)
+        slices = self.rebuild(trainer, read)  # a slice rank 0 found and this rank did not: read from disk
         out = {"round": self.round, "found": len(found), "slices": slices, **counts,
                "seconds": int(time.monotonic() - t0)}
         trainer.tracker.log_metrics({f"hard_negatives/{k}": float(v) for k, v in out.items()}, trainer.step)

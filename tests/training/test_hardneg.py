@@ -89,8 +89,18 @@ def test_a_round_adds_lesion_free_slices_centred_on_the_false_positives(demo_roo
     assert miner is not None
     real, trainer.net = trainer.net, BlobNet()
     n_before = len(trainer.train_set)
+    reads: list[tuple[str, int]] = []
+    read_slice = trainer.train_data.unlabelled_slice
+
+    def counted(series: str, n: int, rec: object) -> object:
+        reads.append((series, n))
+        return read_slice(series, n, rec)
+
+    trainer.train_data.unlabelled_slice = counted  # type: ignore[method-assign]
     out = miner.run_round(trainer)
+    del trainer.train_data.unlabelled_slice
     assert out["round"] == 1 and out["examined"] == 6 and out["found"] == 6 and out["components"] == 6
+    assert len(reads) == len(set(reads)) == 6  # each slice read once: the cache reuses the round's reads
     assert out["pixels"] == 6 * 36 and len(trainer.train_set) == n_before + 6 == trainer.sampler.n + 0
     montage = cv2.imread(str(trainer.run_dir / "hard_negatives" / "round_1.png"))
     assert montage is not None and montage.shape[0] > 100
