@@ -187,6 +187,8 @@ class HardNegatives:
         """The training set with the mined slices (:func:`~medseg.training.trainset.assemble`; ``read``: the
         slices a round has just read, see :class:`HardNegativeSlices`); their count."""
         self.extra = cached(trainer, HardNegativeSlices(self.dataset, self.items(), read), os.cpu_count() or 1)
+        if read:  # filled: a slice past train.cache_max_gb is read from disk each time, not held here
+            read.clear()
         assemble(trainer, self.base)
         return len(self.extra)
 
