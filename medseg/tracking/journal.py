@@ -331,7 +331,7 @@ class Journal:
                     self.cond.notify_all()
                     if self._ended() and time.monotonic() - away_since > GIVE_UP_S:
                         return  # the journal stays for medseg track sync
-                    self.cond.wait(RETRY_S)
+                    self._pause(RETRY_S)
                 continue
             away_since = None
             with self.cond:
@@ -340,6 +340,15 @@ class Journal:
                 self.failing = False
                 self.cond.notify_all()
             self.on_success()
+
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` between tries (the caller holds ``cond``). An append does not cut the pause short:
+        while the store is away a run logging every step would otherwise retry at every step. The run's end
+        does, once, so a store that is back by then gets the rest before the process exits."""
+        deadline = time.monotonic() + seconds
+        ended = self._ended()
+        while (left := deadline - time.monotonic()) > 0 and (ended or not self._ended()):
+            self.cond.wait(left)
 
     def _skip_acknowledged(self) -> None:
         """Drop the pending records another sender (``track sync``) has sent meanwhile (under the lock)."""
