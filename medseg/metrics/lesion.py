@@ -30,6 +30,7 @@ from medseg.metrics.matching import (
     MATCH_RULES,
     SIZE_STRATA,
     MatchRule,
+    credited_prediction,
     label_components,
     match_lesions,
     size_stratum,
@@ -150,7 +151,7 @@ class LesionMetrics:
         for i, tid in enumerate(m.true_ids.tolist()):
             t_mask = true == tid
             pids = m.pred_ids[m.matched[i]]
-            p_mask = np.isin(comps, pids) if len(pids) else np.zeros_like(t_mask)
+            p_mask = credited_prediction(comps, true, m, i, tuple(spacing))  # a touching neighbour's part left out
             detected = bool(len(pids))
             inter = float(np.logical_and(t_mask, p_mask).sum())
             t_area, p_area = float(t_mask.sum()), float(p_mask.sum())

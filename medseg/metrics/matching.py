@@ -4,6 +4,9 @@
 * :func:`match_lesions` — every (true lesion, predicted component) pair judged by the rule
   (:data:`MATCH_RULES`: shared pixels or IoU), returned as a :class:`LesionMatch` that names the
   detected lesions, false positives, merges and splits;
+* :func:`credited_prediction` — the part of the matched components a true lesion is scored on: all of
+  them, or, where a component also matches neighbouring lesions (touching lesions that one binary mask
+  cannot keep apart), only the voxels nearer to this lesion than to those neighbours;
 * :func:`size_stratum` — the size group of a lesion by its true long axis (:data:`SIZE_STRATA`).
 
 Example:
@@ -22,8 +25,8 @@ from scipy import ndimage
 
 from medseg.metrics.pixel import ArrayLike, mask2d
 
-__all__ = ["MATCH_RULES", "SIZE_STRATA", "LesionMatch", "MatchRule", "label_components", "match_lesions",
-           "size_stratum"]
+__all__ = ["MATCH_RULES", "SIZE_STRATA", "LesionMatch", "MatchRule", "credited_prediction", "label_components",
+           "match_lesions", "size_stratum"]
 
 MatchRule = Literal["overlap", "iou"]
 
@@ -78,6 +81,12 @@ class LesionMatch:
     def split_ids(self) -> np.ndarray:
         """True lesions matched by two or more predicted components."""
         return self.true_ids[self.matched.sum(1) >= 2]
+
+    def rivals(self, i: int) -> np.ndarray:
+        """The other true lesions that share a matched component with the ``i``-th (ids; empty when none)."""
+        shared = (self.matched & self.matched[i][None, :]).any(1)
+        shared[i] = False
+        return self.true_ids[shared]
 
 
 #: the rules :func:`match_lesions` knows (``metrics.match_rule``)
@@ -137,6 +146,43 @@ def match_lesions(
     iou = overlap / np.maximum(union, 1)
     matched = iou >= iou_threshold if rule == "iou" else overlap >= max(int(min_overlap_px), 1)
     return LesionMatch(true_ids, pred_ids, overlap, iou, matched)
+
+
+def credited_prediction(pred_instances: np.ndarray, true_instances: np.ndarray, match: LesionMatch, i: int,
+                        sampling: tuple[float, ...] | None = None) -> np.ndarray:
+    """The predicted voxels the ``i``-th true lesion of ``match`` is scored on (a bool map, any dimension).
+
+    The union of the components matched to it — except where one of them also matches other true lesions
+    (:meth:`LesionMatch.rivals`). Lesions that touch form one object in a binary mask, so the union would
+    hold the neighbour too, and even a perfect prediction would score below 1 (a small lesion beside a
+    large one near 0). Such a component is split between the lesions it matches by distance: a voxel is
+    credited to this lesion when it is at least as near to it as to any of those rivals (a nearest-lesion,
+    Voronoi partition, as region-based instance metrics do). A perfect prediction then scores 1 for every
+    lesion; a component that swallows background still counts against the lesions nearest to that background.
+
+    Args:
+        pred_instances, true_instances: the component and lesion id maps ``match`` was computed on (same shape).
+        match: :func:`match_lesions`' result.
+        i: the lesion's row in ``match.true_ids``.
+        sampling: the voxel size per axis for the distances (None = voxel units).
+    """
+    pids = match.pred_ids[match.matched[i]]
+    if not len(pids):
+        return np.zeros(true_instances.shape, bool)
+    pred = np.isin(pred_instances, pids)
+    rivals = match.rivals(i)
+    if not len(rivals):
+        return pred
+    own = true_instances == match.true_ids[i]
+    others = np.isin(true_instances, rivals)
+    # the distance maps only need the box holding the prediction and every lesion involved (all of them,
+    # so the nearest voxel of each lies inside it)
+    box = ndimage.find_objects((pred | own | others).astype(np.uint8))[0]
+    d_own = ndimage.distance_transform_edt(~own[box], sampling=sampling)
+    d_others = ndimage.distance_transform_edt(~others[box], sampling=sampling)
+    credited = np.zeros_like(pred)
+    credited[box] = pred[box] & (d_own <= d_others)
+    return credited
 
 
 def size_stratum(long_mm: float) -> str:

@@ -7,7 +7,9 @@ series. One **volume** is a stack of contiguous slices (for DeepLesion-format da
 ``vol_`` so they sit beside the key-slice protocol's in one metrics dict and one MLflow run):
 
 * ``vol_lesion_dice`` — mean over true lesions of the 3-D Dice between the lesion's voxels and the
-  union of the predicted 3-D components matched to it (a missed lesion scores 0); ``vol_lesion_count``,
+  union of the predicted 3-D components matched to it (a missed lesion scores 0); where a component also
+  matches a touching lesion, only its part nearer to this lesion counts
+  (:func:`~medseg.metrics.matching.credited_prediction`); ``vol_lesion_count``,
   ``vol_lesion_sensitivity`` (share of lesions matched);
 * ``vol_dice`` — voxel Dice pooled over all volumes;
 * ``vol_slice_dice_key`` / ``vol_slice_dice_nonkey`` — mean per-slice pixel Dice over the key slices
@@ -40,7 +42,7 @@ from scipy import ndimage
 
 from medseg.metrics.froc import froc_curve, froc_summary
 from medseg.metrics.keys import FROC_FP_RATES, FROC_KEYS, froc_key
-from medseg.metrics.matching import MatchRule, match_lesions
+from medseg.metrics.matching import MatchRule, credited_prediction, match_lesions
 from medseg.metrics.stats import bootstrap_mean_ci
 
 __all__ = ["VOLUME_KEYS", "VOLUME_PREFIX", "VolumeMetrics", "label_components_3d", "match_3d", "volume_metric_names"]
@@ -149,7 +151,7 @@ class VolumeMetrics:
         for i, tid in enumerate(m.true_ids.tolist()):
             t_mask = true == tid
             pids = m.pred_ids[m.matched[i]]
-            p_mask = np.isin(comps, pids) if len(pids) else np.zeros_like(t_mask)
+            p_mask = credited_prediction(comps, true, m, i)
             zs = np.nonzero(t_mask.any((1, 2)))[0]
             self._rows.append({"image_id": volume_id, "unit": unit, "lesion_id": int(tid), "voxels": int(t_mask.sum()),
                                "slices": len(zs), "on_key_slice": bool(key[zs].any()), "detected": bool(len(pids)),

@@ -17,7 +17,9 @@ def test_lesion_metricshand_case() -> None:
     lm.update(pred, true, (1.0, 1.0), {"id": "img0"})
     lm.update(np.zeros((40, 40)), np.zeros((40, 40)), (1.0, 1.0), {"id": "img1"})  # an empty slice
     rows = {r["lesion_id"]: r for r in lm.rows()}
-    assert rows[1]["dice"] == pytest.approx(50 / 85) and rows[2]["dice"] == pytest.approx(50 / 85)
+    # the bar merges A and B: each is scored on the bar's columns nearer to it (A: x 5..10, B: x 11..16,
+    # 30 px each), not on the whole 60-px bar (which gave 50 / 85 however well each square was covered)
+    assert rows[1]["dice"] == pytest.approx(50 / 55) and rows[2]["dice"] == pytest.approx(50 / 55)
     assert rows[1]["merged"] and rows[2]["merged"] and not rows[4]["merged"]
     assert rows[3]["dice"] == 0.0 and not rows[3]["detected"] and rows[3]["hd95_mm"] == math.inf
     assert rows[3]["sape_long"] == 1.0 and math.isnan(rows[3]["pred_long_mm"])
@@ -28,7 +30,7 @@ def test_lesion_metricshand_case() -> None:
     assert s["lesion_sensitivity"] == pytest.approx(3 / 4)
     assert s["fp_per_image"] == pytest.approx(1 / 2)  # one false positive over two images
     assert s["lesion_merges"] == 1
-    assert s["lesion_dice"] == pytest.approx((2 * 50 / 85 + 84 / 91) / 4)
+    assert s["lesion_dice"] == pytest.approx((2 * 50 / 55 + 84 / 91) / 4)
 
     iou = LesionMetrics(rule="iou", iou_threshold=0.5)
     iou.update(pred, true, (1.0, 1.0), {"id": "img0"})
@@ -36,6 +38,19 @@ def test_lesion_metricshand_case() -> None:
     assert s["lesion_sensitivity"] == pytest.approx(1 / 4)
     assert s["fp_per_image"] == 2.0
     assert s["lesion_dice"] == pytest.approx((84 / 91) / 4)
+
+
+def test_touching_lesions_predicted_perfectly_score_one_on_an_anisotropic_grid() -> None:
+    """Two lesions sharing an edge are one component of any binary mask; each is scored on its own part."""
+    true = np.zeros((30, 30), np.int32)
+    true[5:20, 5:20] = 1
+    true[10:14, 20:24] = 2  # touches lesion 1 along x = 19 | 20
+    lm = LesionMetrics(rule="overlap")
+    lm.update(true > 0, true, (0.7, 1.4), {"id": "img"})
+    rows = lm.rows()
+    assert [r["dice"] for r in rows] == [1.0, 1.0] and [r["hd95_mm"] for r in rows] == [0.0, 0.0]
+    assert all(r["merged"] for r in rows) and lm.compute()["lesion_merges"] == 1
+    assert rows[1]["pred_long_mm"] == rows[1]["true_long_mm"]
 
 
 def test_diameter_error_on_ellipses_of_known_size() -> None:

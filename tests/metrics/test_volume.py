@@ -83,3 +83,41 @@ def test_froc_counts_fp_per_volume() -> None:
     assert out["vol_froc_sens_fp0.5"] == 0.0  # at ≤ 0.5 FP/volume only the 0.8 candidates could be kept
     assert out["vol_froc_sens_fp1"] == 1.0
     assert "vol_froc_sens_fp8" not in out  # the sweep ends at 1 FP/volume: 8 is not reached
+
+
+def test_touching_lesions_predicted_perfectly_score_one_and_a_merged_overgrowth_is_split_by_distance() -> None:
+    """Two touching lesions are one object in any binary mask: each is scored on the part of the merged
+    component nearer to it (the union would score a perfect prediction 2|A| / (2|A| + |B|), here 0.44 for
+    the small one)."""
+    shape = (5, 20, 30)
+    truth = np.zeros(shape, np.int32)
+    truth[1:4, 5:15, 2:15] = 1  # a large box, x 2..14
+    truth[2:3, 8:11, 15:18] = 2  # a small one touching it at x = 15
+    key = np.array([False, False, True, False, False])
+    vm = VolumeMetrics(froc_threshold=None)
+    vm.update(truth > 0, truth, key, "v")
+    rows = vm.rows()
+    assert [r["dice_3d"] for r in rows] == [1.0, 1.0]
+    assert vm.compute()["vol_lesion_dice"] == 1.0
+    # the same prediction grown by 2 voxels along +x (one merged component): each predicted voxel goes to
+    # the lesion nearest to it (ties to both), distances computed here by brute force over voxel coordinates
+    pred = truth > 0
+    grown = pred.copy()
+    grown[:, :, 2:] |= pred[:, :, :-2]
+    vm = VolumeMetrics(froc_threshold=None)
+    vm.update(grown, truth, key, "v")
+    voxels = np.argwhere(grown)
+
+    def nearest(lesion: int) -> np.ndarray:
+        pts = np.argwhere(truth == lesion)
+        return np.sqrt(((voxels[:, None, :] - pts[None, :, :]) ** 2).sum(-1)).min(1)
+
+    d_large, d_small = nearest(1), nearest(2)
+    want = []
+    for lesion, mine in ((1, d_large <= d_small), (2, d_small <= d_large)):
+        credit = np.zeros(shape, bool)
+        credit[tuple(voxels[mine].T)] = True
+        t = truth == lesion
+        want.append(2 * (t & credit).sum() / (t.sum() + credit.sum()))
+    assert 0.3 < want[1] < 0.95  # the small lesion gets part of the overgrowth, not all of the large box
+    assert [r["dice_3d"] for r in vm.rows()] == pytest.approx(want)
