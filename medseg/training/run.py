@@ -58,6 +58,14 @@ def run_training(
         result = trainer.fit(resume=ckpt)
         result.tracking_uri = tracker.shown_uri
         evaluations: dict[str, Any] = {}
+        if rank == 0 and (cfg.calibration.after_training or cfg.train.evaluate_splits):
+            # training's thread count left a core to the DataLoader, whose workers are gone now: calibration
+            # and evaluation predict with every core, as `medseg evaluate` / `calibrate` / `predict` do
+            import torch
+
+            from medseg.predict.run import predict_threads
+
+            torch.set_num_threads(predict_threads(cfg.predict.threads))
         if cfg.calibration.after_training and rank == 0:  # the operating point, chosen on val, before any test
             from medseg.evaluation.calibrate import calibrate_run
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -61,7 +62,7 @@ def test_the_model_point_applies_unless_the_config_sets_one() -> None:
 
 @pytest.mark.slow
 def test_stored_operating_point_is_applied_identically_by_evaluate_and_predictor(
-    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from medseg.evaluation.calibrate import store_operating_point
     from medseg.evaluation.evaluate import evaluate
@@ -73,7 +74,20 @@ def test_stored_operating_point_is_applied_identically_by_evaluate_and_predictor
     ov = tiny_overrides(demo_root, tmp_path / "out", **{
         "tracking.enabled": False, "calibration.after_training": True, "calibration.thresholds": [0.52, 0.6],
         "calibration.min_object_mm2": [5.0, 40.0]})
+    import medseg.evaluation.calibrate as calibrate_module
+    from medseg.predict.run import predict_threads
+
+    threads: list[int] = []
+    calibrate_run = calibrate_module.calibrate_run
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        threads.append(torch.get_num_threads())
+        return calibrate_run(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate_module, "calibrate_run", recorded)
     result, _ = run_training(load_config(QUICK, ov))
+    # training ran on train.threads (1); calibration after it on every core, as `medseg calibrate` does
+    assert threads == [predict_threads(None)]
     op = result.operating_point
     # the quick start's hysteresis lows (0.1, 0.2, 0.3, 0.5) pair with both thresholds: 4 plain + 16 rows
     assert op is not None and op["split"] == "val" and len(op["grid"]) == 4 + 16
