@@ -210,7 +210,6 @@ class HardNegatives:
                 continue
             counts["examined"] += 1
             sample, prob = got
-            image = np.asarray(sample["image"], np.float32)
             blobs, k = false_positive_blobs(prob, c.threshold, c.min_pixels)
             if not k:
                 continue
@@ -220,8 +219,8 @@ class HardNegatives:
             if trainer.cfg.train.cache_samples:
                 read[series, n] = sample
             if len(montage) < 8:
-                mid = image.shape[0] // 2
-                montage.append({"image": image[mid][None], "mask": blobs, "prev": np.zeros_like(blobs),
+                image = np.asarray(sample["image"], np.float32)
+                montage.append({"image": image[image.shape[0] // 2][None], "mask": blobs, "prev": np.zeros_like(blobs),
                                 "title": f"{series} #{n}: {k}"})
         trainer.net.train(was_training)
         self.found.update(broadcast_object(found))  # every rank trains on rank 0's
